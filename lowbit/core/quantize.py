@@ -1,0 +1,300 @@
+"""Quantize arrays to codes + scales (+ offsets) and back: `quantize(x, spec) -> QArray`.
+
+Scales are shared along one *reduction axis* (the contraction axis of a matmul): axis 0 of a
+weight stored [in, out] (Flax layout), the last axis for `token` granularity. Groups of
+`group_size` run along that axis; a partial last group gets its own scale, accounted exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.core.spec import QuantSpec
+
+NF4_CODEBOOK = np.array(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+     0.7229568362236023, 1.0],
+    dtype=np.float32,
+)  # QLoRA's NormalFloat4 levels (normal quantiles, normalized to [-1, 1], exact zero)
+
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32) / 6.0
+FP4_CODEBOOK = np.concatenate([-_E2M1[::-1], _E2M1]).astype(np.float32)  # E2M1, scaled to [-1, 1]
+
+FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+SCALE_JNP_DTYPES = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}
+_TERNARY_EPS = 1e-8
+_DOUBLE_QUANT_BLOCK = 256
+
+
+def codebook(spec: QuantSpec) -> np.ndarray:
+    """The sorted 16-level code book of an nf4/fp4 spec."""
+    return NF4_CODEBOOK if spec.kind == "nf4" else FP4_CODEBOOK
+
+
+@jax.tree_util.register_pytree_node_class
+class QArray:
+    """Quantized array: integer (or fp8) `codes` in the logical shape, plus scales.
+
+    Invariant: `dequantize() == codes * expand(scale) + expand(zero)` (nf4/fp4: the code book
+    value of each code times the scale), where `scale` and `zero` have the logical shape with
+    `axis` shrunk to the number of groups (all axes 1 for tensor granularity). `zero` is the
+    real value of code 0 (the group minimum for asymmetric min-max), None when symmetric.
+    With double quantization `scale` is itself a QArray over the flattened scales.
+    """
+
+    def __init__(self, codes, scale, zero, spec: QuantSpec, axis: int):
+        self.codes = codes
+        self.scale = scale
+        self.zero = zero
+        self.spec = spec
+        self.axis = axis
+
+    def tree_flatten(self):
+        return (self.codes, self.scale, self.zero), (self.spec, self.axis)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __repr__(self) -> str:
+        return f"QArray(shape={self.shape}, spec='{self.spec}', axis={self.axis})"
+
+    def scale_values(self) -> jax.Array:
+        """The scales as float32 (undoing double quantization), in the stored scale shape."""
+        if isinstance(self.scale, QArray):
+            return self.scale.dequantize().reshape(_stat_shape(self.shape, self.spec, self.axis))
+        return self.scale.astype(jnp.float32)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return _dequantize(self, jnp.dtype(dtype))
+
+    def pack(self):
+        """Pack the codes into bytes (see `lowbit.core.packing`)."""
+        from lowbit.core.packing import pack
+
+        return pack(self)
+
+
+@partial(jax.jit, static_argnums=1)
+def _dequantize(q: QArray, dtype) -> jax.Array:
+    spec = q.spec
+    n = q.shape[q.axis] if q.shape else 1
+    scale = expand_groups(q.scale_values(), spec, q.axis, n)
+    if spec.kind in ("nf4", "fp4"):
+        values = jnp.asarray(codebook(spec))[q.codes.astype(jnp.int32)]
+    else:
+        values = q.codes.astype(jnp.float32)
+    out = values * scale
+    if q.zero is not None:
+        out = out + expand_groups(q.zero.astype(jnp.float32), spec, q.axis, n)
+    return out.astype(dtype)
+
+
+# ---- helpers over the reduction axis -------------------------------------------------------
+def reduction_axis(spec: QuantSpec, ndim: int, axis: int | None) -> int:
+    """The axis scales are shared along: the last for `token`, else `axis` (default 0)."""
+    if ndim == 0:
+        return 0
+    if spec.granularity == "token":
+        return ndim - 1
+    axis = 0 if axis is None else axis
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array with {ndim} dimensions")
+    return axis % ndim
+
+
+def group_length(spec: QuantSpec, n: int) -> int:
+    """Elements per group along the reduction axis (n for channel/token/tensor)."""
+    return spec.group_size if spec.granularity == "group" else n
+
+
+def _stat_shape(shape, spec: QuantSpec, axis: int) -> tuple[int, ...]:
+    if not shape or spec.granularity == "tensor":
+        return (1,) * len(shape)
+    n = shape[axis]
+    groups = -(-n // group_length(spec, n))
+    return tuple(groups if i == axis else d for i, d in enumerate(shape))
+
+
+def expand_groups(stat, spec: QuantSpec, axis: int, n: int):
+    """Broadcast a per-group statistic back to the full length of the reduction axis."""
+    if stat.ndim == 0 or spec.granularity == "tensor":
+        return stat
+    g = group_length(spec, n)
+    return jnp.take(jnp.repeat(stat, g, axis=axis), jnp.arange(n), axis=axis)
+
+
+def _grouped(x, spec: QuantSpec, axis: int):
+    """View x as [..., groups, g] (reduction axis moved last), padding with edge values.
+
+    Returns (view, mask) where mask marks real (non-padding) elements.
+    """
+    if spec.granularity == "tensor":
+        flat = x.reshape(1, -1) if x.ndim else x.reshape(1, 1)
+        return flat, jnp.ones(flat.shape, bool)
+    xt = jnp.moveaxis(x, axis, -1)
+    n = xt.shape[-1]
+    g = group_length(spec, n)
+    groups = -(-n // g)
+    pad = groups * g - n
+    if pad:
+        xt = jnp.pad(xt, [(0, 0)] * (xt.ndim - 1) + [(0, pad)], mode="edge")
+    mask = (jnp.arange(groups * g) < n).reshape(groups, g)
+    return xt.reshape(*xt.shape[:-1], groups, g), mask
+
+
+def _ungroup(v, shape, spec: QuantSpec, axis: int):
+    """Inverse of `_grouped` for an array in the grouped view (drops the padding)."""
+    if spec.granularity == "tensor":
+        return v.reshape(shape)
+    n = shape[axis]
+    v = v.reshape(*v.shape[:-2], -1)[..., :n]
+    return jnp.moveaxis(v, -1, axis)
+
+
+def _stat_to_shape(stat, shape, spec: QuantSpec, axis: int):
+    """[..., groups, 1] statistic in the grouped view -> stored scale shape."""
+    if spec.granularity == "tensor":
+        return stat.reshape((1,) * len(shape))
+    return jnp.moveaxis(stat[..., 0], -1, axis)
+
+
+def _safe(s):
+    return jnp.where(s == 0, jnp.ones_like(s), s)
+
+
+def check_finite(x, name: str = "x") -> None:
+    """Raise ValueError if a concrete array holds NaN or inf (tracers are not checked)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    arr = np.asarray(x)
+    if arr.dtype.kind == "f" or arr.dtype == jnp.bfloat16:
+        bad = ~np.isfinite(arr.astype(np.float32))
+        if bad.any():
+            raise ValueError(
+                f"{name} holds {int(bad.sum())} non-finite values (NaN or inf); "
+                "quantization of non-finite values is undefined"
+            )
+
+
+def validate(spec: QuantSpec, shape, axis: int) -> None:
+    """Check that `spec` can quantize an array of `shape` along `axis`."""
+    if spec.granularity == "group":
+        n = shape[axis] if shape else 1
+        if spec.group_size > n:
+            raise ValueError(
+                f"group_size {spec.group_size} exceeds the length {n} of the reduction axis {axis} "
+                f"of an array of shape {tuple(shape)}"
+            )
+    if spec.double_quant and spec.granularity != "group":
+        raise ValueError("double_quant needs group granularity (e.g. 'nf4:g64:dq')")
+
+
+# ---- quantize ------------------------------------------------------------------------------
+def quantize(x, spec: QuantSpec | str, axis: int | None = None) -> QArray:
+    """Quantize x with `spec`; `axis` is the reduction axis for channel/group (default 0).
+
+    Non-finite inputs raise ValueError when x is concrete; under jit they propagate as NaN.
+    """
+    spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"quantize expects a floating-point array, got dtype {x.dtype}")
+    check_finite(x)
+    axis = reduction_axis(spec, x.ndim, axis)
+    validate(spec, x.shape, axis)
+    return _quantize(x.astype(jnp.float32), spec, axis)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _quantize(x, spec: QuantSpec, axis: int) -> QArray:
+    sdt = SCALE_JNP_DTYPES[spec.scale_dtype]
+    xg, mask = _grouped(x, spec, axis)
+    clip = 1.0 if spec.clip is None else spec.clip
+    count = mask.sum(-1, keepdims=True)
+    zero = None
+
+    if spec.kind == "int" and not spec.symmetric:
+        lo = xg.min(-1, keepdims=True) * clip
+        hi = xg.max(-1, keepdims=True) * clip
+        scale = ((hi - lo) / spec.qmax).astype(sdt).astype(jnp.float32)
+        zero_f = lo.astype(sdt).astype(jnp.float32)
+        codes = jnp.clip(jnp.round((xg - zero_f) / _safe(scale)), 0, spec.qmax)
+        codes = codes.astype(jnp.uint8)
+        zero = _stat_to_shape(zero_f.astype(sdt), x.shape, spec, axis)
+    elif spec.kind == "int":
+        amax = jnp.abs(xg).max(-1, keepdims=True) * clip
+        scale = (amax / spec.qmax).astype(sdt).astype(jnp.float32)
+        codes = jnp.clip(jnp.round(xg / _safe(scale)), -spec.qmax, spec.qmax).astype(jnp.int8)
+    elif spec.kind == "binary":
+        scale = (jnp.where(mask, jnp.abs(xg), 0).sum(-1, keepdims=True) / count)
+        scale = scale.astype(sdt).astype(jnp.float32)
+        codes = jnp.where(xg >= 0, 1, -1).astype(jnp.int8)
+    elif spec.kind == "ternary" and spec.ternary_method == "absmean":
+        gamma = jnp.where(mask, jnp.abs(xg), 0).sum(-1, keepdims=True) / count
+        scale = gamma.astype(sdt).astype(jnp.float32)
+        denom = jnp.maximum(scale, _TERNARY_EPS)
+        codes = jnp.clip(jnp.round(xg / denom), -1, 1).astype(jnp.int8)
+    elif spec.kind == "ternary":  # TWN: threshold 0.7 mean|w|, scale = mean of kept |w|
+        mag = jnp.where(mask, jnp.abs(xg), 0)
+        delta = 0.7 * mag.sum(-1, keepdims=True) / count
+        keep = (mag > delta) & mask
+        kept = jnp.maximum(keep.sum(-1, keepdims=True), 1)
+        scale = (jnp.where(keep, mag, 0).sum(-1, keepdims=True) / kept).astype(sdt).astype(jnp.float32)
+        codes = (jnp.sign(xg) * (jnp.abs(xg) > delta)).astype(jnp.int8)
+    elif spec.kind in ("nf4", "fp4"):
+        book = jnp.asarray(codebook(spec))
+        scale = (jnp.abs(xg).max(-1, keepdims=True) * clip).astype(jnp.float32)
+        if not spec.double_quant:
+            scale = scale.astype(sdt).astype(jnp.float32)
+        normalized = jnp.clip(xg / _safe(scale), -1.0, 1.0)
+        midpoints = (book[1:] + book[:-1]) / 2
+        codes = jnp.searchsorted(midpoints, normalized).astype(jnp.uint8)
+    else:  # fp8
+        dtype = FP8_DTYPES[spec.kind]
+        fmax = float(jnp.finfo(dtype).max)
+        scale = (jnp.abs(xg).max(-1, keepdims=True) * clip / fmax).astype(sdt).astype(jnp.float32)
+        codes = jnp.clip(xg / _safe(scale), -fmax, fmax).astype(dtype)
+
+    codes = _ungroup(codes, x.shape, spec, axis)
+    scale_out = _stat_to_shape(scale, x.shape, spec, axis)
+    if spec.double_quant:
+        scale_out = _double_quantize(scale_out)
+    else:
+        scale_out = scale_out.astype(sdt)
+    return QArray(codes, scale_out, zero, spec, axis)
+
+
+def _double_quantize(scale) -> QArray:
+    """QLoRA double quantization: (scale - mean) to int8 in blocks of 256, f32 block scales."""
+    flat = scale.reshape(-1)
+    mean = flat.mean()
+    block = min(_DOUBLE_QUANT_BLOCK, flat.shape[0])
+    inner_spec = QuantSpec(kind="int", bits=8, granularity="group", group_size=block, scale_dtype="f32")
+    inner = _quantize(flat - mean, inner_spec, 0)
+    return QArray(inner.codes, inner.scale, mean.astype(jnp.float32), inner_spec, 0)
+
+
+def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
+    """Functional form of `QArray.dequantize`."""
+    return q.dequantize(dtype)
+
+
+def quantize_dequantize(x, spec: QuantSpec | str, axis: int | None = None) -> jax.Array:
+    """Round trip x through `spec` (no gradient handling; see `lowbit.core.ste` for that)."""
+    return quantize(x, spec, axis).dequantize(jnp.asarray(x).dtype)

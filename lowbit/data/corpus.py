@@ -1,0 +1,101 @@
+"""Text corpora and token windows: the always-present stdlib pydoc topics (or any text file),
+a deterministic calibration / evaluation split of the token stream, and fixed-length windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PYDOC = "pydoc"
+
+
+def load_text(source: str | Path = PYDOC) -> str:
+    """The text of a corpus.
+
+    "pydoc": the values of `pydoc_data.topics.topics` joined in sorted key order, separated
+    by a blank line ("\\n\\n"). Anything else is read as a UTF-8 text file.
+    """
+    if str(source) == PYDOC:
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[key] for key in sorted(topics))
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path} (or use {PYDOC!r})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"corpus file {path} is not UTF-8 text: {error}") from None
+    if not text.strip():
+        raise ValueError(f"corpus file {path} is empty")
+    return text
+
+
+def _as_tokens(tokens) -> np.ndarray:
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D sequence of ids, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {array.dtype}")
+    return array.astype(np.int32)
+
+
+def split_tokens(tokens, calibration_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Split a token stream into (calibration, evaluation), both int32 [n].
+
+    The split is on the token stream, not on documents: calibration is the first
+    round(calibration_fraction * len(tokens)) tokens and evaluation is the rest, so the parts
+    are disjoint and the same for the same input.
+    """
+    if not 0.0 < calibration_fraction < 1.0:
+        raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+    array = _as_tokens(tokens)
+    cut = int(round(calibration_fraction * array.size))
+    return array[:cut], array[cut:]
+
+
+def _check_length(length: int) -> None:
+    if not isinstance(length, (int, np.integer)) or length <= 0:
+        raise ValueError(f"length must be a positive integer, got {length!r}")
+
+
+def token_windows(tokens, length: int, count: int | None = None) -> np.ndarray:
+    """Consecutive non-overlapping windows from the start of `tokens`: int32 [n, length].
+
+    n is `count`, or every full window when count is None (a partial tail is dropped).
+    """
+    _check_length(length)
+    array = _as_tokens(tokens)
+    available = array.size // length
+    if available == 0:
+        raise ValueError(f"{array.size} tokens available, but one window needs {length}")
+    if count is None:
+        count = available
+    elif not isinstance(count, (int, np.integer)) or count <= 0:
+        raise ValueError(f"count must be a positive integer or None, got {count!r}")
+    elif count > available:
+        raise ValueError(f"{count} windows of {length} tokens need {count * length} tokens, "
+                         f"but only {array.size} are available ({available} windows)")
+    return array[:count * length].reshape(count, length)
+
+
+def calibration_samples(tokens, n_samples: int, length: int, seed: int = 0,
+                        calibration_fraction: float = 0.5) -> np.ndarray:
+    """n_samples windows at random (seeded) offsets inside the calibration part: int32 [n, length].
+
+    tokens: the whole token stream; the windows come only from
+    split_tokens(tokens, calibration_fraction)[0], so they never touch the evaluation part.
+    Windows may overlap one another.
+    """
+    _check_length(length)
+    if not isinstance(n_samples, (int, np.integer)) or n_samples <= 0:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    calibration, _ = split_tokens(tokens, calibration_fraction)
+    if calibration.size < length:
+        raise ValueError(f"{calibration.size} calibration tokens available, but one window "
+                         f"needs {length}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, calibration.size - length + 1, size=n_samples)
+    return calibration[starts[:, None] + np.arange(length)[None, :]]

@@ -1,0 +1,109 @@
+"""`decode_attention`: one query token per sequence against a paged, optionally quantized KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.kernels.decode_attention.pages import QuantizedPagePool
+from lowbit.kernels.decode_attention.pallas import (
+    DEFAULT_CONFIG,
+    DecodeAttentionConfig,
+    decode_attention_pallas,
+    plan_decode,
+)
+from lowbit.kernels.decode_attention.reference import decode_attention_reference
+from lowbit.kernels.dispatch import is_concrete, resolve_impl
+
+QUERY_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_reference_jit = jax.jit(decode_attention_reference, static_argnames=("softmax_scale",))
+
+
+def _pool_shape(pages, name: str) -> tuple[int, int, int, int]:
+    if isinstance(pages, QuantizedPagePool):
+        pages.validate(name)
+        return pages.shape
+    if not hasattr(pages, "shape") or not hasattr(pages, "dtype"):
+        raise ValueError(f"{name} must be a float array or a QuantizedPagePool, got {type(pages).__name__}")
+    if pages.ndim != 4:
+        raise ValueError(f"{name} must be [num_pages, page_size, n_kv_heads, head_dim], got shape {tuple(pages.shape)}")
+    if not jnp.issubdtype(pages.dtype, jnp.floating):
+        raise ValueError(f"{name} must be float pages (or a QuantizedPagePool for int8/int4), got dtype {pages.dtype}")
+    return tuple(pages.shape)
+
+
+def decode_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    lengths,
+    *,
+    softmax_scale: float | None = None,
+    impl: str = "auto",
+    interpret: bool | None = None,
+    config: DecodeAttentionConfig | None = None,
+):
+    """Attention of one new token per sequence over its cached keys and values.
+
+    q: [B, n_heads, head_dim]. k_pages, v_pages: float [num_pages, page_size, n_kv_heads, head_dim]
+    (f32/bf16/f16) or QuantizedPagePool (int8, or int4 packed along head_dim; symmetric or with
+    zeros). block_tables: int [B, max_pages], page ids of each sequence in order (entries past a
+    sequence's length are ignored). lengths: int [B], each in 1..max_pages * page_size.
+    GQA: n_heads = group * n_kv_heads, query head h reads kv head h // group.
+    softmax_scale: default 1 / sqrt(head_dim). Returns [B, n_heads, head_dim] in q's dtype.
+    """
+    if not hasattr(q, "shape") or q.ndim != 3:
+        raise ValueError(f"q must be [batch, n_heads, head_dim], got {getattr(q, 'shape', type(q).__name__)}")
+    if jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in QUERY_DTYPES]:
+        raise ValueError(f"q must be float32, bfloat16 or float16, got dtype {q.dtype}")
+    batch, n_heads, head_dim = q.shape
+    k_shape = _pool_shape(k_pages, "k_pages")
+    v_shape = _pool_shape(v_pages, "v_pages")
+    if k_shape != v_shape:
+        raise ValueError(f"k_pages and v_pages must have the same logical shape, got {k_shape} and {v_shape}")
+    num_pages, page_size, n_kv, kv_dim = k_shape
+    if kv_dim != head_dim:
+        raise ValueError(f"q has head_dim {head_dim} but k_pages/v_pages have head_dim {kv_dim}")
+    if n_heads % n_kv:
+        raise ValueError(f"q: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv} (GQA)")
+    if not hasattr(block_tables, "shape") or block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [batch={batch}, max_pages], got {getattr(block_tables, 'shape', None)}")
+    if not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        raise ValueError(f"block_tables must hold integer page ids, got dtype {block_tables.dtype}")
+    if not hasattr(lengths, "shape") or tuple(lengths.shape) != (batch,):
+        raise ValueError(f"lengths must be [batch={batch}], got {getattr(lengths, 'shape', None)}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+    max_pages = block_tables.shape[1]
+    capacity = max_pages * page_size
+    if is_concrete(lengths):
+        lens = np.asarray(lengths)
+        if lens.size and (lens.min() < 1 or lens.max() > capacity):
+            raise ValueError(f"lengths must lie in 1..{capacity} (max_pages * page_size), got min {lens.min()} max {lens.max()}")
+        if is_concrete(block_tables) and lens.size:
+            tables = np.asarray(block_tables)
+            used = np.arange(max_pages)[None, :] < -(-lens[:, None] // page_size)
+            bad = used & ((tables < 0) | (tables >= num_pages))
+            if bad.any():
+                raise ValueError(f"block_tables: {int(bad.sum())} entries within the sequence lengths are outside 0..{num_pages - 1}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
+    if config is not None and not isinstance(config, DecodeAttentionConfig):
+        raise ValueError(f"config must be a DecodeAttentionConfig or None, got {type(config).__name__}")
+    impl, interpret = resolve_impl(impl, interpret)
+    if batch == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    if impl == "xla":
+        tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
+        return _reference_jit(q, k_pages, v_pages, tables, lengths.astype(jnp.int32), softmax_scale=float(softmax_scale))
+    fields = [p.fields if isinstance(p, QuantizedPagePool) else 1 for p in (k_pages, v_pages)]
+    plan = plan_decode(batch, n_heads, n_kv, head_dim, page_size, max_pages, *fields, config or DEFAULT_CONFIG,
+                       interpret=interpret)
+    return decode_attention_pallas(q, k_pages, v_pages, block_tables, lengths, softmax_scale=float(softmax_scale),
+                                   plan=plan, interpret=interpret)

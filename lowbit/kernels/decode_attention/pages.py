@@ -1,0 +1,140 @@
+"""Quantized KV page pools: int8 or int4 codes with per-(token, head) scales, and their dequantization.
+
+A pool holds pages [num_pages, page_size, n_kv_heads, head_dim]. int4 codes are packed two
+per byte along head_dim (element 2j in the low nibble). Symmetric: int8 codes are signed,
+int4 nibbles are u - 8. Asymmetric (a `zero` is stored): codes are unsigned (uint8 / nibble u)
+and value = code * scale + zero. `scale` and `zero` are [num_pages, page_size, n_kv_heads, 1].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lowbit.core.packing import pack_int4
+from lowbit.core.quantize import quantize
+from lowbit.core.spec import QuantSpec
+
+KV_KINDS = ("int8", "int4")
+_BITS = {"int8": 8, "int4": 4}
+
+
+def kind_fields(kind: str) -> int:
+    """How many head_dim elements share a stored code byte (1 for floats and int8, 2 for int4)."""
+    return 2 if kind == "int4" else 1
+
+
+def dequantize_page_fields(codes, scale, zero, kind: str) -> tuple:
+    """Codes -> float32 values, split in `kind_fields(kind)` fields along head_dim.
+
+    codes: [..., head_dim / F]; scale, zero: broadcastable to codes (zero may be None).
+    Field f holds head_dim elements f, f + F, ... (for int4: the low nibbles, then the high ones).
+    This is the one place that defines how stored codes become values; the Pallas kernel and
+    the reference both call it on what they loaded.
+    """
+    scale = scale.astype(jnp.float32)
+    zero = None if zero is None else zero.astype(jnp.float32)
+    if kind == "int8":
+        fields = (codes.astype(jnp.float32),)
+    elif kind == "int4":
+        offset = 0.0 if zero is not None else 8.0
+        fields = tuple(((codes >> shift) & 15).astype(jnp.float32) - offset for shift in (0, 4))
+    else:
+        raise ValueError(f"kind must be one of {KV_KINDS}, got {kind!r}")
+    if zero is None:
+        return tuple(v * scale for v in fields)
+    return tuple(v * scale + zero for v in fields)
+
+
+def interleave_fields(fields) -> jax.Array:
+    """Inverse of the field split: F arrays [..., D/F] -> [..., D] (element d from field d % F)."""
+    if len(fields) == 1:
+        return fields[0]
+    stacked = jnp.stack(fields, axis=-1)
+    return stacked.reshape(*stacked.shape[:-2], -1)
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedPagePool:
+    """A paged K or V cache stored as codes plus per-(token, head) scales (and zeros if asymmetric).
+
+    codes: int8 [P, page_size, n_kv_heads, head_dim] (uint8 if asymmetric) for kind "int8";
+    uint8 [P, page_size, n_kv_heads, head_dim / 2] for kind "int4".
+    scale, zero: [P, page_size, n_kv_heads, 1]; zero is None for symmetric codes.
+    """
+
+    def __init__(self, codes, scale, zero, kind: str):
+        self.codes, self.scale, self.zero, self.kind = codes, scale, zero, kind
+
+    def tree_flatten(self):
+        return (self.codes, self.scale, self.zero), (self.kind,)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def fields(self) -> int:
+        return kind_fields(self.kind)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Logical [num_pages, page_size, n_kv_heads, head_dim]."""
+        p, s, h, d = self.codes.shape
+        return (p, s, h, d * self.fields)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in (self.codes, self.scale, self.zero) if a is not None)
+
+    def __repr__(self) -> str:
+        return f"QuantizedPagePool(shape={self.shape}, kind={self.kind!r}, symmetric={self.symmetric})"
+
+    def validate(self, name: str = "pages") -> None:
+        """Raise ValueError (naming `name`) unless the parts have consistent shapes and dtypes."""
+        if self.kind not in KV_KINDS:
+            raise ValueError(f"{name}.kind must be one of {KV_KINDS}, got {self.kind!r}")
+        if self.codes.ndim != 4:
+            raise ValueError(f"{name}.codes must be [num_pages, page_size, n_kv_heads, head_dim{'/2' if self.fields == 2 else ''}], "
+                             f"got shape {tuple(self.codes.shape)}")
+        want = jnp.uint8 if (self.kind == "int4" or self.zero is not None) else jnp.int8
+        if self.codes.dtype != want:
+            raise ValueError(f"{name}.codes must have dtype {jnp.dtype(want).name} for kind {self.kind!r} "
+                             f"({'symmetric' if self.symmetric else 'asymmetric'}), got {self.codes.dtype}")
+        stat_shape = (*self.codes.shape[:3], 1)
+        for part_name, part in (("scale", self.scale), ("zero", self.zero)):
+            if part is None:
+                continue
+            if tuple(part.shape) != stat_shape:
+                raise ValueError(f"{name}.{part_name} must have shape {stat_shape}, got {tuple(part.shape)}")
+            if not jnp.issubdtype(part.dtype, jnp.floating):
+                raise ValueError(f"{name}.{part_name} must be floating point, got {part.dtype}")
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The float pages [P, page_size, n_kv_heads, head_dim]."""
+        return interleave_fields(dequantize_page_fields(self.codes, self.scale, self.zero, self.kind)).astype(dtype)
+
+
+def quantize_pages(pages, kind: str = "int8", *, symmetric: bool = True, scale_dtype: str = "f16") -> QuantizedPagePool:
+    """Quantize float pages [P, page_size, n_kv_heads, head_dim] per (token, head) over head_dim.
+
+    Uses the core quantizer with token granularity (`int8:token`, `int4:token:asym`, ...).
+    """
+    if kind not in KV_KINDS:
+        raise ValueError(f"kind must be one of {KV_KINDS}, got {kind!r}")
+    pages = jnp.asarray(pages)
+    if pages.ndim != 4:
+        raise ValueError(f"pages must be [num_pages, page_size, n_kv_heads, head_dim], got shape {tuple(pages.shape)}")
+    if kind == "int4" and pages.shape[-1] % 2:
+        raise ValueError(f"pages: int4 packs two codes per byte along head_dim, which must be even, got {pages.shape[-1]}")
+    spec = QuantSpec(kind="int", bits=_BITS[kind], symmetric=symmetric, granularity="token", scale_dtype=scale_dtype)
+    q = quantize(pages, spec)
+    codes = q.codes
+    if kind == "int4":
+        unsigned = codes.astype(jnp.int16) - spec.qmin if symmetric else codes
+        codes = pack_int4(unsigned.astype(jnp.uint8))
+    return QuantizedPagePool(codes, q.scale, q.zero, kind)

@@ -1,0 +1,55 @@
+"""`packed_matmul(x, w)`: activations times a bit-packed low-bit weight, Pallas or XLA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lowbit.core.packing import PackedArray
+from lowbit.kernels.dispatch import resolve_impl
+from lowbit.kernels.packed_matmul.pallas import PackedMatmulConfig, packed_matmul_pallas, plan_tiles, select_config
+from lowbit.kernels.packed_matmul.reference import packed_matmul_reference, weight_format
+
+_reference_jit = jax.jit(packed_matmul_reference)
+
+ACTIVATION_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def packed_matmul(
+    x,
+    w: PackedArray,
+    *,
+    impl: str = "auto",
+    interpret: bool | None = None,
+    config: PackedMatmulConfig | None = None,
+):
+    """y = x @ dequant(w) with float32 accumulation, returned in x's dtype.
+
+    x: [..., K] float32/bfloat16/float16 activations. w: PackedArray of a [K, N] weight packed
+    along K (`pack(quantize(w, spec))`): int4 or int2 (symmetric or asymmetric) with group,
+    channel or tensor scales, ternary packed with `ternary="int2"`, or binary. Returns [..., N].
+    impl: "auto" (Pallas on GPU, else XLA), "pallas" or "xla". interpret: run the Pallas kernel
+    in interpret mode (None: only when there is no GPU). config: tile sizes (None: by regime).
+    """
+    fmt = weight_format(w)
+    k, n = w.shape
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"x must be an array [..., K], got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., K] with K={k} (w is [{k}, {n}]), got {tuple(x.shape)}")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in ACTIVATION_DTYPES]:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got dtype {x.dtype}")
+    if config is not None and not isinstance(config, PackedMatmulConfig):
+        raise ValueError(f"config must be a PackedMatmulConfig or None, got {type(config).__name__}")
+    impl, interpret = resolve_impl(impl, interpret)
+    lead = x.shape[:-1]
+    x2 = jnp.reshape(x, (-1, k))
+    m = x2.shape[0]
+    if m == 0:
+        return jnp.zeros((*lead, n), x.dtype)
+    if impl == "xla":
+        y = _reference_jit(x2, w)
+    else:
+        plan = plan_tiles(m, k, n, fmt, config or select_config(m), interpret=interpret)
+        y = packed_matmul_pallas(x2, w.data, w.scale, w.zero, fmt=fmt, plan=plan, interpret=interpret)
+    return y.reshape(*lead, n)

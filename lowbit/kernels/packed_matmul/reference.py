@@ -1,0 +1,150 @@
+"""Pure-jnp packed matmul y = x @ dequant(W): unpack each bit field, dequantize, contract.
+
+Also holds what the kernel shares with it: the format checks and the strided split of x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lowbit.core.packing import PackedArray
+from lowbit.core.quantize import QArray
+
+# packed format -> bits per code
+_FORMAT_BITS = {"int4": 4, "int2": 2, "bits1": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """What the matmul needs to know about a packed [K, N] weight (hashable, static under jit).
+
+    A stored unsigned code u in a field of `bits` bits means the integer
+    `code_multiplier * u + code_offset`; the weight is that integer times its group's scale,
+    plus the group's zero when `asymmetric`. `group_size` is None for one scale per column.
+    """
+
+    bits: int
+    code_multiplier: int
+    code_offset: int
+    asymmetric: bool
+    group_size: int | None
+
+    @property
+    def fields(self) -> int:
+        """Codes per byte (2, 4 or 8)."""
+        return 8 // self.bits
+
+
+def _nearest_divisors(n: int, g: int) -> tuple[int | None, int | None]:
+    below = next((d for d in range(min(g, n), 0, -1) if n % d == 0), None)
+    above = next((d for d in range(g + 1, n + 1) if n % d == 0), None)
+    return below, above
+
+
+def weight_format(w) -> WeightFormat:
+    """Check that `w` is a packed [K, N] weight the matmul supports and describe its codes."""
+    if not isinstance(w, PackedArray):
+        raise ValueError(f"w must be a lowbit.core.packing.PackedArray (from pack(quantize(...))), got {type(w).__name__}")
+    spec = w.spec
+    if len(w.shape) != 2 or w.axis != 0:
+        raise ValueError(
+            f"w must be a 2-D weight [K, N] packed along axis 0 (Flax [in, out] layout), "
+            f"got shape {w.shape} packed along axis {w.axis}"
+        )
+    if w.format == "base3":
+        raise ValueError("w: ternary weights packed in base 3 are not supported; pack them with pack(q, ternary='int2')")
+    if w.format not in _FORMAT_BITS:
+        raise ValueError(
+            f"w: packed format {w.format!r} (spec '{spec}') is not supported; supported: int4 and int2 "
+            "(kind int, symmetric or asymmetric), ternary packed with ternary='int2', binary; "
+            "for 8-bit weights use int8_matmul"
+        )
+    bits = _FORMAT_BITS[w.format]
+    if spec.kind == "int" and spec.bits == bits:
+        multiplier, offset = 1, (spec.qmin if spec.symmetric else 0)
+    elif spec.kind == "ternary" and bits == 2:
+        multiplier, offset = 1, -1
+    elif spec.kind == "binary" and bits == 1:
+        multiplier, offset = 2, -1
+    else:
+        raise ValueError(f"w: spec '{spec}' in packed format {w.format!r} is not supported (e.g. nf4/fp4 code books)")
+    if spec.granularity == "token":
+        raise ValueError(f"w: spec '{spec}' has token granularity; weights need group, channel or tensor scales")
+    if isinstance(w.scale, QArray):
+        raise ValueError("w: double-quantized scales are not supported")
+    k, n = w.shape
+    group_size = None
+    if spec.granularity == "group":
+        group_size = spec.group_size
+        if k % group_size:
+            below, above = _nearest_divisors(k, group_size)
+            raise ValueError(
+                f"w: group_size {group_size} must divide K={k} (the reduction axis); "
+                f"nearest divisors of {k}: {below} below, {above} above"
+            )
+    groups = k // group_size if group_size else 1
+    expected = [(groups, n)] if group_size else [(1, n), (1, 1)]
+    if tuple(w.scale.shape) not in expected:
+        raise ValueError(f"w: scale has shape {tuple(w.scale.shape)}, expected {expected[0]} for spec '{spec}'")
+    if (w.zero is not None) != (not spec.symmetric):
+        raise ValueError(f"w: zero must be present exactly for asymmetric specs (spec '{spec}')")
+    if w.zero is not None and tuple(w.zero.shape) != tuple(w.scale.shape):
+        raise ValueError(f"w: zero has shape {tuple(w.zero.shape)}, expected the scale's {tuple(w.scale.shape)}")
+    return WeightFormat(bits, multiplier, offset, not spec.symmetric, group_size)
+
+
+def split_fields(x, fields: int, rows: int):
+    """x: [M, K] -> [fields, M, rows]: slice f holds columns f, f+fields, ... (zero padded).
+
+    Column k of x meets K-row k of W, which sits in packed byte row k // fields, field k % fields.
+    """
+    m, k = x.shape
+    pad = rows * fields - k
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)))
+    return jnp.transpose(x.reshape(m, rows, fields), (2, 0, 1))
+
+
+def unpack_field(packed, field: int, bits: int):
+    """The unsigned codes stored at bit offset field*bits of every byte."""
+    return (packed >> (field * bits)) & ((1 << bits) - 1)
+
+
+def dequantize_codes(u, fmt: WeightFormat, scale, zero):
+    """Unsigned codes (any int dtype) -> float32 weights, with scale/zero broadcast to u."""
+    value = u.astype(jnp.float32)
+    if fmt.code_multiplier != 1:
+        value = value * fmt.code_multiplier
+    if fmt.code_offset:
+        value = value + fmt.code_offset
+    out = value * scale
+    if zero is not None:
+        out = out + zero
+    return out
+
+
+def _field_stats(stat, fmt: WeightFormat, field: int, rows: int):
+    """Per-row scale (or zero) for the K-rows f, f+F, ... of one field: [rows, N] or [1, N]."""
+    stat = stat.astype(jnp.float32)
+    if fmt.group_size is None:
+        return stat
+    k_index = jnp.arange(rows) * fmt.fields + field
+    group = jnp.minimum(k_index // fmt.group_size, stat.shape[0] - 1)
+    return stat[group]
+
+
+def packed_matmul_reference(x, w: PackedArray):
+    """x: [M, K] float; w: packed [K, N] -> y = x @ dequant(W): [M, N] in x's dtype (f32 math)."""
+    fmt = weight_format(w)
+    rows = w.data.shape[0]
+    xf = split_fields(x.astype(jnp.float32), fmt.fields, rows)
+    y = jnp.zeros((x.shape[0], w.shape[1]), jnp.float32)
+    for f in range(fmt.fields):
+        scale = _field_stats(w.scale, fmt, f, rows)
+        zero = None if w.zero is None else _field_stats(w.zero, fmt, f, rows)
+        wf = dequantize_codes(unpack_field(w.data, f, fmt.bits), fmt, scale, zero)
+        y = y + jnp.dot(xf[f], wf, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)

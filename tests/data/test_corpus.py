@@ -1,0 +1,82 @@
+"""Tests of corpus loading, the calibration / evaluation split and token windows."""
+
+import numpy as np
+import pytest
+from pydoc_data.topics import topics
+
+from lowbit.data.corpus import calibration_samples, load_text, split_tokens, token_windows
+
+
+def test_pydoc_corpus_is_the_sorted_topics():
+    text = load_text("pydoc")
+    keys = sorted(topics)
+    assert text == "\n\n".join(topics[k] for k in keys)
+    assert text.startswith(topics[keys[0]]) and text.endswith(topics[keys[-1]])
+    assert len(text) > 400_000 and load_text() == text
+
+
+def test_text_files(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("héllo\nworld\n", encoding="utf-8")
+    assert load_text(path) == "héllo\nworld\n" and load_text(str(path)) == "héllo\nworld\n"
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_text(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        load_text(empty)
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="blob.bin is not UTF-8"):
+        load_text(binary)
+
+
+def test_split_is_disjoint_ordered_and_deterministic():
+    tokens = np.arange(1001)
+    calibration, evaluation = split_tokens(tokens)
+    assert calibration.dtype == np.int32 and evaluation.dtype == np.int32
+    assert calibration.tolist() == list(range(500))
+    assert evaluation.tolist() == list(range(500, 1001))
+    calibration, evaluation = split_tokens(list(range(10)), calibration_fraction=0.3)
+    assert calibration.tolist() == [0, 1, 2] and evaluation.tolist() == list(range(3, 10))
+    for bad in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="calibration_fraction must be in"):
+            split_tokens(tokens, calibration_fraction=bad)
+    with pytest.raises(ValueError, match="1-D sequence"):
+        split_tokens(np.zeros((2, 3), int))
+    with pytest.raises(ValueError, match="must be integers"):
+        split_tokens(np.zeros(4, float))
+
+
+def test_token_windows():
+    tokens = np.arange(23)
+    windows = token_windows(tokens, 5)
+    assert windows.dtype == np.int32 and windows.shape == (4, 5)
+    assert windows.tolist() == [list(range(i, i + 5)) for i in range(0, 20, 5)]
+    assert token_windows(tokens, 5, count=2).tolist() == windows[:2].tolist()
+    with pytest.raises(ValueError, match="5 windows of 5 tokens need 25 tokens, but only 23 are"):
+        token_windows(tokens, 5, count=5)
+    with pytest.raises(ValueError, match="3 tokens available, but one window needs 8"):
+        token_windows([1, 2, 3], 8)
+    with pytest.raises(ValueError, match="length must be a positive integer"):
+        token_windows(tokens, 0)
+    with pytest.raises(ValueError, match="count must be a positive integer"):
+        token_windows(tokens, 5, count=0)
+
+
+def test_calibration_samples_stay_in_the_calibration_part():
+    tokens = np.arange(1000)
+    samples = calibration_samples(tokens, n_samples=64, length=16, seed=3)
+    assert samples.dtype == np.int32 and samples.shape == (64, 16)
+    assert (np.diff(samples, axis=1) == 1).all()  # each sample is a contiguous window
+    assert samples.max() < 500  # never reaches the evaluation half
+    assert np.array_equal(samples, calibration_samples(tokens, 64, 16, seed=3))
+    assert not np.array_equal(samples, calibration_samples(tokens, 64, 16, seed=4))
+    assert len(set(samples[:, 0].tolist())) > 32  # offsets are spread out
+    fractioned = calibration_samples(tokens, 64, 16, seed=3, calibration_fraction=0.2)
+    assert fractioned.max() < 200
+    message = "10 calibration tokens available, but one window needs 16"
+    with pytest.raises(ValueError, match=message):
+        calibration_samples(np.arange(20), 4, 16)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        calibration_samples(tokens, 0, 16)

@@ -1,0 +1,91 @@
+"""Tests of perplexity and KL divergence on tiny random models."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lowbit.eval import kl_divergence, perplexity
+from lowbit.models.llama import Llama, LlamaConfig
+
+CONFIG = LlamaConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Llama(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(0).integers(0, CONFIG.vocab_size, 5 * 32 + 7)
+
+
+def test_uniform_logits_give_perplexity_equal_to_vocab_size(tokens):
+    uniform = Llama(CONFIG, rngs=nnx.Rngs(1))
+    uniform.embed.embedding[...] = jnp.zeros_like(uniform.embed.embedding[...])
+    result = perplexity(uniform, tokens, ctx=32, batch_size=2)
+    assert result.ppl == pytest.approx(CONFIG.vocab_size, rel=1e-5)
+    assert result.nll == pytest.approx(math.log(CONFIG.vocab_size), rel=1e-6)
+    assert (result.windows, result.tokens_scored) == (5, 5 * 31)
+
+
+def test_perplexity_matches_a_direct_computation(model, tokens):
+    windows = np.asarray(tokens[: 3 * 32]).reshape(3, 32)
+    logits = np.asarray(model(jnp.asarray(windows, jnp.int32)), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs[:, :-1], windows[:, 1:, None], -1).mean()
+    for batch_size in (1, 2, 3):  # batch 2 pads the last batch; the pad must not count
+        result = perplexity(model, tokens, ctx=32, windows=3, batch_size=batch_size)
+        assert result.nll == pytest.approx(nll, rel=1e-5)
+        assert result.ppl == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_kl_of_a_model_against_itself_is_zero(model, tokens):
+    result = kl_divergence(model, model, tokens, ctx=32, windows=4, batch_size=3)
+    assert abs(result.kl) < 1e-6
+    assert result.top1 == 1.0
+    assert result.ppl == pytest.approx(result.ref_ppl, rel=1e-6)
+    assert result.ppl == pytest.approx(perplexity(model, tokens, ctx=32, windows=4).ppl, rel=1e-5)
+    assert result.tokens_scored == 4 * 31
+
+
+def test_kl_against_a_uniform_model(model, tokens):
+    """KL(uniform || p) = -log V - mean_v log p_v, and top-1 agreement is argmax(p) == 0
+    (the argmax of constant logits is index 0)."""
+    uniform = Llama(CONFIG, rngs=nnx.Rngs(1))
+    uniform.embed.embedding[...] = jnp.zeros_like(uniform.embed.embedding[...])
+    windows = jnp.asarray(np.asarray(tokens[:64]).reshape(2, 32), jnp.int32)
+    log_p = jax.nn.log_softmax(model(windows)[:, :-1], axis=-1)
+    expected = float(jnp.mean(-math.log(CONFIG.vocab_size) - log_p.mean(-1)))
+    agree = float(jnp.mean(jnp.argmax(log_p, -1) == 0))
+    result = kl_divergence(model, uniform, tokens, ctx=32, windows=2)
+    assert result.kl == pytest.approx(expected, rel=1e-5)
+    assert result.kl > 0
+    assert result.top1 == pytest.approx(agree)
+    assert result.ref_ppl == pytest.approx(CONFIG.vocab_size, rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ctx=1), "ctx must be an integer >= 2"),
+    (dict(ctx=32, windows=6), r"windows must be None or an integer in \[1, 5\]"),
+    (dict(ctx=32, windows=0), "windows must be None"),
+    (dict(ctx=1000), "fewer than one window"),
+    (dict(ctx=32, batch_size=0), "batch_size must be a positive integer"),
+])
+def test_bad_arguments_are_rejected(model, tokens, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        perplexity(model, tokens, **kwargs)
+
+
+def test_bad_tokens_are_rejected(model, tokens):
+    with pytest.raises(ValueError, match="1-D integer array"):
+        perplexity(model, np.asarray(tokens).reshape(-1, 1), ctx=32)
+    with pytest.raises(ValueError, match="vocab_size"):
+        perplexity(model, np.full(64, CONFIG.vocab_size), ctx=32)
+    with pytest.raises(ValueError, match="ref_model.config.vocab_size"):
+        small = Llama(LlamaConfig.tiny(vocab_size=16), rngs=nnx.Rngs(0))
+        kl_divergence(model, small, np.full(64, 20), ctx=32)
