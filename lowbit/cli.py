@@ -56,6 +56,92 @@ def cmd_fetch(args) -> None:
     _emit(args, info, [info])
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_model(name_or_path: str):
+    """(model, tokenizer) for a registered name, a GGUF path or a quantized checkpoint directory."""
+    from pathlib import Path
+
+    from lowbit.models.loader import load_gguf_model
+    from lowbit.models.registry import resolve_model
+    from lowbit.models.tokenizer import Tokenizer
+
+    if Path(name_or_path).is_dir():
+        from lowbit.ptq.cli import load_quantized
+
+        model, _, tokenizer_source = load_quantized(name_or_path)
+        return model, Tokenizer.from_gguf(resolve_model(tokenizer_source))
+    path = resolve_model(name_or_path)
+    model, _ = load_gguf_model(path)
+    return model, Tokenizer.from_gguf(path)
+
+
+def evaluation_tokens(tokenizer, text_source: str):
+    """The evaluation part of a corpus ('pydoc' or a text file), tokenized."""
+    import numpy as np
+
+    from lowbit.data.corpus import load_text, split_tokens
+
+    tokens = np.asarray(tokenizer.encode(load_text(text_source)), np.int32)
+    return split_tokens(tokens)[1]
+
+
+def cmd_eval(args) -> None:
+    import time
+
+    from lowbit.eval import kl_divergence, perplexity
+
+    model, tokenizer = load_model(args.model)
+    tokens = evaluation_tokens(tokenizer, args.text)
+    start = time.perf_counter()
+    if args.ref:
+        ref_model, _ = load_model(args.ref)
+        r = kl_divergence(model, ref_model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
+        info = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens_scored,
+                "windows": r.windows}
+    else:
+        r = perplexity(model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
+        info = {"ppl": r.ppl, "tokens": r.tokens_scored, "windows": r.windows}
+    seconds = time.perf_counter() - start
+    info.update(model=args.model, text=args.text, ctx=args.ctx, seconds=round(seconds, 2),
+                tokens_per_s=round(info["windows"] * args.ctx / seconds, 1), peak_rss_mb=round(peak_rss_mb(), 1))
+    _emit(args, info, [info])
+
+
+def cmd_generate(args) -> None:
+    import time
+    from pathlib import Path
+
+    import jax
+
+    from lowbit.models.llama import generate
+
+    model, tokenizer = load_model(args.model)
+    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if not prompt:
+        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    ids = tokenizer.encode(prompt)
+    key = jax.random.key(args.seed) if args.temperature > 0 else None
+    start = time.perf_counter()
+    new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, key=key,
+                   eos_id=tokenizer.eos_id)
+    seconds = time.perf_counter() - start
+    new = [int(t) for t in new.reshape(-1)]
+    info = {"tokens": new, "text": tokenizer.decode(new), "prompt_tokens": len(ids),
+            "seconds": round(seconds, 3), "tokens_per_s": round(len(new) / seconds, 2)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(prompt + info["text"])
+        print(f"[{len(new)} tokens in {seconds:.2f} s, {info['tokens_per_s']} tokens/s incl. compile]",
+              file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit and ternary models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("fetch", cmd_fetch, "download a named model into the cache and verify it")
     p.add_argument("name")
+
+    p = add("eval", cmd_eval, "perplexity (and KL against --ref) on the evaluation split of a corpus")
+    p.add_argument("--model", default="smollm2-135m", help="registered name, GGUF path or quantized directory")
+    p.add_argument("--text", default="pydoc", help="'pydoc' (the embedded corpus) or a text file")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
+    p.add_argument("--ref", default=None, help="reference model for KL divergence and top-1 agreement")
+
+    p = add("generate", cmd_generate, "generate text (greedy by default)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-file", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 

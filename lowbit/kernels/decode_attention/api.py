@@ -83,27 +83,37 @@ def decode_attention(
     if is_concrete(lengths):
         lens = np.asarray(lengths)
         if lens.size and (lens.min() < 1 or lens.max() > capacity):
-            raise ValueError(f"lengths must lie in 1..{capacity} (max_pages * page_size), got min {lens.min()} max {lens.max()}")
+            raise ValueError(f"lengths must lie in 1..{capacity} (max_pages * page_size), "
+                             f"got min {lens.min()} max {lens.max()}")
         if is_concrete(block_tables) and lens.size:
             tables = np.asarray(block_tables)
             used = np.arange(max_pages)[None, :] < -(-lens[:, None] // page_size)
             bad = used & ((tables < 0) | (tables >= num_pages))
             if bad.any():
-                raise ValueError(f"block_tables: {int(bad.sum())} entries within the sequence lengths are outside 0..{num_pages - 1}")
+                raise ValueError(f"block_tables: {int(bad.sum())} entries within the sequence lengths are "
+                                 f"outside 0..{num_pages - 1}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
         raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
     if config is not None and not isinstance(config, DecodeAttentionConfig):
         raise ValueError(f"config must be a DecodeAttentionConfig or None, got {type(config).__name__}")
+    requested = impl
     impl, interpret = resolve_impl(impl, interpret)
     if batch == 0:
         return jnp.zeros(q.shape, q.dtype)
-    if impl == "xla":
+    plan = None
+    if impl == "pallas":
+        fields = [p.fields if isinstance(p, QuantizedPagePool) else 1 for p in (k_pages, v_pages)]
+        try:
+            plan = plan_decode(batch, n_heads, n_kv, head_dim, page_size, max_pages, *fields,
+                               config or DEFAULT_CONFIG, interpret=interpret)
+        except ValueError:
+            if requested != "auto":  # "auto" falls back to XLA for shapes the kernel cannot tile
+                raise
+    if plan is None:
         tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
-        return _reference_jit(q, k_pages, v_pages, tables, lengths.astype(jnp.int32), softmax_scale=float(softmax_scale))
-    fields = [p.fields if isinstance(p, QuantizedPagePool) else 1 for p in (k_pages, v_pages)]
-    plan = plan_decode(batch, n_heads, n_kv, head_dim, page_size, max_pages, *fields, config or DEFAULT_CONFIG,
-                       interpret=interpret)
+        return _reference_jit(q, k_pages, v_pages, tables, lengths.astype(jnp.int32),
+                              softmax_scale=float(softmax_scale))
     return decode_attention_pallas(q, k_pages, v_pages, block_tables, lengths, softmax_scale=float(softmax_scale),
                                    plan=plan, interpret=interpret)

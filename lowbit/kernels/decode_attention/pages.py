@@ -1,9 +1,6 @@
-"""Quantized KV page pools: int8 or int4 codes with per-(token, head) scales, and their dequantization.
+"""Quantized KV page pools (int8, or int4 packed two per byte along head_dim) and their dequantization.
 
-A pool holds pages [num_pages, page_size, n_kv_heads, head_dim]. int4 codes are packed two
-per byte along head_dim (element 2j in the low nibble). Symmetric: int8 codes are signed,
-int4 nibbles are u - 8. Asymmetric (a `zero` is stored): codes are unsigned (uint8 / nibble u)
-and value = code * scale + zero. `scale` and `zero` are [num_pages, page_size, n_kv_heads, 1].
+`dequantize_page_fields` is the one definition of code -> value, shared by kernel and reference.
 """
 
 from __future__ import annotations
@@ -27,23 +24,33 @@ def kind_fields(kind: str) -> int:
 def dequantize_page_fields(codes, scale, zero, kind: str) -> tuple:
     """Codes -> float32 values, split in `kind_fields(kind)` fields along head_dim.
 
-    codes: [..., head_dim / F]; scale, zero: broadcastable to codes (zero may be None).
+    codes: [..., head_dim / F]. scale, zero (zero may be None): [..., 1] (per token and head,
+    what pools store) or [..., head_dim] (per channel, e.g. KIVI keys; split into fields here).
     Field f holds head_dim elements f, f + F, ... (for int4: the low nibbles, then the high ones).
-    This is the one place that defines how stored codes become values; the Pallas kernel and
-    the reference both call it on what they loaded.
+    The Pallas kernel and the reference both call this on what they loaded.
     """
-    scale = scale.astype(jnp.float32)
-    zero = None if zero is None else zero.astype(jnp.float32)
     if kind == "int8":
-        fields = (codes.astype(jnp.float32),)
+        values = (codes.astype(jnp.float32),)
     elif kind == "int4":
         offset = 0.0 if zero is not None else 8.0
-        fields = tuple(((codes >> shift) & 15).astype(jnp.float32) - offset for shift in (0, 4))
+        values = tuple(((codes >> shift) & 15).astype(jnp.float32) - offset for shift in (0, 4))
     else:
         raise ValueError(f"kind must be one of {KV_KINDS}, got {kind!r}")
-    if zero is None:
-        return tuple(v * scale for v in fields)
-    return tuple(v * scale + zero for v in fields)
+    out = []
+    for f, v in enumerate(values):
+        v = v * _field_stat(scale, f, len(values))
+        if zero is not None:
+            v = v + _field_stat(zero, f, len(values))
+        out.append(v)
+    return tuple(out)
+
+
+def _field_stat(stat, field: int, fields: int):
+    """The part of a scale/zero that field `field` uses: all of a [..., 1] stat, else every F-th."""
+    stat = stat.astype(jnp.float32)
+    if fields == 1 or stat.shape[-1] == 1:
+        return stat
+    return stat[..., field::fields]
 
 
 def interleave_fields(fields) -> jax.Array:
@@ -59,8 +66,11 @@ class QuantizedPagePool:
     """A paged K or V cache stored as codes plus per-(token, head) scales (and zeros if asymmetric).
 
     codes: int8 [P, page_size, n_kv_heads, head_dim] (uint8 if asymmetric) for kind "int8";
-    uint8 [P, page_size, n_kv_heads, head_dim / 2] for kind "int4".
+    uint8 [P, page_size, n_kv_heads, head_dim / 2] for kind "int4", element 2j of head_dim in
+    the low nibble and 2j+1 in the high one.
     scale, zero: [P, page_size, n_kv_heads, 1]; zero is None for symmetric codes.
+    Symmetric: int8 codes are signed, an int4 nibble u means u - 8; value = code * scale.
+    Asymmetric: codes are unsigned (uint8, or the nibble u itself); value = code * scale + zero.
     """
 
     def __init__(self, codes, scale, zero, kind: str):
@@ -99,7 +109,8 @@ class QuantizedPagePool:
         if self.kind not in KV_KINDS:
             raise ValueError(f"{name}.kind must be one of {KV_KINDS}, got {self.kind!r}")
         if self.codes.ndim != 4:
-            raise ValueError(f"{name}.codes must be [num_pages, page_size, n_kv_heads, head_dim{'/2' if self.fields == 2 else ''}], "
+            last = "head_dim / 2" if self.fields == 2 else "head_dim"
+            raise ValueError(f"{name}.codes must be [num_pages, page_size, n_kv_heads, {last}], "
                              f"got shape {tuple(self.codes.shape)}")
         want = jnp.uint8 if (self.kind == "int4" or self.zero is not None) else jnp.int8
         if self.codes.dtype != want:
@@ -130,7 +141,8 @@ def quantize_pages(pages, kind: str = "int8", *, symmetric: bool = True, scale_d
     if pages.ndim != 4:
         raise ValueError(f"pages must be [num_pages, page_size, n_kv_heads, head_dim], got shape {tuple(pages.shape)}")
     if kind == "int4" and pages.shape[-1] % 2:
-        raise ValueError(f"pages: int4 packs two codes per byte along head_dim, which must be even, got {pages.shape[-1]}")
+        raise ValueError(f"pages: int4 packs two codes per byte along head_dim, which must be even, "
+                         f"got {pages.shape[-1]}")
     spec = QuantSpec(kind="int", bits=_BITS[kind], symmetric=symmetric, granularity="token", scale_dtype=scale_dtype)
     q = quantize(pages, spec)
     codes = q.codes

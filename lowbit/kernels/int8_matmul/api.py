@@ -54,7 +54,8 @@ def int8_matmul(
         raise ValueError(f"w_codes must be 2-D [K, N], got shape {tuple(w_codes.shape)}")
     k, n = w_codes.shape
     if x_codes.shape[-1] != k:
-        raise ValueError(f"x_codes must have shape [..., K] with K={k} (w_codes is [{k}, {n}]), got {tuple(x_codes.shape)}")
+        raise ValueError(f"x_codes must have shape [..., K] with K={k} (w_codes is [{k}, {n}]), "
+                         f"got {tuple(x_codes.shape)}")
     lead = tuple(x_codes.shape[:-1])
     x_scale = _check_scale(x_scale, "x_scale", [(*lead, 1), lead, ()])
     w_scale = _check_scale(w_scale, "w_scale", [(1, n), (n,), ()])

@@ -41,15 +41,22 @@ def packed_matmul(
         raise ValueError(f"x must be float32, bfloat16 or float16, got dtype {x.dtype}")
     if config is not None and not isinstance(config, PackedMatmulConfig):
         raise ValueError(f"config must be a PackedMatmulConfig or None, got {type(config).__name__}")
+    requested = impl
     impl, interpret = resolve_impl(impl, interpret)
     lead = x.shape[:-1]
     x2 = jnp.reshape(x, (-1, k))
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
-    if impl == "xla":
+    plan = None
+    if impl == "pallas":
+        try:
+            plan = plan_tiles(m, k, n, fmt, config or select_config(m), interpret=interpret)
+        except ValueError:
+            if requested != "auto":  # "auto" falls back to XLA for layouts the kernel cannot tile
+                raise
+    if plan is None:
         y = _reference_jit(x2, w)
     else:
-        plan = plan_tiles(m, k, n, fmt, config or select_config(m), interpret=interpret)
         y = packed_matmul_pallas(x2, w.data, w.scale, w.zero, fmt=fmt, plan=plan, interpret=interpret)
     return y.reshape(*lead, n)

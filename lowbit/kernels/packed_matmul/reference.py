@@ -47,7 +47,8 @@ def _nearest_divisors(n: int, g: int) -> tuple[int | None, int | None]:
 def weight_format(w) -> WeightFormat:
     """Check that `w` is a packed [K, N] weight the matmul supports and describe its codes."""
     if not isinstance(w, PackedArray):
-        raise ValueError(f"w must be a lowbit.core.packing.PackedArray (from pack(quantize(...))), got {type(w).__name__}")
+        raise ValueError(f"w must be a lowbit.core.packing.PackedArray (from pack(quantize(...))), "
+                         f"got {type(w).__name__}")
     spec = w.spec
     if len(w.shape) != 2 or w.axis != 0:
         raise ValueError(
@@ -55,7 +56,8 @@ def weight_format(w) -> WeightFormat:
             f"got shape {w.shape} packed along axis {w.axis}"
         )
     if w.format == "base3":
-        raise ValueError("w: ternary weights packed in base 3 are not supported; pack them with pack(q, ternary='int2')")
+        raise ValueError("w: ternary weights packed in base 3 are not supported; "
+                         "pack them with pack(q, ternary='int2')")
     if w.format not in _FORMAT_BITS:
         raise ValueError(
             f"w: packed format {w.format!r} (spec '{spec}') is not supported; supported: int4 and int2 "

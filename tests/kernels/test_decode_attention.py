@@ -1,0 +1,239 @@
+"""decode_attention over paged KV caches (float, int8, int4) against dense numpy softmax attention."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit.kernels.decode_attention import (
+    DecodeAttentionConfig,
+    QuantizedPagePool,
+    decode_attention,
+    dequantize_page_fields,
+    interleave_fields,
+    quantize_pages,
+)
+from lowbit.kernels.decode_attention.pallas import decode_attention_pallas, plan_decode
+
+# LOWBIT_KERNEL_TEST_DEVICE=gpu runs the Pallas classes compiled for the GPU instead of interpreted.
+PALLAS_INTERPRET = os.environ.get("LOWBIT_KERNEL_TEST_DEVICE", "cpu") != "gpu"
+PAGE_SIZE, MAX_PAGES = 4, 6
+LENGTHS = np.array([1, 8, 13, 24], np.int32)  # one token, a page boundary, mid-page, full capacity
+SMALL_BLOCKS = DecodeAttentionConfig(block_tokens=16)  # several page blocks even for short tests
+
+
+def _paged_cache(n_kv, head_dim, seed=0, batch=len(LENGTHS), extra_pages=5):
+    """Dense K/V [B, S, n_kv, D] scattered over shuffled pages; table entries past a length are -1."""
+    rng = np.random.default_rng(seed)
+    seq = MAX_PAGES * PAGE_SIZE
+    k = rng.standard_normal((batch, seq, n_kv, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, seq, n_kv, head_dim)).astype(np.float32)
+    num_pages = batch * MAX_PAGES + extra_pages
+    tables = rng.permutation(num_pages)[: batch * MAX_PAGES].reshape(batch, MAX_PAGES).astype(np.int32)
+    k_pages = rng.standard_normal((num_pages, PAGE_SIZE, n_kv, head_dim)).astype(np.float32)  # junk in unused pages
+    v_pages = rng.standard_normal((num_pages, PAGE_SIZE, n_kv, head_dim)).astype(np.float32)
+    for b in range(batch):
+        for j in range(MAX_PAGES):
+            k_pages[tables[b, j]] = k[b, j * PAGE_SIZE:(j + 1) * PAGE_SIZE]
+            v_pages[tables[b, j]] = v[b, j * PAGE_SIZE:(j + 1) * PAGE_SIZE]
+    lengths = LENGTHS[:batch]
+    used = np.arange(MAX_PAGES)[None, :] < -(-lengths[:, None] // PAGE_SIZE)
+    tables = np.where(used, tables, -1)
+    return k_pages, v_pages, tables, lengths
+
+
+def _dense(pages, tables):
+    """Gather pages [P, ps, H, D] through the table into [B, W*ps, H, D] (numpy)."""
+    gathered = np.asarray(pages, np.float64)[np.maximum(tables, 0)]
+    b, w, ps, h, d = gathered.shape
+    return gathered.reshape(b, w * ps, h, d)
+
+
+def _attention(q, k, v, lengths):
+    """Dense softmax attention in float64: q [B, H, D], k/v [B, S, Hkv, D]."""
+    q = np.asarray(q, np.float64)
+    batch, n_heads, d = q.shape
+    group = n_heads // k.shape[2]
+    out = np.zeros_like(q)
+    for b in range(batch):
+        for h in range(n_heads):
+            keys, values = k[b, : lengths[b], h // group], v[b, : lengths[b], h // group]
+            s = keys @ q[b, h] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            out[b, h] = (p / p.sum()) @ values
+    return out
+
+
+def _error(out, expected):
+    return np.abs(np.asarray(jnp.asarray(out, jnp.float32), np.float64) - expected).max()
+
+
+class DecodeAttentionBase:
+    impl: str = "xla"
+    interpret: bool | None = None
+
+    def attend(self, *args, **kwargs):
+        return decode_attention(*args, impl=self.impl, interpret=self.interpret, **kwargs)
+
+    def run_case(self, group, n_kv, head_dim, k_kind=None, v_kind=None, symmetric=True, dtype=jnp.float32,
+                 config=SMALL_BLOCKS, seed=0):
+        k_pages, v_pages, tables, lengths = _paged_cache(n_kv, head_dim, seed=seed)
+        q = np.random.default_rng(seed + 1).standard_normal((len(lengths), group * n_kv, head_dim))
+        q = jnp.asarray(q, dtype)
+
+        def prepare(pages, kind):
+            if kind is None:
+                stored = jnp.asarray(pages, dtype)
+                return stored, np.asarray(stored.astype(jnp.float32))
+            pool = quantize_pages(pages, kind, symmetric=symmetric)
+            return pool, np.asarray(pool.dequantize())
+
+        k_stored, k_values = prepare(k_pages, k_kind)
+        v_stored, v_values = prepare(v_pages, v_kind)
+        out = self.attend(q, k_stored, v_stored, jnp.asarray(tables), jnp.asarray(lengths), config=config)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        expected = _attention(np.asarray(q.astype(jnp.float32)), _dense(k_values, tables), _dense(v_values, tables),
+                              lengths)
+        return _error(out, expected)
+
+    @pytest.mark.parametrize("group, dtype, tolerance", [(1, jnp.float32, 1e-5), (3, jnp.bfloat16, 3e-2)])
+    def test_float_pages(self, group, dtype, tolerance):
+        assert self.run_case(group, n_kv=2, head_dim=32, dtype=dtype) < tolerance
+
+    @pytest.mark.parametrize(
+        "k_kind, v_kind, symmetric",
+        [("int8", "int8", True), ("int8", "int8", False), ("int4", "int4", True), ("int4", "int4", False),
+         ("int8", "int4", True)],
+    )
+    def test_quantized_pages(self, k_kind, v_kind, symmetric):
+        assert self.run_case(4, n_kv=2, head_dim=32, k_kind=k_kind, v_kind=v_kind, symmetric=symmetric) < 1e-5
+
+    @pytest.mark.parametrize(
+        "config",
+        [DecodeAttentionConfig(block_tokens=16, num_splits=1), DecodeAttentionConfig(block_tokens=16, num_splits=2),
+         DecodeAttentionConfig(block_tokens=64)],
+    )
+    def test_block_and_split_configs(self, config):
+        assert self.run_case(2, n_kv=1, head_dim=16, config=config, seed=3) < 1e-5
+
+    def test_under_jit_with_traced_lengths(self):
+        k_pages, v_pages, tables, lengths = _paged_cache(1, 16, seed=4)
+        q = jnp.asarray(np.random.default_rng(5).standard_normal((len(lengths), 2, 16)), jnp.float32)
+        fn = jax.jit(lambda q, k, v, t, n: decode_attention(q, k, v, t, n, impl=self.impl, interpret=self.interpret))
+        out = fn(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables), jnp.asarray(lengths))
+        expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
+        assert _error(out, expected) < 1e-5
+
+    def test_bad_inputs(self):
+        k_pages, v_pages, tables, lengths = (jnp.asarray(a) for a in _paged_cache(2, 16))
+        q = jnp.ones((len(LENGTHS), 4, 16), jnp.float32)
+        with pytest.raises(ValueError, match="lengths must lie in 1..24"):
+            self.attend(q, k_pages, v_pages, tables, lengths.at[0].set(0))
+        with pytest.raises(ValueError, match="lengths must lie in 1..24"):
+            self.attend(q, k_pages, v_pages, tables, lengths.at[0].set(25))
+        with pytest.raises(ValueError, match="block_tables: 1 entries"):
+            self.attend(q, k_pages, v_pages, tables.at[1, 0].set(k_pages.shape[0]), lengths)
+        with pytest.raises(ValueError, match="n_heads 3 must be a multiple of n_kv_heads 2"):
+            self.attend(jnp.ones((4, 3, 16)), k_pages, v_pages, tables, lengths)
+        with pytest.raises(ValueError, match="head_dim"):
+            self.attend(jnp.ones((4, 4, 8)), k_pages, v_pages, tables, lengths)
+        with pytest.raises(ValueError, match="k_pages and v_pages must have the same"):
+            self.attend(q, k_pages, v_pages[:3], tables, lengths)
+        with pytest.raises(ValueError, match="block_tables must be"):
+            self.attend(q, k_pages, v_pages, tables[:2], lengths)
+        with pytest.raises(ValueError, match="lengths must be"):
+            self.attend(q, k_pages, v_pages, tables, lengths[:2])
+        with pytest.raises(ValueError, match="k_pages must be float pages"):
+            self.attend(q, k_pages.astype(jnp.int8), v_pages, tables, lengths)
+        with pytest.raises(ValueError, match="softmax_scale"):
+            self.attend(q, k_pages, v_pages, tables, lengths, softmax_scale=-1.0)
+        bad_pool = QuantizedPagePool(jnp.zeros((30, 4, 2, 16), jnp.uint8), jnp.ones((30, 4, 2, 1)), None, "int8")
+        with pytest.raises(ValueError, match="k_pages.codes must have dtype int8"):
+            self.attend(q, bad_pool, v_pages, tables, lengths)
+
+
+class TestDecodeAttentionXla(DecodeAttentionBase):
+    impl = "xla"
+
+
+class TestDecodeAttentionPallas(DecodeAttentionBase):
+    impl = "pallas"
+    interpret = PALLAS_INTERPRET
+
+    @pytest.mark.parametrize("kind", [None, "int8", "int4"])
+    def test_lowers_to_triton(self, kind):
+        """SmolLM2-like shapes (9 heads over 3 kv heads, head_dim 64) lower to Triton IR without a GPU."""
+        pages = np.random.default_rng(0).standard_normal((40, 16, 3, 64)).astype(np.float32)
+        if kind is None:
+            pool = jnp.asarray(pages, jnp.bfloat16)
+        else:
+            pool = quantize_pages(pages, kind, symmetric=kind == "int8")
+        fields = 2 if kind == "int4" else 1
+        plan = plan_decode(2, 9, 3, 64, 16, 16, fields, fields, DecodeAttentionConfig(), interpret=False)
+        fn = jax.jit(lambda q, k, v, t, n: decode_attention_pallas(q, k, v, t, n, softmax_scale=0.125, plan=plan,
+                                                                   interpret=False))
+        args = (jax.ShapeDtypeStruct((2, 9, 64), jnp.bfloat16), pool, pool, jax.ShapeDtypeStruct((2, 16), jnp.int32),
+                jax.ShapeDtypeStruct((2,), jnp.int32))
+        assert "xla.gpu.triton" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_quantization_error_is_small():
+    """Attention over int8/int4 pools stays close to attention over the float pages."""
+    k_pages, v_pages, tables, lengths = _paged_cache(2, 32, seed=6)
+    q = jnp.asarray(np.random.default_rng(7).standard_normal((len(lengths), 4, 32)), jnp.float32)
+    exact = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
+    for kind, bound in (("int8", 0.02), ("int4", 0.3)):
+        out = decode_attention(q, quantize_pages(k_pages, kind), quantize_pages(v_pages, kind), jnp.asarray(tables),
+                               jnp.asarray(lengths), impl="xla")
+        assert _error(out, exact) < bound, kind
+
+
+def test_page_pool_layout_and_pytree():
+    pages = np.random.default_rng(8).standard_normal((3, 4, 2, 8)).astype(np.float32)
+    pool = quantize_pages(pages, "int4")
+    assert pool.codes.shape == (3, 4, 2, 4) and pool.codes.dtype == jnp.uint8 and pool.shape == (3, 4, 2, 8)
+    assert pool.scale.shape == (3, 4, 2, 1) and pool.zero is None
+    assert pool.nbytes == 3 * 4 * 2 * 4 + 3 * 4 * 2 * 2
+    codes = np.asarray(pool.codes).astype(np.int32)
+    low, high = (codes & 15) - 8, (codes >> 4) - 8  # element 2j in the low nibble, 2j+1 in the high one
+    manual = np.stack([low, high], axis=-1).reshape(3, 4, 2, 8) * np.asarray(pool.scale, np.float32)
+    np.testing.assert_allclose(np.asarray(pool.dequantize()), manual, rtol=1e-6)
+    leaves, treedef = jax.tree_util.tree_flatten(pool)
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert isinstance(again, QuantizedPagePool) and again.kind == "int4"
+    assert len(dequantize_page_fields(pool.codes, pool.scale, pool.zero, pool.kind)) == 2
+    asym = quantize_pages(pages, "int8", symmetric=False)
+    assert asym.codes.dtype == jnp.uint8 and asym.zero.shape == (3, 4, 2, 1)
+    np.testing.assert_allclose(np.asarray(asym.dequantize()), pages, atol=np.abs(pages).max() / 100)
+
+
+def test_quantize_pages_bad_input():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        quantize_pages(np.zeros((1, 2, 1, 4)), "int2")
+    with pytest.raises(ValueError, match="pages must be"):
+        quantize_pages(np.zeros((2, 1, 4)), "int8")
+    with pytest.raises(ValueError, match="head_dim, which must be even"):
+        quantize_pages(np.zeros((1, 2, 1, 5)), "int4")
+
+
+def test_dequantize_page_fields_per_channel_scale():
+    """A per-channel scale [..., head_dim] (KIVI-style keys) is split into the int4 fields too."""
+    pages = np.random.default_rng(9).standard_normal((2, 4, 1, 8)).astype(np.float32)
+    pool = quantize_pages(pages, "int4")
+    channel_scale = jnp.asarray(np.linspace(0.5, 2.0, 8, dtype=np.float32)).reshape(1, 1, 1, 8)
+    fields = dequantize_page_fields(pool.codes, channel_scale, None, "int4")
+    codes = np.asarray(pool.codes).astype(np.int32)
+    signed = np.stack([(codes & 15) - 8, (codes >> 4) - 8], axis=-1).reshape(2, 4, 1, 8)
+    np.testing.assert_allclose(np.asarray(interleave_fields(fields)), signed * np.asarray(channel_scale))
+
+
+def test_triton_shape_limits():
+    with pytest.raises(ValueError, match="power-of-two page_size"):
+        plan_decode(1, 4, 2, 64, 12, 8, 1, 1, DecodeAttentionConfig(), interpret=False)
+    with pytest.raises(ValueError, match="head_dim / 2 to be a power of two"):
+        plan_decode(1, 4, 2, 24, 16, 8, 2, 2, DecodeAttentionConfig(), interpret=False)
+    plan = plan_decode(2, 9, 3, 64, 16, 40, 1, 1, DecodeAttentionConfig(), interpret=False)
+    assert plan.group_padded == 16 and plan.pages_per_block == 4 and plan.table_width == 40
+    assert plan.num_splits * plan.blocks_per_split >= 10
