@@ -19,11 +19,19 @@ def model():
     return Llama(CONFIG, rngs=nnx.Rngs(0))
 
 
+_jit_forward = jax.jit(lambda graphdef, state, tokens: nnx.merge(graphdef, state)(tokens),
+                       static_argnums=0)
+
+
+def run(model, tokens):
+    """The full forward, jit-compiled (eager calls compile every primitive separately)."""
+    return _jit_forward(*nnx.split(model), tokens)
+
+
 @pytest.fixture(scope="module")
 def forward():
-    """A jitted full forward shared by the tests: (graphdef, state, tokens) -> logits."""
-    return jax.jit(lambda graphdef, state, tokens: nnx.merge(graphdef, state)(tokens),
-                   static_argnums=0)
+    """The jitted forward shared by the tests: (graphdef, state, tokens) -> logits."""
+    return _jit_forward
 
 
 def _tokens(seed, shape, vocab=CONFIG.vocab_size):
@@ -94,11 +102,31 @@ def test_projections_are_bias_free_linears_at_stable_paths(model):
 def test_pieces_compose_to_the_full_forward(model, forward):
     tokens = _tokens(1, (2, 12))
     positions = jnp.arange(12)[None, :]
-    x = model.embed_tokens(tokens)
-    for block in model.layers:
-        x = block(x, positions)
-    np.testing.assert_allclose(model.head(x), forward(*nnx.split(model), tokens),
+
+    @jax.jit
+    def pieces(state, tokens):
+        m = nnx.merge(graphdef, state)
+        x = m.embed_tokens(tokens)
+        for block in m.layers:
+            x = block(x, positions)
+        return m.head(x)
+
+    graphdef, state = nnx.split(model)
+    np.testing.assert_allclose(pieces(state, tokens), forward(graphdef, state, tokens),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_tracks_float32(model):
+    """Same f32 parameters, bf16 activations and matmuls: logits stay f32 and close."""
+    fast = Llama(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    tokens = _tokens(19, (1, 12))
+    reference, logits = run(model, tokens), run(fast, tokens)
+    assert logits.dtype == jnp.float32
+    assert float(jnp.abs(logits - reference).max()) < 0.1 * float(jnp.abs(reference).max())
+    assert np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)) >= 0.75
+    cache = KVCache.create(CONFIG, batch=1, max_len=16, dtype=jnp.bfloat16)
+    cached, _ = fast.prefill(tokens, cache)
+    np.testing.assert_allclose(cached, logits, atol=0.05 * float(jnp.abs(logits).max()))
 
 
 # ---- attention ----------------------------------------------------------------------------
@@ -173,7 +201,7 @@ def test_grouped_kv_heads_equal_repeated_kv_heads():
             getattr(b.mlp, name).kernel[...] = getattr(a.mlp, name).kernel[...]
     mha.embed.embedding[...] = gqa.embed.embedding[...]
     tokens = _tokens(7, (2, 9))
-    np.testing.assert_allclose(mha(tokens), gqa(tokens), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(mha, tokens), run(gqa, tokens), rtol=1e-5, atol=1e-5)
 
 
 # ---- RoPE ---------------------------------------------------------------------------------
@@ -218,8 +246,10 @@ def test_prefill_then_decode_matches_the_full_forward(model, forward):
     tokens = _tokens(11, (2, 14))
     full = forward(*nnx.split(model), tokens)
     cache = KVCache.create(CONFIG, batch=2, max_len=32)
-    logits, cache = model.prefill(tokens[:, :8], cache)
-    np.testing.assert_allclose(logits, full[:, :8], rtol=1e-4, atol=1e-4)
+    logits, cache = model.prefill(tokens[:, :5], cache)  # empty cache: attends to itself only
+    np.testing.assert_allclose(logits, full[:, :5], rtol=1e-4, atol=1e-4)
+    logits, cache = model.prefill(tokens[:, 5:8], cache)  # a second chunk reads the cache
+    np.testing.assert_allclose(logits, full[:, 5:8], rtol=1e-4, atol=1e-4)
     model_state = nnx.split(model)
     for t in range(8, 14):
         logits, cache = decode_step(model_state, tokens[:, t], cache)
@@ -233,10 +263,26 @@ def test_decode_step_compiles_once():
     cache = KVCache.create(CONFIG, batch=1, max_len=16)
     _, cache = model.prefill(_tokens(13, (1, 3)), cache)
     from lowbit.models import llama
-    before = llama._decode_step._cache_size()
+    before = llama._decode_jits()[0]._cache_size()
     for t in range(5):
         _, cache = decode_step(model_state, jnp.array([t], jnp.int32), cache)
-    assert llama._decode_step._cache_size() - before <= 1
+    assert llama._decode_jits()[0]._cache_size() - before <= 1
+
+
+def test_decode_step_updates_the_cache_in_place():
+    """The compiled step aliases the donated cache to its output and never copies the whole
+    buffer (a copy per block would make decoding cost O(n_layers * max_len) per token)."""
+    from lowbit.models import llama
+    config = LlamaConfig.tiny(n_layers=3)
+    graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+    cache = KVCache.create(config, batch=1, max_len=64)
+    hlo = llama._decode_jits()[0].lower(graphdef, state, jnp.zeros((1,), jnp.int32),
+                                        cache).compile().as_text()
+    assert "input_output_alias" in hlo.splitlines()[0]
+    full = "f32[3,1,64,2,16]"
+    entry = hlo[hlo.index("ENTRY"):]
+    copies = [line for line in entry.splitlines() if f"= {full}" in line and " copy(" in line]
+    assert copies == []
 
 
 def test_prefill_rejects_overflow_and_wrong_cache(model):
@@ -310,6 +356,9 @@ def test_from_weights_rebuilds_the_model_exactly(model, forward):
     tokens = _tokens(18, (1, 10))
     np.testing.assert_array_equal(forward(*nnx.split(loaded), tokens),
                                   forward(*nnx.split(model), tokens))
+    from_mapping = Llama.from_weights(CONFIG.to_dict(), dict(weights))
+    np.testing.assert_array_equal(from_mapping.layers[1].mlp.w_up.kernel[...],
+                                  model.layers[1].mlp.w_up.kernel[...])
     untied = Llama(dataclasses.replace(CONFIG, tied_embeddings=False), rngs=nnx.Rngs(1))
     names = [name for name, _ in _named_weights(untied)]
     assert names[-1] == "lm_head" and untied.weight_table()["lm_head"].shape == (64, 128)
