@@ -7,10 +7,11 @@ import json
 import sys
 
 
-def print_table(rows: list[dict], columns: list[str] | None = None, out=sys.stdout) -> None:
+def print_table(rows: list[dict], columns: list[str] | None = None, out=None) -> None:
     """Print dict rows as an aligned text table (floats to 4 significant digits)."""
     if not rows:
         return
+    out = out or sys.stdout
     columns = columns or list(rows[0])
 
     def cell(v):
@@ -75,6 +76,8 @@ def load_model(name_or_path: str):
         from lowbit.ptq.cli import load_quantized
 
         model, _, tokenizer_source = load_quantized(name_or_path)
+        if tokenizer_source is None:
+            raise ValueError(f"checkpoint {name_or_path} names no source model to take the tokenizer from")
         return model, Tokenizer.from_gguf(resolve_model(tokenizer_source))
     path = resolve_model(name_or_path)
     model, _ = load_gguf_model(path)
@@ -121,7 +124,12 @@ def cmd_generate(args) -> None:
 
     from lowbit.models.llama import generate
 
+    from lowbit.decode.cli import run_generate_kv, wants_kv_generation
+
     model, tokenizer = load_model(args.model)
+    if wants_kv_generation(args):
+        run_generate_kv(args, model, tokenizer)
+        return
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if not prompt:
         raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
@@ -140,6 +148,20 @@ def cmd_generate(args) -> None:
         print(prompt + info["text"])
         print(f"[{len(new)} tokens in {seconds:.2f} s, {info['tokens_per_s']} tokens/s incl. compile]",
               file=sys.stderr)
+
+
+def cmd_quantize(args) -> None:
+    from lowbit.ptq.cli import run_quantize
+
+    info = run_quantize(args)
+    columns = ["method", "weights", "bits_per_weight", "mean_layer_rel_error", "quantize_seconds", "out"]
+    _emit(args, info, [info], columns)
+
+
+def cmd_train(args) -> None:
+    from lowbit.train.cli import run_train
+
+    run_train(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    from lowbit.decode.cli import add_generate_kv_arguments
+
+    add_generate_kv_arguments(p)
+
+    from lowbit.ptq.cli import add_quantize_arguments
+
+    add_quantize_arguments(add("quantize", cmd_quantize, "post-training quantization into a checkpoint directory"))
+
+    from lowbit.train.cli import add_train_arguments
+
+    add_train_arguments(add("train", cmd_train, "quantization-aware training from a TOML config"))
     return parser
 
 
