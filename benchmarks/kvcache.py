@@ -1,0 +1,141 @@
+"""Benchmark KV caches on SmolLM2-135M: decode tokens/s of one sequence for each cache layout at a
+given context, and total tokens/s of batched generation with 1, 4 and 16 concurrent requests of
+mixed lengths from one paged pool. `--help` lists the options; prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowbit.data.corpus import load_text  # noqa: E402
+from lowbit.decode.engine import BatchedGenerator, Request  # noqa: E402
+from lowbit.decode.step import decode_step  # noqa: E402
+from lowbit.kvcache.cache import PagedKVCache  # noqa: E402
+from lowbit.models.loader import load_gguf_model  # noqa: E402
+from lowbit.models.registry import resolve_model  # noqa: E402
+from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+
+
+def decode_speed(model, layout: str, context: int, steps: int, warmup: int = 2) -> dict:
+    """Median seconds per decode step of one sequence holding `context` tokens (the cache sized to
+    the context, as the XLA path reads the whole block table)."""
+    cache = PagedKVCache(model.config, layout, slots=1, max_len=context + warmup + steps + 1)
+    slot = cache.open()
+    cache.reserve(slot, context)
+    cache.advance(slot, context)  # contents do not change the cost; skip the prefill
+    graphdef, params = nnx.split(model)
+    key = jnp.stack([jax.random.key_data(jax.random.key(0))])
+    zeros, counters, active = jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1, bool)
+    token = jnp.zeros(1, jnp.int32)
+    times = []
+    compile_start = time.perf_counter()
+    for i in range(warmup + steps):
+        length = cache.length(slot)
+        cache.reserve(slot, length + 1)
+        start = time.perf_counter()
+        token, _, cache.state = decode_step(graphdef, params, cache.state, cache.spec, token,
+                                            jnp.asarray([length], jnp.int32), active,
+                                            jnp.asarray(cache.block_tables()), zeros, key, counters)
+        token.block_until_ready()
+        times.append(time.perf_counter() - start)
+        cache.advance(slot, length + 1)
+        if i == 0:
+            compile_s = time.perf_counter() - compile_start
+    step = statistics.median(times[warmup:])
+    return {"layout": layout, "context": context, "step_ms": 1000 * step, "tokens_per_s": 1 / step,
+            "compile_s": compile_s, "kv_bytes_per_token_per_layer": cache.memory().bytes_per_token}
+
+
+def mixed_requests(tokens: np.ndarray, count: int, seed: int, new_range, prompt_range) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        length = int(rng.integers(*prompt_range))
+        start = int(rng.integers(0, len(tokens) - length))
+        out.append(Request(tokens[start:start + length].tolist(), int(rng.integers(*new_range))))
+    return out
+
+
+def batched_speed(model, layout: str, requests: list[Request], slots: int, max_len: int) -> dict:
+    """Total generated tokens/s serving all requests with `slots` concurrent sequences (after a
+    warm-up pass over the same prompt lengths that compiles every shape)."""
+    generator = BatchedGenerator(model, layout, slots=slots, max_len=max_len, share_prefixes=False)
+    generator.generate([Request(r.prompt, 2) for r in requests])  # compile prefill buckets + step
+    generator.generate(requests)
+    s = generator.stats
+    return {"layout": layout, "slots": slots, "requests": len(requests), "tokens": s.generated_tokens,
+            "seconds": s.seconds, "tokens_per_s": s.tokens_per_s, "mean_batch": s.mean_batch,
+            "decode_steps": s.decode_steps, "mean_kv_utilization": s.mean_utilization}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layouts", default="f32,bf16,int8,int4,kivi4,kivi2")
+    parser.add_argument("--contexts", default="512,2048")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--slots", default="1,4,16")
+    parser.add_argument("--batched-layouts", default="f32,int8")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--skip-batched", action="store_true")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    path = resolve_model("smollm2-135m")
+    model, _ = load_gguf_model(path)
+    results = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+               "backend": jax.default_backend(), "decode": [], "batched": []}
+    if not args.skip_decode:
+        for context in [int(c) for c in args.contexts.split(",")]:
+            for layout in args.layouts.split(","):
+                r = decode_speed(model, layout, context, args.steps)
+                results["decode"].append(r)
+                print(f"decode {layout:6s} ctx {context:5d}: {r['step_ms']:.1f} ms/step "
+                      f"({r['tokens_per_s']:.1f} tok/s), compile {r['compile_s']:.0f} s", flush=True)
+    if not args.skip_batched:
+        tokens = np.asarray(Tokenizer.from_gguf(path).encode(load_text("pydoc")[:200000]), np.int32)
+        requests = mixed_requests(tokens, args.requests, 0, (16, 49), (16, 257))
+        max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        for layout in args.batched_layouts.split(","):
+            for slots in [int(s) for s in args.slots.split(",")]:
+                r = batched_speed(model, layout, requests, slots, max_len)
+                results["batched"].append(r)
+                print(f"batched {layout:5s} slots {slots:2d}: {r['tokens_per_s']:.1f} tok/s total "
+                      f"({r['tokens']} tokens in {r['seconds']:.1f} s, mean batch {r['mean_batch']:.1f})",
+                      flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if results["decode"]:
+        contexts = sorted({r["context"] for r in results["decode"]})
+        print("\n| cache | bytes/token/layer | " + " | ".join(f"ctx {c}: ms/step, tok/s" for c in contexts)
+              + " | vs f32 at " + str(contexts[-1]) + " |\n|---|---|" + "---|" * (len(contexts) + 1))
+        by = {(r["layout"], r["context"]): r for r in results["decode"]}
+        base = by.get(("f32", contexts[-1]))
+        for layout in dict.fromkeys(r["layout"] for r in results["decode"]):
+            cells = [f"{by[(layout, c)]['step_ms']:.1f}, {by[(layout, c)]['tokens_per_s']:.1f}" for c in contexts]
+            ratio = by[(layout, contexts[-1])]["step_ms"] / base["step_ms"] if base else float("nan")
+            print(f"| {layout} | {by[(layout, contexts[0])]['kv_bytes_per_token_per_layer']:.0f} | "
+                  + " | ".join(cells) + f" | {ratio:.2f}x |")
+    if results["batched"]:
+        print("\n| cache | concurrent requests | total tok/s | seconds | mean batch |\n|---|---|---|---|---|")
+        for r in results["batched"]:
+            print(f"| {r['layout']} | {r['slots']} | {r['tokens_per_s']:.1f} | {r['seconds']:.1f} | "
+                  f"{r['mean_batch']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

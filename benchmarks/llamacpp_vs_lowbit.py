@@ -1,0 +1,269 @@
+"""Real-model speed and memory: lowbit's f32 SmolLM2-135M (jit) against llama.cpp on the Q4_1 GGUF.
+
+Each engine runs in its own subprocess (peak RSS is separable) and rounds interleave; `--help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowbit.data.corpus import load_text, split_tokens  # noqa: E402
+from lowbit.models.registry import resolve_model  # noqa: E402
+from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+
+# (metric, label, target ratio lowbit / llama.cpp from the issue)
+METRICS = [
+    ("eval_tps", "evaluation: all logits of a 512-token window (tokens/s)", 1.5),
+    ("prefill_tps", "prefill: 512-token prompt, last logits only (tokens/s)", 1.2),
+    ("decode_short_tps", "greedy decode after a 16-token prompt (tokens/s)", 0.7),
+    ("decode_long_tps", "greedy decode after a 512-token prompt (tokens/s)", 0.7),
+]
+
+
+def _rss_mib() -> float:
+    """Current resident set size of this process, MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median_time(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _inputs(model_path: str, ctx: int, short: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ctx-token window from the pydoc evaluation split, and a short prompt before it."""
+    ids = np.asarray(Tokenizer.from_gguf(model_path).encode(load_text()), np.int32)
+    _, evaluation = split_tokens(ids)
+    return evaluation[:ctx], evaluation[ctx:ctx + short]
+
+
+def run_lowbit(model_path: str, ctx: int, short: int, new_tokens: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lowbit.models.llama import KVCache, generate
+    from lowbit.models.loader import load_gguf_model
+
+    window, prompt = _inputs(model_path, ctx, short)
+    rss_start = _rss_mib()
+    start = time.perf_counter()
+    model, config = load_gguf_model(model_path)
+    load_s = time.perf_counter() - start
+    rss_loaded = _rss_mib()
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    tokens = jnp.asarray(window[None])
+    compile_start = time.perf_counter()
+    jax.block_until_ready(forward(state, tokens))
+    compile_s = time.perf_counter() - compile_start
+    eval_s = _median_time(lambda: jax.block_until_ready(forward(state, tokens)), repeats)
+
+    def prefill():
+        cache = KVCache.create(config, 1, ctx)
+        jax.block_until_ready(cache)
+        begin = time.perf_counter()
+        logits, cache = model.prefill(tokens, cache, last_only=True)
+        jax.block_until_ready(logits)
+        return time.perf_counter() - begin
+
+    prefill()
+    prefill_s = statistics.median(prefill() for _ in range(repeats))
+
+    def decode_tps(prompt_ids: np.ndarray) -> float:
+        # generate(n + 1) - generate(1): n cached decode steps with the greedy pick fused in
+        # (same compiled prefill and cache size in both calls).
+        generate(model, prompt_ids, new_tokens + 1)
+        generate(model, prompt_ids, 1)
+        with_steps = _median_time(lambda: generate(model, prompt_ids, new_tokens + 1), repeats)
+        prefill_only = _median_time(lambda: generate(model, prompt_ids, 1), repeats)
+        return new_tokens / max(with_steps - prefill_only, 1e-9)
+
+    return dict(load_s=load_s, compile_s=compile_s, eval_tps=ctx / eval_s,
+                prefill_tps=ctx / prefill_s, decode_short_tps=decode_tps(prompt),
+                decode_long_tps=decode_tps(window), rss_start_mib=rss_start,
+                rss_loaded_mib=rss_loaded, peak_rss_mib=_peak_rss_mib())
+
+
+def run_llamacpp(model_path: str, ctx: int, short: int, new_tokens: int, repeats: int,
+                 threads: int) -> dict:
+    from llama_cpp import Llama
+
+    window, prompt = _inputs(model_path, ctx, short)
+    window, prompt = window.tolist(), prompt.tolist()
+    rss_start = _rss_mib()
+    start = time.perf_counter()
+    llm = Llama(model_path, n_ctx=ctx, logits_all=True, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - start
+    rss_loaded = _rss_mib()
+
+    def evaluate():
+        llm.reset()
+        llm.eval(window)
+
+    evaluate()
+    eval_s = _median_time(evaluate, repeats)
+    llm.close()
+    del llm
+    # Prefill and decode without logits_all, so only the last position's logits are computed.
+    llm = Llama(model_path, n_ctx=ctx + new_tokens + 64, logits_all=False, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+
+    def prefill():
+        llm.reset()
+        llm.eval(window)
+
+    prefill()
+    prefill_s = _median_time(prefill, repeats)
+
+    def decode_once(prompt_ids: list[int]) -> float:
+        # Time from the first greedy token (after the prompt) to the (n+1)-th: n decode steps.
+        llm.reset()
+        steps = llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
+        next(steps)
+        begin = time.perf_counter()
+        for _ in range(new_tokens):
+            next(steps)
+        elapsed = time.perf_counter() - begin
+        steps.close()
+        return elapsed
+
+    def decode_tps(prompt_ids: list[int]) -> float:
+        decode_once(prompt_ids)
+        return new_tokens / statistics.median(decode_once(prompt_ids) for _ in range(repeats))
+
+    result = dict(load_s=load_s, compile_s=0.0, eval_tps=ctx / eval_s, prefill_tps=ctx / prefill_s,
+                  decode_short_tps=decode_tps(prompt), decode_long_tps=decode_tps(window),
+                  rss_start_mib=rss_start, rss_loaded_mib=rss_loaded,
+                  peak_rss_mib=_peak_rss_mib())
+    llm.close()
+    return result
+
+
+def _worker(args) -> None:
+    if args.worker == "lowbit":
+        result = run_lowbit(args.model, args.ctx, args.short, args.new_tokens, args.repeats)
+    else:
+        result = run_llamacpp(args.model, args.ctx, args.short, args.new_tokens, args.repeats,
+                              int(args.worker.split(":")[1]))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _spawn(config: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", config, "--model", args.model,
+               "--ctx", str(args.ctx), "--short", str(args.short), "--new-tokens",
+               str(args.new_tokens), "--repeats", str(args.repeats)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{config} worker failed (exit {done.returncode}):\n"
+                         f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _versions() -> str:
+    import jax
+
+    try:
+        import llama_cpp
+
+        llama = llama_cpp.__version__
+    except ImportError:
+        llama = "absent"
+    return f"jax {jax.__version__}, llama-cpp-python {llama}"
+
+
+def _label(config: str) -> str:
+    if config == "lowbit":
+        return "lowbit"
+    threads = int(config.split(":")[1])
+    return f"llama.cpp {threads} thread{'s' if threads > 1 else ''}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="registered name or GGUF path")
+    parser.add_argument("--ctx", type=int, default=512, help="window / prompt length")
+    parser.add_argument("--short", type=int, default=16, help="short prompt length for decode")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved worker rounds")
+    parser.add_argument("--llamacpp-threads", default=",".join(
+        sorted({"1", str(os.cpu_count() or 1)})),
+        help="llama.cpp thread counts to run, comma separated; ratios use the fastest "
+             "(XLA always uses every core)")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    args.model = str(resolve_model(args.model))
+    configs = ["lowbit"] + [f"llamacpp:{int(t)}" for t in args.llamacpp_threads.split(",")]
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {config: [] for config in configs}
+    for round_index in range(args.rounds):
+        order = configs if round_index % 2 == 0 else configs[::-1]
+        for config in order:
+            runs[config].append(_spawn(config, args))
+            print(f"round {round_index + 1}/{args.rounds} {config}: "
+                  + ", ".join(f"{k}={v:.1f}" for k, v in runs[config][-1].items()), flush=True)
+    load_after = os.getloadavg()
+    med = {config: {key: statistics.median(r[key] for r in runs[config]) for key in runs[config][0]}
+           for config in configs}
+    references = configs[1:]
+
+    print(f"\n{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+          f"{_versions()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+          f"(1 min); medians of {args.rounds} rounds x {args.repeats} repeats\n")
+    header = ["measure"] + [_label(c) for c in configs] + ["lowbit / best llama.cpp", "target",
+                                                           "met"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for key, label, target in METRICS:
+        best = max(med[c][key] for c in references)
+        ratio = med["lowbit"][key] / best
+        cells = [f"{med[c][key]:.1f}" for c in configs]
+        print(f"| {label} | " + " | ".join(cells) + f" | {ratio:.2f}x | >= {target}x | "
+              f"{'yes' if ratio >= target else 'no'} |")
+    for key, label in (("peak_rss_mib", "peak RSS (MiB)"),
+                       ("rss_loaded_mib", "RSS after loading the model (MiB)"),
+                       ("load_s", "model load (s)"), ("compile_s", "first forward incl. compile (s)")):
+        best = min(med[c][key] for c in references)
+        ratio = f"{med['lowbit'][key] / best:.2f}x" if best else "-"
+        cells = [f"{med[c][key]:.1f}" for c in configs]
+        print(f"| {label} | " + " | ".join(cells) + f" | {ratio} | | |")
+    if args.json:
+        args.json.write_text(json.dumps(dict(runs=runs, load_before=load_before,
+                                             load_after=load_after), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""PTQ sweeps on SmolLM2-135M behind papers/{gptq,awq,smoothquant,llm-int8}: each run quantizes a
+fresh copy of the model and is scored against the original on the pydoc evaluation split.
+
+  .venv/bin/python experiments/ptq/sweep.py weights   # RTN vs GPTQ vs AWQ over weight specs
+  .venv/bin/python experiments/ptq/sweep.py w8a8      # SmoothQuant and LLM.int8()
+Rows are appended to results/ptq/<suite>.jsonl as they finish (a rerun skips rows already
+there); the Markdown table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lowbit.ptq.demo import format_table, run_ptq_table  # noqa: E402
+
+WEIGHT_SPECS = ("int4:g64:asym", "int3:g64:asym", "int3:channel:asym", "int4:channel:asym",
+                "int2:g32:asym", "int4:g128:asym", "int3:g128:asym")
+AWQ_OPTIONS = {"search_sequences": 1, "search_tokens": 512, "clip_tokens": 256}
+SQ_ALPHAS = (0.0, 0.25, 0.5, 0.65, 0.75, 0.85, 0.95, 1.0)
+ACT_SPECS = {"O1": "int8:token", "O2": "int8:tensor", "O3": "int8:tensor:static"}
+
+
+def weight_runs() -> list[dict]:
+    runs = []
+    for spec in WEIGHT_SPECS:
+        runs += [{"method": "rtn", "weights": spec, "label": ""},
+                 {"method": "gptq", "weights": spec, "label": ""},
+                 {"method": "awq", "weights": spec, "label": "", "options": AWQ_OPTIONS}]
+        if spec == "int3:channel:asym":
+            runs.append({"method": "gptq", "weights": spec, "label": "act-order",
+                         "options": {"act_order": True}})
+    return runs
+
+
+def w8a8_runs() -> list[dict]:
+    runs = []
+    for level, act in ACT_SPECS.items():  # per-tensor int8 weights, as SmoothQuant's O1-O3
+        runs.append({"method": "smoothquant", "weights": "int8", "label": f"naive {level}",
+                     "options": {"act": act, "alpha": None}})
+        runs.append({"method": "smoothquant", "weights": "int8", "label": f"{level} alpha 0.85",
+                     "options": {"act": act, "alpha": 0.85}})
+    for alpha in SQ_ALPHAS:
+        if alpha != 0.85:
+            runs.append({"method": "smoothquant", "weights": "int8", "label": f"O3 alpha {alpha}",
+                         "options": {"act": ACT_SPECS["O3"], "alpha": alpha}})
+    for threshold in (6.0, 3.0, None):
+        label = "vector-wise (no outliers)" if threshold is None else f"threshold {threshold}"
+        runs.append({"method": "llm_int8", "weights": "int8:channel", "label": label,
+                     "options": {"threshold": threshold}})
+    return runs
+
+
+SUITES = {"weights": weight_runs, "w8a8": w8a8_runs}
+
+
+def _key(row: dict) -> tuple:
+    return row["method"], row["weights"], row.get("label", "")
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--out", default=None,
+                        help="JSON lines file (default results/ptq/<suite>.jsonl)")
+    args = parser.parse_args(argv)
+    out = Path(args.out or f"results/ptq/{args.suite}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            done[_key(row)] = row
+    runs = [r for r in SUITES[args.suite]() if _key(r) not in done]
+    start = time.perf_counter()
+
+    def save(row):
+        row = {**row, "calibration": f"{args.calib_samples} x {args.calib_len}",
+               "eval_windows": args.eval_windows}
+        if _key(row) not in done:
+            done[_key(row)] = row
+            with out.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        print(f"[{time.perf_counter() - start:7.0f} s] {json.dumps(row)}", flush=True)
+
+    if runs:
+        run_ptq_table(runs, calib_samples=args.calib_samples, calib_len=args.calib_len,
+                      eval_windows=args.eval_windows, on_row=save)
+    rows = [done[k] for k in [("original", "gguf Q4_1", "")] + [_key(r) for r in
+                                                                  SUITES[args.suite]()]
+            if k in done]
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

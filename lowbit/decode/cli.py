@@ -1,0 +1,103 @@
+"""`lowbit generate` options for the KV cache (--kv, --kv-policy, --batch-file, ...) and the command
+body that serves one prompt or a file of prompts through the batched, paged generator.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+from lowbit.decode.engine import BatchedGenerator, Request
+from lowbit.kvcache.layout import LAYOUT_NAMES, parse_layout
+from lowbit.kvcache.policy import parse_policy
+
+
+def add_generate_kv_arguments(parser) -> None:
+    """Add --kv, --kv-policy, --batch-file, --slots, --page-size and --num-pages to a parser."""
+    group = parser.add_argument_group("KV cache")
+    group.add_argument("--kv", default=None, metavar="LAYOUT",
+                       help=f"KV cache storage: {', '.join(LAYOUT_NAMES)}; options :gN (group), :rN "
+                            "(KIVI residual), :swap (KIVI axes swapped). Default: the model's dense cache")
+    group.add_argument("--kv-policy", default=None, metavar="POLICY",
+                       help="which tokens the cache keeps: full, window:N, sinks:S,window:N, h2o:RATIO, "
+                            "heavy:H,recent:R")
+    group.add_argument("--batch-file", default=None, metavar="FILE",
+                       help="a text file with one prompt per line, served together from one paged pool")
+    group.add_argument("--slots", type=int, default=8, help="sequences decoded per step (default 8)")
+    group.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default 16)")
+    group.add_argument("--num-pages", type=int, default=None,
+                       help="pages in the pool (default: every slot at full length)")
+
+
+def wants_kv_generation(args) -> bool:
+    """Whether the command line asked for the KV-cache generator (any of its options given)."""
+    return any(getattr(args, name, None) is not None for name in ("kv", "kv_policy", "batch_file"))
+
+
+def read_prompts(args) -> list[str]:
+    """The prompts: the lines of --batch-file (blank lines skipped), else --prompt-file or --prompt."""
+    batch_file = getattr(args, "batch_file", None)
+    if batch_file:
+        path = Path(batch_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--batch-file not found: {path}")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--batch-file {path} holds no prompts (one per line)")
+        return prompts
+    prompt_file = getattr(args, "prompt_file", None)
+    prompt = Path(prompt_file).read_text(encoding="utf-8") if prompt_file else getattr(args, "prompt", None)
+    if not prompt:
+        raise ValueError("give a prompt with --prompt TEXT, --prompt-file FILE or --batch-file FILE")
+    return [prompt]
+
+
+def run_generate_kv(args, model, tokenizer) -> dict:
+    """Generate for every prompt with the requested cache; prints a table (or JSON with --json) and
+    returns the same information as a dict."""
+    layout = parse_layout(args.kv or "f32")
+    policy = parse_policy(args.kv_policy)
+    prompts = read_prompts(args)
+    ids = [tokenizer.encode(p) for p in prompts]
+    if any(not x for x in ids):
+        raise ValueError("a prompt encodes to no tokens")
+    max_new = getattr(args, "max_new_tokens", 64)
+    temperature = float(getattr(args, "temperature", 0.0))
+    key = jax.random.key(getattr(args, "seed", 0))
+    requests = [Request(x, max_new, temperature, jax.random.fold_in(key, i), tokenizer.eos_id)
+                for i, x in enumerate(ids)]
+    max_len = max(len(x) for x in ids) + max_new
+    generator = BatchedGenerator(model, layout, policy, slots=min(args.slots, len(requests)),
+                                 max_len=max_len, num_pages=args.num_pages, page_size=args.page_size)
+    quiet = getattr(args, "quiet", False) or not sys.stderr.isatty()
+    completions = generator.generate(requests, progress=not quiet)
+    stats = generator.stats
+    config = model.config
+    info = {
+        "kv": layout.name, "policy": str(generator.cache.policy),
+        "kv_bytes_per_token_per_layer": layout.bytes_per_token(config.n_kv_heads, config.head_dim,
+                                                               generator.cache.page_size),
+        "results": [{"prompt": p, "text": tokenizer.decode(c.tokens), "tokens": c.tokens,
+                     "prompt_tokens": c.prompt_tokens, "finish_reason": c.finish_reason}
+                    for p, c in zip(prompts, completions)],
+        "stats": {"generated_tokens": stats.generated_tokens, "seconds": round(stats.seconds, 3),
+                  "tokens_per_s": round(stats.tokens_per_s, 2), "decode_steps": stats.decode_steps,
+                  "mean_batch": round(stats.mean_batch, 2), "preemptions": stats.preemptions,
+                  "peak_pages": stats.peak_pages, "mean_kv_utilization": round(stats.mean_utilization, 4),
+                  "shared_prefix_tokens": stats.shared_prefix_tokens},
+    }
+    if getattr(args, "json", False):
+        print(json.dumps(info))
+    else:
+        for i, result in enumerate(info["results"]):
+            print(f"--- [{i}] {result['finish_reason']}, {len(result['tokens'])} tokens")
+            print(result["prompt"] + result["text"])
+        s = info["stats"]
+        print(f"[kv {info['kv']}, policy {info['policy']}: {s['generated_tokens']} tokens in {s['seconds']} s "
+              f"({s['tokens_per_s']} tokens/s incl. compile), mean batch {s['mean_batch']}, "
+              f"KV utilization {s['mean_kv_utilization']:.1%}, {s['preemptions']} preemptions]",
+              file=sys.stderr)
+    return info

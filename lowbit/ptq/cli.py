@@ -1,0 +1,188 @@
+"""`lowbit quantize`: arguments and the run (quantize a GGUF model, write a checkpoint), plus
+`load_quantized` for `lowbit eval --model DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowbit.ptq.checkpoint import load_quantized, read_meta, save_quantized
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")
+DEFAULT_WEIGHTS = {"rtn": "int4:g64:asym", "gptq": "int4:g64:asym", "awq": "int4:g64:asym",
+                   "smoothquant": "int8:channel", "llm_int8": "int8:channel"}
+DEFAULT_ACT = "int8:tensor:static"
+DEFAULT_SMOOTHQUANT_ALPHA = 0.85
+
+__all__ = ["METHODS", "add_quantize_arguments", "load_quantized", "run_quantize",
+           "calibration_tokens"]
+
+
+def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
+    """Adds an option unless the parser already has it (lowbit.cli adds --json and --quiet)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `lowbit quantize`."""
+    parser.add_argument("--model", required=True,
+                        help="a registered model name (smollm2-135m) or a llama GGUF file")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--weights", default=None,
+                        help="weight spec, e.g. int4:g64:asym (default: int4:g64:asym; "
+                             "int8:channel for smoothquant and llm_int8)")
+    parser.add_argument("--act", default=None,
+                        help="smoothquant activations: int8:token (O1), int8:tensor (O2) or "
+                             f"int8:tensor:static (O3, default)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help=f"smoothquant migration strength (default "
+                             f"{DEFAULT_SMOOTHQUANT_ALPHA}); awq: use this alpha instead of "
+                             "the grid search")
+    parser.add_argument("--no-smoothing", action="store_true",
+                        help="smoothquant: skip smoothing (the naive W8A8 baseline)")
+    parser.add_argument("--threshold", type=float, default=6.0,
+                        help="llm_int8 outlier threshold on |x| (default 6.0)")
+    parser.add_argument("--act-order", action="store_true",
+                        help="gptq: quantize inputs by descending Hessian diagonal")
+    parser.add_argument("--static-groups", action="store_true",
+                        help="gptq: compute every group's scale from the original weights")
+    parser.add_argument("--calib", default="pydoc",
+                        help="calibration text: 'pydoc' (the stdlib topics) or a UTF-8 file")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="calibration window offsets")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="calibration sequences per compiled call")
+    parser.add_argument("--out", required=True, help="new directory for the checkpoint")
+    _add(parser, "--json", action="store_true", help="print one JSON object instead of a table")
+    _add(parser, "--quiet", action="store_true", help="no progress bars")
+
+
+def calibration_tokens(tokenizer, source: str, samples: int, length: int,
+                       seed: int = 0) -> np.ndarray:
+    """[samples, length] int32 windows at seeded offsets from the calibration half of a
+    corpus ('pydoc' or a file); the evaluation half is never touched."""
+    from lowbit.data.corpus import calibration_samples, load_text
+
+    for name, value in (("calibration samples", samples), ("calibration length", length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if length < 2:
+        raise ValueError(f"calibration length must be at least 2 tokens, got {length}")
+    tokens = np.asarray(tokenizer.encode(load_text(source)), np.int32)
+    return calibration_samples(tokens, samples, length, seed=seed)
+
+
+def _check_method_options(args) -> None:
+    method = args.method
+    if args.act is not None and method != "smoothquant":
+        raise ValueError("--act only applies to --method smoothquant")
+    if args.alpha is not None and method not in ("smoothquant", "awq"):
+        raise ValueError("--alpha only applies to --method smoothquant or awq")
+    if args.no_smoothing and method != "smoothquant":
+        raise ValueError("--no-smoothing only applies to --method smoothquant")
+    if args.no_smoothing and args.alpha is not None:
+        raise ValueError("--no-smoothing and --alpha exclude each other")
+    if (args.act_order or args.static_groups) and method != "gptq":
+        raise ValueError("--act-order and --static-groups only apply to --method gptq")
+
+
+def quantize_model(model, method: str, weights: str, calibration: np.ndarray | None, *,
+                   act: str | None = None, alpha: float | None = None, smoothing: bool = True,
+                   threshold: float | None = 6.0, act_order: bool = False,
+                   static_groups: bool = False, batch_size: int = 8, progress: bool = True):
+    """Runs one method on a model in place and returns its PTQResult."""
+    from lowbit.ptq.awq import AWQ_GRID, awq_quantize
+    from lowbit.ptq.gptq import gptq_quantize
+    from lowbit.ptq.llm_int8 import llm_int8_quantize
+    from lowbit.ptq.rtn import rtn_quantize
+    from lowbit.ptq.smoothquant import smoothquant_quantize
+
+    if method == "rtn":
+        return rtn_quantize(model, weights)
+    if method == "gptq":
+        return gptq_quantize(model, calibration, weights, act_order=act_order,
+                             static_groups=static_groups, batch_size=batch_size,
+                             progress=progress)
+    if method == "awq":
+        grid = AWQ_GRID if alpha is None else (alpha,)
+        return awq_quantize(model, calibration, weights, grid=grid, batch_size=batch_size,
+                            progress=progress)
+    if method == "smoothquant":
+        if smoothing:
+            alpha = DEFAULT_SMOOTHQUANT_ALPHA if alpha is None else alpha
+        else:
+            alpha = None
+        return smoothquant_quantize(model, calibration, weights, act or DEFAULT_ACT, alpha=alpha,
+                                    batch_size=batch_size, progress=progress)
+    if method == "llm_int8":
+        return llm_int8_quantize(model, weights, threshold=threshold)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def run_quantize(args) -> dict[str, Any]:
+    """Quantizes --model with --method and writes the checkpoint to --out; returns a summary
+    (method, specs, bits per weight of the linear weights, time, mean per-layer errors)."""
+    from lowbit.models.loader import load_gguf_model
+    from lowbit.models.registry import resolve_model, sha256_of
+    from lowbit.models.tokenizer import Tokenizer
+
+    if args.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
+    _check_method_options(args)
+    out = Path(args.out).expanduser()
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new directory")
+    weights = args.weights or DEFAULT_WEIGHTS[args.method]
+    quiet = getattr(args, "quiet", False)
+    progress = not quiet and sys.stderr.isatty()
+    start = time.perf_counter()
+    path = resolve_model(args.model)
+    model, _ = load_gguf_model(path)
+    calibration = None
+    if args.method in ("gptq", "awq", "smoothquant"):
+        tokenizer = Tokenizer.from_gguf(path)
+        calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples,
+                                         args.calib_len, args.seed)
+    threshold = None if args.threshold is not None and args.threshold == float("inf") \
+        else args.threshold
+    result = quantize_model(model, args.method, weights, calibration, act=args.act,
+                            alpha=args.alpha, smoothing=not args.no_smoothing,
+                            threshold=threshold, act_order=args.act_order,
+                            static_groups=args.static_groups, batch_size=args.batch_size,
+                            progress=progress)
+    source = {"model": str(args.model), "path": str(Path(path).resolve()),
+              "sha256": sha256_of(path)}
+    if calibration is not None:
+        result.settings["calibration"] = {"source": str(args.calib), "seed": args.seed}
+    save_quantized(out, model, result, source=source)
+    report = result.report()
+    errors = [layer.get("output_rel_error", layer.get("weight_rel_error"))
+              for layer in report["layers"].values()]
+    return {
+        "method": args.method,
+        "model": str(args.model),
+        "weights": weights,
+        "settings": report["settings"],
+        "bits_per_weight": round(report["bits_per_weight"], 4),
+        "linear_weights": report["linear_weights"],
+        "mean_layer_rel_error": float(np.mean(errors)),
+        "quantize_seconds": round(result.seconds, 2),
+        "total_seconds": round(time.perf_counter() - start, 2),
+        "out": str(out),
+    }
+
+
+def describe_checkpoint(directory: str) -> dict[str, Any]:
+    """Method, settings and source of a checkpoint (for `lowbit eval` headers)."""
+    meta = read_meta(directory)
+    return {"method": meta["method"], "settings": meta["settings"], "source": meta["source"]}

@@ -1,0 +1,334 @@
+"""GPTQ (arXiv 2210.17323): column-by-column quantization that pushes each column's rounding
+error onto the not-yet-quantized columns through the inverse Hessian of the layer inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.core.quantize import QArray, SCALE_JNP_DTYPES, codebook, group_length, quantize
+from lowbit.core.spec import QuantSpec
+from lowbit.ptq.driver import (COUNT, INPUT_GROUPS, XTX, BlockCalibration, check_batch_size,
+                               module_at, run_sequential)
+from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
+from lowbit.ptq.rtn import parse_weight_spec
+
+GPTQ_KINDS = ("int", "nf4", "fp4")
+DAMP_ESCALATION = 10.0  # each failed Cholesky multiplies the relative damping by this
+
+
+def check_gptq_spec(spec: QuantSpec | str) -> QuantSpec:
+    """The spec if GPTQ can run it: int (sym or asym), nf4 or fp4, with tensor, channel or group
+    granularity along the input axis and plain scales (no double quantization)."""
+    spec = parse_weight_spec(spec)
+    if spec.kind not in GPTQ_KINDS:
+        raise ValueError(f"GPTQ supports weight kinds {GPTQ_KINDS}, got {spec.kind!r} "
+                         f"(spec {str(spec)!r}); use rtn for the other kinds")
+    if spec.double_quant:
+        raise ValueError(f"GPTQ does not support double-quantized scales (spec {str(spec)!r})")
+    return spec
+
+
+def hessian_from_inputs(x) -> jax.Array:
+    """H = 2 X^T X / n for layer inputs x: [tokens, features] -> [features, features] f32."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"inputs must be a non-empty [tokens, features] array, got shape "
+                         f"{x.shape}")
+    return 2.0 * (x.T @ x) / x.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedHessian:
+    """A layer-input Hessian made ready for GPTQ (shared by the linears that share the input).
+
+    inverse_cholesky: [in, in] f32 upper factor U of (H_perm + damp * mean(diag) I)^-1 = U^T U,
+      in processing order; order: processing position -> input index (act-order permutation
+      or identity); dead: [in] bool inputs with H_ii = 0; damp: the relative damping that
+      made the Cholesky factorizations succeed.
+    """
+
+    inverse_cholesky: np.ndarray
+    order: np.ndarray
+    dead: np.ndarray
+    damp: float
+
+    @property
+    def size(self) -> int:
+        return self.order.shape[0]
+
+
+@jax.jit
+def _inverse_cholesky(h, damp):
+    """Upper U with (h + damp I)^-1 = U^T U; NaN where the factorization fails.
+
+    With J the reversal permutation and J (h + damp I) J = L L^T, U = J L^-1 J: one Cholesky
+    and one triangular inverse instead of factorizing, inverting and factorizing again.
+    """
+    n = h.shape[0]
+    damped = h + damp * jnp.eye(n, dtype=h.dtype)
+    lower = jnp.linalg.cholesky(damped[::-1, ::-1])
+    inverse = jax.scipy.linalg.solve_triangular(lower, jnp.eye(n, dtype=h.dtype), lower=True)
+    return inverse[::-1, ::-1]
+
+
+def prepare_hessian(hessian, *, damp: float = 0.01, act_order: bool = False,
+                    max_escalations: int = 4) -> PreparedHessian:
+    """Dead inputs (H_ii = 0) get H_ii = 1; with act_order the inputs are ordered by
+    descending diag(H); damp * mean(diag H) is added to the diagonal and multiplied by 10 each
+    time a Cholesky factorization fails (at most max_escalations times); factorizations in f32.
+
+    Raises ValueError for a non-square, non-finite or asymmetric matrix, a negative diagonal,
+    or one that stays indefinite after every escalation.
+    """
+    if not (isinstance(damp, (int, float)) and damp > 0 and np.isfinite(damp)):
+        raise ValueError(f"damp must be a positive number (a fraction of mean(diag H)), "
+                         f"got {damp!r}")
+    h = np.array(hessian, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1] or h.shape[0] == 0:
+        raise ValueError(f"hessian must be a square [in, in] matrix, got shape {h.shape}")
+    if not np.isfinite(h).all():
+        raise ValueError("hessian holds NaN or inf values")
+    scale = max(float(np.abs(h).max()), 1e-30)
+    if float(np.abs(h - h.T).max()) > 1e-4 * scale:
+        raise ValueError("hessian must be symmetric (it is 2 X^T X / n of the layer inputs)")
+    h = (h + h.T) / 2
+    diag = np.diag(h).copy()
+    if (diag < 0).any():
+        raise ValueError(f"hessian has {int((diag < 0).sum())} negative diagonal entries; it is "
+                         "not positive semi-definite")
+    dead = diag == 0
+    h[dead, dead] = 1.0
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    h = h[np.ix_(order, order)]
+    h = jnp.asarray(h, jnp.float32)
+    mean_diag = float(np.mean(np.diag(np.asarray(h))))
+    ratio = float(damp)
+    for _ in range(max_escalations + 1):
+        upper = np.asarray(_inverse_cholesky(h, jnp.float32(ratio * mean_diag)))
+        if np.isfinite(upper).all() and (np.diag(upper) > 0).all():
+            return PreparedHessian(inverse_cholesky=upper, order=order.astype(np.int32),
+                                   dead=dead, damp=ratio)
+        ratio *= DAMP_ESCALATION
+    raise ValueError(f"hessian is not positive definite even with damping "
+                     f"{ratio / DAMP_ESCALATION:g} x mean(diag H) after {max_escalations} "
+                     "escalations; check the calibration inputs")
+
+
+def _safe(s):
+    return jnp.where(s == 0, jnp.ones_like(s), s)
+
+
+def _code_dtype(spec: QuantSpec):
+    return jnp.int8 if spec.kind == "int" and spec.symmetric else jnp.uint8
+
+
+def _round_column(w, scale, zero, spec: QuantSpec):
+    """Codes and dequantized values of one column w: [out] on the grid (scale, zero): [out],
+    with exactly the arithmetic of lowbit.core.quantize."""
+    if spec.kind == "int" and not spec.symmetric:
+        codes = jnp.clip(jnp.round((w - zero) / _safe(scale)), 0, spec.qmax).astype(jnp.uint8)
+        return codes, codes.astype(jnp.float32) * scale + zero
+    if spec.kind == "int":
+        codes = jnp.clip(jnp.round(w / _safe(scale)), -spec.qmax, spec.qmax).astype(jnp.int8)
+        return codes, codes.astype(jnp.float32) * scale
+    book = jnp.asarray(codebook(spec))
+    normalized = jnp.clip(w / _safe(scale), -1.0, 1.0)
+    codes = jnp.searchsorted((book[1:] + book[:-1]) / 2, normalized).astype(jnp.uint8)
+    return codes, book[codes.astype(jnp.int32)] * scale
+
+
+def _group_parameters(values, spec: QuantSpec):
+    """(scale, zero) as f32 [out] of one group's rows values: [rows, out] (one group)."""
+    q = quantize(values, spec, axis=0)
+    n_out = values.shape[1]
+    scale = jnp.broadcast_to(q.scale_values().reshape(-1), (n_out,))
+    if q.zero is None:
+        return scale, jnp.zeros((n_out,), jnp.float32)
+    return scale, jnp.broadcast_to(q.zero.astype(jnp.float32).reshape(-1), (n_out,))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "static_groups"))
+def _gptq_columns(weight, inv_chol, order, static_scale, static_zero, *, spec: QuantSpec,
+                  block_size: int, static_groups: bool):
+    """The GPTQ column loop. weight: [in, out] in processing order (dead rows zeroed);
+    inv_chol: [in, in] upper factor in processing order; order: processing position -> input
+    index; static_*: [groups, out] f32 parameters (used when static_groups).
+
+    Returns codes and dequantized values [in, out] in processing order and the group
+    parameters [groups, out]. Lazy updates: inside a block of columns a row's current value is
+    its value at the block start minus the pending corrections Hinv[block, row]^T @ errors;
+    after the block the corrections are applied to all rows at once.
+    """
+    n_in, n_out = weight.shape
+    gs = group_length(spec, n_in)
+    n_groups = -(-n_in // gs)
+    n_blocks = -(-n_in // block_size)
+    padded = n_blocks * block_size
+    extra = jnp.arange(n_in, padded)
+    w_all = jnp.pad(weight, ((0, padded - n_in), (0, 0)))
+    u_all = jnp.pad(inv_chol, ((0, padded - n_in), (0, padded - n_in))).at[extra, extra].set(1.0)
+    order_all = jnp.concatenate([order, extra]).astype(jnp.int32)
+    position_of = jnp.zeros((n_in,), jnp.int32).at[order].set(jnp.arange(n_in, dtype=jnp.int32))
+
+    codes = jnp.zeros((padded, n_out), _code_dtype(spec))
+    values = jnp.zeros((padded, n_out), jnp.float32)
+    seen = jnp.full((n_groups,), static_groups)
+
+    def group_params(g, w_start, rows_u, errors):
+        rows = g * gs + jnp.arange(gs)
+        rows = jnp.where(rows < n_in, rows, g * gs)  # a partial group repeats its first row
+        positions = position_of[rows]
+        current = w_start[positions] - rows_u[:, positions].T @ errors
+        return _group_parameters(current, spec)
+
+    def block_step(b, carry):
+        w_start, codes, values, scale, zero, seen = carry
+        b0 = b * block_size
+        rows_u = jax.lax.dynamic_slice(u_all, (b0, 0), (block_size, padded))
+        errors = jnp.zeros((block_size, n_out), jnp.float32)
+
+        def column_step(t, inner):
+            codes, values, scale, zero, seen, errors = inner
+            i = b0 + t
+            w = w_start[i] - rows_u[:, i] @ errors
+            index = order_all[i]
+            valid = index < n_in
+            g = jnp.minimum(index // gs, n_groups - 1)
+            if not static_groups:
+                need = valid & ~seen[g]
+                s_new, z_new = jax.lax.cond(
+                    need, lambda: group_params(g, w_start, rows_u, errors),
+                    lambda: (scale[g], zero[g]))
+                scale = scale.at[g].set(s_new)
+                zero = zero.at[g].set(z_new)
+                seen = seen.at[g].set(seen[g] | valid)
+            c, d = _round_column(w, scale[g], zero[g], spec)
+            err = jnp.where(valid, (w - d) / rows_u[t, i], 0.0)
+            errors = errors.at[t].set(err)
+            return codes.at[i].set(c), values.at[i].set(d), scale, zero, seen, errors
+
+        codes, values, scale, zero, seen, errors = jax.lax.fori_loop(
+            0, block_size, column_step, (codes, values, scale, zero, seen, errors))
+        w_start = w_start - rows_u.T @ errors
+        return w_start, codes, values, scale, zero, seen
+
+    carry = (w_all, codes, values, static_scale, static_zero, seen)
+    _, codes, values, scale, zero, _ = jax.lax.fori_loop(0, n_blocks, block_step, carry)
+    return codes[:n_in], values[:n_in], scale, zero
+
+
+def _check_options(block_size: int, act_order: bool, static_groups: bool) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    for name, value in (("act_order", act_order), ("static_groups", static_groups)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def gptq_quantize_weight(weight, hessian, spec: QuantSpec | str, *, block_size: int = 128,
+                         damp: float = 0.01, act_order: bool = False,
+                         static_groups: bool = False) -> tuple[QArray, dict[str, Any]]:
+    """GPTQ one kernel weight: [in, out] given its input Hessian [in, in] (or a PreparedHessian).
+
+    Columns (input features) are quantized in blocks of block_size with lazy updates;
+    act_order processes inputs by descending diag(H) and undoes the permutation at the end.
+    Groups run along the input axis: with dynamic groups (default) a group's scale and offset
+    are computed when its first input is reached in processing order, from the weights as
+    updated so far; static_groups computes them all from the original weights up front.
+    Returns the QArray (axis 0, the same layout as `quantize(weight, spec)`) and info: the
+    relative damping used and the number of dead inputs. With H = I the result equals RTN.
+    """
+    spec = check_gptq_spec(spec)
+    _check_options(block_size, act_order, static_groups)
+    w = np.asarray(weight, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be a 2-D kernel [in, out], got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("weight holds NaN or inf values")
+    if isinstance(hessian, PreparedHessian):
+        prepared = hessian
+    else:
+        prepared = prepare_hessian(hessian, damp=damp, act_order=act_order)
+    if prepared.size != w.shape[0]:
+        raise ValueError(f"hessian is [{prepared.size}, {prepared.size}] but weight has "
+                         f"{w.shape[0]} inputs (weight is [in, out])")
+    if spec.granularity == "group" and spec.group_size > w.shape[0]:
+        raise ValueError(f"group_size {spec.group_size} exceeds the {w.shape[0]} inputs of the "
+                         "weight")
+    w = w.copy()
+    w[prepared.dead] = 0.0
+    n_in, n_out = w.shape
+    n_groups = -(-n_in // group_length(spec, n_in))
+    if static_groups:
+        reference = quantize(jnp.asarray(w), spec, axis=0)
+        static_scale = jnp.broadcast_to(reference.scale_values(), (n_groups, n_out))
+        zero = reference.zero
+        static_zero = (jnp.zeros((n_groups, n_out), jnp.float32) if zero is None else
+                       jnp.broadcast_to(zero.astype(jnp.float32), (n_groups, n_out)))
+    else:
+        static_scale = jnp.zeros((n_groups, n_out), jnp.float32)
+        static_zero = jnp.zeros((n_groups, n_out), jnp.float32)
+    order = prepared.order
+    codes, _, scale, zero = _gptq_columns(
+        jnp.asarray(w[order]), jnp.asarray(prepared.inverse_cholesky), jnp.asarray(order),
+        static_scale, static_zero, spec=spec, block_size=block_size,
+        static_groups=static_groups)
+    inverse_order = np.argsort(order)
+    codes = codes[jnp.asarray(inverse_order)]
+    scale_dtype = SCALE_JNP_DTYPES[spec.scale_dtype]
+    if spec.granularity == "tensor":
+        scale, zero = scale[:1, :1], zero[:1, :1]
+    q = QArray(codes, scale.astype(scale_dtype),
+               None if spec.symmetric else zero.astype(scale_dtype), spec, 0)
+    info = {"damp": prepared.damp, "dead_inputs": int(prepared.dead.sum())}
+    return q, info
+
+
+def gptq_quantize(model, calibration, spec: QuantSpec | str, *, act_order: bool = False,
+                  static_groups: bool = False, block_size: int = 128, damp: float = 0.01,
+                  batch_size: int = 8, progress: bool = True) -> PTQResult:
+    """GPTQ every block linear of a Llama model in place, block after block.
+
+    calibration: int tokens [samples, seq]. Each block's input Hessians (one per shared input:
+    q/k/v, o, gate/up, down) are accumulated in f32 over all calibration tokens from the
+    outputs of the already quantized blocks; the model keeps dequantized kernels.
+    """
+    spec = check_gptq_spec(spec)
+    _check_options(block_size, act_order, static_groups)
+    check_batch_size(batch_size)
+    start = time.perf_counter()
+
+    def process(context: BlockCalibration) -> dict[str, QuantizedLinear]:
+        stats = context.statistics({group: (XTX, COUNT) for group in INPUT_GROUPS})
+        out = {}
+        for group, names in INPUT_GROUPS.items():
+            hessian = 2.0 * stats[group]["xtx"] / stats[group]["count"]
+            prepared = prepare_hessian(hessian, damp=damp, act_order=act_order)
+            for name in names:
+                linear = module_at(context.block, name)
+                kernel = jnp.asarray(linear.kernel[...], jnp.float32)
+                q, info = gptq_quantize_weight(kernel, prepared, spec, block_size=block_size,
+                                               static_groups=static_groups)
+                dequantized = q.dequantize()
+                linear.kernel.set_value(dequantized.astype(linear.kernel[...].dtype))
+                report = {**weight_errors(kernel, dequantized, hessian), **info}
+                out[f"layers.{context.index}.{name}"] = QuantizedLinear(weight=q, report=report)
+        return out
+
+    linears: dict[str, QuantizedLinear] = {}
+    for block_linears in run_sequential(model, calibration, process, batch_size=batch_size,
+                                        progress=progress, desc="gptq"):
+        linears.update(block_linears)
+    settings = {"weights": str(spec), "act_order": act_order, "static_groups": static_groups,
+                "block_size": block_size, "damp": damp,
+                "calibration_shape": list(np.shape(calibration))}
+    return PTQResult(method="gptq", linears=linears, seconds=time.perf_counter() - start,
+                     settings=settings)

@@ -1,0 +1,203 @@
+"""Runtime layers swapped in for nnx.Linear by path: W8A8Linear (int8 weights and activations,
+int8 x int8 -> int32 matmul) and LLMInt8Linear (vector-wise int8 plus a float outlier path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lowbit.core.quantize import QArray
+from lowbit.core.spec import QuantSpec
+from lowbit.kernels.int8_matmul.api import int8_matmul
+
+ACT_MODES = ("token", "tensor", "static")
+INT8_MAX = 127
+
+
+class QuantizedWeight(nnx.Variable):
+    """Integer weight codes held by a quantized layer (not a trainable parameter)."""
+
+
+class QuantScale(nnx.Variable):
+    """A quantization scale (weight or static activation scale)."""
+
+
+def parse_activation_spec(text: str) -> str:
+    """The activation mode of a W8A8 activation spec string.
+
+    "int8:token" -> "token" (per-token dynamic, SmoothQuant O1); "int8" or "int8:tensor" ->
+    "tensor" (per-tensor dynamic, O2); "int8:tensor:static" (or "int8:static") -> "static"
+    (per-tensor scale calibrated once, O3).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"activation spec must be a non-empty string, got {text!r}")
+    tokens = text.strip().lower().split(":")
+    static = "static" in tokens
+    spec = QuantSpec.parse(":".join(t for t in tokens if t != "static"))
+    if spec.kind != "int" or spec.bits != 8 or not spec.symmetric:
+        raise ValueError(f"activation spec {text!r} must be symmetric int8 (W8A8 runs an int8 x "
+                         "int8 matmul)")
+    if spec.granularity not in ("token", "tensor"):
+        raise ValueError(f"activation spec {text!r} must use token or tensor granularity; "
+                         "expected int8:token, int8:tensor or int8:tensor:static")
+    if static and spec.granularity != "tensor":
+        raise ValueError(f"activation spec {text!r}: static scales are per tensor "
+                         "(int8:tensor:static)")
+    return "static" if static else spec.granularity
+
+
+def _safe(s):
+    return jnp.where(s == 0, jnp.ones_like(s), s)
+
+
+def quantize_activations(x, mode: str, static_scale=None) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 codes of x: [..., features] and their scale (absmax / 127).
+
+    mode "token": one scale per row, [..., 1]; "tensor": one scale for all of x, [];
+    "static": the given scale [] (values beyond its range saturate at +-127).
+    """
+    xf = x.astype(jnp.float32)
+    if mode == "token":
+        scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / INT8_MAX
+    elif mode == "tensor":
+        scale = jnp.max(jnp.abs(xf)) / INT8_MAX
+    elif mode == "static":
+        if static_scale is None:
+            raise ValueError("static activation mode needs a static_scale")
+        scale = jnp.asarray(static_scale, jnp.float32).reshape(())
+    else:
+        raise ValueError(f"mode must be one of {ACT_MODES}, got {mode!r}")
+    scale = _safe(scale)
+    codes = jnp.clip(jnp.round(xf / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return codes, scale
+
+
+def _check_int8_weight(q: QArray, what: str) -> None:
+    spec = q.spec
+    if spec.kind != "int" or spec.bits != 8 or not spec.symmetric or q.axis != 0 \
+            or spec.granularity not in ("tensor", "channel") or len(q.shape) != 2:
+        raise ValueError(f"{what} needs a symmetric int8 kernel [in, out] with tensor or channel "
+                         f"scales along axis 0, got {q!r}")
+
+
+class W8A8Linear(nnx.Module):
+    """y = dequant(int8(x) @ int8(W)) with an int32 accumulator; no bias.
+
+    codes: int8 [in, out]; weight_scale: [out] (per output channel) or [] (per tensor);
+    act_mode: "token" | "tensor" (dynamic) | "static" (act_scale, a positive scalar).
+    """
+
+    def __init__(self, codes, weight_scale, act_mode: str, act_scale: float | None = None, *,
+                 dtype: Any = jnp.float32):
+        codes = jnp.asarray(codes)
+        if codes.dtype != jnp.int8 or codes.ndim != 2:
+            raise ValueError(f"codes must be an int8 [in, out] array, got {codes.dtype} "
+                             f"{tuple(codes.shape)}")
+        weight_scale = jnp.asarray(weight_scale, jnp.float32)
+        if weight_scale.size == 1:
+            weight_scale = weight_scale.reshape(())
+        elif weight_scale.size == codes.shape[1]:
+            weight_scale = weight_scale.reshape(-1)
+        else:
+            raise ValueError(f"weight_scale must hold 1 or {codes.shape[1]} values, got shape "
+                             f"{tuple(weight_scale.shape)}")
+        if act_mode not in ACT_MODES:
+            raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
+        if act_mode == "static":
+            if act_scale is None or not np.isfinite(act_scale) or not act_scale > 0:
+                raise ValueError(f"act_scale must be a positive number for static activations, "
+                                 f"got {act_scale!r}")
+            self.act_scale = QuantScale(jnp.asarray(act_scale, jnp.float32))
+        else:
+            self.act_scale = None
+        self.codes = QuantizedWeight(codes)
+        self.weight_scale = QuantScale(weight_scale)
+        self.act_mode = act_mode
+        self.dtype = jnp.dtype(dtype)
+
+    @classmethod
+    def from_qarray(cls, q: QArray, act_mode: str, act_scale: float | None = None, *,
+                    dtype: Any = jnp.float32) -> W8A8Linear:
+        """From a symmetric int8 QArray of a kernel [in, out] (tensor or channel scales)."""
+        _check_int8_weight(q, "W8A8Linear")
+        return cls(q.codes, q.scale_values(), act_mode, act_scale, dtype=dtype)
+
+    @property
+    def in_features(self) -> int:
+        return self.codes[...].shape[0]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., out] in x's dtype."""
+        static = None if self.act_scale is None else self.act_scale[...]
+        codes, scale = quantize_activations(x, self.act_mode, static)
+        y = int8_matmul(codes, scale, self.codes[...], self.weight_scale[...])
+        return y.astype(x.dtype)
+
+
+class LLMInt8Linear(nnx.Module):
+    """LLM.int8(): input features with any |x| >= threshold (over all rows of this call) are
+    multiplied in float; the rest are int8 with one scale per row of x and per output column
+    of W, accumulated in int32. The float path uses the dequantized int8 weight rows (only
+    the int8 weight is stored, as in bitsandbytes' inference mode). threshold None: no
+    outlier path (plain vector-wise int8).
+    """
+
+    def __init__(self, codes, weight_scale, threshold: float | None = 6.0, *,
+                 dtype: Any = jnp.float32):
+        codes = jnp.asarray(codes)
+        if codes.dtype != jnp.int8 or codes.ndim != 2:
+            raise ValueError(f"codes must be an int8 [in, out] array, got {codes.dtype} "
+                             f"{tuple(codes.shape)}")
+        weight_scale = jnp.asarray(weight_scale, jnp.float32).reshape(-1)
+        if weight_scale.size not in (1, codes.shape[1]):
+            raise ValueError(f"weight_scale must hold 1 or {codes.shape[1]} values, got "
+                             f"{weight_scale.size}")
+        self.codes = QuantizedWeight(codes)
+        self.weight_scale = QuantScale(jnp.broadcast_to(weight_scale, (codes.shape[1],)))
+        self.threshold = check_threshold(threshold)
+        self.dtype = jnp.dtype(dtype)
+
+    @classmethod
+    def from_qarray(cls, q: QArray, threshold: float | None = 6.0, *,
+                    dtype: Any = jnp.float32) -> LLMInt8Linear:
+        _check_int8_weight(q, "LLMInt8Linear")
+        return cls(q.codes, q.scale_values(), threshold, dtype=dtype)
+
+    def outlier_features(self, x: jax.Array) -> jax.Array:
+        """[in] bool: the input features routed through the float path for x: [..., in]."""
+        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        if self.threshold is None:
+            return jnp.zeros((x.shape[-1],), bool)
+        return jnp.any(jnp.abs(flat) >= self.threshold, axis=0)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., out] in x's dtype."""
+        xf = x.astype(jnp.float32)
+        codes = self.codes[...]
+        scale = self.weight_scale[...]
+        if self.threshold is None:
+            x_codes, x_scale = quantize_activations(xf, "token")
+            return int8_matmul(x_codes, x_scale, codes, scale).astype(x.dtype)
+        outliers = self.outlier_features(xf)
+        regular = jnp.where(outliers, 0.0, xf)
+        x_codes, x_scale = quantize_activations(regular, "token")
+        y = int8_matmul(x_codes, x_scale, codes, scale)
+        weight = codes.astype(jnp.float32) * scale[None, :]
+        y = y + jnp.where(outliers, xf, 0.0) @ weight
+        return y.astype(x.dtype)
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """A positive finite outlier threshold, or None (no outlier path)."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not np.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"threshold must be a positive number or None (no outlier path), got "
+                         f"{threshold!r}")
+    return float(threshold)

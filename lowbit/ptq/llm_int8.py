@@ -1,0 +1,42 @@
+"""LLM.int8() (arXiv 2208.07339): vector-wise int8 weights and activations, with the input
+features that hold outliers (|x| >= threshold, 6.0 in the paper) multiplied in float.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+
+from lowbit.core.quantize import quantize
+from lowbit.core.spec import QuantSpec
+from lowbit.ptq.driver import LINEAR_NAMES, module_at, replace_module
+from lowbit.ptq.layers import LLMInt8Linear, check_threshold
+from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
+from lowbit.ptq.smoothquant import check_w8a8_weight_spec
+
+DEFAULT_THRESHOLD = 6.0
+
+
+def llm_int8_quantize(model, weights: QuantSpec | str = "int8:channel",
+                      threshold: float | None = DEFAULT_THRESHOLD) -> PTQResult:
+    """Replaces every block linear of a Llama model with an LLMInt8Linear, in place; no data.
+
+    weights: 'int8:channel' (vector-wise: one scale per output column, the paper's method) or
+    'int8' (one scale per tensor); threshold None drops the outlier path (plain int8).
+    """
+    spec = check_w8a8_weight_spec(weights)
+    threshold = check_threshold(threshold)
+    start = time.perf_counter()
+    linears = {}
+    for index, block in enumerate(model.layers):
+        for name in LINEAR_NAMES:
+            kernel = jnp.asarray(module_at(block, name).kernel[...], jnp.float32)
+            q = quantize(kernel, spec, axis=0)
+            replace_module(block, name, LLMInt8Linear.from_qarray(q, threshold))
+            linears[f"layers.{index}.{name}"] = QuantizedLinear(
+                weight=q, runtime="llm_int8", options={"threshold": threshold},
+                report=weight_errors(kernel, q.dequantize()))
+    return PTQResult(method="llm_int8", linears=linears, seconds=time.perf_counter() - start,
+                     settings={"weights": str(spec), "threshold": threshold})
+

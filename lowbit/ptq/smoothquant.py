@@ -1,0 +1,144 @@
+"""SmoothQuant (arXiv 2211.10438): migrate activation outliers into the weights with per-channel
+scales folded into the RMSNorms, then run every block linear as W8A8 (int8 x int8 -> int32).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax.numpy as jnp
+
+from lowbit.core.quantize import quantize
+from lowbit.core.spec import QuantSpec
+from lowbit.ptq.driver import (ABS_MAX, INPUT_GROUPS, LINEAR_NAMES, BlockCalibration,
+                               check_batch_size, check_calibration, module_at, replace_module,
+                               run_sequential)
+from lowbit.ptq.layers import INT8_MAX, W8A8Linear, parse_activation_spec
+from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
+from lowbit.ptq.rtn import parse_weight_spec
+
+# Inputs that are smoothed, and the RMSNorm each one's 1/s is folded into. The o and down
+# inputs have no preceding norm and are quantized without smoothing (as the reference code).
+SMOOTHED: dict[str, str] = {"attn_in": "attn_norm", "mlp_in": "ffn_norm"}
+_MIN = 1e-5
+
+
+def check_w8a8_weight_spec(spec: QuantSpec | str) -> QuantSpec:
+    """The spec if it is symmetric int8 with tensor or channel (per output column) scales."""
+    spec = parse_weight_spec(spec)
+    if spec.kind != "int" or spec.bits != 8 or not spec.symmetric \
+            or spec.granularity not in ("tensor", "channel"):
+        raise ValueError(f"W8A8 weights must be symmetric int8 per tensor or per channel "
+                         f"('int8' or 'int8:channel'), got {str(spec)!r}")
+    return spec
+
+
+def check_alpha(alpha: float | None) -> float | None:
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1] (or None for no smoothing), "
+                         f"got {alpha!r}")
+    return float(alpha)
+
+
+def smooth_scales(act_absmax, weights, alpha: float) -> jnp.ndarray:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j (at least 1e-5).
+
+    act_absmax: [in] calibration max |x| per channel; weights: kernels [in, out] sharing the
+    input (the max runs over all of them).
+    """
+    alpha = check_alpha(alpha)
+    if alpha is None:
+        raise ValueError("alpha must be a number in [0, 1] to compute smoothing scales")
+    w_max = jnp.max(jnp.stack([jnp.max(jnp.abs(jnp.asarray(w, jnp.float32)), axis=1)
+                               for w in weights]), axis=0)
+    a = jnp.maximum(jnp.asarray(act_absmax, jnp.float32), _MIN)
+    s = a ** alpha / jnp.maximum(w_max, _MIN) ** (1.0 - alpha)
+    return jnp.maximum(s, _MIN)
+
+
+def smooth_block(block, act_absmax: dict[str, Any], alpha: float) -> dict[str, jnp.ndarray]:
+    """Folds the smoothing scales into one block in place (no quantization): the RMSNorm weight
+    is divided by s and the rows of the linears reading its output multiplied by s, so the
+    block computes the same function. act_absmax: {"attn_in": [d], "mlp_in": [d]}.
+    Returns the scales per smoothed input.
+    """
+    scales = {}
+    for group, norm_name in SMOOTHED.items():
+        if group not in act_absmax:
+            raise ValueError(f"act_absmax needs an entry for {group!r}")
+        linears = [module_at(block, name) for name in INPUT_GROUPS[group]]
+        s = smooth_scales(act_absmax[group], [lin.kernel[...] for lin in linears], alpha)
+        norm = module_at(block, norm_name)
+        norm.weight.set_value((norm.weight[...] / s).astype(norm.weight[...].dtype))
+        for lin in linears:
+            lin.kernel.set_value((lin.kernel[...] * s[:, None]).astype(lin.kernel[...].dtype))
+        scales[group] = s
+    return scales
+
+
+def smoothquant_quantize(model, calibration, weights: QuantSpec | str = "int8:channel",
+                         act: str = "int8:tensor:static", *, alpha: float | None = 0.85,
+                         batch_size: int = 8, progress: bool = True) -> PTQResult:
+    """SmoothQuant W8A8 of every block linear of a Llama model, in place.
+
+    Per block: max |x| per input channel of each linear input over the calibration tokens
+    (which come from the already quantized blocks); q/k/v and gate/up inputs are smoothed with
+    `alpha` (None: no smoothing, the naive W8A8 baseline); weights become int8 (weights spec:
+    'int8' per tensor or 'int8:channel'); activations follow `act` ('int8:token' O1,
+    'int8:tensor' O2, 'int8:tensor:static' O3 with the calibrated max of each smoothed input).
+    The linears are replaced by W8A8Linear modules.
+    """
+    spec = check_w8a8_weight_spec(weights)
+    act_mode = parse_activation_spec(act)
+    alpha = check_alpha(alpha)
+    check_batch_size(batch_size)
+    tokens = check_calibration(calibration, model.config)
+    start = time.perf_counter()
+
+    def process(context: BlockCalibration):
+        block = context.block
+        stats = context.statistics({g: (ABS_MAX,) for g in INPUT_GROUPS})
+        absmax = {g: stats[g]["abs_max"] for g in INPUT_GROUPS}
+        original = {n: jnp.asarray(module_at(block, n).kernel[...], jnp.float32)
+                    for n in LINEAR_NAMES}
+        scales = smooth_block(block, absmax, alpha) if alpha is not None else {}
+        report: dict[str, Any] = {"block": context.index}
+        for group, s in scales.items():
+            report[group] = {"scale_min": float(s.min()), "scale_max": float(s.max()),
+                             "act_max_before": float(absmax[group].max()),
+                             "act_max_after": float((absmax[group] / s).max())}
+        out = {}
+        for group, names in INPUT_GROUPS.items():
+            s = scales.get(group)
+            input_max = float((absmax[group] if s is None else absmax[group] / s).max())
+            act_scale = max(input_max, 1e-8) / INT8_MAX
+            for name in names:
+                kernel = jnp.asarray(module_at(block, name).kernel[...], jnp.float32)
+                q = quantize(kernel, spec, axis=0)
+                layer = W8A8Linear.from_qarray(q, act_mode,
+                                               act_scale if act_mode == "static" else None)
+                replace_module(block, name, layer)
+                effective = q.dequantize()
+                if s is not None:
+                    effective = effective / s[:, None]
+                options = {"act": act_mode}
+                if act_mode == "static":
+                    options["act_scale"] = act_scale
+                out[f"layers.{context.index}.{name}"] = QuantizedLinear(
+                    weight=q, runtime="w8a8", options=options,
+                    report=weight_errors(original[name], effective))
+        return out, report
+
+    linears: dict[str, QuantizedLinear] = {}
+    block_reports = []
+    for block_linears, report in run_sequential(model, tokens, process, batch_size=batch_size,
+                                                progress=progress, desc="smoothquant"):
+        linears.update(block_linears)
+        block_reports.append(report)
+    settings = {"weights": str(spec), "act": act, "act_mode": act_mode, "alpha": alpha,
+                "calibration_shape": list(tokens.shape)}
+    return PTQResult(method="smoothquant", linears=linears, seconds=time.perf_counter() - start,
+                     settings=settings, block_reports=block_reports)

@@ -1,0 +1,14 @@
+"""Quantization-aware training: TOML configs, the optax training loop with evaluation, Orbax
+checkpoints with exact resume, and data parallelism over a 'data' mesh axis."""
+
+from lowbit.train.checkpoint import CheckpointStore
+from lowbit.train.config import (DataSettings, ModelSettings, QuantSettings, TrainConfig, TrainSettings,
+                                 load_config)
+from lowbit.train.data import batch_at, corpus_tokens, encode, eval_windows
+from lowbit.train.loop import Trainer, lr_schedule, make_mesh, make_optimizer, train
+
+__all__ = [
+    "CheckpointStore", "DataSettings", "ModelSettings", "QuantSettings", "TrainConfig", "TrainSettings",
+    "Trainer", "batch_at", "corpus_tokens", "encode", "eval_windows", "load_config", "lr_schedule",
+    "make_mesh", "make_optimizer", "train",
+]

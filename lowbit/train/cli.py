@@ -1,0 +1,59 @@
+"""`lowbit train --config F`: run (or resume) a QAT training run from a TOML config and print
+its evaluation history as a table, or one JSON object with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lowbit.train.config import load_config
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `train` options to a (sub)parser; --json / --quiet only if not already there."""
+    existing = {option for action in parser._actions for option in action.option_strings}
+    parser.add_argument("--config", required=True, help="TOML file: [model], [data], [train], [quant]")
+    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--checkpoint-dir", help="override train.checkpoint_dir ('' for none)")
+    parser.add_argument("--data-parallel", type=int, help="override train.data_parallel (0 = all devices)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start from scratch even if the checkpoint directory holds checkpoints")
+    if "--json" not in existing:
+        parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    if "--quiet" not in existing:
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train as `args` say; prints the history table (or JSON) and returns 0."""
+    from lowbit.train.loop import Trainer
+
+    config = load_config(args.config)
+    overrides = {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.checkpoint_dir is not None:
+        overrides["checkpoint_dir"] = args.checkpoint_dir
+    if args.data_parallel is not None:
+        overrides["data_parallel"] = args.data_parallel
+    if overrides:
+        config = config.replace(train=overrides)
+    quiet = getattr(args, "quiet", False)
+    trainer = Trainer(config, resume=not args.no_resume, progress=not quiet and sys.stderr.isatty())
+    resumed_from = trainer.step
+    trainer.run()
+    trainer.close()
+    rows = [{"step": h["step"], "train_loss": round(h["train_loss"], 4), "eval_loss": round(h["eval_loss"], 4),
+             "eval_ppl": round(h["eval_ppl"], 3), "lr": h["lr"], "tokens_per_s": round(h["tokens_per_s"], 1)}
+            for h in trainer.history]
+    if getattr(args, "json", False):
+        print(json.dumps({"config": config.to_dict(), "resumed_from": resumed_from, "history": rows,
+                          "layers": trainer.quantize_report.layers}))
+    else:
+        from lowbit.cli import print_table
+
+        print_table(rows)
+    return 0

@@ -1,0 +1,28 @@
+"""Tiny random Llama models and calibration tokens for the PTQ tests."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lowbit.models.llama import Llama, LlamaConfig
+
+
+@pytest.fixture
+def make_tiny():
+    """Builds the same tiny random model every call (2 blocks, d_model 64, GQA 4/2 heads)."""
+
+    def build(**overrides):
+        return Llama(LlamaConfig.tiny(**overrides), rngs=nnx.Rngs(7))
+
+    return build
+
+
+@pytest.fixture
+def calibration():
+    """[4, 32] int tokens inside the tiny vocabulary."""
+    return np.random.default_rng(3).integers(0, 128, (4, 32)).astype(np.int32)
+
+
+@pytest.fixture
+def test_tokens():
+    return np.random.default_rng(4).integers(0, 128, (2, 32)).astype(np.int32)

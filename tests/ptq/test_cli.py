@@ -1,0 +1,99 @@
+"""`lowbit quantize` arguments and runs on a tiny GGUF file written here."""
+
+import argparse
+
+import gguf
+import numpy as np
+import pytest
+
+from lowbit.models.llama import LlamaConfig
+from lowbit.models.loader import load_gguf_model
+from lowbit.ptq.checkpoint import read_meta
+from lowbit.ptq.cli import add_quantize_arguments, load_quantized, run_quantize
+from lowbit.ptq.rtn import rtn_quantize
+
+
+def _parser():
+    parser = argparse.ArgumentParser()
+    add_quantize_arguments(parser)
+    return parser
+
+
+def _tiny_gguf(path):
+    """A llama GGUF of LlamaConfig.tiny() with random f32 weights (HF [out, in] layout)."""
+    c = LlamaConfig.tiny()
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(c.n_layers)
+    writer.add_context_length(c.max_seq_len)
+    writer.add_embedding_length(c.d_model)
+    writer.add_feed_forward_length(c.ffn_dim)
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_freq_base(c.rope_base)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_rope_dimension_count(c.head_dim)
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
+
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    writer.add_tensor("token_embd.weight", mat(c.vocab_size, c.d_model))
+    for i in range(c.n_layers):
+        b = f"blk.{i}."
+        writer.add_tensor(b + "attn_norm.weight", np.ones(c.d_model, np.float32))
+        writer.add_tensor(b + "attn_q.weight", mat(q_dim, c.d_model))
+        writer.add_tensor(b + "attn_k.weight", mat(kv_dim, c.d_model))
+        writer.add_tensor(b + "attn_v.weight", mat(kv_dim, c.d_model))
+        writer.add_tensor(b + "attn_output.weight", mat(c.d_model, q_dim))
+        writer.add_tensor(b + "ffn_norm.weight", np.ones(c.d_model, np.float32))
+        writer.add_tensor(b + "ffn_gate.weight", mat(c.ffn_dim, c.d_model))
+        writer.add_tensor(b + "ffn_up.weight", mat(c.ffn_dim, c.d_model))
+        writer.add_tensor(b + "ffn_down.weight", mat(c.d_model, c.ffn_dim))
+    writer.add_tensor("output_norm.weight", np.ones(c.d_model, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_rtn_run_writes_a_checkpoint_that_reloads(tmp_path, test_tokens):
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "q"
+    args = _parser().parse_args(["--model", str(path), "--method", "rtn", "--weights",
+                                 "int4:g16:asym", "--out", str(out), "--quiet"])
+    summary = run_quantize(args)
+    assert summary["bits_per_weight"] == pytest.approx(4 + 32 / 16)
+    assert summary["out"] == str(out) and summary["method"] == "rtn"
+    loaded, config, tokenizer_source = load_quantized(out)
+    assert tokenizer_source == str(path.resolve())
+    assert "embed" not in read_meta(out)["non_linear"]  # read back from the source file
+    expected, _ = load_gguf_model(path)
+    rtn_quantize(expected, "int4:g16:asym")
+    np.testing.assert_array_equal(np.asarray(loaded(test_tokens)),
+                                  np.asarray(expected(test_tokens)))
+    with pytest.raises(ValueError, match="already exists"):
+        run_quantize(args)
+
+
+def test_defaults_and_parsing():
+    args = _parser().parse_args(["--model", "m", "--method", "gptq", "--out", "o"])
+    assert (args.calib, args.calib_samples, args.calib_len) == ("pydoc", 128, 512)
+    assert args.weights is None and not args.json
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--model", "m", "--method", "int3", "--out", "o"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "gptq", "--act", "int8:token"], "--act"),
+    (["--method", "rtn", "--alpha", "0.5"], "--alpha"),
+    (["--method", "awq", "--act-order"], "--act-order"),
+    (["--method", "smoothquant", "--no-smoothing", "--alpha", "0.5"], "exclude"),
+    (["--method", "llm_int8", "--no-smoothing"], "--no-smoothing"),
+])
+def test_options_that_do_not_apply(tmp_path, extra, message):
+    args = _parser().parse_args(["--model", "m", "--out", str(tmp_path / "o"), *extra])
+    with pytest.raises(ValueError, match=message):
+        run_quantize(args)

@@ -1,0 +1,170 @@
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lowbit.nn import BinaryLinear, BitLinear, QuantLinear
+from lowbit.train import TrainConfig, Trainer
+from lowbit.train.cli import add_train_arguments, run_train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tokens(n_train=4000, n_eval=600, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, n_train).astype(np.int32), rng.integers(0, 256, n_eval).astype(np.int32)
+
+
+def _config(preset="int4-lsq", **train):
+    settings = {"steps": 6, "batch_size": 4, "seq_len": 16, "warmup_steps": 1, "eval_interval": 3,
+                "eval_windows": 8}
+    settings.update(train)
+    return TrainConfig.from_dict({"model": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+                                  "train": settings, "quant": {"preset": preset}})
+
+
+def _leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def test_resume_from_a_checkpoint_is_exact(tmp_path):
+    tokens = _tokens()
+    straight = Trainer(_config(), tokens=tokens)
+    straight.run()
+    config = _config(checkpoint_dir=str(tmp_path / "ckpt"))
+    first = Trainer(config, tokens=tokens)
+    first.run(until_step=3)
+    first.close()
+    resumed = Trainer(config, tokens=tokens)  # finds step 3 and restores it
+    assert resumed.step == 3 and len(resumed.train_losses) == 3
+    resumed.run()
+    a, b = _leaves(straight.state()), _leaves(resumed.state())
+    assert len(a) == len(b) > 20  # parameters, LSQ steps and the AdamW moments
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert straight.train_losses == resumed.train_losses
+    assert [h["eval_loss"] for h in straight.history] == [h["eval_loss"] for h in resumed.history]
+    resumed.close()
+    other = _config(preset="ternary", checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="different quant settings"):
+        Trainer(other, tokens=tokens)
+
+
+def test_loss_decreases_with_every_kind_of_quantized_layer():
+    text = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 40, np.uint8).astype(np.int32)
+    rules = [
+        {"path": r".*attn\.wq", "layer": "bitlinear"},
+        {"path": r".*attn\.wk", "layer": "binary"},
+        {"path": r".*attn\.wv", "weight_spec": "int4:channel", "act_spec": "int4", "estimator": "lsq"},
+        {"path": r".*attn\.wo", "weight_spec": "int8:channel", "act_spec": "int4", "act_estimator": "pact",
+         "act_clip_init": 3.0},
+        {"path": r".*mlp\.w_gate", "weight_spec": "int4:g16:clip0.9", "estimator": "clipped"},
+        {"path": r".*mlp\.w_up", "weight_spec": "int8:channel", "act_spec": "int8:token"},
+        {"path": r".*mlp\.w_down", "weight_spec": "int2:g32", "estimator": "lsq", "lsq_grad_scale": False},
+    ]
+    config = TrainConfig.from_dict({
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+        "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "lr": 1e-2, "warmup_steps": 1,
+                  "eval_interval": 0, "eval_windows": 4},
+        "quant": {"rules": rules}})
+    trainer = Trainer(config, tokens=(text[:1500], text[1500:]))
+    block = trainer.model().layers[0]
+    assert type(block.attn.wq) is BitLinear and type(block.attn.wk) is BinaryLinear
+    assert all(isinstance(layer, QuantLinear) for layer in (block.attn.wv, block.attn.wo, block.mlp.w_down))
+    quantizers = {name: np.asarray(getattr(layer, attr)[...]) for name, layer, attr in (
+        ("wv.weight_step", block.attn.wv, "weight_step"), ("wv.act_step", block.attn.wv, "act_param"),
+        ("wo.pact_alpha", block.attn.wo, "act_param"), ("w_down.weight_step", block.mlp.w_down, "weight_step"))}
+    initial = trainer.evaluate()["eval_loss"]
+    trainer.run()
+    losses = trainer.train_losses
+    assert np.mean(losses[-3:]) < losses[0] - 0.5
+    assert trainer.history[-1]["eval_loss"] < initial - 0.5
+    block = trainer.model().layers[0]
+    for name, before in quantizers.items():
+        layer_name, attr = name.split(".")
+        layer = getattr(block.attn if layer_name in ("wv", "wo") else block.mlp, layer_name)
+        after = np.asarray(getattr(layer, "weight_step" if attr == "weight_step" else "act_param")[...])
+        assert not np.array_equal(before, after), f"{name} was not trained"
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, numpy as np, jax
+    from lowbit.train import TrainConfig, Trainer
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, 4000).astype(np.int32), rng.integers(0, 256, 600).astype(np.int32)
+    def run(parallel):
+        config = TrainConfig.from_dict({"model": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+            "train": {"steps": 3, "batch_size": 8, "seq_len": 16, "warmup_steps": 1, "eval_interval": 0,
+                      "eval_windows": 16, "data_parallel": parallel}, "quant": {"preset": "ternary"}})
+        trainer = Trainer(config, tokens=tokens)
+        trainer.run()
+        batch = trainer._put(trainer._batch(0))
+        leaf = jax.tree.leaves(trainer.params)[0]
+        return trainer, {"batch_devices": len(batch.sharding.device_set),
+                         "batch_shard_rows": batch.addressable_shards[0].data.shape[0],
+                         "param_devices": len(leaf.sharding.device_set),
+                         "param_replicated": leaf.sharding.is_fully_replicated}
+    single, info1 = run(1)
+    sharded, info8 = run(8)
+    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(single.state()), jax.tree.leaves(sharded.state()))]
+    print(json.dumps({"single": info1, "sharded": info8, "max_diff": max(diffs),
+                      "eval": [single.history[-1]["eval_loss"], sharded.history[-1]["eval_loss"]],
+                      "losses": [single.train_losses, sharded.train_losses]}))
+""")
+
+
+def test_data_parallel_over_eight_devices_equals_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sharded"] == {"batch_devices": 8, "batch_shard_rows": 1, "param_devices": 8,
+                                 "param_replicated": True}
+    assert result["single"]["batch_devices"] == 1
+    assert result["max_diff"] < 1e-5
+    np.testing.assert_allclose(*result["losses"], rtol=1e-5)
+    assert result["eval"][0] == pytest.approx(result["eval"][1], rel=1e-5)
+
+
+def test_cli_trains_from_a_toml_file_and_prints_json(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a small corpus of plain text for a byte-level model. " * 60)
+    config = tmp_path / "run.toml"
+    config.write_text(textwrap.dedent(f"""
+        [model]
+        d_model = 32
+        n_layers = 1
+        n_heads = 2
+        [data]
+        corpus = "{corpus}"
+        [train]
+        steps = 4
+        batch_size = 4
+        seq_len = 16
+        eval_interval = 2
+        eval_windows = 4
+        [quant]
+        preset = "int4-lsq"
+        """))
+    parser = add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--config", str(config), "--json", "--checkpoint-dir", str(tmp_path / "ck")])
+    assert run_train(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [h["step"] for h in out["history"]] == [2, 4] and out["resumed_from"] == 0
+    assert out["layers"]["layers.0.attn.wq"] == 0
+    assert (tmp_path / "ck" / "4").is_dir()
+    with pytest.raises(SystemExit):  # --config is required
+        parser.parse_args([])
+    sub = argparse.ArgumentParser()
+    sub.add_argument("--json", action="store_true")
+    add_train_arguments(sub)  # does not add --json twice
