@@ -78,6 +78,8 @@ def plot(results: list[dict], widths: list[int], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("next-byte loss (nats)")
     axes[0][-1].legend(fontsize=7, ncol=2)
+    low = min(min(r["train_losses"]) for r in results)
+    axes.flat[0].set_ylim(low - 0.1, low + 1.6)  # the gaps, not the first steps
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -98,10 +100,10 @@ def table(results: list[dict], widths: list[int], specs: list[str]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 192])
     parser.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS))
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -110,8 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE, help="folder for results.json and loss_curves.png")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the saved results.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        saved = json.loads((args.out / "results.json").read_text())
+        plot(*([saved["results"], saved["settings"]["widths"]] if "widths" in saved["settings"] else
+               [saved["results"]]), args.out / "loss_curves.png")
+        return 0
     tokens = corpus_tokens("pydoc", "byte", 0.1)
     results = []
     start = time.perf_counter()

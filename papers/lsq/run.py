@@ -88,6 +88,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("next-byte train loss (nats)")
+    low = min(min(r["train_losses"]) for r in results)
+    axes.flat[0].set_ylim(low - 0.1, low + 1.6)  # the gaps, not the first steps
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -105,8 +107,14 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-interval", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the saved results.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        saved = json.loads((args.out / "results.json").read_text())
+        plot(*([saved["results"], saved["settings"]["widths"]] if "widths" in saved["settings"] else
+               [saved["results"]]), args.out / "loss_curves.png")
+        return 0
     tokens = corpus_tokens("pydoc", "byte", 0.1)
     results, start = [], time.perf_counter()
     for name in args.runs:
