@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lowbit specs
+	$(BIN)/lowbit fetch smollm2-135m
+	$(BIN)/lowbit eval --model smollm2-135m --ctx 512 --windows 16
 
 test: $(STAMP)
 	$(BIN)/pytest

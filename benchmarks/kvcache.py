@@ -30,34 +30,54 @@ from lowbit.models.registry import resolve_model  # noqa: E402
 from lowbit.models.tokenizer import Tokenizer  # noqa: E402
 
 
-def decode_speed(model, layout: str, context: int, steps: int, warmup: int = 2) -> dict:
-    """Median seconds per decode step of one sequence holding `context` tokens (the cache sized to
-    the context, as the XLA path reads the whole block table)."""
-    cache = PagedKVCache(model.config, layout, slots=1, max_len=context + warmup + steps + 1)
-    slot = cache.open()
-    cache.reserve(slot, context)
-    cache.advance(slot, context)  # contents do not change the cost; skip the prefill
-    graphdef, params = nnx.split(model)
-    key = jnp.stack([jax.random.key_data(jax.random.key(0))])
-    zeros, counters, active = jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1, bool)
-    token = jnp.zeros(1, jnp.int32)
-    times = []
-    compile_start = time.perf_counter()
-    for i in range(warmup + steps):
-        length = cache.length(slot)
-        cache.reserve(slot, length + 1)
+class _DecodeRun:
+    """One sequence holding `context` tokens in a cache sized to the context (the XLA path reads the
+    whole block table), stepped one token at a time; contents do not change the cost, so no prefill."""
+
+    def __init__(self, model, layout: str, context: int, steps: int):
+        self.cache = PagedKVCache(model.config, layout, slots=1, max_len=context + steps + 1)
+        self.slot = self.cache.open()
+        self.cache.reserve(self.slot, context)
+        self.cache.advance(self.slot, context)
+        self.graphdef, self.params = nnx.split(model)
+        self.key = jnp.stack([jax.random.key_data(jax.random.key(0))])
+        self.token = jnp.zeros(1, jnp.int32)
+
+    def step(self) -> float:
+        cache = self.cache
+        length = cache.length(self.slot)
+        cache.reserve(self.slot, length + 1)
         start = time.perf_counter()
-        token, _, cache.state = decode_step(graphdef, params, cache.state, cache.spec, token,
-                                            jnp.asarray([length], jnp.int32), active,
-                                            jnp.asarray(cache.block_tables()), zeros, key, counters)
-        token.block_until_ready()
-        times.append(time.perf_counter() - start)
-        cache.advance(slot, length + 1)
-        if i == 0:
-            compile_s = time.perf_counter() - compile_start
-    step = statistics.median(times[warmup:])
-    return {"layout": layout, "context": context, "step_ms": 1000 * step, "tokens_per_s": 1 / step,
-            "compile_s": compile_s, "kv_bytes_per_token_per_layer": cache.memory().bytes_per_token}
+        self.token, _, cache.state = decode_step(
+            self.graphdef, self.params, cache.state, cache.spec, self.token,
+            jnp.asarray([length], jnp.int32), jnp.ones(1, bool), jnp.asarray(cache.block_tables()),
+            jnp.zeros(1), self.key, jnp.zeros(1, jnp.int32))
+        self.token.block_until_ready()
+        cache.advance(self.slot, length + 1)
+        return time.perf_counter() - start
+
+
+def decode_speeds(model, layouts: list[str], context: int, rounds: int, steps: int) -> list[dict]:
+    """Median seconds per decode step for each layout, interleaved: every round runs `steps` steps
+    of each layout in turn, so that a shared machine's load shifts hit all layouts alike."""
+    runs, compile_s = {}, {}
+    for layout in layouts:
+        start = time.perf_counter()
+        runs[layout] = _DecodeRun(model, layout, context, rounds * steps + 2)
+        runs[layout].step()
+        compile_s[layout] = time.perf_counter() - start
+        runs[layout].step()
+    samples = {layout: [] for layout in layouts}
+    for _ in range(rounds):
+        for layout in layouts:
+            samples[layout].append(statistics.median(runs[layout].step() for _ in range(steps)))
+    out = []
+    for layout in layouts:
+        step = statistics.median(samples[layout])
+        out.append({"layout": layout, "context": context, "step_ms": 1000 * step, "tokens_per_s": 1 / step,
+                    "compile_s": compile_s[layout],
+                    "kv_bytes_per_token_per_layer": runs[layout].cache.memory().bytes_per_token})
+    return out
 
 
 def mixed_requests(tokens: np.ndarray, count: int, seed: int, new_range, prompt_range) -> list[Request]:
@@ -86,7 +106,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layouts", default="f32,bf16,int8,int4,kivi4,kivi2")
     parser.add_argument("--contexts", default="512,2048")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="decode steps per layout per round")
     parser.add_argument("--slots", default="1,4,16")
     parser.add_argument("--batched-layouts", default="f32,int8")
     parser.add_argument("--requests", type=int, default=16)
@@ -100,10 +121,9 @@ def main(argv=None) -> int:
                "backend": jax.default_backend(), "decode": [], "batched": []}
     if not args.skip_decode:
         for context in [int(c) for c in args.contexts.split(",")]:
-            for layout in args.layouts.split(","):
-                r = decode_speed(model, layout, context, args.steps)
+            for r in decode_speeds(model, args.layouts.split(","), context, args.rounds, args.steps):
                 results["decode"].append(r)
-                print(f"decode {layout:6s} ctx {context:5d}: {r['step_ms']:.1f} ms/step "
+                print(f"decode {r['layout']:6s} ctx {context:5d}: {r['step_ms']:.1f} ms/step "
                       f"({r['tokens_per_s']:.1f} tok/s), compile {r['compile_s']:.0f} s", flush=True)
     if not args.skip_batched:
         tokens = np.asarray(Tokenizer.from_gguf(path).encode(load_text("pydoc")[:200000]), np.int32)

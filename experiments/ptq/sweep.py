@@ -35,6 +35,8 @@ def weight_runs() -> list[dict]:
         if spec == "int3:channel:asym":
             runs.append({"method": "gptq", "weights": spec, "label": "act-order",
                          "options": {"act_order": True}})
+    # The base model's own grid (Q4_1: asymmetric groups of 32): RTN should be nearly lossless.
+    runs.append({"method": "rtn", "weights": "int4:g32:asym", "label": "Q4_1 grid"})
     return runs
 
 
@@ -57,6 +59,23 @@ def w8a8_runs() -> list[dict]:
 
 
 SUITES = {"weights": weight_runs, "w8a8": w8a8_runs}
+
+
+def weights_pivot(rows: list[dict]) -> str:
+    """One line per weight spec: RTN / GPTQ / AWQ perplexity, KL and quantization time."""
+    by = {(r["method"], r["weights"]): r for r in rows if not r.get("label")}
+    lines = ["| weights | bits/weight | ppl RTN | ppl GPTQ | ppl AWQ | KL RTN | KL GPTQ | KL AWQ "
+             "| s GPTQ | s AWQ |", "|" + "---|" * 10]
+    for spec in WEIGHT_SPECS:
+        cells = [by.get((m, spec)) for m in ("rtn", "gptq", "awq")]
+        if cells[0] is None:
+            continue
+        ppl = [f"{c['ppl']:.2f}" if c else "" for c in cells]
+        kl = [f"{c['kl']:.3f}" if c else "" for c in cells]
+        sec = [f"{c['quantize_s']:.0f}" if c else "" for c in cells[1:]]
+        lines.append(f"| {spec} | {cells[0]['bits_per_weight']:.3f} | " +
+                     " | ".join(ppl + kl + sec) + " |")
+    return "\n".join(lines)
 
 
 def _key(row: dict) -> tuple:
@@ -99,6 +118,9 @@ def main(argv=None) -> list[dict]:
                                                                   SUITES[args.suite]()]
             if k in done]
     print(format_table(rows))
+    if args.suite == "weights":
+        print()
+        print(weights_pivot(rows))
     return rows
 
 

@@ -11,7 +11,9 @@ from lowbit.kernels.decode_attention import QuantizedPagePool, decode_attention
 from lowbit.kvcache.policy import H2OPolicy, WindowPolicy
 from lowbit.kvcache.store import (
     CacheSpec,
+    from_storage,
     read_layer,
+    read_ring,
     write_channel_groups,
     write_ring,
     write_tokens,
@@ -50,7 +52,7 @@ def attend(q, k, v, valid, q_sink=None, sinks: int = 0):
 
 def _pool(part: dict, fmt, layer: int):
     if not fmt.quantized:
-        return part["data"][layer]
+        return from_storage(part["data"][layer], fmt)
     zero = part["zero"][layer] if "zero" in part else None
     return QuantizedPagePool(part["codes"][layer], part["scale"][layer], zero, f"int{fmt.bits}")
 
@@ -102,21 +104,21 @@ def decode_layer(state: dict, spec: CacheSpec, layer: int, q, k, v, positions, a
             part = write_tokens(part, fmt, layer, tables, logical[:, None], x[:, None], spec)
         elif fmt.axis == "token":
             index = positions % ring
-            old = part["ring"][layer, rows, index]
+            old = read_ring(part, fmt, layer)[rows, index]
             leaving = jnp.where(active & (positions >= ring), positions - ring, -1)
             leaving = jnp.broadcast_to(leaving[:, None, None], (s, 1, spec.n_kv_heads))
             part = write_tokens(part, fmt, layer, tables, leaving, old[:, None], spec)
-            part = write_ring(part, layer, rows, jnp.where(active, index, ring), x)
+            part = write_ring(part, fmt, layer, rows, jnp.where(active, index, ring), x)
         else:
             flush = active & (positions % ring == 0) & (positions > 0)
 
             def do_flush(p, fmt=fmt, ring=ring, flush=flush):
                 count = jnp.where(flush, ring, 0)
                 return write_channel_groups(p, fmt, layer, tables, positions - ring, count,
-                                            p["ring"][layer], spec)
+                                            read_ring(p, fmt, layer), spec)
 
             part = jax.lax.cond(flush.any(), do_flush, lambda p: p, part)
-            part = write_ring(part, layer, rows, jnp.where(active, positions % ring, ring), x)
+            part = write_ring(part, fmt, layer, rows, jnp.where(active, positions % ring, ring), x)
         state[name] = part
 
     if spec.kernel_compatible:
@@ -207,13 +209,13 @@ def prefill_layer(state: dict, spec: CacheSpec, layer: int, slot, table_row, q, 
             paged = jnp.broadcast_to(paged[:, None], (n, n_kv))
             part = write_tokens(part, fmt, layer, tables, paged[None], x[None], spec)
             in_ring = real & (positions >= end - ring)
-            part = write_ring(part, layer, rows, jnp.where(in_ring, positions % ring, ring), x)
+            part = write_ring(part, fmt, layer, rows, jnp.where(in_ring, positions % ring, ring), x)
         else:
             boundary = end // ring * ring
             count = jnp.clip(boundary - start, 0, n)
             part = write_channel_groups(part, fmt, layer, tables, start[None], count[None], x[None], spec)
             in_ring = real & (positions >= boundary)
-            part = write_ring(part, layer, rows, jnp.where(in_ring, positions % ring, ring), x)
+            part = write_ring(part, fmt, layer, rows, jnp.where(in_ring, positions % ring, ring), x)
         state[name] = part
     return out, state
 

@@ -77,6 +77,23 @@ def _kernel_format(fmt: TensorFormat, head_dim: int) -> bool:
             and fmt.channel_group(head_dim) == head_dim)
 
 
+def storage_dtype(fmt: TensorFormat):
+    """dtype of stored floats: bf16 is kept as its uint16 bit pattern, because XLA:CPU scatters
+    into a bf16 array by converting the whole array (a copy per write), but not into uint16."""
+    return jnp.uint16 if fmt.dtype == "bf16" else FLOAT_DTYPES[fmt.dtype]
+
+
+def to_storage(x, fmt: TensorFormat):
+    """Float values -> what a float array of fmt stores (data or residual)."""
+    x = x.astype(FLOAT_DTYPES[fmt.dtype])
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if fmt.dtype == "bf16" else x
+
+
+def from_storage(x, fmt: TensorFormat):
+    """Inverse of to_storage, in fmt's float dtype."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if fmt.dtype == "bf16" else x
+
+
 def init_state(spec: CacheSpec) -> dict:
     """Zero-filled storage. Per tensor ("k", "v"): "data" [L, P, ps, n_kv, hd] for floats, else
     "codes" [L, P, ps, n_kv, code_width] with "scale" (and "zero" if asymmetric) of shape
@@ -89,7 +106,7 @@ def init_state(spec: CacheSpec) -> dict:
         fmt = spec.fmt(name)
         part = {}
         if not fmt.quantized:
-            part["data"] = jnp.zeros((L, P, ps, H, D), FLOAT_DTYPES[fmt.dtype])
+            part["data"] = jnp.zeros((L, P, ps, H, D), storage_dtype(fmt))
         else:
             part["codes"] = jnp.zeros((L, P, ps, H, fmt.code_width(D)), code_dtype(fmt))
             if fmt.axis == "token":
@@ -100,8 +117,7 @@ def init_state(spec: CacheSpec) -> dict:
             if not fmt.symmetric:
                 part["zero"] = jnp.zeros(stat_shape, jnp.float16)
             if fmt.ring_length:
-                part["ring"] = jnp.zeros((L, spec.slots, fmt.ring_length, H, D),
-                                         FLOAT_DTYPES[fmt.dtype])
+                part["ring"] = jnp.zeros((L, spec.slots, fmt.ring_length, H, D), storage_dtype(fmt))
         state[name] = part
     if isinstance(spec.policy, H2OPolicy):
         shape = (L, spec.slots, spec.capacity, H)
@@ -133,7 +149,7 @@ def write_tokens(part: dict, fmt: TensorFormat, layer: int, tables, logical, x, 
     index = (layer, page, offset, heads)
     part = dict(part)
     if not fmt.quantized:
-        part["data"] = part["data"].at[index].set(x.astype(part["data"].dtype), mode="drop")
+        part["data"] = part["data"].at[index].set(to_storage(x, fmt), mode="drop")
         return part
     codes, scale, zero = encode_tokens(x, fmt)
     part["codes"] = part["codes"].at[index].set(codes, mode="drop")
@@ -162,12 +178,16 @@ def write_channel_groups(part: dict, fmt: TensorFormat, layer: int, tables, star
     return part
 
 
-def write_ring(part: dict, layer: int, rows, ring_index, x) -> dict:
+def write_ring(part: dict, fmt: TensorFormat, layer: int, rows, ring_index, x) -> dict:
     """ring[layer, rows, ring_index] = x for rows [S...] and indices (>= ring length skips)."""
     part = dict(part)
-    ring = part["ring"]
-    part["ring"] = ring.at[layer, rows, ring_index].set(x.astype(ring.dtype), mode="drop")
+    part["ring"] = part["ring"].at[layer, rows, ring_index].set(to_storage(x, fmt), mode="drop")
     return part
+
+
+def read_ring(part: dict, fmt: TensorFormat, layer: int):
+    """The residual ring of one layer as float32 [slots, ring_length, n_kv, hd]."""
+    return from_storage(part["ring"][layer], fmt).astype(jnp.float32)
 
 
 def gather_layer(part: dict, fmt: TensorFormat, layer: int, tables, spec: CacheSpec):
@@ -176,7 +196,8 @@ def gather_layer(part: dict, fmt: TensorFormat, layer: int, tables, spec: CacheS
     t = w * spec.page_size
     D = spec.head_dim
     if not fmt.quantized:
-        return part["data"][layer][tables].astype(jnp.float32).reshape(s, t, spec.n_kv_heads, D)
+        pages = from_storage(part["data"][layer][tables], fmt)
+        return pages.astype(jnp.float32).reshape(s, t, spec.n_kv_heads, D)
     codes = part["codes"][layer][tables].reshape(s, t, spec.n_kv_heads, -1)
     scale = part["scale"][layer][tables]
     zero = part["zero"][layer][tables] if "zero" in part else None
@@ -200,15 +221,15 @@ def first_float_position(fmt: TensorFormat, positions):
 
 def overlay_ring(dense, ring, fmt: TensorFormat, positions):
     """Replace positions [first_float, position] of dense [S, T, n_kv, hd] (logical slot = position)
-    by the residual ring [S, R, n_kv, hd]; with residual 0 (axis channel) the partial group is
+    by the residual ring [S, R, n_kv, hd] (float32); with residual 0 (axis channel) the partial group is
     quantized on the fly from its real tokens."""
     t = dense.shape[1]
     length = ring.shape[1]
     first = first_float_position(fmt, positions)
     if fmt.axis == "channel" and fmt.residual == 0:
-        ring = running_group_round_trip(ring.astype(jnp.float32), positions - first + 1, fmt)
+        ring = running_group_round_trip(ring, positions - first + 1, fmt)
     idx = jnp.arange(t)
-    expanded = ring[:, idx % length].astype(jnp.float32)
+    expanded = ring[:, idx % length]
     use = (idx[None, :] >= first[:, None]) & (idx[None, :] <= positions[:, None])
     return jnp.where(use[:, :, None, None], expanded, dense)
 
@@ -218,7 +239,7 @@ def read_layer(state: dict, spec: CacheSpec, name: str, layer: int, tables, posi
     fmt = spec.fmt(name)
     dense = gather_layer(state[name], fmt, layer, tables, spec)
     if fmt.ring_length:
-        dense = overlay_ring(dense, state[name]["ring"][layer], fmt, positions)
+        dense = overlay_ring(dense, read_ring(state[name], fmt, layer), fmt, positions)
     return dense
 
 
