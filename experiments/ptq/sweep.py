@@ -1,10 +1,5 @@
 """PTQ sweeps on SmolLM2-135M behind papers/{gptq,awq,smoothquant,llm-int8}: each run quantizes a
 fresh copy of the model and is scored against the original on the pydoc evaluation split.
-
-  .venv/bin/python experiments/ptq/sweep.py weights   # RTN vs GPTQ vs AWQ over weight specs
-  .venv/bin/python experiments/ptq/sweep.py w8a8      # SmoothQuant and LLM.int8()
-Rows are appended to results/ptq/<suite>.jsonl as they finish (a rerun skips rows already
-there); the Markdown table is printed at the end.
 """
 
 from __future__ import annotations
@@ -58,7 +53,21 @@ def w8a8_runs() -> list[dict]:
     return runs
 
 
-SUITES = {"weights": weight_runs, "w8a8": w8a8_runs}
+def calibration_runs() -> list[dict]:
+    """The 4-bit and 3-bit g64 GPTQ / AWQ runs again, for a larger --calib-samples."""
+    return [{"method": m, "weights": s, "label": "",
+             "options": AWQ_OPTIONS if m == "awq" else {}}
+            for s in ("int4:g64:asym", "int3:g64:asym") for m in ("gptq", "awq")]
+
+
+SUITES = {"weights": weight_runs, "w8a8": w8a8_runs, "calibration": calibration_runs}
+USAGE = """
+  .venv/bin/python experiments/ptq/sweep.py weights                          # RTN/GPTQ/AWQ specs
+  .venv/bin/python experiments/ptq/sweep.py w8a8 --calib-samples 4           # SmoothQuant, int8
+  .venv/bin/python experiments/ptq/sweep.py calibration --calib-samples 32   # more calibration
+Rows are appended to results/ptq/<suite>.jsonl (or --out) as they finish and a rerun skips rows
+already there; the Markdown table is printed at the end.
+"""
 
 
 def weights_pivot(rows: list[dict]) -> str:
@@ -83,7 +92,7 @@ def _key(row: dict) -> tuple:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__, epilog=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--calib-samples", type=int, default=8)

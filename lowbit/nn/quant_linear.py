@@ -180,9 +180,10 @@ class QuantLinear(nnx.Module):
     act_spec / act_estimator (default: estimator, or identity for lsq weights when the
       act_spec is not tensor-wise): input quantization: identity / clipped with dynamic scales,
       lsq (learned step, init by `calibrate` to 2 mean|x|/sqrt(Qp)), or pact (learned clip).
-    act_clip_init: PACT's initial alpha: a number (default 10.0, a large clip that training and
-      weight decay shrink, as in the paper) or "data" (ACIQ Gaussian clip of the first batch,
-      set by `calibrate`). learn_clip=False keeps the clip fixed (a FixedClip variable).
+    act_clip_init: PACT's initial alpha: a number (default 10.0, a large clip that training
+      shrinks, as in the paper) or "data" (ACIQ Gaussian clip of the first batch, set by
+      `calibrate`; far better in short runs, see papers/lsq). learn_clip=False keeps the clip
+      fixed (a FixedClip variable).
     lsq_grad_scale: LSQ's step-gradient scale (on by default; off for the ablation).
     input_norm: RMS-normalize the input first, with no learnable scale (BitNet's BitLinear).
     kernel / bias: existing Params (or arrays) to adopt without copying (used by the rules).

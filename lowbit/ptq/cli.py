@@ -50,7 +50,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-smoothing", action="store_true",
                         help="smoothquant: skip smoothing (the naive W8A8 baseline)")
     parser.add_argument("--threshold", type=float, default=6.0,
-                        help="llm_int8 outlier threshold on |x| (default 6.0)")
+                        help="llm_int8 outlier threshold on |x| (default 6.0; inf: no "
+                             "outlier path)")
     parser.add_argument("--act-order", action="store_true",
                         help="gptq: quantize inputs by descending Hessian diagonal")
     parser.add_argument("--static-groups", action="store_true",

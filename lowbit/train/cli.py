@@ -35,6 +35,10 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {}
     if args.steps is not None:
         overrides["steps"] = args.steps
+        if config.train.warmup_steps >= args.steps:  # keep the config valid for a short run
+            overrides["warmup_steps"] = args.steps // 10
+            print(f"note: --steps {args.steps} is not above train.warmup_steps ({config.train.warmup_steps}); "
+                  f"using warmup_steps = {args.steps // 10}", file=sys.stderr)
     if args.checkpoint_dir is not None:
         overrides["checkpoint_dir"] = args.checkpoint_dir
     if args.data_parallel is not None:
