@@ -17,11 +17,8 @@ from lowbit.core.spec import QuantSpec
 from lowbit.nn.quant_linear import (QuantLinear, lsq_bounds, quantize_input, rms_normalize,
                                     rounded_step)
 
-try:  # the kernel op lives in lowbit.kernels; fall back to dequantize-then-matmul without it
-    from lowbit.kernels.packed_matmul.api import packed_matmul
-    from lowbit.kernels.packed_matmul.reference import weight_format
-except ImportError:  # pragma: no cover - depends on the checkout
-    packed_matmul = weight_format = None
+from lowbit.kernels.packed_matmul.api import packed_matmul
+from lowbit.kernels.packed_matmul.reference import weight_format
 
 TERNARY_FORMATS = ("int2", "base3")
 
@@ -35,8 +32,7 @@ class QuantizerState(nnx.Variable):
 
 
 def _kernel_supports(packed: PackedArray) -> bool:
-    if weight_format is None:
-        return False
+    """Whether packed_matmul takes this format (int4, 2-bit, binary); others dequantize first."""
     try:
         weight_format(packed)
     except ValueError:
