@@ -99,6 +99,8 @@ def batched_speed(model, layout: str, requests: list[Request], slots: int, max_l
     s = generator.stats
     return {"layout": layout, "slots": slots, "requests": len(requests), "tokens": s.generated_tokens,
             "seconds": s.seconds, "tokens_per_s": s.tokens_per_s, "mean_batch": s.mean_batch,
+            "prefill_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
+            "decode_tokens_per_s": s.decode_tokens_per_s,
             "decode_steps": s.decode_steps, "mean_kv_utilization": s.mean_utilization}
 
 
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
                 r = batched_speed(model, layout, requests, slots, max_len)
                 results["batched"].append(r)
                 print(f"batched {layout:5s} slots {slots:2d}: {r['tokens_per_s']:.1f} tok/s total "
-                      f"({r['tokens']} tokens in {r['seconds']:.1f} s, mean batch {r['mean_batch']:.1f})",
+                      f"({r['tokens']} tokens in {r['seconds']:.1f} s, prefill {r['prefill_seconds']:.1f} s; "
+                      f"decode phase {r['decode_tokens_per_s']:.1f} tok/s, mean batch {r['mean_batch']:.1f})",
                       flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
@@ -150,10 +153,11 @@ def main(argv=None) -> int:
             print(f"| {layout} | {by[(layout, contexts[0])]['kv_bytes_per_token_per_layer']:.0f} | "
                   + " | ".join(cells) + f" | {ratio:.2f}x |")
     if results["batched"]:
-        print("\n| cache | concurrent requests | total tok/s | seconds | mean batch |\n|---|---|---|---|---|")
+        print("\n| cache | concurrent requests | total tok/s | seconds (prefill) | decode-phase tok/s | "
+              "mean batch |\n|---|---|---|---|---|---|")
         for r in results["batched"]:
-            print(f"| {r['layout']} | {r['slots']} | {r['tokens_per_s']:.1f} | {r['seconds']:.1f} | "
-                  f"{r['mean_batch']:.1f} |")
+            print(f"| {r['layout']} | {r['slots']} | {r['tokens_per_s']:.1f} | {r['seconds']:.1f} "
+                  f"({r['prefill_seconds']:.1f}) | {r['decode_tokens_per_s']:.1f} | {r['mean_batch']:.1f} |")
     return 0
 
 

@@ -60,7 +60,8 @@ class Completion:
 
 @dataclasses.dataclass
 class GenerationStats:
-    """Counters of one generate() call; utilization is averaged over decode steps."""
+    """Counters of one generate() call; utilization is averaged over decode steps; prefill_seconds
+    and decode_seconds are the wall time spent in the two jitted steps (compilation included)."""
 
     requests: int = 0
     generated_tokens: int = 0
@@ -70,6 +71,8 @@ class GenerationStats:
     prefills: int = 0
     preemptions: int = 0
     seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
     peak_pages: int = 0
     mean_utilization: float = 0.0
     mean_batch: float = 0.0
@@ -77,6 +80,12 @@ class GenerationStats:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens made by decode steps per second of decode steps (prefill excluded)."""
+        made = self.generated_tokens - self.prefills
+        return made / self.decode_seconds if self.decode_seconds else 0.0
 
 
 @dataclasses.dataclass
@@ -191,7 +200,6 @@ class BatchedGenerator:
             pending.popleft()
             if source is not None:
                 slot = cache.fork(source, length=shared)
-                self.stats.shared_prefix_tokens += shared
             else:
                 slot, shared = cache.open(), 0
             try:
@@ -202,6 +210,7 @@ class BatchedGenerator:
                 if not running:
                     raise
                 return
+            self.stats.shared_prefix_tokens += shared
             token = self._prefill(slot, context, shared, seq)
             cache.advance(slot, len(context))
             self._order += 1
@@ -237,14 +246,17 @@ class BatchedGenerator:
         tokens = np.zeros(self._bucket(len(chunk)), np.int32)
         tokens[:len(chunk)] = chunk
         table = self.cache.block_tables()[slot]
+        start = time.perf_counter()
         token, _, self.cache.state = prefill_step(
             self.graphdef, self.params, self.cache.state, self.cache.spec, jnp.asarray(tokens),
             jnp.int32(shared), jnp.int32(len(chunk)), jnp.int32(slot), jnp.asarray(table),
             jnp.float32(seq.request.temperature), seq.key_data, jnp.int32(len(seq.generated)),
             has_prefix=shared > 0)
+        token = int(token)
+        self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prefills += 1
         self.stats.prefill_tokens += len(chunk)
-        return int(token)
+        return token
 
     def _make_room(self, pending, running) -> None:
         """Reserve this step's write for every running sequence, oldest first; when the pool is
@@ -282,11 +294,13 @@ class BatchedGenerator:
             temperature[slot] = seq.request.temperature
             counters[slot] = len(seq.generated)
             keys[slot] = np.asarray(seq.key_data)
+        start = time.perf_counter()
         chosen, _, cache.state = decode_step(
             self.graphdef, self.params, cache.state, cache.spec, jnp.asarray(tokens),
             jnp.asarray(positions), jnp.asarray(active), jnp.asarray(cache.block_tables()),
             jnp.asarray(temperature), jnp.asarray(keys), jnp.asarray(counters))
         chosen = np.asarray(chosen)
+        self.stats.decode_seconds += time.perf_counter() - start
         self.stats.decode_steps += 1
         for slot in list(running):
             seq = running.pop(slot)

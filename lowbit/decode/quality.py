@@ -1,9 +1,6 @@
-"""How much a KV cache layout or policy changes a model's predictions: teacher-forced perplexity and
-KL against the exact (unquantized, full) cache, with the cache emulated exactly in one forward pass.
-
-For every query position t the emulated forward shows each key/value as the cache would hold it
-when the token at t is decoded (quantized or still in the float residual, evicted or not, the
-sink positions re-assigned); the tests check that it equals decoding token by token.
+"""How much a KV cache layout or policy changes a model's predictions: teacher-forced perplexity and KL
+against the exact cache, with each query seeing every key/value as the cache holds it when that token
+is decoded (one forward pass, checked against token-by-token decoding), plus baselines.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""PagedAttention (vLLM) memory claims: the share of allocated KV memory holding real tokens and the
-number of sequences served at once in a fixed budget, paged (16-token blocks) vs contiguous
-reservations (max length, power of two, exact length), on synthetic request mixes; then the real
-BatchedGenerator (a small random Llama, since memory use does not depend on the weights) paged vs
-contiguous; then how many tokens a byte budget holds for SmolLM2-135M per KV layout.
-Writes results.json next to this file and prints Markdown tables.
+"""PagedAttention memory claims: KV utilization and sequences served at once in a fixed budget, paged vs
+contiguous reservations, simulated on request mixes and measured with the real BatchedGenerator (a small
+random Llama); bytes per token per SmolLM2 KV layout. Writes results.json; prints Markdown tables.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""Bounded KV caches decoded token by token on SmolLM2-135M: H2O (heavy hitters + recent) against
-attention sinks + window and window only at the same cache size, on one window of the pydoc
-evaluation split, scored against the full cache. H2O's choices depend on the attention history, so
-every method here runs through the real cache, one token at a time. Writes h2o.json next to this file.
+"""Bounded KV caches decoded token by token through the real cache on SmolLM2-135M (H2O depends on the
+attention history): H2O heavy hitters + recent vs sinks + window vs window only at one cache size,
+scored against the full cache on a pydoc window. Writes h2o.json next to this file.
 """
 
 from __future__ import annotations

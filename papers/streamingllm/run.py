@@ -1,7 +1,6 @@
-"""StreamingLLM on SmolLM2-135M: a KV cache of C tokens on 2048-token windows of the pydoc evaluation
-split. Window attention, attention sinks + window (positions re-assigned in the cache), sliding window
-with re-computation, all scored against the full (dense) cache on positions beyond C.
-Writes results.json next to this file and prints a Markdown table.
+"""StreamingLLM on SmolLM2-135M: a C-token KV cache on 2048-token pydoc windows; window attention, sinks +
+window (positions re-assigned) and sliding window with re-computation, scored against the full cache on
+positions beyond C. Writes results.json next to this file and prints a Markdown table.
 """
 
 from __future__ import annotations

