@@ -60,11 +60,23 @@ def calibration_runs() -> list[dict]:
             for s in ("int4:g64:asym", "int3:g64:asym") for m in ("gptq", "awq")]
 
 
-SUITES = {"weights": weight_runs, "w8a8": w8a8_runs, "calibration": calibration_runs}
+def ablation_runs() -> list[dict]:
+    """AWQ at int3 g64 with and without its two parts (scale search, clipping search)."""
+    spec = "int3:g64:asym"
+    return [{"method": "awq", "weights": spec, "label": "", "options": AWQ_OPTIONS},
+            {"method": "awq", "weights": spec, "label": "scales only (no clipping)",
+             "options": {**AWQ_OPTIONS, "clip": False}},
+            {"method": "awq", "weights": spec, "label": "clipping only (alpha 0)",
+             "options": {**AWQ_OPTIONS, "grid": (0.0,)}}]
+
+
+SUITES = {"weights": weight_runs, "w8a8": w8a8_runs, "calibration": calibration_runs,
+          "ablation": ablation_runs}
 USAGE = """
   .venv/bin/python experiments/ptq/sweep.py weights                          # RTN/GPTQ/AWQ specs
   .venv/bin/python experiments/ptq/sweep.py w8a8 --calib-samples 4           # SmoothQuant, int8
   .venv/bin/python experiments/ptq/sweep.py calibration --calib-samples 32   # more calibration
+  .venv/bin/python experiments/ptq/sweep.py ablation                         # AWQ's two parts
 Rows are appended to results/ptq/<suite>.jsonl (or --out) as they finish and a rerun skips rows
 already there; the Markdown table is printed at the end.
 """

@@ -159,11 +159,24 @@ def run_ptq_table(runs: Sequence[dict[str, Any]], model: str = "smollm2-135m", *
                "bits_per_weight": round(result.bits_per_weight, 4),
                **{k: v for k, v in scorer.score(quantized, progress).items() if k != "ref_ppl"},
                "quantize_s": round(result.seconds, 1)}
+        alphas = _mean_alphas(result.block_reports)
+        if alphas:
+            row["alphas"] = alphas
         rows.append(row)
         if on_row:
             on_row(row)
         del quantized
     return rows
+
+
+def _mean_alphas(block_reports: list[dict[str, Any]]) -> dict[str, float]:
+    """AWQ's chosen alpha per scaled input, averaged over the blocks (empty for other methods)."""
+    chosen: dict[str, list[float]] = {}
+    for report in block_reports:
+        for group, entry in report.items():
+            if isinstance(entry, dict) and "alpha" in entry:
+                chosen.setdefault(group, []).append(entry["alpha"])
+    return {group: round(float(np.mean(values)), 3) for group, values in chosen.items()}
 
 
 def format_table(rows: list[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
