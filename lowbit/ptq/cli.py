@@ -49,6 +49,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                              "the grid search")
     parser.add_argument("--no-smoothing", action="store_true",
                         help="smoothquant: skip smoothing (the naive W8A8 baseline)")
+    parser.add_argument("--smooth-down", action="store_true",
+                        help="smoothquant: also smooth the down projection's input (through "
+                             "w_up's output columns; not in the reference recipe)")
     parser.add_argument("--threshold", type=float, default=6.0,
                         help="llm_int8 outlier threshold on |x| (default 6.0; inf: no "
                              "outlier path)")
@@ -91,6 +94,8 @@ def _check_method_options(args) -> None:
         raise ValueError("--alpha only applies to --method smoothquant or awq")
     if args.no_smoothing and method != "smoothquant":
         raise ValueError("--no-smoothing only applies to --method smoothquant")
+    if args.smooth_down and (method != "smoothquant" or args.no_smoothing):
+        raise ValueError("--smooth-down only applies to --method smoothquant with smoothing")
     if args.no_smoothing and args.alpha is not None:
         raise ValueError("--no-smoothing and --alpha exclude each other")
     if (args.act_order or args.static_groups) and method != "gptq":
@@ -99,7 +104,8 @@ def _check_method_options(args) -> None:
 
 def quantize_model(model, method: str, weights: str, calibration: np.ndarray | None, *,
                    act: str | None = None, alpha: float | None = None, smoothing: bool = True,
-                   threshold: float | None = 6.0, act_order: bool = False,
+                   smooth_down: bool = False, threshold: float | None = 6.0,
+                   act_order: bool = False,
                    static_groups: bool = False, batch_size: int = 8, progress: bool = True):
     """Runs one method on a model in place and returns its PTQResult."""
     from lowbit.ptq.awq import AWQ_GRID, awq_quantize
@@ -124,7 +130,8 @@ def quantize_model(model, method: str, weights: str, calibration: np.ndarray | N
         else:
             alpha = None
         return smoothquant_quantize(model, calibration, weights, act or DEFAULT_ACT, alpha=alpha,
-                                    batch_size=batch_size, progress=progress)
+                                    smooth_down=smooth_down, batch_size=batch_size,
+                                    progress=progress)
     if method == "llm_int8":
         return llm_int8_quantize(model, weights, threshold=threshold)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -154,13 +161,12 @@ def run_quantize(args) -> dict[str, Any]:
         tokenizer = Tokenizer.from_gguf(path)
         calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples,
                                          args.calib_len, args.seed)
-    threshold = None if args.threshold is not None and args.threshold == float("inf") \
-        else args.threshold
+    threshold = None if args.threshold == float("inf") else args.threshold
     result = quantize_model(model, args.method, weights, calibration, act=args.act,
                             alpha=args.alpha, smoothing=not args.no_smoothing,
-                            threshold=threshold, act_order=args.act_order,
-                            static_groups=args.static_groups, batch_size=args.batch_size,
-                            progress=progress)
+                            smooth_down=args.smooth_down, threshold=threshold,
+                            act_order=args.act_order, static_groups=args.static_groups,
+                            batch_size=args.batch_size, progress=progress)
     source = {"model": str(args.model), "path": str(Path(path).resolve()),
               "sha256": sha256_of(path)}
     if calibration is not None:

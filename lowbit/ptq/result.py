@@ -44,6 +44,8 @@ class PTQResult:
     linears: module path ("layers.3.attn.wq") -> QuantizedLinear, in model order.
     settings: the method's arguments (specs as strings), for the checkpoint and the report.
     block_reports: per-block extras (AWQ's chosen alphas, SmoothQuant's scale ranges).
+    storage: (bits, weights) of the linear weights when they are not held as QArrays (llama.cpp's
+      K-quant layouts); None: computed from the packed QArrays.
     """
 
     method: str
@@ -51,9 +53,12 @@ class PTQResult:
     seconds: float
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     block_reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    storage: tuple[int, int] | None = None
 
     def linear_bits(self) -> tuple[int, int]:
         """(packed bits, weights) summed over the linear weights (codes, scales and offsets)."""
+        if self.storage is not None:
+            return self.storage
         bits = 0
         count = 0
         for entry in self.linears.values():

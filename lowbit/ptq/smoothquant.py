@@ -18,9 +18,11 @@ from lowbit.ptq.layers import INT8_MAX, W8A8Linear, parse_activation_spec
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
 
-# Inputs that are smoothed, and the RMSNorm each one's 1/s is folded into. The o and down
-# inputs have no preceding norm and are quantized without smoothing (as the reference code).
+# Inputs that are smoothed, and the op each one's 1/s is folded into: the RMSNorms (the reference
+# recipe for Llama). The o input has no such op under GQA; the down input can be smoothed through
+# up's output columns (silu(gate) * up is linear in up), which this module offers as an option.
 SMOOTHED: dict[str, str] = {"attn_in": "attn_norm", "mlp_in": "ffn_norm"}
+SMOOTHED_DOWN: dict[str, str] = {"mlp_hidden": "mlp.w_up"}
 _MIN = 1e-5
 
 
@@ -59,20 +61,28 @@ def smooth_scales(act_absmax, weights, alpha: float) -> jnp.ndarray:
     return jnp.maximum(s, _MIN)
 
 
-def smooth_block(block, act_absmax: dict[str, Any], alpha: float) -> dict[str, jnp.ndarray]:
-    """Folds the smoothing scales into one block in place (no quantization): the RMSNorm weight
-    is divided by s and the rows of the linears reading its output multiplied by s, so the
-    block computes the same function. act_absmax: {"attn_in": [d], "mlp_in": [d]}.
+def smooth_block(block, act_absmax: dict[str, Any], alpha: float, *,
+                 smooth_down: bool = False) -> dict[str, jnp.ndarray]:
+    """Folds the smoothing scales into one block in place (no quantization), so the block
+    computes the same function: the RMSNorm weight (or, for the down input with smooth_down,
+    the columns of w_up) is divided by s and the rows of the linears reading it multiplied by s.
+
+    act_absmax: max |x| per channel, {"attn_in": [d], "mlp_in": [d]} (+ "mlp_hidden": [ffn]).
     Returns the scales per smoothed input.
     """
+    targets = {**SMOOTHED, **(SMOOTHED_DOWN if smooth_down else {})}
     scales = {}
-    for group, norm_name in SMOOTHED.items():
+    for group, previous_name in targets.items():
         if group not in act_absmax:
             raise ValueError(f"act_absmax needs an entry for {group!r}")
         linears = [module_at(block, name) for name in INPUT_GROUPS[group]]
         s = smooth_scales(act_absmax[group], [lin.kernel[...] for lin in linears], alpha)
-        norm = module_at(block, norm_name)
-        norm.weight.set_value((norm.weight[...] / s).astype(norm.weight[...].dtype))
+        previous = module_at(block, previous_name)
+        if hasattr(previous, "kernel"):
+            kernel = previous.kernel[...]
+            previous.kernel.set_value((kernel / s[None, :]).astype(kernel.dtype))
+        else:
+            previous.weight.set_value((previous.weight[...] / s).astype(previous.weight[...].dtype))
         for lin in linears:
             lin.kernel.set_value((lin.kernel[...] * s[:, None]).astype(lin.kernel[...].dtype))
         scales[group] = s
@@ -81,7 +91,8 @@ def smooth_block(block, act_absmax: dict[str, Any], alpha: float) -> dict[str, j
 
 def smoothquant_quantize(model, calibration, weights: QuantSpec | str = "int8:channel",
                          act: str = "int8:tensor:static", *, alpha: float | None = 0.85,
-                         batch_size: int = 8, progress: bool = True) -> PTQResult:
+                         smooth_down: bool = False, batch_size: int = 8,
+                         progress: bool = True) -> PTQResult:
     """SmoothQuant W8A8 of every block linear of a Llama model, in place.
 
     Per block: max |x| per input channel of each linear input over the calibration tokens
@@ -89,7 +100,8 @@ def smoothquant_quantize(model, calibration, weights: QuantSpec | str = "int8:ch
     `alpha` (None: no smoothing, the naive W8A8 baseline); weights become int8 (weights spec:
     'int8' per tensor or 'int8:channel'); activations follow `act` ('int8:token' O1,
     'int8:tensor' O2, 'int8:tensor:static' O3 with the calibrated max of each smoothed input).
-    The linears are replaced by W8A8Linear modules.
+    smooth_down also smooths the down projection's input through w_up's output columns (not
+    in the reference recipe). The linears are replaced by W8A8Linear modules.
     """
     spec = check_w8a8_weight_spec(weights)
     act_mode = parse_activation_spec(act)
@@ -104,7 +116,8 @@ def smoothquant_quantize(model, calibration, weights: QuantSpec | str = "int8:ch
         absmax = {g: stats[g]["abs_max"] for g in INPUT_GROUPS}
         original = {n: jnp.asarray(module_at(block, n).kernel[...], jnp.float32)
                     for n in LINEAR_NAMES}
-        scales = smooth_block(block, absmax, alpha) if alpha is not None else {}
+        scales = (smooth_block(block, absmax, alpha, smooth_down=smooth_down)
+                  if alpha is not None else {})
         report: dict[str, Any] = {"block": context.index}
         for group, s in scales.items():
             report[group] = {"scale_min": float(s.min()), "scale_max": float(s.max()),
@@ -121,9 +134,12 @@ def smoothquant_quantize(model, calibration, weights: QuantSpec | str = "int8:ch
                 layer = W8A8Linear.from_qarray(q, act_mode,
                                                act_scale if act_mode == "static" else None)
                 replace_module(block, name, layer)
-                effective = q.dequantize()
+                effective = q.dequantize()  # in the original (unsmoothed) coordinates:
                 if s is not None:
                     effective = effective / s[:, None]
+                for down_group, previous in SMOOTHED_DOWN.items():
+                    if name == previous and down_group in scales:
+                        effective = effective * scales[down_group][None, :]
                 options = {"act": act_mode}
                 if act_mode == "static":
                     options["act_scale"] = act_scale
@@ -139,6 +155,7 @@ def smoothquant_quantize(model, calibration, weights: QuantSpec | str = "int8:ch
         linears.update(block_linears)
         block_reports.append(report)
     settings = {"weights": str(spec), "act": act, "act_mode": act_mode, "alpha": alpha,
+                "smooth_down": smooth_down,
                 "calibration_shape": list(tokens.shape)}
     return PTQResult(method="smoothquant", linears=linears, seconds=time.perf_counter() - start,
                      settings=settings, block_reports=block_reports)

@@ -92,6 +92,7 @@ def test_defaults_and_parsing():
     (["--method", "awq", "--act-order"], "--act-order"),
     (["--method", "smoothquant", "--no-smoothing", "--alpha", "0.5"], "exclude"),
     (["--method", "llm_int8", "--no-smoothing"], "--no-smoothing"),
+    (["--method", "gptq", "--smooth-down"], "--smooth-down"),
 ])
 def test_options_that_do_not_apply(tmp_path, extra, message):
     args = _parser().parse_args(["--model", "m", "--out", str(tmp_path / "o"), *extra])

@@ -25,9 +25,11 @@ def test_smoothing_alone_keeps_the_model_function(make_tiny, test_tokens):
     model = make_tiny()
     reference = model(test_tokens)
     rng = np.random.default_rng(0)
-    absmax = {"attn_in": rng.uniform(0.01, 30.0, 64), "mlp_in": rng.uniform(0.01, 30.0, 64)}
+    absmax = {"attn_in": rng.uniform(0.01, 30.0, 64), "mlp_in": rng.uniform(0.01, 30.0, 64),
+              "mlp_hidden": rng.uniform(0.01, 30.0, 128)}
     for block in model.layers:
-        scales = smooth_block(block, absmax, 0.8)
+        scales = smooth_block(block, absmax, 0.8, smooth_down=True)
+        assert set(scales) == {"attn_in", "mlp_in", "mlp_hidden"}
         assert float(scales["attn_in"].max() / scales["attn_in"].min()) > 10.0
     np.testing.assert_allclose(model(test_tokens), reference, rtol=1e-4, atol=1e-4)
 
@@ -84,6 +86,12 @@ def test_smoothquant_beats_naive_w8a8_with_outlier_channels(make_tiny, calibrati
         out = model(test_tokens)
         errors[alpha] = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
     assert errors[0.5] < 0.6 * errors[None]
+    model = _outlier_channels(make_tiny())
+    result = smoothquant_quantize(model, calibration, "int8:channel", "int8:tensor:static",
+                                  alpha=0.5, smooth_down=True, progress=False, batch_size=2)
+    assert "mlp_hidden" in result.block_reports[0]
+    out = model(test_tokens)
+    assert float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference)) < errors[None]
     report = result.block_reports[0]["attn_in"]
     assert report["act_max_after"] < 0.5 * report["act_max_before"]
 
