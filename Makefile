@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/lowbit fetch smollm2-135m
-	$(BIN)/lowbit eval --model smollm2-135m --ctx 512 --windows 16
+	$(BIN)/python -m lowbit.ptq.demo
 
 test: $(STAMP)
 	$(BIN)/pytest

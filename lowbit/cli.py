@@ -164,6 +164,16 @@ def cmd_train(args) -> None:
     run_train(args)
 
 
+def cmd_sweep(args) -> None:
+    from lowbit.eval.sweep import load_sweep_config, result_columns, run_sweep
+
+    config = load_sweep_config(args.config)
+    result = run_sweep(config, results_root=args.results, limit=args.limit, dry_run=args.dry_run,
+                       progress=not args.quiet and sys.stderr.isatty())
+    rows = [{k: v for k, v in row.items() if v is not None} for row in result.rows]
+    _emit(args, result.to_json(), rows, result_columns(result.rows))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit and ternary models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.train.cli import add_train_arguments
 
     add_train_arguments(add("train", cmd_train, "quantization-aware training from a TOML config"))
+
+    p = add("sweep", cmd_sweep, "run a grid of quantization points from a TOML config into "
+                                "results/NAME/results.csv (resumable) and draw its plots")
+    p.add_argument("config", help="a sweep config, e.g. experiments/clip_sweep.toml")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and list the points (done / pending / skipped); run nothing")
+    p.add_argument("--limit", type=int, default=None, help="run at most N pending points")
+    p.add_argument("--results", default="results", help="results root (default: results)")
     return parser
 
 

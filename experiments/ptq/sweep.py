@@ -46,6 +46,25 @@ def w8a8_runs() -> list[dict]:
         if alpha != 0.85:
             runs.append({"method": "smoothquant", "weights": "int8", "label": f"O3 alpha {alpha}",
                          "options": {"act": ACT_SPECS["O3"], "alpha": alpha}})
+    for level in ("O1", "O3"):  # our extension: the down input smoothed through w_up too
+        for alpha in (0.5, 0.85):
+            runs.append({"method": "smoothquant", "weights": "int8",
+                         "label": f"{level} alpha {alpha} + down smoothed",
+                         "options": {"act": ACT_SPECS[level], "alpha": alpha,
+                                     "smooth_down": True}})
+    # Per-channel int8 weights (the issue allows both): the smoothing scales then no longer
+    # widen one shared weight range.
+    runs.append({"method": "smoothquant", "weights": "int8:channel", "label": "naive O3",
+                 "options": {"act": ACT_SPECS["O3"], "alpha": None}})
+    for alpha in (0.25, 0.4, 0.5, 0.6, 0.7, 0.85, 0.95, 1.0):
+        for down in (False, True) if alpha in (0.5, 0.85) else (True,):
+            runs.append({"method": "smoothquant", "weights": "int8:channel",
+                         "label": f"O3 alpha {alpha}" + (" + down smoothed" if down else ""),
+                         "options": {"act": ACT_SPECS["O3"], "alpha": alpha,
+                                     "smooth_down": down}})
+    # How much of the W8A8 / LLM.int8() loss is the int8 weights alone (no activation rounding).
+    runs += [{"method": "rtn", "weights": w, "label": "weights only"}
+             for w in ("int8", "int8:channel")]
     for threshold in (6.0, 3.0, None):
         label = "vector-wise (no outliers)" if threshold is None else f"threshold {threshold}"
         runs.append({"method": "llm_int8", "weights": "int8:channel", "label": label,
@@ -70,13 +89,26 @@ def ablation_runs() -> list[dict]:
              "options": {**AWQ_OPTIONS, "grid": (0.0,)}}]
 
 
-SUITES = {"weights": weight_runs, "w8a8": w8a8_runs, "calibration": calibration_runs,
+LLAMACPP_TYPES = ("Q8_0", "Q5_0", "Q4_1", "Q4_K_M", "Q4_0", "Q3_K_S", "Q2_K")
+
+
+def llamacpp_runs() -> list[dict]:
+    """llama.cpp's own re-quantization of the model (needs the `ref` extra), and lowbit's methods
+    on Q4_0's budget: symmetric groups of 32 with an f16 scale, 4.5 bits per weight."""
+    runs = [{"method": "llamacpp", "weights": t, "label": ""} for t in LLAMACPP_TYPES]
+    runs += [{"method": m, "weights": "int4:g32", "label": "",
+              "options": AWQ_OPTIONS if m == "awq" else {}} for m in ("rtn", "gptq", "awq")]
+    return runs
+
+
+SUITES = {"weights": weight_runs, "llamacpp": llamacpp_runs, "w8a8": w8a8_runs, "calibration": calibration_runs,
           "ablation": ablation_runs}
 USAGE = """
   .venv/bin/python experiments/ptq/sweep.py weights                          # RTN/GPTQ/AWQ specs
   .venv/bin/python experiments/ptq/sweep.py w8a8 --calib-samples 4           # SmoothQuant, int8
   .venv/bin/python experiments/ptq/sweep.py calibration --calib-samples 32   # more calibration
   .venv/bin/python experiments/ptq/sweep.py ablation                         # AWQ's two parts
+  .venv/bin/python experiments/ptq/sweep.py llamacpp                         # vs llama.cpp types
 Rows are appended to results/ptq/<suite>.jsonl (or --out) as they finish and a rerun skips rows
 already there; the Markdown table is printed at the end.
 """

@@ -206,9 +206,15 @@ def validate(spec: QuantSpec, shape, axis: int) -> None:
 
 
 # ---- quantize ------------------------------------------------------------------------------
-def quantize(x, spec: QuantSpec | str, axis: int | None = None) -> QArray:
+def quantize(x, spec: QuantSpec | str, axis: int | None = None, clip_ratio=None) -> QArray:
     """Quantize x with `spec`; `axis` is the reduction axis for channel/group (default 0).
 
+    clip_ratio: optional ratios in (0, 1], one per group, broadcastable to the scale shape
+      (`stat_shape`: x's shape with `axis` shrunk to the number of groups, all ones for
+      tensor granularity), e.g. from `lowbit.core.calibrate.clip_ratios`. Each group's range
+      is multiplied by its ratio before the scale is computed, exactly as the scalar
+      `spec.clip` does (asymmetric: [ratio * min, ratio * max]); give one or the other.
+      Not defined for binary and ternary (their scales are means, not ranges).
     Non-finite inputs raise ValueError when x is concrete; under jit they propagate as NaN.
     """
     spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
@@ -218,14 +224,59 @@ def quantize(x, spec: QuantSpec | str, axis: int | None = None) -> QArray:
     check_finite(x)
     axis = reduction_axis(spec, x.ndim, axis)
     validate(spec, x.shape, axis)
-    return _quantize(x.astype(jnp.float32), spec, axis)
+    ratio = None
+    if clip_ratio is not None:
+        ratio = grouped_ratio(check_clip_ratio(clip_ratio, spec, x.shape, axis), x.shape, spec,
+                              axis)
+    return _quantize(x.astype(jnp.float32), spec, axis, ratio)
+
+
+def stat_shape(shape, spec: QuantSpec, axis: int) -> tuple[int, ...]:
+    """The shape of a per-group statistic (scale, offset, clip ratio) of an array of `shape`."""
+    return _stat_shape(tuple(shape), spec, axis)
+
+
+def check_clip_ratio(clip_ratio, spec: QuantSpec, shape, axis: int):
+    """Validates per-group clip ratios for `quantize` and broadcasts them to the scale shape.
+
+    Concrete ratios must be finite and in (0, 1]; tracers are only checked for shape.
+    """
+    if spec.kind in ("binary", "ternary"):
+        raise ValueError(f"clip_ratio is not defined for kind {spec.kind!r} (its scale is a "
+                         "mean, not a range)")
+    if spec.clip is not None:
+        raise ValueError(f"give either spec.clip ({spec.clip:g}) or clip_ratio, not both")
+    target = _stat_shape(tuple(shape), spec, axis)
+    ratio = jnp.asarray(clip_ratio, jnp.float32)
+    try:
+        ratio = jnp.broadcast_to(ratio, target)
+    except ValueError:
+        raise ValueError(f"clip_ratio of shape {tuple(ratio.shape)} does not broadcast to the "
+                         f"per-group shape {target} of an array {tuple(shape)} with spec "
+                         f"{str(spec)!r} along axis {axis}") from None
+    if not isinstance(ratio, jax.core.Tracer):
+        values = np.asarray(ratio)
+        if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values > 1):
+            raise ValueError(f"clip_ratio values must be finite ratios in (0, 1], got range "
+                             f"[{values.min():g}, {values.max():g}]")
+    return ratio
+
+
+def grouped_ratio(ratio, shape, spec: QuantSpec, axis: int):
+    """Per-group values in the scale shape -> the grouped view's [..., groups, 1] layout."""
+    if spec.granularity == "tensor":
+        return ratio.reshape(1, 1)
+    return jnp.moveaxis(ratio, axis, -1)[..., None]
 
 
 @partial(jax.jit, static_argnums=(1, 2))
-def _quantize(x, spec: QuantSpec, axis: int) -> QArray:
+def _quantize(x, spec: QuantSpec, axis: int, ratio=None) -> QArray:
     sdt = SCALE_JNP_DTYPES[spec.scale_dtype]
     xg, mask = _grouped(x, spec, axis)
-    clip = 1.0 if spec.clip is None else spec.clip
+    if ratio is not None:
+        clip = ratio
+    else:
+        clip = 1.0 if spec.clip is None else spec.clip
     count = mask.sum(-1, keepdims=True)
     zero = None
 
@@ -295,6 +346,7 @@ def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
     return q.dequantize(dtype)
 
 
-def quantize_dequantize(x, spec: QuantSpec | str, axis: int | None = None) -> jax.Array:
+def quantize_dequantize(x, spec: QuantSpec | str, axis: int | None = None,
+                        clip_ratio=None) -> jax.Array:
     """Round trip x through `spec` (no gradient handling; see `lowbit.core.ste` for that)."""
-    return quantize(x, spec, axis).dequantize(jnp.asarray(x).dtype)
+    return quantize(x, spec, axis, clip_ratio).dequantize(jnp.asarray(x).dtype)

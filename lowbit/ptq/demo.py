@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -103,8 +104,13 @@ def demo_runs(methods: Sequence[str] = DEMO_METHODS, specs: Sequence[str] = DEMO
             for s in specs for m in methods]
 
 
-def quantize_run(model, run: dict[str, Any], calibration, progress: bool = False):
-    """Applies one run description {"method", "weights", "options"} to a model in place."""
+def quantize_run(model, run: dict[str, Any], calibration, progress: bool = False,
+                 source=None):
+    """Applies one run description {"method", "weights", "options"} to a model in place.
+
+    Method "llamacpp" (weights: a llama.cpp type such as "Q4_0") re-quantizes the model's
+    `source` GGUF with llama.cpp in a temporary directory and loads its weights.
+    """
     from lowbit.ptq.awq import awq_quantize
     from lowbit.ptq.gptq import gptq_quantize
     from lowbit.ptq.llm_int8 import llm_int8_quantize
@@ -113,7 +119,7 @@ def quantize_run(model, run: dict[str, Any], calibration, progress: bool = False
 
     method, weights, options = run["method"], run["weights"], dict(run.get("options", {}))
     if method == "rtn":
-        return rtn_quantize(model, weights)
+        return rtn_quantize(model, weights, **options)  # e.g. observer=
     if method == "gptq":
         return gptq_quantize(model, calibration, weights, progress=progress, **options)
     if method == "awq":
@@ -122,6 +128,23 @@ def quantize_run(model, run: dict[str, Any], calibration, progress: bool = False
         return smoothquant_quantize(model, calibration, weights, progress=progress, **options)
     if method == "llm_int8":
         return llm_int8_quantize(model, weights, **options)
+    if method == "act":  # activations quantized, weights untouched
+        from lowbit.ptq.act_quant import act_quantize
+
+        return act_quantize(model, calibration, options.pop("act_bits"),
+                            options.pop("act_observer"), progress=progress, **options)
+    if method == "mixed":  # a bits-per-weight budget met by RTN with a spec per linear
+        from lowbit.ptq.mixed import mixed_quantize
+
+        return mixed_quantize(model, calibration, options.pop("budget"), progress=progress,
+                              **options)
+    if method == "llamacpp":
+        from lowbit.ptq.llamacpp import llamacpp_quantize_model
+
+        if source is None:
+            raise ValueError("method 'llamacpp' needs the source GGUF path of the model")
+        with tempfile.TemporaryDirectory() as workdir:
+            return llamacpp_quantize_model(model, source, weights, workdir)
     raise ValueError(f"unknown method {method!r} in run {run!r}")
 
 
@@ -152,21 +175,29 @@ def run_ptq_table(runs: Sequence[dict[str, Any]], model: str = "smollm2-135m", *
     if on_row:
         on_row(rows[0])
     for run in runs:
-        quantized = nnx.clone(original)  # shares the immutable arrays until they are replaced
-        result = quantize_run(quantized, run, calibration, progress)
-        row = {"method": run["method"], "weights": run["weights"],
-               "label": run.get("label", ""),
-               "bits_per_weight": round(result.bits_per_weight, 4),
-               **{k: v for k, v in scorer.score(quantized, progress).items() if k != "ref_ppl"},
-               "quantize_s": round(result.seconds, 1)}
-        alphas = _mean_alphas(result.block_reports)
-        if alphas:
-            row["alphas"] = alphas
+        row = score_run(original, run, scorer, calibration, progress, source=path)
         rows.append(row)
         if on_row:
             on_row(row)
-        del quantized
     return rows
+
+
+def score_run(original, run: dict[str, Any], scorer: ReferenceScorer, calibration,
+              progress: bool = False, source=None) -> dict[str, Any]:
+    """Quantizes a fresh copy of `original` with one run description and scores it against
+    the reference: the row run_ptq_table reports (method, weights, label, bits_per_weight,
+    ppl, kl, top1, quantize_s, and AWQ's mean alphas). `original` is left unchanged."""
+    quantized = nnx.clone(original)  # shares the immutable arrays until they are replaced
+    result = quantize_run(quantized, run, calibration, progress, source=source)
+    row = {"method": run["method"], "weights": run["weights"],
+           "label": run.get("label", ""),
+           "bits_per_weight": round(result.bits_per_weight, 4),
+           **{k: v for k, v in scorer.score(quantized, progress).items() if k != "ref_ppl"},
+           "quantize_s": round(result.seconds, 1)}
+    alphas = _mean_alphas(result.block_reports)
+    if alphas:
+        row["alphas"] = alphas
+    return row
 
 
 def _mean_alphas(block_reports: list[dict[str, Any]]) -> dict[str, float]:

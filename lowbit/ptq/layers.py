@@ -1,5 +1,6 @@
 """Runtime layers swapped in for nnx.Linear by path: W8A8Linear (int8 weights and activations,
-int8 x int8 -> int32 matmul) and LLMInt8Linear (vector-wise int8 plus a float outlier path).
+int8 x int8 -> int32 matmul), LLMInt8Linear (vector-wise int8 plus a float outlier path) and
+ActQuantLinear (static fake-quant of the input in front of any linear).
 """
 
 from __future__ import annotations
@@ -201,3 +202,45 @@ def check_threshold(threshold: float | None) -> float | None:
         raise ValueError(f"threshold must be a positive number or None (no outlier path), got "
                          f"{threshold!r}")
     return float(threshold)
+
+
+def fake_quantize_static(x: jax.Array, threshold, bits: int) -> jax.Array:
+    """x: [..., features] through symmetric int of `bits` with a static clip threshold:
+    scale = threshold / qmax, codes clipped to [-qmax, qmax] (values beyond saturate), back to
+    x's dtype. threshold: [] (per tensor) or [features] (per input channel); 0 maps x to 0.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    scale = jnp.asarray(threshold, jnp.float32) / qmax
+    codes = jnp.clip(jnp.round(x.astype(jnp.float32) / _safe(scale)), -qmax, qmax)
+    return (codes * scale).astype(x.dtype)
+
+
+class ActQuantLinear(nnx.Module):
+    """y = linear(fake_quant(x)): the input is quantized to symmetric int `bits` with a static,
+    calibrated clip threshold, then the wrapped linear (an nnx.Linear, possibly holding a
+    fake-quantized kernel, or any other runtime layer) runs in float.
+
+    threshold: a positive scalar (per tensor) or [in] (per input channel). `kernel` is the
+    wrapped linear's, so code that reads or rewrites `module.kernel` keeps working.
+    """
+
+    def __init__(self, linear: Any, threshold, bits: int):
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+        threshold = jnp.asarray(threshold, jnp.float32)
+        values = np.asarray(threshold)
+        if threshold.ndim > 1 or not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise ValueError(f"threshold must be a finite non-negative scalar or [in] vector, "
+                             f"got shape {tuple(threshold.shape)} with range "
+                             f"[{values.min():g}, {values.max():g}]")
+        self.linear = linear
+        self.act_threshold = QuantScale(threshold)
+        self.act_bits = bits
+
+    @property
+    def kernel(self):
+        return self.linear.kernel
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., out]."""
+        return self.linear(fake_quantize_static(x, self.act_threshold[...], self.act_bits))

@@ -1,0 +1,224 @@
+"""Mixed precision: the sensitivity of each block linear (KL against the original model when that
+linear alone is quantized with a candidate spec) and an allocator that picks one candidate per
+linear to meet a bits-per-weight budget at the least summed sensitivity, applied with RTN.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from lowbit.core.packing import pack
+from lowbit.core.quantize import quantize
+from lowbit.ptq.driver import check_calibration, linear_paths, module_at
+from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
+from lowbit.ptq.rtn import parse_weight_spec
+
+DEFAULT_CANDIDATES = ("int2:g64:asym", "int3:g64:asym", "int4:g64:asym")
+SENSITIVITY_TOKENS = 256  # tokens of the first calibration sequence scored per measurement
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(graphdef, state, tokens):
+    return jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens).astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_kl(graphdef, state, tokens, reference):
+    log_probs = jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens).astype(jnp.float32), -1)
+    return jnp.mean(jnp.sum(jnp.exp(reference) * (reference - log_probs), axis=-1))
+
+
+def _candidate_specs(candidates: Sequence[str]) -> list[str]:
+    if not candidates:
+        raise ValueError("candidates must name at least one weight spec")
+    specs = [str(parse_weight_spec(c, "candidate")) for c in candidates]
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"candidates must be distinct, got {list(candidates)}")
+    return specs
+
+
+def layer_sensitivity(model, calibration, candidates: Sequence[str] = DEFAULT_CANDIDATES, *,
+                      tokens: int = SENSITIVITY_TOKENS,
+                      progress: bool = True) -> dict[str, Any]:
+    """KL(original || model with one linear quantized) for every block linear and candidate.
+
+    calibration: int tokens [samples, seq]; the first `tokens` tokens of the first sequence are
+    scored (calibration text: the allocation must not be tuned on the evaluation split). Each
+    linear is quantized (RTN) alone, scored and restored, so the model is unchanged afterwards.
+    Returns {"candidates": [...], "tokens": n, "layers": {path: {"weights": n,
+    "bits": {spec: packed bits}, "kl": {spec: mean KL per token}}}}.
+    """
+    specs = _candidate_specs(candidates)
+    window = check_calibration(calibration, model.config)[:1, :tokens]
+    if window.shape[1] < 2:
+        raise ValueError(f"need at least 2 sensitivity tokens, got {window.shape[1]}")
+    window = jnp.asarray(window)
+    graphdef, state = nnx.split(model)
+    reference = _log_probs(graphdef, state, window)
+    layers: dict[str, Any] = {}
+    paths = linear_paths(len(model.layers))
+    for path in tqdm(paths, desc="sensitivity", unit="linear", disable=not progress,
+                     leave=False):
+        linear = module_at(model, path)
+        original = linear.kernel[...]
+        kernel = jnp.asarray(original, jnp.float32)
+        entry: dict[str, Any] = {"weights": int(kernel.size), "bits": {}, "kl": {}}
+        for spec in specs:
+            q = quantize(kernel, spec, axis=0)
+            entry["bits"][spec] = int(8 * pack(q).nbytes)
+            linear.kernel.set_value(q.dequantize().astype(original.dtype))
+            graphdef, state = nnx.split(model)
+            entry["kl"][spec] = float(_mean_kl(graphdef, state, window, reference))
+        linear.kernel.set_value(original)
+        layers[path] = entry
+    return {"candidates": specs, "tokens": int(window.shape[1]), "layers": layers}
+
+
+def _lower_hull(options: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+    """The options (bits, cost, spec) on the lower convex hull of cost against bits, cheapest
+    first, each strictly better than the one before: the only choices a greedy allocation by
+    cost decrease per extra bit makes optimally."""
+    hull: list[tuple[int, float, str]] = []
+    for option in sorted(options):
+        if hull and option[1] >= hull[-1][1]:
+            continue  # more bits and no lower cost: never worth it
+        while len(hull) >= 2:
+            (b0, c0, _), (b1, c1, _) = hull[-2], hull[-1]
+            # drop the middle point if it lies on or above the segment from hull[-2] to option
+            if (c1 - c0) * (option[0] - b0) >= (option[1] - c0) * (b1 - b0):
+                hull.pop()
+            else:
+                break
+        hull.append(option)
+    return hull
+
+
+def allocate(sensitivity: dict[str, Any], budget: float) -> dict[str, str]:
+    """One candidate spec per linear with total bits <= budget x weights, minimizing the summed
+    KL (a first-order, additive model of the loss): start every linear at its cheapest
+    candidate, then repeatedly take the upgrade with the largest KL decrease per extra bit
+    along each linear's lower convex hull while it fits the budget.
+    """
+    layers = sensitivity["layers"]
+    if not layers:
+        raise ValueError("sensitivity holds no layers")
+    total_weights = sum(entry["weights"] for entry in layers.values())
+    limit = budget * total_weights
+    hulls = {path: _lower_hull([(entry["bits"][s], entry["kl"][s], s) for s in entry["kl"]])
+             for path, entry in layers.items()}
+    level = {path: 0 for path in layers}
+    used = sum(hull[0][0] for hull in hulls.values())
+    if used > limit:
+        cheapest = used / total_weights
+        raise ValueError(f"budget {budget} bits per weight is below the cheapest allocation "
+                         f"({cheapest:.4f})")
+    heap: list[tuple[float, str]] = []
+
+    def push(path):
+        hull, i = hulls[path], level[path]
+        if i + 1 < len(hull):
+            gain = (hull[i][1] - hull[i + 1][1]) / (hull[i + 1][0] - hull[i][0])
+            heapq.heappush(heap, (-gain, path))
+
+    for path in layers:
+        push(path)
+    while heap:
+        _, path = heapq.heappop(heap)
+        hull, i = hulls[path], level[path]
+        extra = hull[i + 1][0] - hull[i][0]
+        if used + extra > limit:
+            continue  # this linear stays; smaller upgrades elsewhere may still fit
+        used += extra
+        level[path] = i + 1
+        push(path)
+    return {path: hulls[path][level[path]][2] for path in layers}
+
+
+def predicted_kl(sensitivity: dict[str, Any], allocation: dict[str, str]) -> float:
+    """The summed per-layer KL of an allocation (the allocator's objective)."""
+    return float(sum(sensitivity["layers"][p]["kl"][s] for p, s in allocation.items()))
+
+
+def uniform_allocation(sensitivity: dict[str, Any], spec: str) -> dict[str, str]:
+    """Every linear at one candidate spec (the baseline an allocation is compared with)."""
+    spec = str(parse_weight_spec(spec))
+    if spec not in sensitivity["candidates"]:
+        raise ValueError(f"spec {spec!r} is not one of the measured candidates "
+                         f"{sensitivity['candidates']}")
+    return {path: spec for path in sensitivity["layers"]}
+
+
+def apply_allocation(model, allocation: dict[str, str], **settings) -> PTQResult:
+    """RTN with a spec per linear (path -> spec string), in place."""
+    start = time.perf_counter()
+    linears: dict[str, QuantizedLinear] = {}
+    for path in linear_paths(len(model.layers)):
+        if path not in allocation:
+            raise ValueError(f"allocation has no spec for {path!r}")
+        linear = module_at(model, path)
+        kernel = jnp.asarray(linear.kernel[...], jnp.float32)
+        q = quantize(kernel, parse_weight_spec(allocation[path]), axis=0)
+        dequantized = q.dequantize()
+        linear.kernel.set_value(dequantized.astype(linear.kernel[...].dtype))
+        linears[path] = QuantizedLinear(weight=q, report=weight_errors(kernel, dequantized))
+    counts: dict[str, int] = {}
+    for spec in allocation.values():
+        counts[spec] = counts.get(spec, 0) + 1
+    return PTQResult(method="mixed", linears=linears, seconds=time.perf_counter() - start,
+                     settings={**settings, "spec_counts": counts, "allocation": allocation})
+
+
+def save_sensitivity(sensitivity: dict[str, Any], path: str | Path) -> Path:
+    """Writes a sensitivity table as JSON (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        json.dump(sensitivity, out, indent=1)
+    os.replace(temporary, path)
+    return path
+
+
+def mixed_quantize(model, calibration, budget: float,
+                   candidates: Sequence[str] = DEFAULT_CANDIDATES, *,
+                   sensitivity_file: str | Path | None = None,
+                   progress: bool = True) -> PTQResult:
+    """Mixed-precision RTN of every block linear at `budget` bits per weight, in place.
+
+    The sensitivity table is measured on the calibration tokens, or read from
+    `sensitivity_file` when it exists and holds the same candidates (written there otherwise).
+    The result's seconds include the sensitivity measurement when it ran.
+    """
+    if not isinstance(budget, (int, float)) or not np.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a positive number of bits per weight, got {budget!r}")
+    specs = _candidate_specs(candidates)
+    start = time.perf_counter()
+    sensitivity = None
+    if sensitivity_file is not None and Path(sensitivity_file).exists():
+        sensitivity = json.loads(Path(sensitivity_file).read_text())
+        if sensitivity.get("candidates") != specs:
+            raise ValueError(f"{str(sensitivity_file)!r} holds candidates "
+                             f"{sensitivity.get('candidates')}, not {specs}")
+    if sensitivity is None:
+        sensitivity = layer_sensitivity(model, calibration, specs, progress=progress)
+        if sensitivity_file is not None:
+            save_sensitivity(sensitivity, sensitivity_file)
+    allocation = allocate(sensitivity, budget)
+    result = apply_allocation(model, allocation, budget=budget, candidates=specs,
+                              predicted_kl=predicted_kl(sensitivity, allocation))
+    result.seconds = time.perf_counter() - start
+    return result
