@@ -174,6 +174,12 @@ def cmd_sweep(args) -> None:
     _emit(args, result.to_json(), rows, result_columns(result.rows))
 
 
+def cmd_activations(args) -> None:
+    from lowbit.eval.activations import report, run
+
+    report(args, run(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit and ternary models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.train.cli import add_train_arguments
 
     add_train_arguments(add("train", cmd_train, "quantization-aware training from a TOML config"))
+
+    from lowbit.eval.activations import add_arguments as add_activation_arguments
+
+    add_activation_arguments(add("activations", cmd_activations,
+                                 "per-layer statistics of every linear input (absmax, "
+                                 "percentiles, kurtosis, outlier features), as JSON and a plot"))
 
     p = add("sweep", cmd_sweep, "run a grid of quantization points from a TOML config into "
                                 "results/NAME/results.csv (resumable) and draw its plots")

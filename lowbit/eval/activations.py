@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit.files import write_text_atomic
 from lowbit.ptq.driver import (ABS_MAX, COUNT, INPUT_GROUPS, Statistic, run_sequential,
                                strided_sample)
 
@@ -119,13 +119,7 @@ def activation_statistics(model, calibration, *, batch_size: int = 4,
 
 def save_json(stats: dict[str, Any], path: str | Path) -> Path:
     """Writes the statistics as JSON (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        json.dump(stats, out, indent=1)
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic(path, json.dumps(stats, indent=1))
 
 
 def plot(stats: dict[str, Any], path: str | Path) -> Path:
@@ -178,8 +172,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--out", default="results/activations",
                         help="folder for activations.json and activations.png")
-    parser.add_argument("--json", action="store_true", help="print the JSON instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> dict[str, Any]:
@@ -193,7 +185,7 @@ def run(args) -> dict[str, Any]:
     model, _ = load_gguf_model(path)
     tokens = calibration_tokens(Tokenizer.from_gguf(path), args.calib, args.calib_samples,
                                 args.calib_len)
-    stats = activation_statistics(model, tokens, progress=not args.quiet)
+    stats = activation_statistics(model, tokens, progress=not args.quiet and sys.stderr.isatty())
     stats["source"] = {"model": str(args.model), "calibration": list(tokens.shape)}
     out = Path(args.out)
     save_json(stats, out / "activations.json")
@@ -201,11 +193,8 @@ def run(args) -> dict[str, Any]:
     return stats
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    stats = run(args)
+def report(args, stats: dict[str, Any]) -> None:
+    """Prints the statistics: the per-layer table and the outlier dimensions (or JSON)."""
     if args.json:
         print(json.dumps(stats))
         return
@@ -215,6 +204,15 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{OUTLIER_THRESHOLD} somewhere in the residual-stream inputs; systematic "
           f"(>= 25% of layers, >= 6% of tokens): {[d['feature'] for d in systematic]}")
     print(f"wrote {Path(args.out) / 'activations.json'} and {Path(args.out) / 'activations.png'}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the JSON instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    report(args, run(args))
 
 
 if __name__ == "__main__":

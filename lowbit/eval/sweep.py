@@ -12,13 +12,14 @@ import io
 import itertools
 import json
 import math
-import os
 import re
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from lowbit.files import write_text_atomic
 
 AXES = ("method", "bits", "granularity", "asym", "clip", "observer", "alpha", "act_bits",
         "act_observer", "gguf_type", "budget")
@@ -508,17 +509,14 @@ def result_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def write_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Writes the rows as CSV atomically (a temporary file, then os.replace)."""
-    path = Path(path)
+    """Writes the rows as CSV atomically (lowbit.files.write_text_atomic)."""
     columns = result_columns(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
         writer.writerow([format_value(row.get(c)) for c in columns])
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:

@@ -5,14 +5,13 @@ weights' storage exactly from the tensor types llama.cpp chose.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import gguf
 from flax import nnx
 
+from lowbit.files import atomic_path
 from lowbit.ptq.result import PTQResult
 
 # Types whose every fallback (576-wide rows are not a multiple of 256, so K-quants fall back to
@@ -52,18 +51,12 @@ def llamacpp_quantize(source: str | Path, destination: str | Path, gguf_type: st
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
     params.allow_requantize = True  # the source is usually already quantized (SmolLM2: Q4_1)
     params.nthread = threads
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
-    os.close(handle)
-    try:
-        status = llama_cpp.llama_model_quantize(str(source).encode(), temporary.encode(), params)
+    with atomic_path(destination) as temporary:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(temporary).encode(),
+                                                params)
         if status != 0:
             raise ValueError(f"llama_model_quantize failed with status {status} for "
                              f"{gguf_type} on {str(source)!r}")
-        os.replace(temporary, destination)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return destination
 
 

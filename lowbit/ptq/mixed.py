@@ -8,8 +8,6 @@ from __future__ import annotations
 import functools
 import heapq
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ from tqdm import tqdm
 
 from lowbit.core.packing import pack
 from lowbit.core.quantize import quantize
+from lowbit.files import write_text_atomic
 from lowbit.ptq.driver import check_calibration, linear_paths, module_at
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
@@ -184,13 +183,7 @@ def apply_allocation(model, allocation: dict[str, str], **settings) -> PTQResult
 
 def save_sensitivity(sensitivity: dict[str, Any], path: str | Path) -> Path:
     """Writes a sensitivity table as JSON (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        json.dump(sensitivity, out, indent=1)
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic(path, json.dumps(sensitivity, indent=1))
 
 
 def mixed_quantize(model, calibration, budget: float,

@@ -63,3 +63,17 @@ def test_planted_outlier_feature_is_found_in_every_layer(tmp_path):
         stats["layers"][0]["attn_in"]["outlier_features"]
     image = plot(stats, tmp_path / "a" / "activations.png")
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.model
+def test_lowbit_activations_on_smollm2(smollm2_path, tmp_path, capsys):
+    from lowbit.cli import main
+
+    assert main(["activations", "--calib-samples", "2", "--calib-len", "128",
+                 "--out", str(tmp_path), "--json", "--quiet"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert len(stats["layers"]) == 30 and (tmp_path / "activations.png").exists()
+    down = [layer["mlp_hidden"]["absmax"] for layer in stats["layers"]]
+    q_in = [layer["attn_in"]["absmax"] for layer in stats["layers"]]
+    # SmolLM2's down-projection inputs hold the large outliers, not the normed q/k/v inputs
+    assert max(down) > 100 and max(down) > 10 * max(q_in)

@@ -238,7 +238,7 @@ def test_plots_are_written_and_skipped_when_their_axis_is_missing(tmp_path):
     assert all(_is_png(p) for p in result.plots)
 
 
-@pytest.mark.parametrize("name, count", [("clip_sweep", 40), ("pareto", 25), ("act_clip", 18)])
+@pytest.mark.parametrize("name, count", [("clip_sweep", 46), ("pareto", 25), ("act_clip", 18)])
 def test_shipped_configs_validate(name, count):
     config = load_sweep_config(EXPERIMENTS / f"{name}.toml")
     assert config.name == name
