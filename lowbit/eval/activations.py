@@ -84,8 +84,9 @@ def outlier_dimensions(layers: list[dict[str, Any]],
     """LLM.int8()-style outlier feature dimensions over the residual-stream inputs.
 
     For each feature with |x| >= 6 anywhere: layer_share = share of the (layer, group) inputs
-    where it reaches 6; token_share = share of the tokens where it does, averaged over all
-    those inputs; systematic = layer_share >= 25% and token_share >= 6%. Sorted by layer_share.
+    where it reaches 6; token_share = share of the tokens where it does, averaged over the
+    inputs where it occurs; systematic = layer_share >= 25% and token_share >= 6%. Sorted by
+    layer_share.
     """
     inputs = [layer[g] for layer in layers for g in groups]
     if not inputs:
@@ -95,7 +96,7 @@ def outlier_dimensions(layers: list[dict[str, Any]],
         for feature, count in entry["outlier_tokens_per_feature"].items():
             hits.setdefault(int(feature), []).append(count / entry["tokens"])
     dims = [{"feature": f, "layer_share": len(shares) / len(inputs),
-             "token_share": float(np.sum(shares)) / len(inputs)} for f, shares in hits.items()]
+             "token_share": float(np.mean(shares))} for f, shares in hits.items()]
     for d in dims:
         d["systematic"] = d["layer_share"] >= LAYER_SHARE and d["token_share"] >= TOKEN_SHARE
     return sorted(dims, key=lambda d: (-d["layer_share"], -d["token_share"], d["feature"]))

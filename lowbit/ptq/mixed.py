@@ -6,6 +6,7 @@ linear to meet a bits-per-weight budget at the least summed sensitivity, applied
 from __future__ import annotations
 
 import functools
+import hashlib
 import heapq
 import json
 import time
@@ -62,9 +63,9 @@ def layer_sensitivity(model, calibration, candidates: Sequence[str] = DEFAULT_CA
     "bits": {spec: packed bits}, "kl": {spec: mean KL per token}}}}.
     """
     specs = _candidate_specs(candidates)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise ValueError(f"tokens must be an integer >= 2, got {tokens!r}")
     window = check_calibration(calibration, model.config)[:1, :tokens]
-    if window.shape[1] < 2:
-        raise ValueError(f"need at least 2 sensitivity tokens, got {window.shape[1]}")
     window = jnp.asarray(window)
     graphdef, state = nnx.split(model)
     reference = _log_probs(graphdef, state, window)
@@ -84,7 +85,12 @@ def layer_sensitivity(model, calibration, candidates: Sequence[str] = DEFAULT_CA
             entry["kl"][spec] = float(_mean_kl(graphdef, state, window, reference))
         linear.kernel.set_value(original)
         layers[path] = entry
-    return {"candidates": specs, "tokens": int(window.shape[1]), "layers": layers}
+    return {"candidates": specs, "tokens": int(window.shape[1]),
+            "window_sha256": _fingerprint(window), "layers": layers}
+
+
+def _fingerprint(window) -> str:
+    return hashlib.sha256(np.asarray(window, np.int32).tobytes()).hexdigest()
 
 
 def _lower_hull(options: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
@@ -107,10 +113,12 @@ def _lower_hull(options: list[tuple[int, float, str]]) -> list[tuple[int, float,
 
 
 def allocate(sensitivity: dict[str, Any], budget: float) -> dict[str, str]:
-    """One candidate spec per linear with total bits <= budget x weights, minimizing the summed
-    KL (a first-order, additive model of the loss): start every linear at its cheapest
-    candidate, then repeatedly take the upgrade with the largest KL decrease per extra bit
-    along each linear's lower convex hull while it fits the budget.
+    """One candidate spec per linear with total bits <= budget x weights and a small summed KL
+    (a first-order, additive model of the loss). Start every linear at its cheapest candidate;
+    repeatedly take the upgrade with the largest KL decrease per extra bit along each linear's
+    lower convex hull while it fits the budget (optimal when the upgrades have equal sizes and
+    the costs are convex); then spend what is left on the single switches, to any candidate,
+    with the largest KL decrease that still fit.
     """
     layers = sensitivity["layers"]
     if not layers:
@@ -144,7 +152,22 @@ def allocate(sensitivity: dict[str, Any], budget: float) -> dict[str, str]:
         used += extra
         level[path] = i + 1
         push(path)
-    return {path: hulls[path][level[path]][2] for path in layers}
+    choice = {path: hulls[path][level[path]] for path in layers}
+    while True:  # the hull skips options that may be the only ones left that fit
+        best = None
+        for path, entry in layers.items():
+            bits, cost, _ = choice[path]
+            for spec, kl in entry["kl"].items():
+                extra = entry["bits"][spec] - bits
+                if kl < cost and extra > 0 and used + extra <= limit and \
+                        (best is None or cost - kl > best[0]):
+                    best = (cost - kl, path, (entry["bits"][spec], kl, spec), extra)
+        if best is None:
+            break
+        _, path, option, extra = best
+        choice[path] = option
+        used += extra
+    return {path: option[2] for path, option in choice.items()}
 
 
 def predicted_kl(sensitivity: dict[str, Any], allocation: dict[str, str]) -> float:
@@ -196,7 +219,8 @@ def mixed_quantize(model, calibration, budget: float,
     `sensitivity_file` when it exists and holds the same candidates (written there otherwise).
     The result's seconds include the sensitivity measurement when it ran.
     """
-    if not isinstance(budget, (int, float)) or not np.isfinite(budget) or budget <= 0:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or \
+            not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number of bits per weight, got {budget!r}")
     specs = _candidate_specs(candidates)
     start = time.perf_counter()
@@ -206,6 +230,13 @@ def mixed_quantize(model, calibration, budget: float,
         if sensitivity.get("candidates") != specs:
             raise ValueError(f"{str(sensitivity_file)!r} holds candidates "
                              f"{sensitivity.get('candidates')}, not {specs}")
+        if list(sensitivity.get("layers", {})) != linear_paths(len(model.layers)):
+            raise ValueError(f"{str(sensitivity_file)!r} was measured on a model with other "
+                             "layers")
+        window = check_calibration(calibration, model.config)[:1, :sensitivity["tokens"]]
+        if sensitivity.get("window_sha256") != _fingerprint(window):
+            raise ValueError(f"{str(sensitivity_file)!r} was measured on other calibration "
+                             "tokens; remove it to measure again")
     if sensitivity is None:
         sensitivity = layer_sensitivity(model, calibration, specs, progress=progress)
         if sensitivity_file is not None:

@@ -33,11 +33,11 @@ def test_outlier_dimensions_follow_the_layer_and_token_shares():
               for _ in range(2)]
     layers += [{"attn_in": _entry(100, {}), "mlp_in": _entry(100, {7: 100})} for _ in range(2)]
     dims = {d["feature"]: d for d in outlier_dimensions(layers)}
-    assert dims[5]["layer_share"] == 0.5 and dims[5]["token_share"] == pytest.approx(0.2)
+    assert dims[5]["layer_share"] == 0.5 and dims[5]["token_share"] == pytest.approx(0.4)
     assert dims[5]["systematic"]
-    assert dims[7]["layer_share"] == 0.25 and dims[7]["token_share"] == pytest.approx(0.25)
+    assert dims[7]["layer_share"] == 0.25 and dims[7]["token_share"] == pytest.approx(1.0)
     assert dims[7]["systematic"]
-    assert dims[9]["layer_share"] == 0.25 and not dims[9]["systematic"]  # 0.25% of tokens
+    assert dims[9]["layer_share"] == 0.25 and not dims[9]["systematic"]  # 1% of tokens
     assert [d["feature"] for d in outlier_dimensions(layers)][0] == 5
 
 

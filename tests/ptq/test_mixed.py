@@ -99,3 +99,17 @@ def test_sensitivity_file_is_written_once_and_checked(make_tiny, calibration, tm
     assert second.settings["allocation"] == first.settings["allocation"]
     with pytest.raises(ValueError, match="holds candidates"):
         mixed_quantize(make_tiny(), calibration, 3.5, ("int3:g32:asym",), sensitivity_file=path)
+    with pytest.raises(ValueError, match="other calibration tokens"):
+        mixed_quantize(make_tiny(), calibration[::-1], 3.5, candidates, sensitivity_file=path)
+    with pytest.raises(ValueError, match="other layers"):
+        mixed_quantize(make_tiny(n_layers=1), calibration, 3.5, candidates,
+                       sensitivity_file=path)
+
+
+def test_leftover_budget_goes_to_options_off_the_hull():
+    # b lies above the segment a-c, so the hull skips it, but it is the only upgrade that fits
+    table = {"candidates": list(SPECS), "layers": {"l0": {
+        "weights": 100, "bits": {"a": 220, "b": 320, "c": 420},
+        "kl": {"a": 1.0, "b": 0.9, "c": 0.0}}}}
+    assert allocate(table, 3.2) == {"l0": "b"}
+    assert allocate(table, 4.2) == {"l0": "c"}
