@@ -22,7 +22,7 @@ from typing import Any
 from lowbit.files import write_text_atomic
 
 AXES = ("method", "bits", "granularity", "asym", "clip", "observer", "alpha", "act_bits",
-        "act_observer", "gguf_type", "budget")
+        "act_observer", "act_granularity", "gguf_type", "budget")
 METRICS = ("bits_per_weight", "ppl", "kl", "top1", "quantize_s")
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8", "act", "llamacpp", "mixed")
 WEIGHT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")
@@ -37,13 +37,13 @@ METHOD_AXES = {
     "awq": ("bits", "granularity", "asym", "clip", "alpha"),
     "smoothquant": ("bits", "granularity", "alpha"),
     "llm_int8": ("bits", "granularity"),
-    "act": ("act_bits", "act_observer"),  # activations quantized, weights untouched
+    "act": ("act_bits", "act_observer", "act_granularity"),  # weights untouched
     "llamacpp": ("gguf_type",),
     "mixed": ("budget",),
 }
 # Values a method's missing axis takes; None: the method's own default (alpha).
 AXIS_DEFAULTS = {"asym": False, "clip": 1.0, "observer": "none", "alpha": None,
-                 "act_observer": "minmax"}
+                 "act_observer": "minmax", "act_granularity": "tensor"}
 METHOD_DEFAULTS = {"smoothquant": {"bits": 8, "granularity": "channel"},
                    "llm_int8": {"bits": 8, "granularity": "channel"}}
 
@@ -52,7 +52,8 @@ DATA_DEFAULTS = {"calib_samples": 4, "calib_len": 512, "eval_windows": 4, "ctx":
 TOP_KEYS = ("name", "model", "data", "grid", "points", "options", "plots")
 # Run-description keys the point mapping sets, so [options.METHOD] may not.
 _MAPPED_OPTIONS = {"rtn": ("observer",), "awq": (), "smoothquant": ("alpha",),
-                   "act": ("act_bits", "act_observer", "observer"), "mixed": ("budget",)}
+                   "act": ("act_bits", "act_observer", "observer", "granularity"),
+                   "mixed": ("budget",)}
 _RESERVED_PARAMETERS = ("model", "calibration", "spec", "weights", "progress")
 
 
@@ -95,6 +96,9 @@ def check_axis_value(axis: str, value, where: str):
     elif axis == "act_observer":
         if value not in ACT_OBSERVERS:
             fail(f"one of {list(ACT_OBSERVERS)}")
+    elif axis == "act_granularity":
+        if value not in ("tensor", "channel"):
+            fail('"tensor" or "channel" (one static threshold per input or per input feature)')
     elif axis == "gguf_type":
         types = _gguf_types()
         if value not in types:
@@ -405,7 +409,8 @@ def point_to_run(point: dict[str, Any], options: dict[str, dict] | None = None) 
     if method == "smoothquant" and point.get("alpha") is not None:
         extra["alpha"] = point["alpha"]
     if method == "act":
-        extra.update(act_bits=point["act_bits"], act_observer=point["act_observer"])
+        extra.update(act_bits=point["act_bits"], act_observer=point["act_observer"],
+                     granularity=point.get("act_granularity", "tensor"))
     if method == "llamacpp":
         weights = point["gguf_type"]
     if method == "mixed":

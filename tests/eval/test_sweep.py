@@ -182,7 +182,7 @@ def test_grid_expands_per_method_and_skips_invalid_combinations():
     assert [k for k in keys if k.startswith("method=smoothquant")] == [
         "method=smoothquant;bits=8;granularity=channel"]
     assert keys[-3:] == ["method=llamacpp;gguf_type=Q4_0", "method=llamacpp;gguf_type=Q8_0",
-                         "method=act;act_bits=6;act_observer=minmax"]
+                         "method=act;act_bits=6;act_observer=minmax;act_granularity=tensor"]
     reasons = [reason for _, reason in skipped]
     assert sum("observer" in r for r in reasons) == 4
     assert sum("W8A8" in r for r in reasons) == 3  # smoothquant at int4 or g64
@@ -202,7 +202,8 @@ def test_point_to_run_is_the_one_mapping():
     assert awq["weights"] == "int4:g128" and awq["options"] == {"search_tokens": 256,
                                                                 "grid": (0.5,)}
     act = point_to_run({"method": "act", "act_bits": 6, "act_observer": "kl"})
-    assert act["method"] == "act" and act["options"] == {"act_bits": 6, "act_observer": "kl"}
+    assert act["method"] == "act" and act["options"] == {"act_bits": 6, "act_observer": "kl",
+                                                        "granularity": "tensor"}
     assert point_to_run({"method": "llamacpp", "gguf_type": "Q4_0"})["weights"] == "Q4_0"
     assert point_to_run({"method": "mixed", "budget": 3.0})["options"] == {"budget": 3.0}
 
@@ -238,7 +239,7 @@ def test_plots_are_written_and_skipped_when_their_axis_is_missing(tmp_path):
     assert all(_is_png(p) for p in result.plots)
 
 
-@pytest.mark.parametrize("name, count", [("clip_sweep", 46), ("pareto", 25), ("act_clip", 18)])
+@pytest.mark.parametrize("name, count", [("clip_sweep", 46), ("pareto", 25), ("act_clip", 36)])
 def test_shipped_configs_validate(name, count):
     config = load_sweep_config(EXPERIMENTS / f"{name}.toml")
     assert config.name == name
