@@ -104,7 +104,7 @@ class QuantSpec:
         if self.scale_dtype != "f16":
             parts.append(self.scale_dtype)
         if self.clip is not None:
-            parts.append(f"clip{self.clip:g}")
+            parts.append(f"clip{self.clip!r}")  # repr: the exact float comes back
         if self.double_quant:
             parts.append("dq")
         if self.ternary_method != "absmean":
@@ -139,7 +139,7 @@ class QuantSpec:
                 fields["symmetric"] = tok == "sym"
             elif tok in SCALE_DTYPES:
                 fields["scale_dtype"] = tok
-            elif m := re.fullmatch(r"clip([0-9.]+)", tok):
+            elif m := re.fullmatch(r"clip([0-9.]+(?:e-?[0-9]+)?)", tok):
                 try:
                     fields["clip"] = float(m.group(1))
                 except ValueError:

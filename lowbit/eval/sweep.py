@@ -390,7 +390,7 @@ def weight_spec(point: dict[str, Any]) -> str:
         spec += ":asym"
     clip = point.get("clip")
     if clip is not None and clip != 1.0:
-        spec += f":clip{clip:g}"
+        spec += f":clip{clip!r}"
     return spec
 
 

@@ -53,3 +53,9 @@ def test_bad_strings_raise_clear_errors(text, fragment):
 def test_fixed_width_kinds_reject_other_bits():
     with pytest.raises(ValueError, match="fixed at 1"):
         QuantSpec(kind="binary", bits=4)
+
+
+@pytest.mark.parametrize("clip", [0.9, 0.12345678, 1e-05, 0.7])
+def test_clip_ratio_round_trips_exactly(clip):
+    spec = QuantSpec(kind="int", bits=4, clip=clip)
+    assert QuantSpec.parse(str(spec)) == spec
