@@ -52,6 +52,8 @@ def act_quantize(model, calibration, act_bits: int, observer: str, *,
     check_batch_size(batch_size)
     tokens = check_calibration(calibration, model.config)
     stride = max(1, math.ceil(tokens.size / sample_tokens))
+    while stride > 1 and math.gcd(stride, tokens.shape[1]) != 1:
+        stride += 1  # coprime with the sequence length: the sample visits every position
     sample = strided_sample(stride)
     axis = None if granularity == "tensor" else 1
     start = time.perf_counter()

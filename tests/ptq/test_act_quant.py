@@ -165,3 +165,14 @@ def test_rtn_observer_bad_input(make_tiny):
         rtn_quantize(make_tiny(), "ternary", observer="mse")
     with pytest.raises(ValueError, match="drop clipR"):
         rtn_quantize(make_tiny(), "int4:g32:clip0.9", observer="mse")
+
+
+def test_token_sample_stride_visits_every_position(make_tiny):
+    from lowbit.ptq.act_quant import act_quantize
+
+    rng = np.random.default_rng(5)
+    calibration = rng.integers(0, 128, (8, 32)).astype(np.int32)  # 256 tokens
+    result = act_quantize(make_tiny(), calibration, 8, "minmax", sample_tokens=64,
+                          progress=False)
+    stride = result.settings["stride"]
+    assert stride >= 4 and np.gcd(stride, 32) == 1
