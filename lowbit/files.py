@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def read_toml(path: str | Path, what: str = "config") -> dict:
+    """The table of a TOML file; FileNotFoundError if it is missing, ValueError naming the file
+    if it is not valid TOML."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid TOML: {error}") from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -22,3 +22,17 @@ def test_failed_write_keeps_the_old_file(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_read_toml_names_the_file(tmp_path):
+    from lowbit.files import read_toml
+
+    good = tmp_path / "good.toml"
+    good.write_text('name = "x"\n[data]\nctx = 8\n')
+    assert read_toml(good) == {"name": "x", "data": {"ctx": 8}}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ValueError, match="bad.toml is not valid TOML"):
+        read_toml(bad, "sweep config")
+    with pytest.raises(FileNotFoundError, match="missing.toml"):
+        read_toml(tmp_path / "missing.toml")

@@ -14,12 +14,11 @@ import json
 import math
 import re
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lowbit.files import write_text_atomic
+from lowbit.files import read_toml, write_text_atomic
 
 AXES = ("method", "bits", "granularity", "asym", "clip", "observer", "alpha", "act_bits",
         "act_observer", "act_granularity", "gguf_type", "budget")
@@ -229,6 +228,18 @@ def _section(value, name: str) -> dict:
     return value
 
 
+def _axes_table(value, where: str) -> dict:
+    """A [[grid]] or [[points]] table: only axis keys, and a method."""
+    table = _section(value, where)
+    unknown = sorted(set(table) - set(AXES))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]}; "
+                         f"allowed axes: {list(AXES)}")
+    if "method" not in table:
+        raise ValueError(f"{where}.method is required (methods: {list(METHODS)})")
+    return table
+
+
 def _check_data(table) -> dict[str, Any]:
     table = _section(table, "data")
     unknown = sorted(set(table) - set(DATA_DEFAULTS))
@@ -254,13 +265,7 @@ def _check_grids(value) -> tuple:
     grids = []
     for index, table in enumerate(tables):
         where = "grid" if isinstance(value, dict) else f"grid[{index}]"
-        table = _section(table, where)
-        unknown = sorted(set(table) - set(AXES))
-        if unknown:
-            raise ValueError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]}; "
-                             f"allowed axes: {list(AXES)}")
-        if "method" not in table:
-            raise ValueError(f"{where}.method is required (a list of {list(METHODS)})")
+        table = _axes_table(table, where)
         grid = {}
         for axis in AXES:
             if axis not in table:
@@ -287,13 +292,7 @@ def _check_points(value) -> tuple:
     points = []
     for index, table in enumerate(value):
         where = f"points[{index}]"
-        table = _section(table, where)
-        unknown = sorted(set(table) - set(AXES))
-        if unknown:
-            raise ValueError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]}; "
-                             f"allowed axes: {list(AXES)}")
-        if "method" not in table:
-            raise ValueError(f"{where}.method is required (one of {list(METHODS)})")
+        table = _axes_table(table, where)
         method = check_axis_value("method", table["method"], f"{where}.method")
         foreign = [axis for axis in table if axis != "method" and axis not in METHOD_AXES[method]]
         if foreign:
@@ -369,12 +368,7 @@ def _check_plots(value) -> tuple:
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """Read and validate a sweep config; errors name the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep config not found: {path}")
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML: {error}") from None
+    table = read_toml(path, "sweep config")
     try:
         return SweepConfig.from_dict(table, default_name=path.stem, source=str(path))
     except ValueError as error:

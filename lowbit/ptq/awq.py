@@ -16,8 +16,8 @@ from flax import nnx
 from lowbit.core.quantize import group_length, quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.ptq.driver import (ABS_SUM, COUNT, INPUT_GROUPS, LINEAR_NAMES, BlockCalibration,
-                               check_batch_size, check_calibration, module_at, run_sequential,
-                               strided_sample)
+                               check_batch_size, check_calibration, merge_blocks, module_at,
+                               run_sequential, strided_sample)
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
 
@@ -279,12 +279,9 @@ def awq_quantize(model, calibration, spec: QuantSpec | str, *, grid=AWQ_GRID, cl
                 weight=q, report={**errors, **entry})
         return out, report
 
-    linears: dict[str, QuantizedLinear] = {}
-    block_reports = []
-    for block_linears, report in run_sequential(model, tokens, process, batch_size=batch_size,
-                                                progress=progress, desc="awq"):
-        linears.update(block_linears)
-        block_reports.append(report)
+    linears, block_reports = merge_blocks(run_sequential(model, tokens, process,
+                                                         batch_size=batch_size,
+                                                         progress=progress, desc="awq"))
     settings = {"weights": str(spec), "grid": list(grid), "clip": clip,
                 "clip_ratios": list(clip_ratios), "search_sequences": search_sequences,
                 "search_tokens": search_tokens, "clip_tokens": clip_tokens,

@@ -270,6 +270,16 @@ def block_forward(block: nnx.Module, inputs: np.ndarray, batch_size: int) -> np.
     return out
 
 
+def merge_blocks(results) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(linears, block reports) from run_sequential's per-block (linears, report) pairs."""
+    linears: dict[str, Any] = {}
+    reports = []
+    for block_linears, report in results:
+        linears.update(block_linears)
+        reports.append(report)
+    return linears, reports
+
+
 def check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -24,8 +24,8 @@ from lowbit.core.packing import pack
 from lowbit.core.quantize import quantize
 from lowbit.files import write_text_atomic
 from lowbit.ptq.driver import check_calibration, linear_paths, module_at
-from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
-from lowbit.ptq.rtn import parse_weight_spec
+from lowbit.ptq.result import PTQResult, QuantizedLinear
+from lowbit.ptq.rtn import parse_weight_spec, rtn_quantize_linear
 
 DEFAULT_CANDIDATES = ("int2:g64:asym", "int3:g64:asym", "int4:g64:asym")
 SENSITIVITY_TOKENS = 256  # tokens of the first calibration sequence scored per measurement
@@ -191,12 +191,8 @@ def apply_allocation(model, allocation: dict[str, str], **settings) -> PTQResult
     for path in linear_paths(len(model.layers)):
         if path not in allocation:
             raise ValueError(f"allocation has no spec for {path!r}")
-        linear = module_at(model, path)
-        kernel = jnp.asarray(linear.kernel[...], jnp.float32)
-        q = quantize(kernel, parse_weight_spec(allocation[path]), axis=0)
-        dequantized = q.dequantize()
-        linear.kernel.set_value(dequantized.astype(linear.kernel[...].dtype))
-        linears[path] = QuantizedLinear(weight=q, report=weight_errors(kernel, dequantized))
+        linears[path] = rtn_quantize_linear(module_at(model, path),
+                                            parse_weight_spec(allocation[path]))
     counts: dict[str, int] = {}
     for spec in allocation.values():
         counts[spec] = counts.get(spec, 0) + 1

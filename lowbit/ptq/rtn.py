@@ -44,26 +44,27 @@ def check_weight_observer(observer: str | None, spec: QuantSpec) -> str | None:
     return observer
 
 
+def rtn_quantize_linear(linear, spec: QuantSpec,
+                        observer: str | None = None) -> QuantizedLinear:
+    """Quantizes one linear's kernel [in, out] in place (the kernel keeps the dequantized
+    values); observer: None (min-max) or a `lowbit.core.calibrate` observer choosing per-group
+    clip ratios (their mean and minimum go into the report)."""
+    kernel = jnp.asarray(linear.kernel[...], jnp.float32)
+    ratio = None if observer is None else clip_ratios(kernel, spec, observer, axis=0)
+    q = quantize(kernel, spec, axis=0, clip_ratio=ratio)
+    dequantized = q.dequantize()
+    linear.kernel.set_value(dequantized.astype(linear.kernel[...].dtype))
+    report = weight_errors(kernel, dequantized)
+    if ratio is not None:
+        report.update(clip_ratio_mean=float(ratio.mean()), clip_ratio_min=float(ratio.min()))
+    return QuantizedLinear(weight=q, report=report)
+
+
 def rtn_quantize_block(block, spec: QuantSpec, prefix: str = "",
                        observer: str | None = None) -> dict[str, QuantizedLinear]:
-    """Quantizes the seven linears of one block in place; returns path -> QuantizedLinear.
-
-    observer: None (min-max) or a `lowbit.core.calibrate` observer choosing per-group clip
-    ratios of each kernel (their mean and minimum go into the report).
-    """
-    out = {}
-    for name in LINEAR_NAMES:
-        linear = module_at(block, name)
-        kernel = jnp.asarray(linear.kernel[...], jnp.float32)
-        ratio = None if observer is None else clip_ratios(kernel, spec, observer, axis=0)
-        q = quantize(kernel, spec, axis=0, clip_ratio=ratio)
-        dequantized = q.dequantize()
-        linear.kernel.set_value(dequantized.astype(linear.kernel[...].dtype))
-        report = weight_errors(kernel, dequantized)
-        if ratio is not None:
-            report.update(clip_ratio_mean=float(ratio.mean()), clip_ratio_min=float(ratio.min()))
-        out[prefix + name] = QuantizedLinear(weight=q, report=report)
-    return out
+    """Quantizes the seven linears of one block in place; returns path -> QuantizedLinear."""
+    return {prefix + name: rtn_quantize_linear(module_at(block, name), spec, observer)
+            for name in LINEAR_NAMES}
 
 
 def rtn_quantize(model, spec: QuantSpec | str, observer: str | None = None) -> PTQResult:

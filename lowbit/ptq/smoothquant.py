@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from lowbit.core.quantize import quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.ptq.driver import (ABS_MAX, INPUT_GROUPS, LINEAR_NAMES, BlockCalibration,
-                               check_batch_size, check_calibration, module_at, replace_module,
-                               run_sequential)
+                               check_batch_size, check_calibration, merge_blocks, module_at,
+                               replace_module, run_sequential)
 from lowbit.ptq.layers import INT8_MAX, W8A8Linear, parse_activation_spec
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
@@ -148,12 +148,9 @@ def smoothquant_quantize(model, calibration, weights: QuantSpec | str = "int8:ch
                     report=weight_errors(original[name], effective))
         return out, report
 
-    linears: dict[str, QuantizedLinear] = {}
-    block_reports = []
-    for block_linears, report in run_sequential(model, tokens, process, batch_size=batch_size,
-                                                progress=progress, desc="smoothquant"):
-        linears.update(block_linears)
-        block_reports.append(report)
+    linears, block_reports = merge_blocks(run_sequential(model, tokens, process,
+                                                         batch_size=batch_size,
+                                                         progress=progress, desc="smoothquant"))
     settings = {"weights": str(spec), "act": act, "act_mode": act_mode, "alpha": alpha,
                 "smooth_down": smooth_down,
                 "calibration_shape": list(tokens.shape)}

@@ -5,10 +5,10 @@ frozen dataclasses; an unknown key raises ValueError naming it.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from lowbit.files import read_toml
 from lowbit.models.llama import LlamaConfig
 from lowbit.nn.rules import LAYER_NAMES, PRESETS, QuantRule, preset_rules
 
@@ -216,11 +216,4 @@ def _rule_table(rule: QuantRule) -> dict:
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a TOML training config."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"config file {path} is not valid TOML: {error}") from None
-    return TrainConfig.from_dict(data)
+    return TrainConfig.from_dict(read_toml(path, "config file"))
