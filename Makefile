@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all fetch clean
+.PHONY: demo test test-all fetch clean constraints
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions CI tested; `make constraints` refreshes it.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --upgrade pip -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,3 +28,14 @@ fetch: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Resolve the newest versions the pyproject ranges allow in a scratch venv and pin them.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q --upgrade pip
+	.venv-constraints/bin/pip install -q -e '.[dev]'
+	{ sed -n '1,2p' constraints.txt; echo "pip==$$(.venv-constraints/bin/pip --version | cut -d' ' -f2)"; \
+	  .venv-constraints/bin/pip freeze --exclude-editable | grep -v '^lowbit'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf .venv-constraints
