@@ -14,96 +14,38 @@ from flax import nnx
 from lowbit.core.packing import PackedArray, pack
 from lowbit.core.quantize import SCALE_JNP_DTYPES, QArray, quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.nn.quant_linear import (QuantLinear, lsq_bounds, quantize_input, rms_normalize,
-                                    rounded_step)
-
-from lowbit.kernels.packed_matmul.api import packed_matmul
-from lowbit.kernels.packed_matmul.reference import weight_format
+from lowbit.nn.contraction import DotContraction
+from lowbit.nn.packed_layer import PackedLayer, PackedWeight, QuantizerState, register_layer
+from lowbit.nn.quant_linear import QuantLinear, lsq_bounds, rounded_step
 
 TERNARY_FORMATS = ("int2", "base3")
 
 
-class PackedWeight(nnx.Variable):
-    """Packed codes, scales and offsets of a frozen layer (not trained)."""
-
-
-class QuantizerState(nnx.Variable):
-    """A frozen input quantizer's learned value (LSQ step or PACT clip)."""
-
-
-def _kernel_supports(packed: PackedArray) -> bool:
-    """Whether packed_matmul takes this format (int4, 2-bit, binary); others dequantize first."""
-    try:
-        weight_format(packed)
-    except ValueError:
-        return False
-    return True
-
-
-class PackedLinear(nnx.Module):
-    """y = quantize_input(x) @ dequant(W) (+ bias) with W held packed: [in, out] packed along in.
-
-    The matmul goes through `lowbit.kernels.packed_matmul.api.packed_matmul` (impl="auto") when
-    the format is one it takes (int4 / int2 / ternary 2-bit / binary), else it dequantizes W.
-    `nbytes` counts codes, scales and offsets exactly; `bits_per_weight` = 8 nbytes / (in*out).
-    """
+@register_layer
+class PackedLinear(PackedLayer):
+    """The PackedLayer of an nnx.Linear: y = quantize_input(x) @ dequant(W) (+ bias), W [in, out]
+    packed along in (see PackedLayer for the runtimes and the formats packed_matmul takes)."""
 
     def __init__(self, packed: PackedArray, *, act_spec: QuantSpec | None = None,
                  act_estimator: str = "identity", act_param=None, input_norm: bool = False,
-                 norm_eps: float = 1e-5, bias=None, dtype: Any = None, impl: str = "auto"):
+                 norm_eps: float = 1e-5, bias=None, dtype: Any = None, runtime: str = "packed",
+                 impl: str = "auto"):
         if not isinstance(packed, PackedArray) or len(packed.shape) != 2 or packed.axis != 0:
             raise ValueError("packed must be a PackedArray of a [in, out] weight packed along axis 0")
-        if act_spec is not None and act_estimator in ("lsq", "pact") and act_param is None:
-            raise ValueError(f"act_estimator {act_estimator!r} needs its learned act_param")
-        self.in_features, self.out_features = packed.shape
-        self.spec, self.format = packed.spec, packed.format
-        self.data = PackedWeight(packed.data)
-        self.scale = PackedWeight(packed.scale)
-        self.zero = nnx.data(None if packed.zero is None else PackedWeight(packed.zero))
-        self.act_spec, self.act_estimator = act_spec, act_estimator
-        self.act_param = nnx.data(None if act_param is None else QuantizerState(jnp.asarray(act_param, jnp.float32)))
-        self.input_norm, self.norm_eps = bool(input_norm), norm_eps
-        self.bias = nnx.data(None if bias is None else PackedWeight(jnp.asarray(bias)))
-        self.dtype, self.impl = dtype, impl
-        self.uses_kernel = _kernel_supports(packed)
+        contraction = DotContraction(packed.shape[:1], packed.shape[1:], (-1,))
+        super().__init__(contraction, packed, act_spec=act_spec, act_estimator=act_estimator,
+                         act_param=act_param, input_norm=input_norm, norm_eps=norm_eps, bias=bias,
+                         dtype=dtype, runtime=runtime, impl=impl)
 
-    @property
-    def packed(self) -> PackedArray:
-        zero = None if self.zero is None else self.zero.get_value()
-        return PackedArray(self.data.get_value(), self.scale.get_value(), zero, self.spec, 0,
-                           (self.in_features, self.out_features), self.format)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed weight (codes + scales + offsets; the bias is not counted)."""
-        return self.packed.nbytes
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.packed.bits_per_weight
-
-    def dequantized_kernel(self) -> jax.Array:
-        """The weight the layer multiplies by: [in, out] f32."""
-        return self.packed.dequantize(jnp.float32)
+    @classmethod
+    def _build(cls, contraction, packed, **options) -> "PackedLinear":
+        return cls(packed, **options)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out]."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        if self.input_norm:
-            x = rms_normalize(x, self.norm_eps)
-        if self.act_spec is not None:
-            param = None if self.act_param is None else self.act_param[...]
-            x = quantize_input(x, self.act_spec, self.act_estimator, param)
-        dtype = self.dtype or x.dtype
-        x = x.astype(dtype)
-        if self.uses_kernel:
-            y = packed_matmul(x, self.packed, impl=self.impl)
-        else:
-            y = jnp.matmul(x, self.dequantized_kernel().astype(dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+        return super().__call__(x)
 
 
 def quantize_kernel(layer: QuantLinear) -> QArray:

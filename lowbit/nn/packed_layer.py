@@ -1,0 +1,225 @@
+"""PackedLayer: a Linear / LinearGeneral / Einsum / Conv that holds its weight bit-packed and runs it
+through packed_matmul; `packed_layer(module, qarray)` builds one, `layer_state` / `layer_from_state`
+turn it into JSON meta + arrays and back (checkpoints without pickles or user code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lowbit.core.packing import PackedArray, pack
+from lowbit.core.quantize import QArray
+from lowbit.core.spec import QuantSpec
+from lowbit.kernels.packed_matmul.api import packed_matmul
+from lowbit.kernels.packed_matmul.reference import weight_format
+from lowbit.nn.contraction import Contraction, contraction_from_description, contraction_of
+from lowbit.nn.quant_linear import ACT_ESTIMATORS, as_spec, check_act_spec, quantize_input, rms_normalize
+
+RUNTIMES = ("packed", "dequant")
+
+
+class PackedWeight(nnx.Variable):
+    """Packed codes, scales and offsets of a frozen layer, and its float bias (not trained)."""
+
+
+class QuantizerState(nnx.Variable):
+    """A frozen input quantizer's learned value (LSQ step or PACT clip)."""
+
+
+def kernel_supports(packed: PackedArray) -> bool:
+    """Whether packed_matmul takes this format: int4 / int2 (sym or asym; group, channel or
+    tensor scales; a group size that divides K), ternary in 2-bit fields, binary. Everything else
+    (a partial last group, int3/5/6/7 bit planes, int8 bytes, nf4/fp4 code books, fp8, base-3
+    ternary, double-quantized scales) is dequantized per call."""
+    try:
+        weight_format(packed)
+    except ValueError:
+        return False
+    return True
+
+
+def _dtype_name(dtype) -> str | None:
+    return None if dtype is None else jnp.dtype(dtype).name
+
+
+class PackedLayer(nnx.Module):
+    """y = output(quantize_input(rows(x)) @ dequant(W) + bias) with W, the layer's [K, N] matrix
+    (see lowbit.nn.contraction), held packed along K.
+
+    The input quantizer (optional RMS norm, then act_spec) sees the [M, K] rows: 'token'
+    granularity means one scale per row (for Conv: per patch). runtime "packed" multiplies through
+    packed_matmul (impl: "auto", "pallas", "xla") when `kernel_supports` the format, else it
+    dequantizes W per call; runtime "dequant" always dequantizes W and runs a float matmul (the
+    research / reference execution). `nbytes` counts codes, scales and offsets exactly (the bias
+    is not counted); `bits_per_weight` = 8 nbytes / (K N).
+    """
+
+    def __init__(self, contraction: Contraction, packed: PackedArray, *, act_spec=None,
+                 act_estimator: str = "identity", act_param=None, input_norm: bool = False,
+                 norm_eps: float = 1e-5, bias=None, dtype: Any = None, runtime: str = "packed",
+                 impl: str = "auto"):
+        if not isinstance(contraction, Contraction):
+            raise ValueError(f"contraction must be a lowbit.nn.contraction.Contraction, got {type(contraction).__name__}")
+        shape = (contraction.in_features, contraction.out_features)
+        if not isinstance(packed, PackedArray) or packed.shape != shape or packed.axis != 0:
+            raise ValueError(f"packed must be a PackedArray of the [K, N] = {list(shape)} weight matrix packed "
+                             f"along axis 0, got {packed!r}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        act_spec = as_spec(act_spec, "act_spec")
+        if act_spec is not None:
+            check_act_spec(act_spec, act_estimator)
+            if act_estimator in ("lsq", "pact") and act_param is None:
+                raise ValueError(f"act_estimator {act_estimator!r} needs its learned act_param")
+        elif act_estimator not in ACT_ESTIMATORS:
+            raise ValueError(f"act_estimator must be one of {ACT_ESTIMATORS}, got {act_estimator!r}")
+        self.contraction = contraction
+        self.in_features, self.out_features = shape
+        self.spec, self.format = packed.spec, packed.format
+        self.data = PackedWeight(packed.data)
+        inner = packed.scale if isinstance(packed.scale, QArray) else None
+        self.scale_spec = None if inner is None else inner.spec
+        self.scale = PackedWeight(packed.scale if inner is None else inner.codes)
+        self.scale_scale = nnx.data(None if inner is None else PackedWeight(inner.scale))
+        self.scale_zero = nnx.data(None if inner is None or inner.zero is None else PackedWeight(inner.zero))
+        self.zero = nnx.data(None if packed.zero is None else PackedWeight(packed.zero))
+        self.act_spec, self.act_estimator = act_spec, act_estimator
+        self.act_param = nnx.data(None if act_param is None else QuantizerState(jnp.asarray(act_param, jnp.float32)))
+        self.input_norm, self.norm_eps = bool(input_norm), float(norm_eps)
+        self.bias = nnx.data(None if bias is None else PackedWeight(contraction.bias_row(jnp.asarray(bias))))
+        self.dtype, self.runtime, self.impl = dtype, runtime, impl
+        self.uses_kernel = runtime == "packed" and kernel_supports(packed)
+
+    @property
+    def packed(self) -> PackedArray:
+        scale = self.scale.get_value()
+        if self.scale_spec is not None:
+            zero = None if self.scale_zero is None else self.scale_zero.get_value()
+            scale = QArray(scale, self.scale_scale.get_value(), zero, self.scale_spec, 0)
+        zero = None if self.zero is None else self.zero.get_value()
+        return PackedArray(self.data.get_value(), scale, zero, self.spec, 0,
+                           (self.in_features, self.out_features), self.format)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight (codes + scales + offsets; the bias is not counted)."""
+        return self.packed.nbytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.packed.bits_per_weight
+
+    def weight_qarray(self) -> QArray:
+        """The weight matrix's QArray ([K, N], groups along axis 0), unpacked from the codes."""
+        return self.packed.unpack()
+
+    def dequantized_matrix(self) -> jax.Array:
+        """The [K, N] matrix the layer multiplies by, in f32."""
+        return self.packed.dequantize(jnp.float32)
+
+    def dequantized_kernel(self) -> jax.Array:
+        """The dequantized weight in the original module's kernel shape, f32."""
+        return self.contraction.kernel_from_matrix(self.dequantized_matrix())
+
+    def prepare_rows(self, rows) -> jax.Array:
+        """RMS normalization (if input_norm) then input fake quantization (if act_spec) of [M, K] rows."""
+        if self.input_norm:
+            rows = rms_normalize(rows, self.norm_eps)
+        if self.act_spec is None:
+            return rows
+        param = None if self.act_param is None else self.act_param[...]
+        return quantize_input(rows, self.act_spec, self.act_estimator, param)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rows = self.prepare_rows(self.contraction.rows(x))
+        dtype = self.dtype or x.dtype
+        rows = rows.astype(dtype)
+        if self.uses_kernel:
+            y = packed_matmul(rows, self.packed, impl=self.impl)
+        else:
+            y = jnp.matmul(rows, self.dequantized_matrix().astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return self.contraction.output(y, x)
+
+    # ---- checkpoint form ----------------------------------------------------------------
+    def layer_state(self) -> tuple[dict, dict]:
+        """(JSON-able meta, arrays) from which `layer_from_state` rebuilds this layer exactly."""
+        meta = {"class": type(self).__name__, "contraction": self.contraction.describe(),
+                "spec": str(self.spec), "format": self.format,
+                "scale_spec": None if self.scale_spec is None else str(self.scale_spec),
+                "act_spec": None if self.act_spec is None else str(self.act_spec),
+                "act_estimator": self.act_estimator, "input_norm": self.input_norm, "norm_eps": self.norm_eps,
+                "dtype": _dtype_name(self.dtype), "runtime": self.runtime, "impl": self.impl}
+        arrays = {"data": self.data.get_value(), "scale": self.scale.get_value()}
+        for name in ("scale_scale", "scale_zero", "zero", "bias", "act_param"):
+            variable = getattr(self, name)
+            if variable is not None:
+                arrays[name] = variable.get_value()
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict) -> "PackedLayer":
+        contraction = contraction_from_description(meta["contraction"])
+        scale = arrays["scale"]
+        if meta["scale_spec"] is not None:
+            scale = QArray(scale, arrays["scale_scale"], arrays.get("scale_zero"),
+                           QuantSpec.parse(meta["scale_spec"]), 0)
+        packed = PackedArray(arrays["data"], scale, arrays.get("zero"), QuantSpec.parse(meta["spec"]), 0,
+                             (contraction.in_features, contraction.out_features), meta["format"])
+        dtype = None if meta["dtype"] is None else jnp.dtype(meta["dtype"])
+        return cls._build(contraction, packed, act_spec=meta["act_spec"], act_estimator=meta["act_estimator"],
+                          act_param=arrays.get("act_param"), input_norm=meta["input_norm"],
+                          norm_eps=meta["norm_eps"], bias=arrays.get("bias"), dtype=dtype,
+                          runtime=meta["runtime"], impl=meta["impl"])
+
+    @classmethod
+    def _build(cls, contraction: Contraction, packed: PackedArray, **options) -> "PackedLayer":
+        return cls(contraction, packed, **options)
+
+
+LAYER_CLASSES: dict[str, type] = {"PackedLayer": PackedLayer}
+
+
+def register_layer(cls: type) -> type:
+    """Make `layer_from_state` know a layer class (it needs `layer_state()` and
+    `from_state(meta, arrays)`); usable as a class decorator."""
+    if not (hasattr(cls, "layer_state") and hasattr(cls, "from_state")):
+        raise ValueError(f"{cls.__name__} needs a layer_state() method and a from_state(meta, arrays) classmethod")
+    LAYER_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def layer_state(layer) -> tuple[dict, dict]:
+    """(meta: JSON-able dict, arrays: name -> array) of a registered layer (PackedLayer, PackedLinear, ...)."""
+    if type(layer).__name__ not in LAYER_CLASSES or not hasattr(layer, "layer_state"):
+        raise ValueError(f"layer must be one of {sorted(LAYER_CLASSES)}, got {type(layer).__name__}")
+    return layer.layer_state()
+
+
+def layer_from_state(meta: dict, arrays: dict):
+    """Rebuild a layer from `layer_state`'s (meta, arrays); no user code runs."""
+    name = meta.get("class") if isinstance(meta, dict) else None
+    if name not in LAYER_CLASSES:
+        raise ValueError(f"meta['class'] must be one of {sorted(LAYER_CLASSES)}, got {name!r}")
+    return LAYER_CLASSES[name].from_state(meta, {k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def packed_layer(module, weight: QArray, *, act_spec=None, runtime: str = "packed",
+                 impl: str = "auto") -> PackedLayer:
+    """A PackedLayer computing `module`'s function (nnx.Linear, LinearGeneral, Einsum or Conv)
+    with `weight`, a QArray of the module's [K, N] matrix (contraction_of(module).matrix(kernel)),
+    groups along axis 0. Ternary weights are packed in 2-bit fields (the kernel's format). The
+    bias stays float; act_spec (optional) quantizes the input rows with dynamic scales."""
+    contraction = contraction_of(module)
+    shape = (contraction.in_features, contraction.out_features)
+    if not isinstance(weight, QArray) or weight.shape != shape or weight.axis != 0:
+        raise ValueError(f"weight must be a QArray of the [K, N] = {list(shape)} matrix quantized along axis 0, "
+                         f"got {weight!r}")
+    bias = None if module.bias is None else module.bias.get_value()
+    return PackedLayer(contraction, pack(weight, ternary="int2"), act_spec=act_spec, bias=bias,
+                       dtype=module.dtype, runtime=runtime, impl=impl)
