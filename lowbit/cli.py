@@ -64,8 +64,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_model(name_or_path: str):
-    """(model, tokenizer) for a registered name, a GGUF path or a quantized checkpoint directory."""
+def load_model(name_or_path: str, runtime: str = "packed"):
+    """(model, tokenizer) for a registered name, a GGUF path or a quantized checkpoint directory
+    (loaded with `runtime` "packed" or "dequant")."""
     from pathlib import Path
 
     from lowbit.models.loader import load_gguf_model
@@ -73,9 +74,9 @@ def load_model(name_or_path: str):
     from lowbit.models.tokenizer import Tokenizer
 
     if Path(name_or_path).is_dir():
-        from lowbit.ptq.cli import load_quantized
+        from lowbit.ptq.cli import load_checkpoint
 
-        model, _, tokenizer_source = load_quantized(name_or_path)
+        model, tokenizer_source = load_checkpoint(name_or_path, runtime)
         if tokenizer_source is None:
             raise ValueError(f"checkpoint {name_or_path} names no source model to take the tokenizer from")
         return model, Tokenizer.from_gguf(resolve_model(tokenizer_source))
@@ -99,7 +100,7 @@ def cmd_eval(args) -> None:
 
     from lowbit.eval import kl_divergence, perplexity
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.runtime)
     tokens = evaluation_tokens(tokenizer, args.text)
     start = time.perf_counter()
     if args.ref:
@@ -111,7 +112,7 @@ def cmd_eval(args) -> None:
         r = perplexity(model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
         info = {"ppl": r.ppl, "tokens": r.tokens_scored, "windows": r.windows}
     seconds = time.perf_counter() - start
-    info.update(model=args.model, text=args.text, ctx=args.ctx, seconds=round(seconds, 2),
+    info.update(model=args.model, runtime=args.runtime, text=args.text, ctx=args.ctx, seconds=round(seconds, 2),
                 tokens_per_s=round(info["windows"] * args.ctx / seconds, 1), peak_rss_mb=round(peak_rss_mb(), 1))
     _emit(args, info, [info])
 
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
     p.add_argument("--ref", default=None, help="reference model for KL divergence and top-1 agreement")
+    p.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
+                   help="a quantized checkpoint's layers: packed (codes in memory, packed matmul; default) or "
+                        "dequant (weights dequantized once into float layers: fake-quant, for research)")
 
     p = add("generate", cmd_generate, "generate text (greedy by default)")
     p.add_argument("--model", default="smollm2-135m")

@@ -304,27 +304,11 @@ def _check_points(value) -> tuple:
 
 
 def _method_function(method: str):
-    """The function quantize_run calls for a method (to check [options] against), or None."""
-    if method == "rtn":
-        from lowbit.ptq.rtn import rtn_quantize as function
-    elif method == "gptq":
-        from lowbit.ptq.gptq import gptq_quantize as function
-    elif method == "awq":
-        from lowbit.ptq.awq import awq_quantize as function
-    elif method == "smoothquant":
-        from lowbit.ptq.smoothquant import smoothquant_quantize as function
-    elif method == "llm_int8":
-        from lowbit.ptq.llm_int8 import llm_int8_quantize as function
-    elif method == "act":
-        try:
-            from lowbit.ptq.act_quant import act_quantize as function
-        except ModuleNotFoundError:
-            return None
-    elif method == "mixed":
-        from lowbit.ptq.mixed import mixed_quantize as function
-    else:
-        return None  # llamacpp takes no options
-    return function
+    """The library function behind a registered method (its keyword arguments are the keys
+    [options.METHOD] takes), or None for llamacpp, which takes no options in a sweep."""
+    from lowbit.ptq.methods import get_method
+
+    return None if method == "llamacpp" else get_method(method).function
 
 
 def _check_options(value) -> dict[str, dict[str, Any]]:
@@ -435,14 +419,9 @@ def combination_problem(point: dict[str, Any]) -> str | None:
         return ("an observer picks its own clipping range; clip ratios other than 1.0 go "
                 "with observer 'none'")
     if method in WEIGHT_METHODS:
-        from lowbit.ptq.awq import check_awq_spec
-        from lowbit.ptq.gptq import check_gptq_spec
-        from lowbit.ptq.rtn import parse_weight_spec
-        from lowbit.ptq.smoothquant import check_w8a8_weight_spec
+        from lowbit.ptq.methods import get_method
 
-        check = {"rtn": parse_weight_spec, "gptq": check_gptq_spec, "awq": check_awq_spec,
-                 "smoothquant": check_w8a8_weight_spec,
-                 "llm_int8": check_w8a8_weight_spec}[method]
+        check = get_method(method).check_weights
         try:
             check(weight_spec(point))
         except ValueError as error:

@@ -1,23 +1,26 @@
-"""Post-training quantization of Llama models: RTN, GPTQ, AWQ, SmoothQuant and LLM.int8(), static
-activation quantization, mixed precision, the sequential calibration driver they share, runtime
-layers and quantized checkpoints.
+"""Post-training quantization of any Flax NNX model: `quantize(model, rules, method=...)` over one
+registry of methods (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), static activation quantization,
+mixed precision), the sequential calibration driver they share and the runtime layers they make.
 """
 
 from lowbit.ptq.act_quant import act_quantize
 from lowbit.ptq.awq import awq_quantize
-from lowbit.ptq.checkpoint import load_quantized, save_quantized
-from lowbit.ptq.driver import run_sequential
-from lowbit.ptq.gptq import gptq_quantize, gptq_quantize_weight
+from lowbit.ptq.driver import ModelBlocks, llama_blocks, run_blocks, run_sequential
+from lowbit.ptq.gptq import gptq_apply, gptq_quantize, gptq_quantize_weight
 from lowbit.ptq.layers import ActQuantLinear, LLMInt8Linear, W8A8Linear
 from lowbit.ptq.llm_int8 import llm_int8_quantize
+from lowbit.ptq.methods import METHOD_NAMES, Method, get_method, quantize, run_method
 from lowbit.ptq.mixed import allocate, layer_sensitivity, mixed_quantize
 from lowbit.ptq.result import PTQResult, QuantizedLinear
-from lowbit.ptq.rtn import rtn_quantize
+from lowbit.ptq.rtn import rtn_apply, rtn_quantize
 from lowbit.ptq.smoothquant import smoothquant_quantize
+from lowbit.ptq.targets import Target, resolve_targets
 
 __all__ = [
-    "ActQuantLinear", "LLMInt8Linear", "PTQResult", "QuantizedLinear", "W8A8Linear",
-    "act_quantize", "allocate", "awq_quantize", "gptq_quantize", "gptq_quantize_weight",
-    "layer_sensitivity", "llm_int8_quantize", "load_quantized", "mixed_quantize", "rtn_quantize",
-    "run_sequential", "save_quantized", "smoothquant_quantize",
+    "ActQuantLinear", "LLMInt8Linear", "METHOD_NAMES", "Method", "ModelBlocks", "PTQResult",
+    "QuantizedLinear", "Target", "W8A8Linear", "act_quantize", "allocate", "awq_quantize",
+    "get_method", "gptq_apply", "gptq_quantize", "gptq_quantize_weight", "layer_sensitivity",
+    "llama_blocks", "llm_int8_quantize", "mixed_quantize", "quantize", "resolve_targets",
+    "rtn_apply", "rtn_quantize", "run_blocks", "run_method", "run_sequential",
+    "smoothquant_quantize",
 ]

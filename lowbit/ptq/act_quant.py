@@ -4,7 +4,6 @@ int threshold from calibration data, and the linears fake-quantize their inputs 
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -13,8 +12,8 @@ import numpy as np
 from lowbit.core.calibrate import (OBSERVERS, check_bits, check_observer, check_percentile,
                                    clip_threshold)
 from lowbit.ptq.driver import (ABS_MAX, INPUT_GROUPS, BlockCalibration, check_batch_size,
-                               check_calibration, module_at, replace_module, run_sequential,
-                               strided_sample)
+                               check_calibration, coprime_stride, module_at, replace_module,
+                               run_sequential, strided_sample)
 from lowbit.ptq.layers import ActQuantLinear
 from lowbit.ptq.result import PTQResult
 
@@ -51,9 +50,7 @@ def act_quantize(model, calibration, act_bits: int, observer: str, *,
         raise ValueError(f"sample_tokens must be a positive integer, got {sample_tokens!r}")
     check_batch_size(batch_size)
     tokens = check_calibration(calibration, model.config)
-    stride = max(1, math.ceil(tokens.size / sample_tokens))
-    while stride > 1 and math.gcd(stride, tokens.shape[1]) != 1:
-        stride += 1  # coprime with the sequence length: the sample visits every position
+    stride = coprime_stride(tokens.size, sample_tokens, tokens.shape[1])
     sample = strided_sample(stride)
     axis = None if granularity == "tensor" else 1
     start = time.perf_counter()

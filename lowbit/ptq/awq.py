@@ -16,10 +16,11 @@ from flax import nnx
 from lowbit.core.quantize import group_length, quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.ptq.driver import (ABS_SUM, COUNT, INPUT_GROUPS, LINEAR_NAMES, BlockCalibration,
-                               check_batch_size, check_calibration, merge_blocks, module_at,
-                               run_sequential, strided_sample)
+                               check_batch_size, check_calibration, coprime_stride, merge_blocks,
+                               module_at, run_sequential, strided_sample)
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
+from lowbit.ptq.targets import check_runtime, install_packed
 
 AWQ_KINDS = ("int", "nf4", "fp4")
 AWQ_GRID = tuple(i / 20 for i in range(20))  # alpha = 0, 0.05, ..., 0.95
@@ -184,18 +185,22 @@ def _check_grid(values, name: str, low: float, high: float) -> tuple[float, ...]
 
 def awq_quantize(model, calibration, spec: QuantSpec | str, *, grid=AWQ_GRID, clip: bool = True,
                  clip_ratios=CLIP_RATIOS, search_sequences: int = 4, search_tokens: int = 4096,
-                 clip_tokens: int = 512, batch_size: int = 8, progress: bool = True) -> PTQResult:
+                 clip_tokens: int = 512, batch_size: int = 8, progress: bool = True,
+                 runtime: str = "packed") -> PTQResult:
     """AWQ every block linear of a Llama model in place, block after block.
 
     Per block: mean|x| per input channel over all calibration tokens; alpha searched over
     `grid` for q/k/v (loss: attention output MSE on the first `search_sequences` calibration
     sequences), v->o (o output; only when v's output width equals o's input, i.e. no GQA),
     gate/up (MLP output) and up->down (down output), these three on `search_tokens` tokens
-    taken evenly from all calibration tokens. The scales are folded into the RMSNorms and into
+    taken with a stride coprime with the sequence length (every position is sampled) from all
+    calibration tokens. The scales are folded into the RMSNorms and into
     v / up, then (if clip) each linear but q/k gets a per-group clipping search on
-    `clip_tokens` tokens, then everything is quantized. The model keeps dequantized kernels.
+    `clip_tokens` tokens, then everything is quantized: each linear becomes a packed layer
+    (runtime "packed", or "dequant" for fake-quant float execution).
     """
     spec = check_awq_spec(spec)
+    check_runtime(runtime)
     grid = _check_grid(grid, "grid", 0.0, 1.0)
     clip_ratios = _check_grid(clip_ratios, "clip_ratios", 1e-3, 1.0)
     for name, value in (("search_sequences", search_sequences), ("search_tokens", search_tokens),
@@ -207,7 +212,7 @@ def awq_quantize(model, calibration, spec: QuantSpec | str, *, grid=AWQ_GRID, cl
 
     def process(context: BlockCalibration) -> tuple[dict[str, QuantizedLinear], dict]:
         block = context.block
-        stride = max(1, context.tokens // search_tokens)
+        stride = coprime_stride(context.tokens, search_tokens, context.inputs.shape[1])
         sample = strided_sample(stride)
         stats = context.statistics({g: (ABS_SUM, COUNT, sample) for g in INPUT_GROUPS})
         mean_abs = {g: stats[g]["abs_sum"] / stats[g]["count"] for g in INPUT_GROUPS}
@@ -264,7 +269,7 @@ def awq_quantize(model, calibration, spec: QuantSpec | str, *, grid=AWQ_GRID, cl
                 kernel_to_quantize = kernel
             q = quantize(kernel_to_quantize, spec, axis=0)
             dequantized = q.dequantize()
-            linear.kernel.set_value(dequantized.astype(linear.kernel[...].dtype))
+            install_packed(block, name, q, runtime)
             effective = dequantized
             if in_scale[name] is not None:
                 effective = effective / in_scale[name][:, None]

@@ -1,5 +1,5 @@
-"""`lowbit quantize`: arguments and the run (quantize a GGUF model, write a checkpoint), plus
-`load_quantized` for `lowbit eval --model DIR`.
+"""`lowbit quantize`: arguments and the run (quantize a GGUF model, write a packed checkpoint),
+plus `load_checkpoint` for `lowbit eval --model DIR`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.ptq.checkpoint import load_quantized, read_meta, save_quantized
+from lowbit.checkpoint import load, read_info, save
+from lowbit.ptq.methods import get_method, run_method
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")
-DEFAULT_WEIGHTS = {"rtn": "int4:g64:asym", "gptq": "int4:g64:asym", "awq": "int4:g64:asym",
-                   "smoothquant": "int8:channel", "llm_int8": "int8:channel"}
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")  # the registry's weight methods
+DEFAULT_WEIGHTS = {name: get_method(name).default_weights for name in METHODS}
 DEFAULT_ACT = "int8:tensor:static"
 DEFAULT_SMOOTHQUANT_ALPHA = 0.85
 
-__all__ = ["METHODS", "add_quantize_arguments", "load_quantized", "run_quantize",
+__all__ = ["METHODS", "add_quantize_arguments", "load_checkpoint", "run_quantize",
            "calibration_tokens"]
 
 
@@ -107,34 +107,26 @@ def quantize_model(model, method: str, weights: str, calibration: np.ndarray | N
                    smooth_down: bool = False, threshold: float | None = 6.0,
                    act_order: bool = False,
                    static_groups: bool = False, batch_size: int = 8, progress: bool = True):
-    """Runs one method on a model in place and returns its PTQResult."""
-    from lowbit.ptq.awq import AWQ_GRID, awq_quantize
-    from lowbit.ptq.gptq import gptq_quantize
-    from lowbit.ptq.llm_int8 import llm_int8_quantize
-    from lowbit.ptq.rtn import rtn_quantize
-    from lowbit.ptq.smoothquant import smoothquant_quantize
+    """Runs one method on a model in place (through lowbit.ptq.methods) and returns its
+    PTQResult; the CLI flags become the method's options."""
+    from lowbit.ptq.awq import AWQ_GRID
 
-    if method == "rtn":
-        return rtn_quantize(model, weights)
+    options: dict[str, Any] = {}
+    if method in ("gptq", "awq", "smoothquant"):
+        options.update(batch_size=batch_size, progress=progress)
     if method == "gptq":
-        return gptq_quantize(model, calibration, weights, act_order=act_order,
-                             static_groups=static_groups, batch_size=batch_size,
-                             progress=progress)
-    if method == "awq":
-        grid = AWQ_GRID if alpha is None else (alpha,)
-        return awq_quantize(model, calibration, weights, grid=grid, batch_size=batch_size,
-                            progress=progress)
-    if method == "smoothquant":
+        options.update(act_order=act_order, static_groups=static_groups)
+    elif method == "awq":
+        options["grid"] = AWQ_GRID if alpha is None else (alpha,)
+    elif method == "smoothquant":
         if smoothing:
             alpha = DEFAULT_SMOOTHQUANT_ALPHA if alpha is None else alpha
         else:
             alpha = None
-        return smoothquant_quantize(model, calibration, weights, act or DEFAULT_ACT, alpha=alpha,
-                                    smooth_down=smooth_down, batch_size=batch_size,
-                                    progress=progress)
-    if method == "llm_int8":
-        return llm_int8_quantize(model, weights, threshold=threshold)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        options.update(act=act or DEFAULT_ACT, alpha=alpha, smooth_down=smooth_down)
+    elif method == "llm_int8":
+        options["threshold"] = threshold
+    return run_method(method, model, weights, calibration, **options)
 
 
 def run_quantize(args) -> dict[str, Any]:
@@ -171,8 +163,9 @@ def run_quantize(args) -> dict[str, Any]:
               "sha256": sha256_of(path)}
     if calibration is not None:
         result.settings["calibration"] = {"source": str(args.calib), "seed": args.seed}
-    save_quantized(out, model, result, source=source)
     report = result.report()
+    save(model, out, info={"method": result.method, "settings": report["settings"],
+                           "source": source, "report": report})
     errors = [layer.get("output_rel_error", layer.get("weight_rel_error"))
               for layer in report["layers"].values()]
     return {
@@ -191,5 +184,20 @@ def run_quantize(args) -> dict[str, Any]:
 
 def describe_checkpoint(directory: str) -> dict[str, Any]:
     """Method, settings and source of a checkpoint (for `lowbit eval` headers)."""
-    meta = read_meta(directory)
-    return {"method": meta["method"], "settings": meta["settings"], "source": meta["source"]}
+    info = read_info(directory)
+    return {"method": info.get("method"), "settings": info.get("settings"),
+            "source": info.get("source")}
+
+
+def load_checkpoint(directory: str, runtime: str = "packed") -> tuple[Any, str | None]:
+    """(model, tokenizer source) of a checkpoint written by `lowbit quantize`: the model as
+    lowbit.load gives it (runtime "packed" or "dequant") and the source GGUF path its
+    tokenizer comes from (None when the checkpoint names none)."""
+    model = load(directory, runtime=runtime)
+    source = read_info(directory).get("source") or {}
+    path = source.get("path")
+    if path is not None and not Path(path).is_file():
+        from lowbit.models.registry import MODELS, resolve_model
+
+        path = str(resolve_model(source["model"])) if source.get("model") in MODELS else None
+    return model, path

@@ -9,7 +9,6 @@ import functools
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
+
+from lowbit.ptq.methods import get_method, run_method
 
 DEMO_SPECS = ("int4:g64:asym", "int3:g64:asym")
 DEMO_METHODS = ("rtn", "gptq", "awq")
@@ -111,41 +112,13 @@ def quantize_run(model, run: dict[str, Any], calibration, progress: bool = False
     Method "llamacpp" (weights: a llama.cpp type such as "Q4_0") re-quantizes the model's
     `source` GGUF with llama.cpp in a temporary directory and loads its weights.
     """
-    from lowbit.ptq.awq import awq_quantize
-    from lowbit.ptq.gptq import gptq_quantize
-    from lowbit.ptq.llm_int8 import llm_int8_quantize
-    from lowbit.ptq.rtn import rtn_quantize
-    from lowbit.ptq.smoothquant import smoothquant_quantize
-
     method, weights, options = run["method"], run["weights"], dict(run.get("options", {}))
-    if method == "rtn":
-        return rtn_quantize(model, weights, **options)  # e.g. observer=
-    if method == "gptq":
-        return gptq_quantize(model, calibration, weights, progress=progress, **options)
-    if method == "awq":
-        return awq_quantize(model, calibration, weights, progress=progress, **options)
-    if method == "smoothquant":
-        return smoothquant_quantize(model, calibration, weights, progress=progress, **options)
-    if method == "llm_int8":
-        return llm_int8_quantize(model, weights, **options)
-    if method == "act":  # activations quantized, weights untouched
-        from lowbit.ptq.act_quant import act_quantize
-
-        return act_quantize(model, calibration, options.pop("act_bits"),
-                            options.pop("act_observer"), progress=progress, **options)
-    if method == "mixed":  # a bits-per-weight budget met by RTN with a spec per linear
-        from lowbit.ptq.mixed import mixed_quantize
-
-        return mixed_quantize(model, calibration, options.pop("budget"), progress=progress,
-                              **options)
+    function_options = get_method(method).options()
+    if "progress" in function_options:
+        options["progress"] = progress
     if method == "llamacpp":
-        from lowbit.ptq.llamacpp import llamacpp_quantize_model
-
-        if source is None:
-            raise ValueError("method 'llamacpp' needs the source GGUF path of the model")
-        with tempfile.TemporaryDirectory() as workdir:
-            return llamacpp_quantize_model(model, source, weights, workdir)
-    raise ValueError(f"unknown method {method!r} in run {run!r}")
+        options["source"] = source
+    return run_method(method, model, weights, calibration, **options)
 
 
 def run_ptq_table(runs: Sequence[dict[str, Any]], model: str = "smollm2-135m", *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
+
+from lowbit.ptq.targets import module_at, replace_module
 
 # The linears of a Llama block, grouped by the input they share (a group's first member is
 # where its input is captured).
@@ -26,29 +29,7 @@ INPUT_GROUPS: dict[str, tuple[str, ...]] = {
 LINEAR_NAMES: tuple[str, ...] = tuple(n for names in INPUT_GROUPS.values() for n in names)
 GROUP_OF: dict[str, str] = {n: g for g, names in INPUT_GROUPS.items() for n in names}
 COMBINES = ("sum", "max", "concat")
-
-
-def module_at(root: Any, path: str) -> Any:
-    """The submodule at a dotted path ("layers.3.attn.wq"); integers index lists."""
-    node = root
-    for part in path.split("."):
-        try:
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
-        except (AttributeError, IndexError, TypeError):
-            raise ValueError(f"no module at path {path!r} (failed at {part!r})") from None
-    return node
-
-
-def replace_module(root: Any, path: str, module: Any) -> None:
-    """Puts `module` at a dotted path, replacing what was there."""
-    parent_path, _, last = path.rpartition(".")
-    parent = module_at(root, parent_path) if parent_path else root
-    if last.isdigit():
-        parent[int(last)] = module
-    elif hasattr(parent, last):
-        setattr(parent, last, module)
-    else:
-        raise ValueError(f"no module at path {path!r}")
+LLAMA_BLOCK_LINEARS = r"layers\.\d+\.(attn|mlp)\.\w+"  # a rule path for every block linear
 
 
 def linear_paths(n_layers: int) -> list[str]:
@@ -97,6 +78,16 @@ XTX = Statistic("xtx", _xtx, "sum")  # sum of x^T x: [features, features]
 ABS_SUM = Statistic("abs_sum", _abs_sum, "sum")  # sum of |x| per feature
 ABS_MAX = Statistic("abs_max", _abs_max, "max")  # max of |x| per feature
 COUNT = Statistic("count", _count, "sum")  # number of tokens
+
+
+def coprime_stride(tokens: int, sample: int, seq: int) -> int:
+    """A stride giving about `sample` of `tokens` flattened rows, coprime with the sequence
+    length `seq`, so the sample visits every position (a stride dividing seq would pick the
+    same positions of every sequence, e.g. only position 0)."""
+    stride = max(1, math.ceil(tokens / sample))
+    while stride > 1 and math.gcd(stride, seq) != 1:
+        stride += 1
+    return stride
 
 
 def strided_sample(stride: int) -> Statistic:
@@ -306,4 +297,211 @@ def run_sequential(model, calibration: Any,
                                    batch_size=batch_size)
         results.append(process_block(context))
         hidden = block_forward(block, hidden, batch_size)
+    return results
+
+
+# ---- The model-agnostic driver: any NNX model, its blocks through a small protocol ----------
+
+
+def _identity(batch):
+    return batch
+
+
+def _call_module(module, batch):
+    return module(batch)
+
+
+def _llama_prefix(model, tokens):
+    return model.embed_tokens(jnp.asarray(tokens))
+
+
+def _llama_block(block, x):
+    return block(x, _positions(x.shape[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBlocks:
+    """How the sequential driver walks a model (the protocol a model can provide).
+
+    blocks: (dotted path, module) of each block in execution order; a quantized layer belongs to
+      the block whose path prefixes its own ("" holds everything).
+    prefix(model, batch): runs the model up to the first block (Llama: the embedding).
+    run_block(block, hidden): runs one block on the previous block's output.
+    prefix and run_block must be module-level functions (they are static jit arguments). A model
+    provides its own through a `ptq_blocks()` method returning a ModelBlocks; the built-in
+    Llama uses `llama_blocks`; any other model is one block: prefix is the identity and
+    run_block calls the model on the calibration batch.
+    """
+
+    blocks: tuple
+    prefix: Callable[[Any, Any], Any] = None
+    run_block: Callable[[Any, Any], Any] = _call_module
+
+    def block_of(self, path: str) -> int | None:
+        """The index of the block holding the layer at `path` (None: outside every block)."""
+        for index, (prefix, _) in enumerate(self.blocks):
+            if prefix == "" or path.startswith(prefix + "."):
+                return index
+        return None
+
+
+def llama_blocks(model) -> ModelBlocks:
+    """The built-in Llama's protocol: embed -> layers[i](x, positions)."""
+    return ModelBlocks(tuple((f"layers.{i}", block) for i, block in enumerate(model.layers)),
+                       _llama_prefix, _llama_block)
+
+
+def model_blocks(model, blocks: ModelBlocks | None = None) -> ModelBlocks:
+    """`blocks` if given, else the model's own `ptq_blocks()`, the Llama protocol for the built-in
+    Llama, or the whole model as one block."""
+    from lowbit.models.llama import Llama
+
+    if blocks is None:
+        if hasattr(model, "ptq_blocks"):
+            blocks = model.ptq_blocks()
+        elif isinstance(model, Llama):
+            blocks = llama_blocks(model)
+        else:
+            blocks = ModelBlocks((("", model),), None, _call_module)
+    if not isinstance(blocks, ModelBlocks) or not blocks.blocks:
+        raise ValueError(f"blocks must be a ModelBlocks with at least one block, got {blocks!r}")
+    return blocks
+
+
+class _RowsTap:
+    """Stands in for a layer inside a traced block: records the rows its kernel multiplies
+    (Contraction.rows of its input), then calls the layer."""
+
+    def __init__(self, inner, store: dict, path: str, contraction):
+        self.inner, self.store, self.path, self.contraction = inner, store, path, contraction
+
+    def __call__(self, x, *args, **kwargs):
+        self.store[self.path] = (x, self.contraction.rows(x))
+        return self.inner(x, *args, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _tapped_statistics(graphdef, state, hidden, plan, run_block):
+    """Runs the block on `hidden` and reduces each planned layer's input rows.
+
+    plan: ((local path, Contraction, (Statistic, ...)), ...). Layers fed the very same input
+    (q/k/v, gate/up) are reduced once: owner[path] is the plan index whose statistics it shares.
+    """
+    block = nnx.merge(graphdef, state)
+    store: dict[str, Any] = {}
+    for local, contraction, _ in plan:
+        replace_module(block, local, _RowsTap(module_at(block, local), store, local, contraction))
+    run_block(block, hidden)
+    out, owner = {}, {}
+    for index, (local, contraction, stats) in enumerate(plan):
+        if local not in store:
+            raise ValueError(f"layer {local!r} was not called when its block ran")
+        x, rows = store[local]
+        first = next(j for j, (other, c, _) in enumerate(plan)
+                     if other in store and store[other][0] is x and c == contraction)
+        owner[local] = jnp.int32(first)
+        if first == index:
+            out[local] = {s.name: s.fn(rows) for s in stats}
+    return out, owner
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _run_block(graphdef, state, hidden, run_block):
+    return run_block(nnx.merge(graphdef, state), hidden)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _run_prefix(graphdef, state, batch, prefix):
+    return prefix(nnx.merge(graphdef, state), batch)
+
+
+def _to_host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+@dataclasses.dataclass
+class BlockInputs:
+    """What a method sees of one block in the model-agnostic driver.
+
+    index / path / block: the block (modify it in place: replace its layers by packed ones);
+    targets: {local path within the block: Target}; hidden: the block's inputs, one host pytree
+    per calibration batch, produced by the already quantized blocks before it.
+    """
+
+    index: int
+    path: str
+    block: nnx.Module
+    targets: dict
+    hidden: list
+    run_block: Callable
+
+    def statistics(self, stats: tuple[Statistic, ...]) -> dict[str, dict[str, Any]]:
+        """{local path: {statistic name: value}} of every target's input rows over all batches
+        (layers sharing one input share one reduction)."""
+        plan = tuple((local, t.contraction, tuple(stats)) for local, t in self.targets.items())
+        graphdef, state = nnx.split(self.block)
+        totals: dict[str, dict[str, Any]] = {}
+        owners: dict[str, int] = {}
+        for batch in self.hidden:
+            parts, owner = _tapped_statistics(graphdef, state, batch, plan, self.run_block)
+            owners = {local: int(i) for local, i in owner.items()}
+            for local, values in parts.items():
+                current = totals.setdefault(local, {s.name: None for s in stats})
+                for s in stats:
+                    current[s.name] = _combine(s.combine, current[s.name], values[s.name])
+        return {local: totals[plan[owners[local]][0]] for local in self.targets}
+
+
+def check_batches(calibration) -> list:
+    """A non-empty list of calibration batches (each is what the model's __call__ takes)."""
+    if calibration is None:
+        raise ValueError("calibration is required for this method: a list of batches, each "
+                         "what the model's __call__ takes")
+    if isinstance(calibration, (np.ndarray, jax.Array)) or not isinstance(calibration,
+                                                                            (list, tuple)):
+        raise ValueError(f"calibration must be a list of batches (each what the model's "
+                         f"__call__ takes), got {type(calibration).__name__}; wrap one batch "
+                         "as [batch]")
+    if not calibration:
+        raise ValueError("calibration is an empty list; give at least one batch")
+    return list(calibration)
+
+
+def run_blocks(model, targets, calibration, process: Callable[[BlockInputs], Any], *,
+               blocks: ModelBlocks | None = None, progress: bool = True,
+               desc: str = "quantize") -> list[Any]:
+    """Calls process on every block holding targets, in order, and returns what it returned.
+
+    targets: the Targets of the run (lowbit.ptq.targets.resolve_targets); calibration: a list
+    of batches. Each block sees the outputs of the blocks before it after they were quantized;
+    a target outside every block is a ValueError (its inputs are never produced).
+    """
+    walk = model_blocks(model, blocks)
+    batches = check_batches(calibration)
+    per_block: dict[int, dict[str, Any]] = {}
+    for target in targets:
+        index = walk.block_of(target.path)
+        if index is None:
+            raise ValueError(f"layer {target.path!r} lies outside the model's blocks "
+                             f"{[p for p, _ in walk.blocks][:4]}...; a calibrated method cannot "
+                             "see its inputs: exclude it with the rules or pass blocks=")
+        prefix = walk.blocks[index][0]
+        local = target.path[len(prefix) + 1:] if prefix else target.path
+        per_block.setdefault(index, {})[local] = target
+    if walk.prefix is None:
+        hidden = batches
+    else:
+        graphdef, state = nnx.split(model)
+        hidden = [_to_host(_run_prefix(graphdef, state, b, walk.prefix)) for b in batches]
+    last = max(per_block)
+    results = []
+    bar = tqdm(walk.blocks[:last + 1], desc=desc, unit="block", disable=not progress,
+               leave=False)
+    for index, (path, block) in enumerate(bar):
+        if index in per_block:
+            results.append(process(BlockInputs(index, path, block, per_block[index], hidden,
+                                               walk.run_block)))
+        if index < last:
+            graphdef, state = nnx.split(block)
+            hidden = [_to_host(_run_block(graphdef, state, h, walk.run_block)) for h in hidden]
     return results

@@ -15,10 +15,11 @@ import numpy as np
 
 from lowbit.core.quantize import QArray, SCALE_JNP_DTYPES, codebook, group_length, quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.ptq.driver import (COUNT, INPUT_GROUPS, XTX, BlockCalibration, check_batch_size,
-                               module_at, run_sequential)
+from lowbit.ptq.driver import (COUNT, LLAMA_BLOCK_LINEARS, XTX, BlockInputs, check_batch_size,
+                               check_calibration, run_blocks)
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
+from lowbit.ptq.targets import check_runtime, install_packed, module_at
 
 GPTQ_KINDS = ("int", "nf4", "fp4")
 DAMP_ESCALATION = 10.0  # each failed Cholesky multiplies the relative damping by this
@@ -292,41 +293,76 @@ def gptq_quantize_weight(weight, hessian, spec: QuantSpec | str, *, block_size: 
     return q, info
 
 
-def gptq_quantize(model, calibration, spec: QuantSpec | str, *, act_order: bool = False,
-                  static_groups: bool = False, block_size: int = 128, damp: float = 0.01,
-                  batch_size: int = 8, progress: bool = True) -> PTQResult:
-    """GPTQ every block linear of a Llama model in place, block after block.
+def gptq_apply(model, targets, calibration, *, act_order: bool = False,
+               static_groups: bool = False, block_size: int = 128, damp: float = 0.01,
+               runtime: str = "packed", blocks=None, progress: bool = True
+               ) -> dict[str, QuantizedLinear]:
+    """GPTQ of every target (lowbit.ptq.targets.Target) of any NNX model, block after block.
 
-    calibration: int tokens [samples, seq]. Each block's input Hessians (one per shared input:
-    q/k/v, o, gate/up, down) are accumulated in f32 over all calibration tokens from the
-    outputs of the already quantized blocks; the model keeps dequantized kernels.
+    calibration: a list of batches, each what the model's __call__ takes (or what its blocks'
+    protocol expects, see lowbit.ptq.driver.ModelBlocks). Each layer's Hessian 2 X^T X / n is
+    accumulated in f32 from its input rows (Contraction.rows: im2col patches for a Conv), over
+    all batches, from the outputs of the already quantized blocks; layers fed the same input
+    share one Hessian. Each layer becomes a packed layer. Returns path -> QuantizedLinear.
     """
-    spec = check_gptq_spec(spec)
+    for target in targets:
+        check_gptq_spec(target.spec)
     _check_options(block_size, act_order, static_groups)
-    check_batch_size(batch_size)
-    start = time.perf_counter()
+    check_runtime(runtime)
 
-    def process(context: BlockCalibration) -> dict[str, QuantizedLinear]:
-        stats = context.statistics({group: (XTX, COUNT) for group in INPUT_GROUPS})
+    def process(context: BlockInputs) -> dict[str, QuantizedLinear]:
+        stats = context.statistics((XTX, COUNT))
+        prepared: dict[int, tuple] = {}
         out = {}
-        for group, names in INPUT_GROUPS.items():
-            hessian = 2.0 * stats[group]["xtx"] / stats[group]["count"]
-            prepared = prepare_hessian(hessian, damp=damp, act_order=act_order)
-            for name in names:
-                linear = module_at(context.block, name)
-                kernel = jnp.asarray(linear.kernel[...], jnp.float32)
-                q, info = gptq_quantize_weight(kernel, prepared, spec, block_size=block_size,
-                                               static_groups=static_groups)
-                dequantized = q.dequantize()
-                linear.kernel.set_value(dequantized.astype(linear.kernel[...].dtype))
-                report = {**weight_errors(kernel, dequantized, hessian), **info}
-                out[f"layers.{context.index}.{name}"] = QuantizedLinear(weight=q, report=report)
+        for local, target in context.targets.items():
+            entry = stats[local]
+            key = id(entry)
+            if key not in prepared:
+                hessian = 2.0 * entry["xtx"] / entry["count"]
+                prepared[key] = (hessian, prepare_hessian(hessian, damp=damp,
+                                                          act_order=act_order))
+            hessian, ready = prepared[key]
+            module = module_at(context.block, local)
+            matrix = target.contraction.matrix(jnp.asarray(module.kernel[...], jnp.float32))
+            q, info = gptq_quantize_weight(matrix, ready, target.spec, block_size=block_size,
+                                           static_groups=static_groups)
+            report = {**weight_errors(matrix, q.dequantize(), hessian), **info}
+            install_packed(context.block, local, q, runtime)
+            out[target.path] = QuantizedLinear(weight=q, report=report)
         return out
 
     linears: dict[str, QuantizedLinear] = {}
-    for block_linears in run_sequential(model, calibration, process, batch_size=batch_size,
-                                        progress=progress, desc="gptq"):
+    for block_linears in run_blocks(model, targets, calibration, process, blocks=blocks,
+                                    progress=progress, desc="gptq"):
         linears.update(block_linears)
+    return linears
+
+
+def gptq_quantize(model, calibration, spec: QuantSpec | str, *, act_order: bool = False,
+                  static_groups: bool = False, block_size: int = 128, damp: float = 0.01,
+                  batch_size: int = 8, progress: bool = True,
+                  runtime: str = "packed") -> PTQResult:
+    """GPTQ every block linear of a Llama model in place, block after block.
+
+    calibration: int tokens [samples, seq], run in batches of batch_size sequences. Each
+    block's input Hessians (one per shared input: q/k/v, o, gate/up, down) are accumulated in
+    f32 over all calibration tokens from the outputs of the already quantized blocks; each
+    linear becomes a packed layer (see gptq_apply, which serves any model).
+    """
+    from lowbit.nn import QuantRule
+    from lowbit.ptq.targets import resolve_targets
+
+    spec = check_gptq_spec(spec)
+    _check_options(block_size, act_order, static_groups)
+    check_batch_size(batch_size)
+    tokens = check_calibration(calibration, model.config)
+    start = time.perf_counter()
+    targets = resolve_targets(model, QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=spec),
+                              warn_unmatched=False)
+    batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+    linears = gptq_apply(model, targets, batches, act_order=act_order,
+                         static_groups=static_groups, block_size=block_size, damp=damp,
+                         runtime=runtime, progress=progress)
     settings = {"weights": str(spec), "act_order": act_order, "static_groups": static_groups,
                 "block_size": block_size, "damp": damp,
                 "calibration_shape": list(np.shape(calibration))}

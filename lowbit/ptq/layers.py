@@ -15,6 +15,7 @@ from flax import nnx
 from lowbit.core.quantize import QArray
 from lowbit.core.spec import QuantSpec
 from lowbit.kernels.int8_matmul.api import int8_matmul
+from lowbit.nn.packed_layer import register_layer
 
 ACT_MODES = ("token", "tensor", "static")
 INT8_MAX = 127
@@ -132,6 +133,27 @@ class W8A8Linear(nnx.Module):
     def in_features(self) -> int:
         return self.codes[...].shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the int8 codes and scales (the static activation scale included)."""
+        scale = 0 if self.act_scale is None else self.act_scale[...].nbytes
+        return self.codes[...].nbytes + self.weight_scale[...].nbytes + scale
+
+    def layer_state(self) -> tuple[dict, dict]:
+        """(JSON-able meta, arrays) for lowbit.save; `from_state` rebuilds the layer."""
+        meta = {"class": type(self).__name__, "act_mode": self.act_mode,
+                "dtype": jnp.dtype(self.dtype).name}
+        arrays = {"codes": self.codes[...], "weight_scale": self.weight_scale[...]}
+        if self.act_scale is not None:
+            arrays["act_scale"] = self.act_scale[...]
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict) -> W8A8Linear:
+        scale = arrays.get("act_scale")
+        return cls(arrays["codes"], arrays["weight_scale"], meta["act_mode"],
+                   None if scale is None else float(scale), dtype=jnp.dtype(meta["dtype"]))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out] in x's dtype."""
         static = None if self.act_scale is None else self.act_scale[...]
@@ -168,6 +190,22 @@ class LLMInt8Linear(nnx.Module):
                     dtype: Any = jnp.float32) -> LLMInt8Linear:
         _check_int8_weight(q, "LLMInt8Linear")
         return cls(q.codes, q.scale_values(), threshold, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the int8 codes and the per-column scales."""
+        return self.codes[...].nbytes + self.weight_scale[...].nbytes
+
+    def layer_state(self) -> tuple[dict, dict]:
+        """(JSON-able meta, arrays) for lowbit.save; `from_state` rebuilds the layer."""
+        meta = {"class": type(self).__name__, "threshold": self.threshold,
+                "dtype": jnp.dtype(self.dtype).name}
+        return meta, {"codes": self.codes[...], "weight_scale": self.weight_scale[...]}
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict) -> LLMInt8Linear:
+        return cls(arrays["codes"], arrays["weight_scale"], meta["threshold"],
+                   dtype=jnp.dtype(meta["dtype"]))
 
     def outlier_features(self, x: jax.Array) -> jax.Array:
         """[in] bool: the input features routed through the float path for x: [..., in]."""
@@ -244,3 +282,7 @@ class ActQuantLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out]."""
         return self.linear(fake_quantize_static(x, self.act_threshold[...], self.act_bits))
+
+
+register_layer(W8A8Linear)
+register_layer(LLMInt8Linear)

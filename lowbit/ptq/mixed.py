@@ -25,7 +25,7 @@ from lowbit.core.quantize import quantize
 from lowbit.files import write_text_atomic
 from lowbit.ptq.driver import check_calibration, linear_paths, module_at
 from lowbit.ptq.result import PTQResult, QuantizedLinear
-from lowbit.ptq.rtn import parse_weight_spec, rtn_quantize_linear
+from lowbit.ptq.rtn import parse_weight_spec, rtn_quantize_layer
 
 DEFAULT_CANDIDATES = ("int2:g64:asym", "int3:g64:asym", "int4:g64:asym")
 SENSITIVITY_TOKENS = 256  # tokens of the first calibration sequence scored per measurement
@@ -184,15 +184,16 @@ def uniform_allocation(sensitivity: dict[str, Any], spec: str) -> dict[str, str]
     return {path: spec for path in sensitivity["layers"]}
 
 
-def apply_allocation(model, allocation: dict[str, str], **settings) -> PTQResult:
-    """RTN with a spec per linear (path -> spec string), in place."""
+def apply_allocation(model, allocation: dict[str, str], *, runtime: str = "packed",
+                     **settings) -> PTQResult:
+    """RTN with a spec per linear (path -> spec string), in place (packed layers)."""
     start = time.perf_counter()
     linears: dict[str, QuantizedLinear] = {}
     for path in linear_paths(len(model.layers)):
         if path not in allocation:
             raise ValueError(f"allocation has no spec for {path!r}")
-        linears[path] = rtn_quantize_linear(module_at(model, path),
-                                            parse_weight_spec(allocation[path]))
+        linears[path] = rtn_quantize_layer(model, path, parse_weight_spec(allocation[path]),
+                                           runtime=runtime)
     counts: dict[str, int] = {}
     for spec in allocation.values():
         counts[spec] = counts.get(spec, 0) + 1
@@ -208,7 +209,7 @@ def save_sensitivity(sensitivity: dict[str, Any], path: str | Path) -> Path:
 def mixed_quantize(model, calibration, budget: float,
                    candidates: Sequence[str] = DEFAULT_CANDIDATES, *,
                    sensitivity_file: str | Path | None = None,
-                   progress: bool = True) -> PTQResult:
+                   progress: bool = True, runtime: str = "packed") -> PTQResult:
     """Mixed-precision RTN of every block linear at `budget` bits per weight, in place.
 
     The sensitivity table is measured on the calibration tokens, or read from
@@ -238,7 +239,7 @@ def mixed_quantize(model, calibration, budget: float,
         if sensitivity_file is not None:
             save_sensitivity(sensitivity, sensitivity_file)
     allocation = allocate(sensitivity, budget)
-    result = apply_allocation(model, allocation, budget=budget, candidates=specs,
-                              predicted_kl=predicted_kl(sensitivity, allocation))
+    result = apply_allocation(model, allocation, runtime=runtime, budget=budget,
+                              candidates=specs, predicted_kl=predicted_kl(sensitivity, allocation))
     result.seconds = time.perf_counter() - start
     return result

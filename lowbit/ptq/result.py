@@ -13,7 +13,7 @@ import numpy as np
 from lowbit.core.packing import pack
 from lowbit.core.quantize import QArray
 
-RUNTIMES = ("dequantized", "w8a8", "llm_int8")
+LAYER_KINDS = ("weight_only", "w8a8", "llm_int8")
 
 
 @dataclasses.dataclass
@@ -21,20 +21,20 @@ class QuantizedLinear:
     """One quantized linear of the model.
 
     weight: the QArray of the kernel [in, out] (after any folded scaling).
-    runtime: how the model runs it: "dequantized" (the float kernel holds weight.dequantize(),
-      fake-quant), "w8a8" (`lowbit.ptq.layers.W8A8Linear`), "llm_int8" (`LLMInt8Linear`).
+    runtime: the layer it became: "weight_only" (a packed layer of lowbit.nn holding the
+      codes), "w8a8" (`lowbit.ptq.layers.W8A8Linear`), "llm_int8" (`LLMInt8Linear`).
     options: runtime settings (activation mode and static scale, outlier threshold).
     report: per-layer numbers (reconstruction errors, chosen scales or damping).
     """
 
     weight: QArray
-    runtime: str = "dequantized"
+    runtime: str = "weight_only"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.runtime not in LAYER_KINDS:
+            raise ValueError(f"runtime must be one of {LAYER_KINDS}, got {self.runtime!r}")
 
 
 @dataclasses.dataclass
@@ -56,13 +56,14 @@ class PTQResult:
     storage: tuple[int, int] | None = None
 
     def linear_bits(self) -> tuple[int, int]:
-        """(packed bits, weights) summed over the linear weights (codes, scales and offsets)."""
+        """(packed bits, weights) summed over the linear weights (codes, scales and offsets), as
+        the packed layers store them (ternary in 2-bit fields, the format packed_matmul runs)."""
         if self.storage is not None:
             return self.storage
         bits = 0
         count = 0
         for entry in self.linears.values():
-            packed = pack(entry.weight)
+            packed = pack(entry.weight, ternary="int2")
             bits += 8 * packed.nbytes
             count += packed.size
         return bits, count

@@ -1,6 +1,6 @@
 """Round-to-nearest (RTN): every block linear quantized on its own with any weight spec, no data
 (optionally with per-group clip ratios picked by a clipping observer from the weight itself).
-The model keeps dequantized float kernels (fake-quant); the QArrays go into the result.
+Each quantized layer becomes a packed layer; the QArrays also go into the result.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import jax.numpy as jnp
 from lowbit.core.calibrate import OBSERVERS, clip_ratios
 from lowbit.core.quantize import quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.ptq.driver import LINEAR_NAMES, module_at
+from lowbit.nn.contraction import contraction_of
+from lowbit.ptq.driver import linear_paths
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
+from lowbit.ptq.targets import check_runtime, install_packed, module_at
 
 
 def parse_weight_spec(spec: QuantSpec | str, argument: str = "weights") -> QuantSpec:
@@ -44,31 +46,37 @@ def check_weight_observer(observer: str | None, spec: QuantSpec) -> str | None:
     return observer
 
 
-def rtn_quantize_linear(linear, spec: QuantSpec,
-                        observer: str | None = None) -> QuantizedLinear:
-    """Quantizes one linear's kernel [in, out] in place (the kernel keeps the dequantized
-    values); observer: None (min-max) or a `lowbit.core.calibrate` observer choosing per-group
+def rtn_quantize_layer(model, path: str, spec: QuantSpec, observer: str | None = None,
+                       runtime: str = "packed") -> QuantizedLinear:
+    """Quantizes the kernel of the layer at `path` (any layer lowbit.nn.contraction_of serves,
+    as its [K, N] matrix, groups along K) and puts a packed layer holding the codes in its
+    place. observer: None (min-max) or a `lowbit.core.calibrate` observer choosing per-group
     clip ratios (their mean and minimum go into the report)."""
-    kernel = jnp.asarray(linear.kernel[...], jnp.float32)
-    ratio = None if observer is None else clip_ratios(kernel, spec, observer, axis=0)
-    q = quantize(kernel, spec, axis=0, clip_ratio=ratio)
-    dequantized = q.dequantize()
-    linear.kernel.set_value(dequantized.astype(linear.kernel[...].dtype))
-    report = weight_errors(kernel, dequantized)
+    module = module_at(model, path)
+    contraction = contraction_of(module, path)
+    matrix = contraction.matrix(jnp.asarray(module.kernel[...], jnp.float32))
+    ratio = None if observer is None else clip_ratios(matrix, spec, observer, axis=0)
+    q = quantize(matrix, spec, axis=0, clip_ratio=ratio)
+    report = weight_errors(matrix, q.dequantize())
     if ratio is not None:
         report.update(clip_ratio_mean=float(ratio.mean()), clip_ratio_min=float(ratio.min()))
+    install_packed(model, path, q, runtime)
     return QuantizedLinear(weight=q, report=report)
 
 
-def rtn_quantize_block(block, spec: QuantSpec, prefix: str = "",
-                       observer: str | None = None) -> dict[str, QuantizedLinear]:
-    """Quantizes the seven linears of one block in place; returns path -> QuantizedLinear."""
-    return {prefix + name: rtn_quantize_linear(module_at(block, name), spec, observer)
-            for name in LINEAR_NAMES}
+def rtn_apply(model, targets, *, observer: str | None = None,
+              runtime: str = "packed") -> dict[str, QuantizedLinear]:
+    """RTN of every target (lowbit.ptq.targets.Target) of any model, in place: path ->
+    QuantizedLinear. No data."""
+    for target in targets:
+        check_weight_observer(observer, target.spec)
+    return {t.path: rtn_quantize_layer(model, t.path, t.spec, observer, runtime) for t in targets}
 
 
-def rtn_quantize(model, spec: QuantSpec | str, observer: str | None = None) -> PTQResult:
-    """Round-to-nearest quantization of every block linear of a Llama model, in place.
+def rtn_quantize(model, spec: QuantSpec | str, observer: str | None = None, *,
+                 runtime: str = "packed") -> PTQResult:
+    """Round-to-nearest quantization of every block linear of a Llama model, in place: each
+    becomes a packed layer (runtime "packed", or "dequant" for fake-quant float execution).
 
     spec: any weight spec (kind, bits, granularity along the input axis, asym...). The
     embedding, norms and tied head stay as they are.
@@ -78,10 +86,9 @@ def rtn_quantize(model, spec: QuantSpec | str, observer: str | None = None) -> P
     """
     spec = parse_weight_spec(spec)
     observer = check_weight_observer(observer, spec)
+    check_runtime(runtime)
     start = time.perf_counter()
-    linears: dict[str, QuantizedLinear] = {}
-    for index, block in enumerate(model.layers):
-        linears.update(rtn_quantize_block(block, spec, prefix=f"layers.{index}.",
-                                          observer=observer))
+    linears = {path: rtn_quantize_layer(model, path, spec, observer, runtime)
+               for path in linear_paths(len(model.layers))}
     return PTQResult(method="rtn", linears=linears, seconds=time.perf_counter() - start,
                      settings={"weights": str(spec), "observer": observer})

@@ -92,13 +92,13 @@ def test_per_channel_thresholds_and_combination_with_rtn(make_tiny, calibration)
     model = make_tiny()
     rtn_quantize(model, "int8:channel")
     weights_only = model(calibration)
-    kernels = {name: np.asarray(module_at(model.layers[0], name).kernel[...])
+    kernels = {name: np.asarray(module_at(model.layers[0], name).dequantized_kernel())
                for name in LINEAR_NAMES}
     result = act_quantize(model, calibration, 8, "mse", granularity="channel", progress=False)
     both = model(calibration)
-    for name in LINEAR_NAMES:  # the rtn kernels are kept as they are
-        np.testing.assert_array_equal(np.asarray(module_at(model.layers[0], name).kernel[...]),
-                                      kernels[name])
+    for name in LINEAR_NAMES:  # the packed rtn layers are wrapped as they are
+        wrapped = module_at(model.layers[0], name).linear
+        np.testing.assert_array_equal(np.asarray(wrapped.dequantized_kernel()), kernels[name])
     threshold = result.block_reports[0]["mlp_hidden"]["threshold"]
     assert threshold.shape == (model.config.ffn_dim,)
     assert result.settings["granularity"] == "channel"
@@ -128,7 +128,7 @@ def _weight_sse(model, original):
     total = 0.0
     for index, block in enumerate(model.layers):
         for name in LINEAR_NAMES:
-            delta = np.asarray(module_at(block, name).kernel[...]) - original[index][name]
+            delta = np.asarray(module_at(block, name).dequantized_kernel()) - original[index][name]
             total += float(np.sum(delta.astype(np.float64) ** 2))
     return total
 
@@ -153,7 +153,7 @@ def test_rtn_without_observer_is_unchanged(make_tiny):
     kernel = np.asarray(model.layers[1].attn.wo.kernel[...])
     result = rtn_quantize(model, "int4:g32:asym")
     expected = quantize(kernel, "int4:g32:asym", axis=0).dequantize()
-    np.testing.assert_array_equal(np.asarray(model.layers[1].attn.wo.kernel[...]),
+    np.testing.assert_array_equal(np.asarray(model.layers[1].attn.wo.dequantized_kernel()),
                                   np.asarray(expected))
     assert result.settings == {"weights": "int4:g32:asym", "observer": None}
 

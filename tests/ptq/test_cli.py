@@ -8,8 +8,8 @@ import pytest
 
 from lowbit.models.llama import LlamaConfig
 from lowbit.models.loader import load_gguf_model
-from lowbit.ptq.checkpoint import read_meta
-from lowbit.ptq.cli import add_quantize_arguments, load_quantized, run_quantize
+from lowbit.checkpoint import layer_bytes, quantized_layers, read_info
+from lowbit.ptq.cli import add_quantize_arguments, load_checkpoint, run_quantize
 from lowbit.ptq.rtn import rtn_quantize
 
 
@@ -67,13 +67,20 @@ def test_rtn_run_writes_a_checkpoint_that_reloads(tmp_path, test_tokens):
     summary = run_quantize(args)
     assert summary["bits_per_weight"] == pytest.approx(4 + 32 / 16)
     assert summary["out"] == str(out) and summary["method"] == "rtn"
-    loaded, config, tokenizer_source = load_quantized(out)
+    loaded, tokenizer_source = load_checkpoint(out)
     assert tokenizer_source == str(path.resolve())
-    assert "embed" not in read_meta(out)["non_linear"]  # read back from the source file
+    info = read_info(out)
+    assert info["method"] == "rtn" and info["settings"]["weights"] == "int4:g16:asym"
+    layers = quantized_layers(loaded)
+    assert len(layers) == 14 and set(layer_bytes(out)) == set(layers)
     expected, _ = load_gguf_model(path)
     rtn_quantize(expected, "int4:g16:asym")
     np.testing.assert_array_equal(np.asarray(loaded(test_tokens)),
                                   np.asarray(expected(test_tokens)))
+    dequantized, _ = load_checkpoint(out, runtime="dequant")  # float layers, same codes
+    assert not quantized_layers(dequantized)
+    np.testing.assert_allclose(np.asarray(dequantized(test_tokens)),
+                               np.asarray(expected(test_tokens)), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="already exists"):
         run_quantize(args)
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lowbit.core.quantize import quantize
+from lowbit.nn.packed_layer import PackedLayer
 from lowbit.ptq.driver import (COUNT, INPUT_GROUPS, XTX, BlockCalibration, embed_calibration,
                                module_at)
 from lowbit.ptq.gptq import (check_gptq_spec, gptq_quantize, gptq_quantize_weight,
@@ -197,8 +198,11 @@ def test_model_gptq_first_block_beats_rtn_per_layer(make_tiny, calibration):
             w = originals[path]
             rtn = weight_errors(w, quantize(w, spec, axis=0).dequantize(), h)
             assert result.linears[path].report["output_mse"] <= rtn["output_mse"] * (1 + 1e-5)
-            kernel = module_at(model, path).kernel[...]
-            np.testing.assert_array_equal(np.asarray(kernel),
+            layer = module_at(model, path)  # a packed layer holding exactly the result's codes
+            assert isinstance(layer, PackedLayer) and not hasattr(layer, "kernel")
+            np.testing.assert_array_equal(np.asarray(layer.weight_qarray().codes),
+                                          np.asarray(result.linears[path].weight.codes))
+            np.testing.assert_array_equal(np.asarray(layer.dequantized_kernel()),
                                           np.asarray(result.linears[path].weight.dequantize()))
     assert np.isfinite(np.asarray(model(jnp.asarray(calibration[:1])))).all()
     assert result.bits_per_weight == pytest.approx(3 + 32 / 16)

@@ -1,0 +1,262 @@
+"""The one registry of PTQ methods (name -> function, options, defaults) used by the CLI, the demo
+and the sweep runner, and `quantize(model, rules, method=..., calibration=...)` for any NNX model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from lowbit.ptq.result import PTQResult
+
+# Arguments a method function takes positionally (not options a user sets by name).
+_POSITIONAL = ("model", "calibration", "spec", "weights", "act_bits", "observer", "budget",
+               "source", "gguf_type", "workdir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One PTQ method.
+
+    name: the registry key ("gptq"); summary: one line for help texts;
+    calibrated: whether it needs calibration data; default_weights: the weight spec the CLI
+    uses when none is given (None: the method takes no weight spec, or a llama.cpp type);
+    any_model: whether `quantize` runs it on any NNX model through rules (else the built-in
+    Llama only); function: the library function behind it (its keyword arguments are the
+    method's options); check_weights: validates a weight spec for this method (or None).
+    """
+
+    name: str
+    summary: str
+    calibrated: bool
+    default_weights: str | None
+    any_model: bool
+    function: Callable[..., PTQResult]
+    check_weights: Callable[[Any], Any] | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The method's options: name -> default (inspect.Parameter.empty when required)."""
+        parameters = inspect.signature(self.function).parameters
+        return {name: p.default for name, p in parameters.items()
+                if name not in _POSITIONAL and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+    def check_options(self, options: dict[str, Any], where: str = "options") -> None:
+        """ValueError naming every option this method does not take."""
+        allowed = self.options()
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"{where}: method {self.name!r} takes no option(s) {unknown}; "
+                             f"its options: {sorted(allowed)}")
+
+
+def _rtn(model, weights, calibration, **options):
+    from lowbit.ptq.rtn import rtn_quantize
+
+    return rtn_quantize(model, weights, **options)
+
+
+def _with_calibration(function_path: str):
+    """A runner for a method function called as f(model, calibration, weights, **options)."""
+    def run(model, weights, calibration, **options):
+        return _function(function_path)(model, calibration, weights, **options)
+    return run
+
+
+def _llm_int8(model, weights, calibration, **options):
+    from lowbit.ptq.llm_int8 import llm_int8_quantize
+
+    return llm_int8_quantize(model, weights, **options)
+
+
+def _act(model, weights, calibration, **options):
+    from lowbit.ptq.act_quant import act_quantize
+
+    if "act_bits" not in options or "act_observer" not in options:
+        raise ValueError("method 'act' needs options act_bits and act_observer")
+    return act_quantize(model, calibration, options.pop("act_bits"), options.pop("act_observer"),
+                        **options)
+
+
+def _mixed(model, weights, calibration, **options):
+    from lowbit.ptq.mixed import mixed_quantize
+
+    if "budget" not in options:
+        raise ValueError("method 'mixed' needs option budget (bits per weight)")
+    return mixed_quantize(model, calibration, options.pop("budget"), **options)
+
+
+def _llamacpp(model, weights, calibration, *, source=None, **options):
+    from lowbit.ptq.llamacpp import llamacpp_quantize_model
+
+    if source is None:
+        raise ValueError("method 'llamacpp' needs the source GGUF path of the model (source=)")
+    with tempfile.TemporaryDirectory() as workdir:
+        return llamacpp_quantize_model(model, source, weights, workdir, **options)
+
+
+def _function(path: str) -> Callable:
+    import importlib
+
+    module_name, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    summary: str
+    calibrated: bool
+    default_weights: str | None
+    any_model: bool
+    runner: Callable
+    function: str
+    check_weights: str | None
+
+
+_ENTRIES: dict[str, _Entry] = {
+    "rtn": _Entry("round to nearest, no data", False, "int4:g64:asym", True, _rtn,
+                  "lowbit.ptq.rtn.rtn_quantize", "lowbit.ptq.rtn.parse_weight_spec"),
+    "gptq": _Entry("GPTQ: rounding errors pushed through the inverse input Hessian", True,
+                   "int4:g64:asym", True, _with_calibration("lowbit.ptq.gptq.gptq_quantize"),
+                   "lowbit.ptq.gptq.gptq_quantize", "lowbit.ptq.gptq.check_gptq_spec"),
+    "awq": _Entry("AWQ: activation-aware per-channel scales, then RTN", True, "int4:g64:asym",
+                  False, _with_calibration("lowbit.ptq.awq.awq_quantize"),
+                  "lowbit.ptq.awq.awq_quantize", "lowbit.ptq.awq.check_awq_spec"),
+    "smoothquant": _Entry("SmoothQuant W8A8: activation outliers migrated into the weights",
+                          True, "int8:channel", False,
+                          _with_calibration("lowbit.ptq.smoothquant.smoothquant_quantize"),
+                          "lowbit.ptq.smoothquant.smoothquant_quantize",
+                          "lowbit.ptq.smoothquant.check_w8a8_weight_spec"),
+    "llm_int8": _Entry("LLM.int8(): int8 weights, outlier input features in float", False,
+                       "int8:channel", False, _llm_int8,
+                       "lowbit.ptq.llm_int8.llm_int8_quantize",
+                       "lowbit.ptq.smoothquant.check_w8a8_weight_spec"),
+    "act": _Entry("static activation quantization (weights untouched)", True, None, False,
+                  _act, "lowbit.ptq.act_quant.act_quantize", None),
+    "mixed": _Entry("mixed-precision RTN meeting a bits-per-weight budget", True, None, False,
+                    _mixed, "lowbit.ptq.mixed.mixed_quantize", None),
+    "llamacpp": _Entry("llama.cpp's quantizer on the source GGUF (weights: a llama.cpp type)",
+                       False, None, False, _llamacpp, "lowbit.ptq.llamacpp.llamacpp_quantize_model",
+                       None),
+}
+METHOD_NAMES = tuple(_ENTRIES)
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`; ValueError listing the names otherwise."""
+    if name not in _ENTRIES:
+        raise ValueError(f"method must be one of {list(METHOD_NAMES)}, got {name!r}")
+    entry = _ENTRIES[name]
+    return Method(name, entry.summary, entry.calibrated, entry.default_weights, entry.any_model,
+                  _function(entry.function),
+                  None if entry.check_weights is None else _function(entry.check_weights))
+
+
+def run_method(name: str, model, weights, calibration=None, **options) -> PTQResult:
+    """Runs a registered method on a built-in Llama model in place: the one dispatcher behind
+    `lowbit quantize`, the demo table and the sweep runner.
+
+    weights: the weight spec (a llama.cpp type for "llamacpp"; ignored by "act" and "mixed");
+    calibration: int tokens [samples, seq] (required when the method is calibrated);
+    options: the method's keyword options (see Method.options), plus act_bits/act_observer for
+    "act", budget for "mixed" and source (the GGUF path) for "llamacpp".
+    """
+    method = get_method(name)
+    if method.calibrated and calibration is None:
+        raise ValueError(f"method {name!r} needs calibration tokens")
+    return _ENTRIES[name].runner(model, weights, calibration, **options)
+
+
+def _llama_spec(model, targets, method: str):
+    """The one weight spec that rules give every block linear of a built-in Llama (the
+    Llama-only methods quantize all of them alike)."""
+    from lowbit.ptq.driver import linear_paths
+
+    expected = linear_paths(len(model.layers))
+    chosen = {t.path: t.spec for t in targets}
+    specs = set(chosen.values())
+    if sorted(chosen) != sorted(expected) or len(specs) != 1:
+        raise ValueError(f"method {method!r} quantizes every block linear of the Llama with one "
+                         "spec: give one rule such as QuantRule(path=lowbit.ptq.driver."
+                         f"LLAMA_BLOCK_LINEARS, weight_spec=...); the rules chose "
+                         f"{len(chosen)} of {len(expected)} linears with {len(specs)} spec(s)")
+    return specs.pop()
+
+
+def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: str = "packed",
+             blocks=None, progress: bool = False, **options) -> PTQResult:
+    """Post-training quantization of any Flax NNX model in place; the quantized layers become
+    packed layers (codes, scales; no float copy).
+
+    rules: lowbit.nn.QuantRule(s): a path regex (re.fullmatch over dotted module paths such as
+      "layers.3.attn.wq" or "conv1") and a weight_spec; first match wins, keep_float shields.
+      nnx.Linear, LinearGeneral, Einsum and Conv are quantized as one [K, N] matrix each
+      (groups along the contracted axes K, see lowbit.nn.contraction); a rule matching anything
+      else, or nothing, is a ValueError; kernels no rule matches stay float (with a warning).
+    method: a name of METHOD_NAMES. "rtn" and "gptq" run on any model; the others ("awq",
+      "smoothquant", "llm_int8", ...) need the built-in Llama (their scale sharing is declared
+      for its blocks) and one spec for all its block linears.
+    calibration: a list of batches, each what the model's __call__ takes (for the built-in
+      Llama: int token arrays [batch, seq]). The sequential driver walks the model's blocks
+      (lowbit.ptq.driver.ModelBlocks: a model's ptq_blocks() method, the Llama's layers, or
+      the whole model as one block); pass blocks= to choose them.
+    runtime: "packed" (default: packed matmul over the codes) or "dequant" (fake-quant float
+      execution of the same codes, for research).
+    options: the method's options (get_method(method).options()), e.g. act_order=True.
+    Returns a PTQResult (per-layer QArrays and errors, bits per weight, time).
+    """
+    from lowbit.ptq.targets import check_rules, check_runtime, resolve_targets
+
+    entry = get_method(method)
+    check_runtime(runtime)
+    start = time.perf_counter()
+    targets = resolve_targets(model, rules)
+    settings = {"rules": [repr(r) for r in check_rules(rules)], "runtime": runtime,
+                **options}
+    if method == "rtn":
+        from lowbit.ptq.rtn import rtn_apply
+
+        _only(options, ("observer",), method)
+        linears = rtn_apply(model, targets, runtime=runtime, **options)
+    elif method == "gptq":
+        from lowbit.ptq.gptq import gptq_apply
+
+        _only(options, ("act_order", "static_groups", "block_size", "damp"), method)
+        linears = gptq_apply(model, targets, calibration, runtime=runtime, blocks=blocks,
+                             progress=progress, **options)
+    else:
+        from lowbit.models.llama import Llama
+
+        if not isinstance(model, Llama) or blocks is not None:
+            raise ValueError(f"method {method!r} runs on the built-in Llama only (the input "
+                             "groups its scales are shared by, and where they fold, are "
+                             "declared for Llama blocks); use 'rtn' or 'gptq' on other models")
+        spec = _llama_spec(model, targets, method)
+        tokens = None
+        if calibration is not None:
+            from lowbit.ptq.driver import check_batches
+
+            tokens = np.concatenate([np.asarray(b) for b in check_batches(calibration)], axis=0)
+        entry.check_options(options)
+        kwargs = dict(options)
+        if "progress" in entry.options():
+            kwargs["progress"] = progress
+        if "runtime" in entry.options():
+            kwargs["runtime"] = runtime
+        result = run_method(method, model, spec, tokens, **kwargs)
+        result.settings.update(rules=settings["rules"], runtime=runtime)
+        return result
+    return PTQResult(method=method, linears=linears, seconds=time.perf_counter() - start,
+                     settings=settings)
+
+
+def _only(options: dict[str, Any], allowed: tuple[str, ...], method: str) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method!r} takes no option(s) {unknown} in ptq.quantize; "
+                         f"its options: {list(allowed)}")
