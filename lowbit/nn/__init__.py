@@ -4,12 +4,12 @@ and the rules that convert a float model to them."""
 from lowbit.nn.contraction import Contraction, contraction_from_description, contraction_of
 from lowbit.nn.packed_layer import PackedLayer, layer_from_state, layer_state, packed_layer
 from lowbit.nn.packed_linear import FreezeSummary, PackedLinear, freeze, pack_layer, quantize_kernel
-from lowbit.nn.quant_linear import BinaryLinear, BitLinear, QuantLinear, calibrate
+from lowbit.nn.quant_linear import BinaryLinear, BitLinear, QuantLayer, QuantLinear, calibrate
 from lowbit.nn.rules import PRESETS, QuantizeReport, QuantRule, preset_rules, quantize_model, unmatched_rules
 
 __all__ = [
     "BinaryLinear", "BitLinear", "Contraction", "FreezeSummary", "PRESETS", "PackedLayer", "PackedLinear",
-    "QuantLinear", "QuantRule", "QuantizeReport", "calibrate", "contraction_from_description", "contraction_of",
+    "QuantLayer", "QuantLinear", "QuantRule", "QuantizeReport", "calibrate", "contraction_from_description", "contraction_of",
     "freeze", "layer_from_state", "layer_state", "pack_layer", "packed_layer", "preset_rules", "quantize_kernel",
     "quantize_model", "unmatched_rules",
 ]

@@ -1,5 +1,5 @@
-"""Inference layers on bit-packed weights: PackedLinear, and `freeze(model)` that turns every
-fake-quantized layer into one (same outputs as the QAT model, bytes as accounted).
+"""PackedLinear (the PackedLayer of an nnx.Linear), and `freeze(model)` that turns every
+fake-quantized layer into its packed layer (same outputs as the QAT model, bytes as accounted).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lowbit.core.quantize import SCALE_JNP_DTYPES, QArray, quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.contraction import DotContraction
 from lowbit.nn.packed_layer import PackedLayer, PackedWeight, QuantizerState, register_layer
-from lowbit.nn.quant_linear import QuantLinear, lsq_bounds, rounded_step
+from lowbit.nn.quant_linear import QuantLayer, QuantLinear, lsq_bounds, rounded_step
 
 TERNARY_FORMATS = ("int2", "base3")
 
@@ -48,9 +48,10 @@ class PackedLinear(PackedLayer):
         return super().__call__(x)
 
 
-def quantize_kernel(layer: QuantLinear) -> QArray:
-    """The QArray a QuantLinear's forward uses: codes and scales of its fake-quantized kernel."""
-    w = layer.kernel[...].astype(jnp.float32)
+def quantize_kernel(layer: QuantLayer) -> QArray:
+    """The QArray a QuantLayer's forward uses: codes and scales of its fake-quantized [K, N]
+    matrix (the kernel itself for QuantLinear), groups along K."""
+    w = layer.kernel_matrix()
     spec = layer.weight_spec
     if layer.estimator != "lsq":
         return quantize(w, spec, axis=0)
@@ -66,17 +67,24 @@ def quantize_kernel(layer: QuantLinear) -> QArray:
     return QArray(codes.astype(jnp.int8), scale, None, spec, 0)
 
 
-def pack_layer(layer: QuantLinear, ternary: str = "int2", impl: str = "auto") -> PackedLinear:
-    """A PackedLinear whose outputs equal `layer`'s (ternary: 'int2' for the kernel, 'base3' for
-    1.6-bit storage; the base-3 form is dequantized before the matmul)."""
+def pack_layer(layer: QuantLayer, ternary: str = "int2", impl: str = "auto",
+               runtime: str = "packed") -> PackedLayer:
+    """The packed layer whose outputs equal `layer`'s: a PackedLinear for a QuantLinear (BitLinear,
+    BinaryLinear), else a PackedLayer over the same contraction. ternary: 'int2' (the format
+    packed_matmul runs) or 'base3' (1.6-bit storage, dequantized before the matmul)."""
     if ternary not in TERNARY_FORMATS:
         raise ValueError(f"ternary must be one of {TERNARY_FORMATS}, got {ternary!r}")
+    if not isinstance(layer, QuantLayer):
+        raise ValueError(f"layer must be a QuantLayer (QuantLinear, BitLinear, ...), got {type(layer).__name__}")
     packed = pack(quantize_kernel(layer), ternary=ternary)
-    act_param = None if layer.act_param is None else layer.act_param[...]
-    bias = None if layer.bias is None else layer.bias[...]
-    return PackedLinear(packed, act_spec=layer.act_spec, act_estimator=layer.act_estimator,
-                        act_param=act_param, input_norm=layer.input_norm, norm_eps=layer.norm_eps,
-                        bias=bias, dtype=layer.dtype, impl=impl)
+    options = dict(act_spec=layer.act_spec, act_estimator=layer.act_estimator,
+                   act_param=None if layer.act_param is None else layer.act_param[...],
+                   input_norm=layer.input_norm, norm_eps=layer.norm_eps,
+                   bias=None if layer.bias is None else layer.bias[...], dtype=layer.dtype,
+                   runtime=runtime, impl=impl)
+    if isinstance(layer, QuantLinear):
+        return PackedLinear(packed, **options)
+    return PackedLayer(layer.contraction, packed, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,18 +118,26 @@ def module_at(model, path):
     return node
 
 
-def freeze(model: nnx.Module, *, ternary: str = "int2", impl: str = "auto") -> FreezeSummary:
-    """Replace every QuantLinear (BitLinear, BinaryLinear too) in `model`, in place, by a
-    PackedLinear; each float kernel is dropped as soon as its layer is packed."""
+def freeze(model: nnx.Module, *, ternary: str = "int2", impl: str = "auto",
+           runtime: str = "packed") -> FreezeSummary:
+    """Replace every fake-quantized layer in `model` (QuantLayer, QuantLinear, BitLinear,
+    BinaryLinear), in place, by its packed layer (see pack_layer; runtime "packed" or "dequant");
+    each float kernel is dropped as soon as its layer is packed. A model with no fake-quantized
+    layer raises ValueError (run quantize_model(model, rules) first)."""
     if ternary not in TERNARY_FORMATS:
         raise ValueError(f"ternary must be one of {TERNARY_FORMATS}, got {ternary!r}")
-    if isinstance(model, QuantLinear):
-        raise ValueError("model must contain QuantLinear layers, not be one; use pack_layer(layer)")
-    paths = [path for path, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)]
+    if isinstance(model, QuantLayer):
+        raise ValueError("model must contain QuantLayer layers, not be one; use pack_layer(layer)")
+    paths = [path for path, node in nnx.iter_graph(model) if isinstance(node, QuantLayer)]
+    if not paths:
+        packed = sum(isinstance(node, PackedLayer) for _, node in nnx.iter_graph(model))
+        hint = f" (its {packed} packed layers are frozen already)" if packed else \
+            "; convert it first with quantize_model(model, rules)"
+        raise ValueError(f"freeze: {type(model).__name__} has no fake-quantized layer to freeze{hint}")
     layers = weights = nbytes = 0
     for path in paths:
         parent = module_at(model, path[:-1])
-        frozen = pack_layer(get_child(parent, path[-1]), ternary=ternary, impl=impl)
+        frozen = pack_layer(get_child(parent, path[-1]), ternary=ternary, impl=impl, runtime=runtime)
         set_child(parent, path[-1], frozen)
         layers += 1
         weights += frozen.in_features * frozen.out_features

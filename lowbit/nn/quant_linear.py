@@ -1,5 +1,5 @@
-"""Fake-quantized linear layers for quantization-aware training: QuantLinear (any spec, any
-estimator), BitLinear (BitNet b1.58) and BinaryLinear, and `calibrate` for data-set initial values.
+"""Fake-quantized layers for quantization-aware training: QuantLayer (Linear, LinearGeneral, Einsum,
+Conv), QuantLinear (any spec, any estimator), BitLinear (BitNet b1.58), BinaryLinear, and `calibrate`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from flax import nnx
 from lowbit.core.quantize import SCALE_JNP_DTYPES, validate
 from lowbit.core.spec import QuantSpec
 from lowbit.core.ste import fake_quant, lsq_fake_quant, pact_fake_quant
+from lowbit.nn.contraction import Contraction, DotContraction, check_module, contraction_of
 
 WEIGHT_ESTIMATORS = ("identity", "clipped", "lsq")
 ACT_ESTIMATORS = ("identity", "clipped", "lsq", "pact")
@@ -171,38 +172,39 @@ def check_act_spec(spec: QuantSpec, estimator: str) -> None:
             raise ValueError(f"act_estimator {estimator!r} learns the range; act_spec '{spec}' must not set clip")
 
 
-class QuantLinear(nnx.Module):
-    """Drop-in for nnx.Linear that fake-quantizes its weights (and optionally its inputs).
+class QuantLayer(nnx.Module):
+    """A fake-quantized nnx.Linear / LinearGeneral / Einsum / Conv for quantization-aware training.
 
-    kernel: [in, out] float Param (the master weights; quantized on the fly, groups along in).
+    contraction: how the layer contracts its kernel (lowbit.nn.contraction); the kernel is
+      quantized as its [K, N] matrix, groups along K (for Conv: window x input channels, channel
+      fastest). kernel / bias: the float master Params in the original module's shapes (adopted,
+      not copied); the bias stays float and is added after the matmul.
     weight_spec / estimator: how the kernel is quantized: identity or clipped straight-through,
-      or lsq (learned step sizes, one per tensor / output channel / group, init 2 mean|w|/sqrt(Qp)).
-    act_spec / act_estimator (default: estimator, or identity for lsq weights when the
-      act_spec is not tensor-wise): input quantization: identity / clipped with dynamic scales,
-      lsq (learned step, init by `calibrate` to 2 mean|x|/sqrt(Qp)), or pact (learned clip).
+      or lsq (learned step sizes, one per tensor / output column / group, init 2 mean|w|/sqrt(Qp)).
+    act_spec / act_estimator (default: estimator, or identity for lsq weights when the act_spec
+      is not tensor-wise): quantization of the input rows [M, K] (rows(x); 'token' = one scale per
+      row): identity / clipped with dynamic scales, lsq (learned step, init by `calibrate` to
+      2 mean|x|/sqrt(Qp)), or pact (learned clip).
     act_clip_init: PACT's initial alpha: a number (default 10.0, a large clip that training
       shrinks, as in the paper) or "data" (ACIQ Gaussian clip of the first batch, set by
-      `calibrate`; far better in short runs, see papers/lsq). learn_clip=False keeps the clip
-      fixed (a FixedClip variable).
+      `calibrate`). learn_clip=False keeps the clip fixed (a FixedClip variable).
     lsq_grad_scale: LSQ's step-gradient scale (on by default; off for the ablation).
-    input_norm: RMS-normalize the input first, with no learnable scale (BitNet's BitLinear).
-    kernel / bias: existing Params (or arrays) to adopt without copying (used by the rules).
+    input_norm / norm_eps: RMS-normalize each input row first, with no learnable scale (BitNet).
+    dtype / precision: the matmul's dtype (None: from x and the kernel) and precision.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, weight_spec, act_spec=None,
+    def __init__(self, contraction: Contraction, kernel, *, weight_spec, bias=None, act_spec=None,
                  estimator: str = "identity", act_estimator: str | None = None,
                  act_clip_init: float | str = 10.0, learn_clip: bool = True,
                  lsq_grad_scale: bool = True, input_norm: bool = False, norm_eps: float = 1e-5,
-                 use_bias: bool = False, dtype: Any = None, param_dtype: Any = jnp.float32,
-                 precision: Any = None, kernel_init=nnx.initializers.lecun_normal(),
-                 kernel=None, bias=None, rngs: nnx.Rngs | None = None):
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                 dtype: Any = None, precision: Any = None):
+        if not isinstance(contraction, Contraction):
+            raise ValueError(f"contraction must be a lowbit.nn.contraction.Contraction, got {type(contraction).__name__}")
+        k, n = contraction.in_features, contraction.out_features
         spec = as_spec(weight_spec, "weight_spec")
         if spec is None:
-            raise ValueError("weight_spec is required (e.g. 'int4:channel', 'ternary'); use nnx.Linear for float")
-        check_weight_spec(spec, estimator, in_features)
+            raise ValueError("weight_spec is required (e.g. 'int4:channel', 'ternary'); keep the float layer for float")
+        check_weight_spec(spec, estimator, k)
         aspec = as_spec(act_spec, "act_spec")
         if act_estimator is None:
             act_estimator = "identity" if estimator == "lsq" and aspec is not None \
@@ -213,36 +215,31 @@ class QuantLinear(nnx.Module):
                     isinstance(act_clip_init, (int, float)) and not isinstance(act_clip_init, bool)
                     and act_clip_init > 0)):
                 raise ValueError(f"act_clip_init must be a positive number or 'data', got {act_clip_init!r}")
-        self.in_features, self.out_features = in_features, out_features
+        self.contraction = contraction
+        self.in_features, self.out_features = k, n
         self.weight_spec, self.act_spec = spec, aspec
         self.estimator, self.act_estimator = estimator, act_estimator
         self.act_clip_init, self.learn_clip = act_clip_init, bool(learn_clip)
         self.lsq_grad_scale, self.input_norm, self.norm_eps = bool(lsq_grad_scale), bool(input_norm), norm_eps
-        self.use_bias, self.dtype, self.param_dtype, self.precision = use_bias, dtype, param_dtype, precision
+        self.dtype, self.precision = dtype, precision
         self._calibrating = False
 
-        if kernel is None:
-            if rngs is None:
-                raise ValueError("rngs is required when no kernel is given")
-            kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
-        elif not isinstance(kernel, nnx.Param):
+        if not isinstance(kernel, nnx.Param):
             kernel = nnx.Param(jnp.asarray(kernel))
-        if tuple(kernel.get_value().shape) != (in_features, out_features):
-            raise ValueError(f"kernel must have shape [in, out] = {(in_features, out_features)}, "
+        if tuple(kernel.get_value().shape) != tuple(contraction.kernel_shape):
+            raise ValueError(f"kernel must have shape {tuple(contraction.kernel_shape)}, "
                              f"got {tuple(kernel.get_value().shape)}")
         self.kernel = kernel
-        if use_bias:
-            if bias is None:
-                bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
-            elif not isinstance(bias, nnx.Param):
+        if bias is not None:
+            if not isinstance(bias, nnx.Param):
                 bias = nnx.Param(jnp.asarray(bias))
-            if tuple(bias.get_value().shape) != (out_features,):
-                raise ValueError(f"bias must have shape [out] = ({out_features},), got {tuple(bias.get_value().shape)}")
-        self.bias = nnx.data(bias if use_bias else None)
+            if bias.get_value().size != n:
+                raise ValueError(f"bias must have {n} entries (one per output), got shape {tuple(bias.get_value().shape)}")
+        self.bias = nnx.data(bias)
 
         weight_step = None
         if estimator == "lsq":
-            weight_step = nnx.Param(lsq_weight_init(self.kernel.get_value(), spec))
+            weight_step = nnx.Param(lsq_weight_init(self.kernel_matrix(), spec))
         self.weight_step = nnx.data(weight_step)
         act_param = None
         if aspec is not None and act_estimator == "lsq":
@@ -254,15 +251,16 @@ class QuantLinear(nnx.Module):
             act_param = (nnx.Param if self.learn_clip else FixedClip)(jnp.asarray(alpha, jnp.float32))
         self.act_param = nnx.data(act_param)
 
+    # Default options a rule naming this class applies to every module type (BitLinear: BitNet's).
+    defaults: dict = {}
+
     @classmethod
-    def from_linear(cls, linear: nnx.Linear, **options) -> "QuantLinear":
-        """A quantized layer that adopts `linear`'s kernel (and bias) Params without copying them."""
-        if not isinstance(linear, nnx.Linear):
-            raise ValueError(f"linear must be an nnx.Linear, got {type(linear).__name__}")
-        bias = linear.bias if linear.use_bias else None
-        return cls(linear.in_features, linear.out_features, kernel=linear.kernel, bias=bias,
-                   use_bias=linear.use_bias, dtype=linear.dtype, param_dtype=linear.param_dtype,
-                   precision=linear.precision, **options)
+    def from_module(cls, module, *, path: str = "module", **options) -> "QuantLayer":
+        """A QuantLayer that adopts an nnx.Linear / LinearGeneral / Einsum / Conv's kernel and bias
+        Params (no copy); options as for the constructor. ValueError naming `path` if unsupported."""
+        contraction = contraction_of(module, path)
+        return cls(contraction, module.kernel, bias=module.bias, dtype=module.dtype,
+                   precision=module.precision, **options)
 
     @property
     def needs_calibration(self) -> bool:
@@ -270,23 +268,31 @@ class QuantLinear(nnx.Module):
         return self.act_spec is not None and (self.act_estimator == "lsq" or (
             self.act_estimator == "pact" and self.act_clip_init == "data"))
 
-    def quantized_kernel(self) -> jax.Array:
-        """The fake-quantized kernel [in, out] in f32 (with its straight-through gradient)."""
-        w = self.kernel[...].astype(jnp.float32)
+    def kernel_matrix(self) -> jax.Array:
+        """The float kernel as its [K, N] matrix, f32."""
+        return self.contraction.matrix(self.kernel[...].astype(jnp.float32))
+
+    def quantized_matrix(self) -> jax.Array:
+        """The fake-quantized [K, N] matrix in f32 (with its straight-through gradient)."""
+        w = self.kernel_matrix()
         if self.estimator == "lsq":
             return lsq_quantize_weight(w, self.weight_step[...], self.weight_spec, self.lsq_grad_scale)
         return fake_quant(w, self.weight_spec, self.estimator, axis=0)
 
-    def prepare_input(self, x) -> jax.Array:
-        """RMS normalization (if input_norm) then input fake quantization (if act_spec)."""
+    def quantized_kernel(self) -> jax.Array:
+        """The fake-quantized kernel in its own shape, f32 ([in, out] for QuantLinear)."""
+        return self.contraction.kernel_from_matrix(self.quantized_matrix())
+
+    def prepare_input(self, rows) -> jax.Array:
+        """RMS normalization (if input_norm) then input fake quantization (if act_spec) of [M, K] rows."""
         if self.input_norm:
-            x = rms_normalize(x, self.norm_eps)
+            rows = rms_normalize(rows, self.norm_eps)
         if self._calibrating:
-            self._observe(x)
+            self._observe(rows)
         if self.act_spec is None:
-            return x
+            return rows
         param = None if self.act_param is None else self.act_param[...]
-        return quantize_input(x, self.act_spec, self.act_estimator, param, self.lsq_grad_scale)
+        return quantize_input(rows, self.act_spec, self.act_estimator, param, self.lsq_grad_scale)
 
     def _observe(self, x) -> None:
         if isinstance(x, jax.core.Tracer):
@@ -302,50 +308,136 @@ class QuantLinear(nnx.Module):
         self.act_param.set_value(jnp.maximum(value, _MIN_STEP).astype(jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        rows = self.prepare_input(self.contraction.rows(x))
+        w = self.quantized_matrix()
+        dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.get_value().dtype)
+        y = jnp.matmul(rows.astype(dtype), w.astype(dtype), precision=self.precision)
+        if self.bias is not None:
+            y = y + self.contraction.bias_row(self.bias[...]).astype(dtype)
+        return self.contraction.output(y, x)
+
+
+class QuantLinear(QuantLayer):
+    """Drop-in for nnx.Linear that fake-quantizes its weights (and optionally its inputs): the
+    QuantLayer of a [in, out] kernel, groups along in (see QuantLayer for every option).
+
+    kernel / bias: existing Params (or arrays) to adopt without copying (used by the rules);
+    otherwise kernel_init(rngs.params(), (in, out)) and a zero bias when use_bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, weight_spec, act_spec=None,
+                 estimator: str = "identity", act_estimator: str | None = None,
+                 act_clip_init: float | str = 10.0, learn_clip: bool = True,
+                 lsq_grad_scale: bool = True, input_norm: bool = False, norm_eps: float = 1e-5,
+                 use_bias: bool = False, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 precision: Any = None, kernel_init=nnx.initializers.lecun_normal(),
+                 kernel=None, bias=None, rngs: nnx.Rngs | None = None):
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if kernel is None:
+            if rngs is None:
+                raise ValueError("rngs is required when no kernel is given")
+            kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        elif not isinstance(kernel, nnx.Param):
+            kernel = nnx.Param(jnp.asarray(kernel))
+        if tuple(kernel.get_value().shape) != (in_features, out_features):
+            raise ValueError(f"kernel must have shape [in, out] = {(in_features, out_features)}, "
+                             f"got {tuple(kernel.get_value().shape)}")
+        if use_bias:
+            if bias is None:
+                bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
+            elif not isinstance(bias, nnx.Param):
+                bias = nnx.Param(jnp.asarray(bias))
+            if tuple(bias.get_value().shape) != (out_features,):
+                raise ValueError(f"bias must have shape [out] = ({out_features},), got {tuple(bias.get_value().shape)}")
+        super().__init__(DotContraction((in_features,), (out_features,), (-1,)), kernel,
+                         weight_spec=weight_spec, bias=bias if use_bias else None, act_spec=act_spec,
+                         estimator=estimator, act_estimator=act_estimator, act_clip_init=act_clip_init,
+                         learn_clip=learn_clip, lsq_grad_scale=lsq_grad_scale, input_norm=input_norm,
+                         norm_eps=norm_eps, dtype=dtype, precision=precision)
+        self.use_bias, self.param_dtype = bool(use_bias), param_dtype
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, **options) -> "QuantLinear":
+        """A quantized layer that adopts `linear`'s kernel (and bias) Params without copying them."""
+        if not isinstance(linear, nnx.Linear):
+            raise ValueError(f"linear must be an nnx.Linear, got {type(linear).__name__}")
+        check_module(linear, options.pop("path", "linear"))
+        bias = linear.bias if linear.use_bias else None
+        return cls(linear.in_features, linear.out_features, kernel=linear.kernel, bias=bias,
+                   use_bias=linear.use_bias, dtype=linear.dtype, param_dtype=linear.param_dtype,
+                   precision=linear.precision, **options)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out]."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        x = self.prepare_input(x)
-        w = self.quantized_kernel()
-        dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.get_value().dtype)
-        y = jnp.matmul(x.astype(dtype), w.astype(dtype), precision=self.precision)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+        return super().__call__(x)
+
+
+BITNET_DEFAULTS = {"weight_spec": "ternary", "act_spec": "int8:token:f32", "input_norm": True}
 
 
 class BitLinear(QuantLinear):
-    """BitNet b1.58's linear: RMSNorm without a learnable scale on the input, absmean ternary
-    weights per tensor, per-token absmax int8 activations (scale 127 / max|x|), identity STE
-    (x + stop_gradient(q(x) - x)), no bias. Other weight specs (e.g. 'binary') are accepted.
+    """BitNet b1.58's linear: RMSNorm without a learnable scale on the input (input_norm), absmean
+    ternary weights per tensor, per-token absmax int8 activations (scale 127 / max|x|), identity
+    STE (x + stop_gradient(q(x) - x)). BitNet drops biases; use_bias=True (for models that have
+    them) keeps the bias in float and adds it after the matmul. Other weight specs (e.g. 'binary')
+    are accepted; every other option is QuantLinear's.
     """
 
+    defaults = BITNET_DEFAULTS
+
     def __init__(self, in_features: int, out_features: int, *, weight_spec="ternary",
-                 act_spec="int8:token:f32", **options):
-        if options.get("use_bias"):
-            raise ValueError(f"{type(self).__name__} has no bias (BitNet b1.58 drops them); use_bias must be False")
-        options.setdefault("input_norm", True)
-        super().__init__(in_features, out_features, weight_spec=weight_spec, act_spec=act_spec, **options)
+                 act_spec="int8:token:f32", input_norm: bool = True, use_bias: bool = False,
+                 estimator: str = "identity", act_estimator: str | None = None,
+                 act_clip_init: float | str = 10.0, learn_clip: bool = True,
+                 lsq_grad_scale: bool = True, norm_eps: float = 1e-5, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, precision: Any = None,
+                 kernel_init=nnx.initializers.lecun_normal(), kernel=None, bias=None,
+                 rngs: nnx.Rngs | None = None):
+        super().__init__(in_features, out_features, weight_spec=weight_spec, act_spec=act_spec,
+                         input_norm=input_norm, use_bias=use_bias, estimator=estimator,
+                         act_estimator=act_estimator, act_clip_init=act_clip_init, learn_clip=learn_clip,
+                         lsq_grad_scale=lsq_grad_scale, norm_eps=norm_eps, dtype=dtype,
+                         param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+                         kernel=kernel, bias=bias, rngs=rngs)
 
 
 class BinaryLinear(BitLinear):
-    """BitLinear with 1-bit weights: sign(w) times mean|w| per tensor (BitNet's binary layer)."""
+    """BitLinear with 1-bit weights: sign(w) times mean|w| per tensor (BitNet's binary layer);
+    every other option is BitLinear's."""
 
-    def __init__(self, in_features: int, out_features: int, *, weight_spec="binary", **options):
-        super().__init__(in_features, out_features, weight_spec=weight_spec, **options)
+    defaults = {**BITNET_DEFAULTS, "weight_spec": "binary"}
+
+    def __init__(self, in_features: int, out_features: int, *, weight_spec="binary",
+                 act_spec="int8:token:f32", input_norm: bool = True, use_bias: bool = False,
+                 estimator: str = "identity", act_estimator: str | None = None,
+                 act_clip_init: float | str = 10.0, learn_clip: bool = True,
+                 lsq_grad_scale: bool = True, norm_eps: float = 1e-5, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, precision: Any = None,
+                 kernel_init=nnx.initializers.lecun_normal(), kernel=None, bias=None,
+                 rngs: nnx.Rngs | None = None):
+        super().__init__(in_features, out_features, weight_spec=weight_spec, act_spec=act_spec,
+                         input_norm=input_norm, use_bias=use_bias, estimator=estimator,
+                         act_estimator=act_estimator, act_clip_init=act_clip_init, learn_clip=learn_clip,
+                         lsq_grad_scale=lsq_grad_scale, norm_eps=norm_eps, dtype=dtype,
+                         param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+                         kernel=kernel, bias=bias, rngs=rngs)
 
 
-def calibrate(model: nnx.Module, tokens) -> int:
+def calibrate(model: nnx.Module, batch) -> int:
     """Set the data-initialized quantizer values (LSQ input steps, PACT clips with 'data')
-    from one eager forward pass of `model(tokens)`; returns how many layers were set."""
+    from one eager forward pass of `model(batch)`; returns how many layers were set."""
     layers = [node for _, node in nnx.iter_graph(model)
-              if isinstance(node, QuantLinear) and node.needs_calibration]
+              if isinstance(node, QuantLayer) and node.needs_calibration]
     if not layers:
         return 0
     for layer in layers:
         layer._calibrating = True
     try:
-        model(tokens)
+        model(batch)
     finally:
         for layer in layers:
             layer._calibrating = False

@@ -1,19 +1,22 @@
-"""Rules that convert a float model's nnx.Linear layers to quantized layers, in place:
-`quantize_model(model, rules)`; the first rule whose regex matches a module path wins.
+"""Rules that convert a float model's nnx.Linear / LinearGeneral / Einsum / Conv layers to
+fake-quantized layers, in place: `quantize_model(model, rules)`; the first matching rule wins.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any
 
 from flax import nnx
 
 from lowbit.core.spec import QuantSpec
-from lowbit.nn.packed_linear import get_child, module_at, set_child
+from lowbit.nn.contraction import SUPPORTED_TYPES, check_module
+from lowbit.nn.packed_layer import LAYER_CLASSES
+from lowbit.nn.packed_linear import module_at, set_child
 from lowbit.nn.quant_linear import (ACT_ESTIMATORS, WEIGHT_ESTIMATORS, BinaryLinear, BitLinear,
-                                    QuantLinear, as_spec)
+                                    QuantLayer, QuantLinear, as_spec)
 
 LAYER_NAMES = {"quant": QuantLinear, "bitlinear": BitLinear, "binary": BinaryLinear}
 _OPTION_FIELDS = ("act_clip_init", "learn_clip", "lsq_grad_scale")
@@ -25,10 +28,15 @@ class QuantRule:
 
     path: a regex that must match the whole module path (re.fullmatch), e.g.
       r"layers\\.\\d+\\.attn\\.w[qkv]" for "layers.3.attn.wq".
-    layer: QuantLinear, BitLinear or BinaryLinear (or "quant", "bitlinear", "binary").
+    layer: QuantLinear, BitLinear or BinaryLinear (or "quant", "bitlinear", "binary"): the
+      recipe. An nnx.Linear becomes that class; an nnx.LinearGeneral / Einsum / Conv becomes a
+      QuantLayer with the class's defaults (BitLinear: ternary weights, int8 per-row inputs,
+      input RMS norm).
     weight_spec / act_spec: QuantSpec or string; BitLinear and BinaryLinear supply their own
       defaults when None; QuantLinear needs a weight_spec. act_spec None: no input quantization.
-    estimator / act_estimator / act_clip_init / learn_clip / lsq_grad_scale: as in QuantLinear.
+    estimator / act_estimator / act_clip_init / learn_clip / lsq_grad_scale: as in QuantLayer.
+    input_norm: RMS-normalize the inputs without a learnable scale (BitNet's BitLinear norm);
+      None keeps the layer class's default (on for BitLinear / BinaryLinear, off for QuantLinear).
     keep_float: leave the matched layers as they are (a rule that shields layers from later rules).
     """
 
@@ -41,6 +49,7 @@ class QuantRule:
     act_clip_init: float | str = 10.0
     learn_clip: bool = True
     lsq_grad_scale: bool = True
+    input_norm: bool | None = None
     keep_float: bool = False
 
     def __post_init__(self):
@@ -65,6 +74,8 @@ class QuantRule:
                 raise ValueError(f"{self!r}: {error}") from None
         if self.estimator not in WEIGHT_ESTIMATORS:
             raise ValueError(f"{self!r}: estimator must be one of {WEIGHT_ESTIMATORS}, got {self.estimator!r}")
+        if self.input_norm is not None and not isinstance(self.input_norm, bool):
+            raise ValueError(f"{self!r}: input_norm must be True, False or None, got {self.input_norm!r}")
         if self.act_estimator is not None and self.act_estimator not in ACT_ESTIMATORS:
             raise ValueError(f"{self!r}: act_estimator must be one of {ACT_ESTIMATORS} or None, "
                              f"got {self.act_estimator!r}")
@@ -92,6 +103,8 @@ class QuantRule:
         options["estimator"] = self.estimator
         if self.act_estimator is not None:
             options["act_estimator"] = self.act_estimator
+        if self.input_norm is not None:
+            options["input_norm"] = self.input_norm
         for name in ("weight_spec", "act_spec"):
             if getattr(self, name) is not None or self.layer is QuantLinear:
                 options[name] = getattr(self, name)
@@ -110,19 +123,33 @@ class QuantRule:
 @dataclasses.dataclass(frozen=True)
 class QuantizeReport:
     """layers: module path -> index of the rule that converted it (or kept it float);
-    unmatched: the rules no layer used."""
+    unmatched: the rules no layer used; unquantized: paths of layers with a kernel that no rule
+    matched (they stay float)."""
 
     layers: dict
     unmatched: tuple
-
-
-def linear_paths(model: nnx.Module) -> list[tuple]:
-    """Paths (tuples) of the nnx.Linear layers in a model, in graph order."""
-    return [path for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
+    unquantized: tuple = ()
 
 
 def dotted(path) -> str:
     return ".".join(str(key) for key in path)
+
+
+def _is_quantized(node) -> bool:
+    return isinstance(node, QuantLayer) or type(node).__name__ in LAYER_CLASSES
+
+
+def kernel_layers(model: nnx.Module) -> list[tuple]:
+    """(path tuple, module) of every layer a rule may name, in graph order: the supported float
+    types, already quantized layers, and any other module holding a `kernel` Variable."""
+    found = []
+    for path, node in nnx.iter_graph(model):
+        if not path or not isinstance(node, nnx.Module):
+            continue
+        if isinstance(node, SUPPORTED_TYPES) or _is_quantized(node) or \
+                isinstance(getattr(node, "kernel", None), nnx.Variable):
+            found.append((path, node))
+    return found
 
 
 def _check_rules(rules) -> tuple:
@@ -135,10 +162,10 @@ def _check_rules(rules) -> tuple:
     return rules
 
 
-def _assign(model, rules) -> dict:
-    """Map each nnx.Linear path to the index of the first rule that matches it."""
+def _assign(layers, rules) -> dict:
+    """Map each layer path to the index of the first rule that matches it."""
     chosen = {}
-    for path in linear_paths(model):
+    for path, _ in layers:
         name = dotted(path)
         for i, rule in enumerate(rules):
             if rule.matches(name):
@@ -148,46 +175,74 @@ def _assign(model, rules) -> dict:
 
 
 def unmatched_rules(model: nnx.Module, rules) -> list[QuantRule]:
-    """Rules that no nnx.Linear in `model` would use (no path matches, or earlier rules take
-    every layer they match). The model is not changed."""
+    """Rules that no layer of `model` would use (no path matches, or earlier rules take every
+    layer they match). The model is not changed."""
     rules = _check_rules(rules)
-    used = set(_assign(model, rules).values())
+    used = set(_assign(kernel_layers(model), rules).values())
     return [rule for i, rule in enumerate(rules) if i not in used]
 
 
-def quantize_model(model: nnx.Module, rules, *, raise_on_unmatched: bool = False) -> QuantizeReport:
-    """Convert the model's nnx.Linear layers in place, first matching rule wins.
+def _convert(module, rule: QuantRule, name: str):
+    """The fake-quantized layer for one matched module (ValueError naming the path if unsupported)."""
+    if _is_quantized(module):
+        raise ValueError(f"{name}: {type(module).__name__} is already quantized; quantize_model converts "
+                         "float layers once (keep_float=True rules may name quantized layers)")
+    base = check_module(module, name)
+    options = rule.layer_options()
+    if base is nnx.Linear:
+        return rule.layer.from_linear(module, path=name, **options)
+    return QuantLayer.from_module(module, path=name, **{**rule.layer.defaults, **options})
 
-    Each new layer adopts the old kernel Param (no second copy of the weights). Every layer is
-    built and checked before any is swapped in, so a rule a layer cannot take (e.g. a group
-    size larger than its input width) raises ValueError naming the rule and leaves the model
-    unchanged. raise_on_unmatched: raise ValueError if a rule matched nothing.
+
+def quantize_model(model: nnx.Module, rules, *, raise_on_unmatched: bool = False,
+                   warn: bool = True) -> QuantizeReport:
+    """Convert the model's nnx.Linear / LinearGeneral / Einsum / Conv layers in place, first
+    matching rule wins (nnx.Linear -> the rule's class, the others -> QuantLayer).
+
+    Each new layer adopts the old kernel (and bias) Param: no second copy of the weights. Every
+    layer is built and checked before any is swapped in, so a failure leaves the model unchanged.
+    ValueError, naming the path and type, when a (not keep_float) rule matches: a layer of another
+    type that holds a kernel (e.g. nnx.ConvTranspose), a subclass with its own __call__, an already
+    quantized layer, or a layer the rule's spec cannot take (e.g. a group larger than K).
+    warn (default): warnings.warn about rules that matched nothing and about layers with a kernel
+    that no rule matched (they stay float; the report lists them). raise_on_unmatched: raise
+    ValueError instead when a rule matched nothing.
     """
     rules = _check_rules(rules)
-    if isinstance(model, nnx.Linear):
-        raise ValueError("model must contain nnx.Linear layers, not be one; build a QuantLinear with "
-                         "QuantLinear.from_linear(linear, ...)")
-    chosen = _assign(model, rules)
+    if isinstance(model, SUPPORTED_TYPES) or _is_quantized(model):
+        raise ValueError(f"model must contain layers, not be one ({type(model).__name__}); build a layer "
+                         "directly with QuantLayer.from_module(module, ...) or QuantLinear.from_linear(linear, ...)")
+    layers = kernel_layers(model)
+    chosen = _assign(layers, rules)
     used = set(chosen.values())
     unmatched = tuple(rule for i, rule in enumerate(rules) if i not in used)
-    if raise_on_unmatched and unmatched:
-        raise ValueError(f"rules matched no layer: {list(unmatched)}; "
-                         f"layer paths look like {[dotted(p) for p in linear_paths(model)][:6]}")
+    if unmatched:
+        message = (f"rules matched no layer: {list(unmatched)}; "
+                   f"layer paths look like {[dotted(p) for p, _ in layers][:6]}")
+        if raise_on_unmatched:
+            raise ValueError(message)
+        if warn:
+            warnings.warn(message, stacklevel=2)
+    unquantized = tuple(dotted(p) for p, node in layers if p not in chosen and not _is_quantized(node))
     replacements = []
-    for path, i in chosen.items():
-        rule = rules[i]
-        if rule.keep_float:
+    for path, module in layers:
+        if path not in chosen or rules[chosen[path]].keep_float:
             continue
-        linear = module_at(model, path)
+        i, name = chosen[path], dotted(path)
         try:
-            new = rule.layer.from_linear(linear, **rule.layer_options())
+            new = _convert(module, rules[i], name)
         except ValueError as error:
-            raise ValueError(f"rules[{i}] {rule!r} cannot quantize layer {dotted(path)!r} "
-                             f"[{linear.in_features}, {linear.out_features}]: {error}") from None
+            raise ValueError(f"rules[{i}] {rules[i]!r} cannot quantize layer {name!r} "
+                             f"({type(module).__name__}, kernel {tuple(module.kernel.shape) if hasattr(module, 'kernel') else '-'}): "
+                             f"{error}") from None
         replacements.append((path, new))
     for path, new in replacements:
         set_child(module_at(model, path[:-1]), path[-1], new)
-    return QuantizeReport({dotted(p): i for p, i in chosen.items()}, unmatched)
+    if unquantized and warn:
+        warnings.warn(f"{len(unquantized)} layer(s) with a kernel matched no rule and stay float: "
+                      f"{list(unquantized)[:8]}{' ...' if len(unquantized) > 8 else ''} "
+                      "(add a keep_float=True rule to silence this, or warn=False)", stacklevel=2)
+    return QuantizeReport({dotted(p): i for p, i in chosen.items()}, unmatched, unquantized)
 
 
 BLOCK_LINEARS = r"layers\.\d+\..*"

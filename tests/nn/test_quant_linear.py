@@ -162,9 +162,15 @@ def test_bad_layer_options_raise_value_errors(options, message):
         QuantLinear(32, 4, rngs=nnx.Rngs(0), **options)
 
 
-def test_bitlinear_rejects_a_bias_and_calibrate_rejects_tracing():
-    with pytest.raises(ValueError, match="no bias"):
-        BitLinear(8, 4, use_bias=True, rngs=nnx.Rngs(0))
+def test_bitlinear_adds_an_optional_float_bias_after_the_matmul():
+    kernel, bias = jax.random.normal(jax.random.key(0), (8, 4)), jnp.arange(4.0)
+    x = jax.random.normal(jax.random.key(1), (3, 8))
+    plain = BitLinear(8, 4, kernel=kernel)
+    biased = BitLinear(8, 4, kernel=kernel, use_bias=True, bias=bias)
+    np.testing.assert_allclose(np.asarray(biased(x)), np.asarray(plain(x) + bias), rtol=1e-6, atol=1e-6)
+
+
+def test_calibrate_rejects_tracing():
     layer = QuantLinear(8, 4, weight_spec="int8", act_spec="int8", estimator="lsq", rngs=nnx.Rngs(0))
     layer._calibrating = True
     with pytest.raises(ValueError, match="eagerly"):

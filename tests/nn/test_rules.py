@@ -24,8 +24,9 @@ def test_first_matching_rule_wins_and_unmatched_rules_are_listed():
              QuantRule(path=r"layers\.\d+\.mlp\.w_down", keep_float=True),
              QuantRule(path=r".*", weight_spec="int8:channel")]
     assert unmatched_rules(model, rules) == [rules[2], rules[3]]
-    report = quantize_model(model, rules)
-    assert report.unmatched == (rules[2], rules[3])
+    with pytest.warns(UserWarning, match=r"rules matched no layer: \[QuantRule\(path='layers\\\\\.1"):
+        report = quantize_model(model, rules)
+    assert report.unmatched == (rules[2], rules[3]) and report.unquantized == ()
     assert report.layers["layers.0.attn.wq"] == 0 and report.layers["layers.1.attn.wq"] == 1
     block0, block1 = model.layers[0], model.layers[1]
     assert type(block0.attn.wk) is BitLinear and type(block0.attn.wo) is QuantLinear
