@@ -165,13 +165,15 @@ class W8A8Linear(nnx.Module):
 class LLMInt8Linear(nnx.Module):
     """LLM.int8(): input features with any |x| >= threshold (over all rows of this call) are
     multiplied in float; the rest are int8 with one scale per row of x and per output column
-    of W, accumulated in int32. The float path uses the dequantized int8 weight rows (only
-    the int8 weight is stored, as in bitsandbytes' inference mode). threshold None: no
-    outlier path (plain vector-wise int8).
+    of W, accumulated in int32. The float path gathers only the outlier features' weight rows
+    (dequantized from the int8 codes, the only weight stored, as in bitsandbytes' inference
+    mode): a [M, max_outliers] x [max_outliers, N] product, never a float matmul over all of K.
+    At most max_outliers features (default ceil(K / 8); capped at K), the largest by max |x|,
+    take the float path; any further ones stay in int8. threshold None: no outlier path (vector-wise int8).
     """
 
     def __init__(self, codes, weight_scale, threshold: float | None = 6.0, *,
-                 dtype: Any = jnp.float32):
+                 max_outliers: int | None = None, dtype: Any = jnp.float32):
         codes = jnp.asarray(codes)
         if codes.dtype != jnp.int8 or codes.ndim != 2:
             raise ValueError(f"codes must be an int8 [in, out] array, got {codes.dtype} "
@@ -183,13 +185,20 @@ class LLMInt8Linear(nnx.Module):
         self.codes = QuantizedWeight(codes)
         self.weight_scale = QuantScale(jnp.broadcast_to(weight_scale, (codes.shape[1],)))
         self.threshold = check_threshold(threshold)
+        in_features = codes.shape[0]
+        if max_outliers is None:
+            max_outliers = -(-in_features // 8)
+        if isinstance(max_outliers, bool) or not isinstance(max_outliers, int) \
+                or max_outliers < 1:
+            raise ValueError(f"max_outliers must be a positive integer, got {max_outliers!r}")
+        self.max_outliers = min(max_outliers, in_features)
         self.dtype = jnp.dtype(dtype)
 
     @classmethod
     def from_qarray(cls, q: QArray, threshold: float | None = 6.0, *,
-                    dtype: Any = jnp.float32) -> LLMInt8Linear:
+                    max_outliers: int | None = None, dtype: Any = jnp.float32) -> LLMInt8Linear:
         _check_int8_weight(q, "LLMInt8Linear")
-        return cls(q.codes, q.scale_values(), threshold, dtype=dtype)
+        return cls(q.codes, q.scale_values(), threshold, max_outliers=max_outliers, dtype=dtype)
 
     @property
     def nbytes(self) -> int:
@@ -199,20 +208,27 @@ class LLMInt8Linear(nnx.Module):
     def layer_state(self) -> tuple[dict, dict]:
         """(JSON-able meta, arrays) for lowbit.save; `from_state` rebuilds the layer."""
         meta = {"class": type(self).__name__, "threshold": self.threshold,
-                "dtype": jnp.dtype(self.dtype).name}
+                "max_outliers": self.max_outliers, "dtype": jnp.dtype(self.dtype).name}
         return meta, {"codes": self.codes[...], "weight_scale": self.weight_scale[...]}
 
     @classmethod
     def from_state(cls, meta: dict, arrays: dict) -> LLMInt8Linear:
         return cls(arrays["codes"], arrays["weight_scale"], meta["threshold"],
-                   dtype=jnp.dtype(meta["dtype"]))
+                   max_outliers=meta["max_outliers"], dtype=jnp.dtype(meta["dtype"]))
+
+    def _selected(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(indices [max_outliers], valid [max_outliers]): the features taking the float path."""
+        peak = jnp.max(jnp.abs(x.reshape(-1, x.shape[-1]).astype(jnp.float32)), axis=0)
+        score = jnp.where(peak >= self.threshold, peak, -1.0)
+        values, indices = jax.lax.top_k(score, self.max_outliers)
+        return indices, values >= 0
 
     def outlier_features(self, x: jax.Array) -> jax.Array:
         """[in] bool: the input features routed through the float path for x: [..., in]."""
-        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         if self.threshold is None:
             return jnp.zeros((x.shape[-1],), bool)
-        return jnp.any(jnp.abs(flat) >= self.threshold, axis=0)
+        indices, valid = self._selected(x)
+        return jnp.zeros((x.shape[-1],), bool).at[indices].max(valid)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out] in x's dtype."""
@@ -222,12 +238,14 @@ class LLMInt8Linear(nnx.Module):
         if self.threshold is None:
             x_codes, x_scale = quantize_activations(xf, "token")
             return int8_matmul(x_codes, x_scale, codes, scale).astype(x.dtype)
-        outliers = self.outlier_features(xf)
+        indices, valid = self._selected(xf)
+        outliers = jnp.zeros((xf.shape[-1],), bool).at[indices].max(valid)
         regular = jnp.where(outliers, 0.0, xf)
         x_codes, x_scale = quantize_activations(regular, "token")
         y = int8_matmul(x_codes, x_scale, codes, scale)
-        weight = codes.astype(jnp.float32) * scale[None, :]
-        y = y + jnp.where(outliers, xf, 0.0) @ weight
+        x_out = jnp.take(xf, indices, axis=-1) * valid.astype(jnp.float32)  # [..., max_outliers]
+        rows = jnp.take(codes, indices, axis=0).astype(jnp.float32) * scale[None, :]
+        y = y + x_out @ rows
         return y.astype(x.dtype)
 
 

@@ -19,11 +19,14 @@ DEFAULT_THRESHOLD = 6.0
 
 
 def llm_int8_quantize(model, weights: QuantSpec | str = "int8:channel",
-                      threshold: float | None = DEFAULT_THRESHOLD) -> PTQResult:
+                      threshold: float | None = DEFAULT_THRESHOLD, *,
+                      max_outliers: int | None = None) -> PTQResult:
     """Replaces every block linear of a Llama model with an LLMInt8Linear, in place; no data.
 
     weights: 'int8:channel' (vector-wise: one scale per output column, the paper's method) or
-    'int8' (one scale per tensor); threshold None drops the outlier path (plain int8).
+    'int8' (one scale per tensor); threshold None drops the outlier path (plain int8);
+    max_outliers: at most this many input features per call take the float path (default
+    ceil(K / 8) per layer; see LLMInt8Linear).
     """
     spec = check_w8a8_weight_spec(weights)
     threshold = check_threshold(threshold)
@@ -33,10 +36,12 @@ def llm_int8_quantize(model, weights: QuantSpec | str = "int8:channel",
         for name in LINEAR_NAMES:
             kernel = jnp.asarray(module_at(block, name).kernel[...], jnp.float32)
             q = quantize(kernel, spec, axis=0)
-            replace_module(block, name, LLMInt8Linear.from_qarray(q, threshold))
+            replace_module(block, name, LLMInt8Linear.from_qarray(q, threshold,
+                                                                  max_outliers=max_outliers))
             linears[f"layers.{index}.{name}"] = QuantizedLinear(
                 weight=q, runtime="llm_int8", options={"threshold": threshold},
                 report=weight_errors(kernel, q.dequantize()))
     return PTQResult(method="llm_int8", linears=linears, seconds=time.perf_counter() - start,
-                     settings={"weights": str(spec), "threshold": threshold})
+                     settings={"weights": str(spec), "threshold": threshold,
+                               "max_outliers": max_outliers})
 

@@ -119,6 +119,19 @@ def test_llm_int8_outlier_columns_are_exact():
                                rtol=1e-3, atol=1e-5)
 
 
+def test_llm_int8_float_path_is_capped_at_max_outliers():
+    w = _kernel()  # K = 48
+    x = np.asarray(_inputs(seed=2)) * 0.5
+    x[..., [5, 30, 40]] = np.array([9.0, 12.0, 7.0])  # three outliers, the cap takes two
+    q = quantize(w, "int8:channel", axis=0)
+    layer = LLMInt8Linear.from_qarray(q, threshold=6.0, max_outliers=2)
+    assert np.flatnonzero(np.asarray(layer.outlier_features(jnp.asarray(x)))).tolist() == [5, 30]
+    assert LLMInt8Linear.from_qarray(q).max_outliers == 6  # ceil(48 / 8)
+    assert LLMInt8Linear.from_qarray(q, max_outliers=100).max_outliers == 48
+    with pytest.raises(ValueError, match="max_outliers must be a positive integer"):
+        LLMInt8Linear.from_qarray(q, max_outliers=0)
+
+
 def test_llm_int8_without_threshold_is_vector_wise_int8():
     w = _kernel()
     x = _inputs()
@@ -132,7 +145,7 @@ def test_llm_int8_without_threshold_is_vector_wise_int8():
 def test_llm_int8_model(make_tiny, test_tokens):
     reference = make_tiny()(test_tokens)
     model = make_tiny()
-    result = llm_int8_quantize(model, threshold=0.5)
+    result = llm_int8_quantize(model, threshold=0.5, max_outliers=448)  # room for all
     assert isinstance(module_at(model, "layers.0.attn.wk"), LLMInt8Linear)
     assert result.bits_per_weight == pytest.approx((8 * 64 * 448 + 8 * 128 * 64
                                                     + 16 * (448 + 64)) / (64 * 448 + 128 * 64))
