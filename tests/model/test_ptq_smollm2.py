@@ -14,7 +14,7 @@ from lowbit.core.spec import QuantSpec
 from lowbit.models.loader import load_gguf_model
 from lowbit.models.tokenizer import Tokenizer
 from lowbit.ptq.awq import search_scales
-from lowbit.ptq.cli import add_quantize_arguments, calibration_tokens, load_quantized, run_quantize
+from lowbit.ptq.cli import add_quantize_arguments, calibration_tokens, load_checkpoint, run_quantize
 from lowbit.ptq.driver import (ABS_SUM, COUNT, XTX, BlockCalibration, block_forward,
                                embed_calibration, module_at)
 from lowbit.ptq.gptq import gptq_quantize_weight
@@ -105,7 +105,7 @@ def test_quantize_cli_checkpoint_reloads_to_the_same_logits(smollm2, smollm2_pat
                               "int4:g64:asym", "--out", str(tmp_path / "q"), "--quiet"])
     summary = run_quantize(args)
     assert summary["bits_per_weight"] == pytest.approx(4.5)
-    loaded, config, tokenizer_source = load_quantized(tmp_path / "q")
+    loaded, tokenizer_source = load_checkpoint(tmp_path / "q")
     assert tokenizer_source == str(smollm2_path.resolve())
     expected = nnx.clone(model)
     rtn_quantize(expected, "int4:g64:asym")
