@@ -103,8 +103,12 @@ def unpack_planes(p, bits: int, n: int):
     return u
 
 
-def packed_format(spec: QuantSpec, ternary: str = "base3") -> str:
-    """Which layout a spec packs to; ternary may use 'base3' (1.6 b) or 'int2' (kernel-friendly)."""
+TERNARY_DEFAULT = "int2"
+
+
+def packed_format(spec: QuantSpec, ternary: str = TERNARY_DEFAULT) -> str:
+    """Which layout a spec packs to; ternary uses 'int2' (2 bits, the format packed_matmul and
+    freeze run; the default) or 'base3' (1.6 bits, storage only: dequantized before a matmul)."""
     if spec.kind == "ternary":
         if ternary not in ("base3", "int2"):
             raise ValueError(f"ternary packing must be 'base3' or 'int2', got {ternary!r}")
@@ -208,8 +212,9 @@ def _nbytes(part) -> int:
     return part.size * part.dtype.itemsize
 
 
-def pack(q: QArray, ternary: str = "base3") -> PackedArray:
-    """Pack a QArray's codes along its reduction axis."""
+def pack(q: QArray, ternary: str = TERNARY_DEFAULT) -> PackedArray:
+    """Pack a QArray's codes along its reduction axis; ternary: 'int2' (default, the format
+    packed_matmul and freeze use) or 'base3' (1.6 bits per weight, storage only)."""
     fmt = packed_format(q.spec, ternary)
     u = _to_unsigned(q)
     u = jnp.moveaxis(u, q.axis, -1) if u.ndim else u.reshape(1)

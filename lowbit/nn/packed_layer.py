@@ -221,5 +221,5 @@ def packed_layer(module, weight: QArray, *, act_spec=None, runtime: str = "packe
         raise ValueError(f"weight must be a QArray of the [K, N] = {list(shape)} matrix quantized along axis 0, "
                          f"got {weight!r}")
     bias = None if module.bias is None else module.bias.get_value()
-    return PackedLayer(contraction, pack(weight, ternary="int2"), act_spec=act_spec, bias=bias,
+    return PackedLayer(contraction, pack(weight), act_spec=act_spec, bias=bias,
                        dtype=module.dtype, runtime=runtime, impl=impl)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowbit.core.packing import PackedArray, pack
+from lowbit.core.packing import TERNARY_DEFAULT, PackedArray, pack
 from lowbit.core.quantize import SCALE_JNP_DTYPES, QArray, quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.contraction import DotContraction
@@ -67,7 +67,7 @@ def quantize_kernel(layer: QuantLayer) -> QArray:
     return QArray(codes.astype(jnp.int8), scale, None, spec, 0)
 
 
-def pack_layer(layer: QuantLayer, ternary: str = "int2", impl: str = "auto",
+def pack_layer(layer: QuantLayer, ternary: str = TERNARY_DEFAULT, impl: str = "auto",
                runtime: str = "packed") -> PackedLayer:
     """The packed layer whose outputs equal `layer`'s: a PackedLinear for a QuantLinear (BitLinear,
     BinaryLinear), else a PackedLayer over the same contraction. ternary: 'int2' (the format
@@ -118,7 +118,7 @@ def module_at(model, path):
     return node
 
 
-def freeze(model: nnx.Module, *, ternary: str = "int2", impl: str = "auto",
+def freeze(model: nnx.Module, *, ternary: str = TERNARY_DEFAULT, impl: str = "auto",
            runtime: str = "packed") -> FreezeSummary:
     """Replace every fake-quantized layer in `model` (QuantLayer, QuantLinear, BitLinear,
     BinaryLinear), in place, by its packed layer (see pack_layer; runtime "packed" or "dequant");

@@ -68,8 +68,9 @@ def test_bits_per_weight_accounting():
     big = jnp.asarray(np.random.default_rng(2).standard_normal((4096, 1024)), jnp.float32)
     assert pack(quantize(big, "int4:g128")).bits_per_weight == pytest.approx(4.125)
     assert pack(quantize(big, "int4:g128:asym")).bits_per_weight == pytest.approx(4.25)
-    assert pack(quantize(big, "ternary:f32")).bits_per_weight == pytest.approx(8 * (820 * 1024 + 4) / big.size)  # ceil(4096/5) bytes a column
-    assert pack(quantize(big, "ternary:f32")).bits_per_weight == pytest.approx(1.6, abs=0.002)
+    assert pack(quantize(big, "ternary:f32"), ternary="base3").bits_per_weight == pytest.approx(8 * (820 * 1024 + 4) / big.size)  # ceil(4096/5) bytes a column
+    assert pack(quantize(big, "ternary:f32"), ternary="base3").bits_per_weight == pytest.approx(1.6, abs=0.002)
+    assert pack(quantize(big, "ternary:f32")).bits_per_weight == pytest.approx(2 + 32 / big.size)  # default: 2-bit
     assert pack(quantize(big, "binary:channel")).bits_per_weight == pytest.approx(1 + 16 / 4096)
     assert pack(quantize(big, "nf4:g64:dq")).bits_per_weight == pytest.approx(4.127, abs=1e-3)
     # partial last group: 576 rows in g128 -> 5 groups per column

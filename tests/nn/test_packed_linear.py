@@ -93,3 +93,27 @@ def test_freeze_rejects_bad_arguments():
         freeze(nnx.List([BitLinear(8, 4, rngs=nnx.Rngs(0))]), ternary="base4")
     with pytest.raises(ValueError, match="packed must be a PackedArray"):
         PackedLinear(np.zeros((4, 4)))
+
+
+def test_pack_freeze_and_packed_layer_default_to_the_ternary_format_the_kernel_runs():
+    import inspect
+
+    from lowbit.core.packing import pack
+    from lowbit.core.quantize import quantize
+    from lowbit.kernels.packed_matmul import packed_matmul
+    from lowbit.nn import packed_layer
+
+    default = inspect.signature(pack).parameters["ternary"].default
+    assert default == "int2"
+    assert inspect.signature(freeze).parameters["ternary"].default == default
+    assert inspect.signature(pack_layer).parameters["ternary"].default == default
+    w = _arr((64, 8), 0)
+    packed = pack(quantize(w, "ternary"), ternary=default)
+    q = quantize(w, "ternary")
+    x = _arr((3, 64), 1)
+    np.testing.assert_allclose(np.asarray(packed_matmul(x, pack(q))), np.asarray(x @ q.dequantize()),
+                               rtol=1e-5, atol=1e-5)  # the default packing runs in the kernel
+    assert packed_layer(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), q).format == packed.format == "int2"
+    model = nnx.List([BitLinear(64, 8, kernel=w)])
+    freeze(model)
+    assert model[0].format == "int2" and model[0].uses_kernel
