@@ -17,7 +17,7 @@ from lowbit.core.spec import QuantSpec
 from lowbit.kernels.packed_matmul.api import packed_matmul
 from lowbit.kernels.packed_matmul.reference import weight_format
 from lowbit.nn.contraction import Contraction, contraction_from_description, contraction_of
-from lowbit.nn.quant_linear import ACT_ESTIMATORS, as_spec, check_act_spec, quantize_input, rms_normalize
+from lowbit.nn.quant_linear import show_signature, ACT_ESTIMATORS, as_spec, check_act_spec, quantize_input, rms_normalize
 
 RUNTIMES = ("packed", "dequant")
 
@@ -46,6 +46,7 @@ def _dtype_name(dtype) -> str | None:
     return None if dtype is None else jnp.dtype(dtype).name
 
 
+@show_signature
 class PackedLayer(nnx.Module):
     """y = output(quantize_input(rows(x)) @ dequant(W) + bias) with W, the layer's [K, N] matrix
     (see lowbit.nn.contraction), held packed along K.

@@ -16,12 +16,13 @@ from lowbit.core.quantize import SCALE_JNP_DTYPES, QArray, quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.contraction import DotContraction
 from lowbit.nn.packed_layer import PackedLayer, PackedWeight, QuantizerState, register_layer
-from lowbit.nn.quant_linear import QuantLayer, QuantLinear, lsq_bounds, rounded_step
+from lowbit.nn.quant_linear import show_signature, QuantLayer, QuantLinear, lsq_bounds, rounded_step
 
 TERNARY_FORMATS = ("int2", "base3")
 
 
 @register_layer
+@show_signature
 class PackedLinear(PackedLayer):
     """The PackedLayer of an nnx.Linear: y = quantize_input(x) @ dequant(W) (+ bias), W [in, out]
     packed along in (see PackedLayer for the runtimes and the formats packed_matmul takes)."""

@@ -4,6 +4,7 @@ Conv), QuantLinear (any spec, any estimator), BitLinear (BitNet b1.58), BinaryLi
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 from typing import Any
@@ -425,6 +426,18 @@ class BinaryLinear(BitLinear):
                          lsq_grad_scale=lsq_grad_scale, norm_eps=norm_eps, dtype=dtype,
                          param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
                          kernel=kernel, bias=bias, rngs=rngs)
+
+
+def show_signature(cls: type) -> type:
+    """Make help(cls) / inspect.signature(cls) show cls.__init__'s real arguments (nnx's
+    metaclass otherwise shows a parent's or (*args, **kwargs))."""
+    init = inspect.signature(cls.__init__)
+    cls.__signature__ = init.replace(parameters=list(init.parameters.values())[1:])
+    return cls
+
+
+for _cls in (QuantLayer, QuantLinear, BitLinear, BinaryLinear):
+    show_signature(_cls)
 
 
 def calibrate(model: nnx.Module, batch) -> int:

@@ -175,3 +175,15 @@ def test_calibrate_rejects_tracing():
     layer._calibrating = True
     with pytest.raises(ValueError, match="eagerly"):
         jax.jit(lambda v: nnx.merge(*nnx.split(layer))(v))(jnp.ones((2, 8)))
+
+
+def test_public_layer_classes_show_their_real_arguments():
+    import inspect
+
+    from lowbit.nn import PackedLayer, PackedLinear, QuantLayer
+
+    assert str(inspect.signature(BinaryLinear)).startswith("(in_features: 'int', out_features: 'int', *, weight_spec='binary'")
+    assert "contraction" in inspect.signature(QuantLayer).parameters
+    assert list(inspect.signature(PackedLinear).parameters)[0] == "packed"
+    assert list(inspect.signature(PackedLayer).parameters)[:2] == ["contraction", "packed"]
+    assert "weight_spec" in inspect.signature(QuantLinear).parameters
