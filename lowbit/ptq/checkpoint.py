@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from lowbit.core.quantize import FP8_DTYPES, QArray
 from lowbit.core.spec import QuantSpec
+from lowbit.files import is_partial, partial_directory
 from lowbit.models.llama import Llama, LlamaConfig
 from lowbit.ptq.driver import module_at, replace_module
 from lowbit.ptq.layers import LLMInt8Linear, W8A8Linear
@@ -135,15 +135,14 @@ def save_quantized(out_dir: str | Path, model: Llama, result: PTQResult, *,
                            "options": entry.options}
                     for path, entry in result.linears.items()},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = partial_directory(out)
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((staging / ARRAYS_DIR).absolute(),
                           {"linears": _nest(linears), "non_linear": _nest(non_linear)})
         checkpointer.wait_until_finished()
-        (staging / META_FILE).write_text(json.dumps(meta, indent=1))
         (staging / REPORT_FILE).write_text(json.dumps(result.report(), indent=1))
+        (staging / META_FILE).write_text(json.dumps(meta, indent=1))  # last: marks it complete
         if out.exists():
             raise ValueError(f"output directory {out} appeared while writing; not replacing it")
         os.rename(staging, out)
@@ -154,14 +153,29 @@ def save_quantized(out_dir: str | Path, model: Llama, result: PTQResult, *,
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """The checkpoint's metadata (method, config, specs, runtimes, source)."""
-    path = Path(directory).expanduser() / META_FILE
+    """The checkpoint's metadata (method, config, specs, runtimes, source). Only a finished
+    checkpoint is read: not a `.NAME.partial-*` directory (an interrupted save), and only one
+    holding its arrays, its report and its metadata (written last)."""
+    folder = Path(directory).expanduser()
+    if is_partial(folder):
+        raise ValueError(f"{directory} is an unfinished write (the partial directory of an "
+                         "interrupted save), not a checkpoint; delete it and quantize again")
+    path = folder / META_FILE
     if not path.is_file():
         raise ValueError(f"{directory} is not a lowbit quantized checkpoint (no {META_FILE})")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{directory}: {META_FILE} is not valid JSON ({error}); not a finished "
+                         "checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT \
+            or meta.get("version") != VERSION:
+        meta = meta if isinstance(meta, dict) else {}
         raise ValueError(f"{directory}: unsupported checkpoint format "
                          f"{meta.get('format')!r} version {meta.get('version')!r}")
+    for part in (REPORT_FILE, ARRAYS_DIR):
+        if not (folder / part).exists():
+            raise ValueError(f"{directory} is not a finished checkpoint (no {part})")
     return meta
 
 

@@ -95,3 +95,44 @@ def test_missing_source_model(make_tiny, tmp_path):
         load_quantized(out)
     with pytest.raises(ValueError, match="source"):
         save_quantized(tmp_path / "other", model, result, source={"model": "x"})
+
+
+def test_unfinished_checkpoints_are_never_loaded(make_tiny, tmp_path):
+    import shutil
+
+    model = make_tiny()
+    result = rtn_quantize(model, "int4:g16")
+    out = save_quantized(tmp_path / "ckpt", model, result)
+    # what a SIGKILL before the final rename leaves: a hidden partial directory, maybe complete
+    partial = tmp_path / ".ckpt2.partial-99999999-abcd"
+    shutil.copytree(out, partial)
+    with pytest.raises(ValueError, match="unfinished write"):
+        load_quantized(partial)
+    with pytest.raises(ValueError, match="unfinished write"):
+        read_meta(partial)
+    # killed before its metadata (the last file written) was complete
+    unfinished = tmp_path / "copy"
+    shutil.copytree(out, unfinished)
+    (unfinished / "meta.json").unlink()
+    with pytest.raises(ValueError, match="not a lowbit quantized checkpoint"):
+        load_quantized(unfinished)
+    (unfinished / "meta.json").write_text('{"format": "lowbit-pt')
+    with pytest.raises(ValueError, match="meta.json is not valid JSON"):
+        load_quantized(unfinished)
+    shutil.copytree(out, tmp_path / "no_report")
+    (tmp_path / "no_report" / "report.json").unlink()
+    with pytest.raises(ValueError, match="no report.json"):
+        load_quantized(tmp_path / "no_report")
+
+
+def test_a_later_save_removes_a_killed_save_partial(make_tiny, tmp_path):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".ckpt.partial-{child.pid}-abcd"
+    (stale / "arrays").mkdir(parents=True)
+    model = make_tiny()
+    save_quantized(tmp_path / "ckpt", model, rtn_quantize(model, "int4:g16"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
