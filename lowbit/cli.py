@@ -172,6 +172,11 @@ def cmd_sweep(args) -> None:
                        progress=not args.quiet and sys.stderr.isatty())
     rows = [{k: v for k, v in row.items() if v is not None} for row in result.rows]
     _emit(args, result.to_json(), rows, result_columns(result.rows))
+    if result.failed:
+        print(f"lowbit sweep: error: {result.failed} of {len(result.rows)} points failed (status "
+              f"'error: ...' in {result.csv_path}; a rerun retries them)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_activations(args) -> None:
@@ -245,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"lowbit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
