@@ -99,6 +99,10 @@ def cmd_eval(args) -> None:
 
     from lowbit.eval import kl_divergence, perplexity
 
+    if args.ctx < 2:
+        raise ValueError(f"--ctx must be at least 2 tokens, got {args.ctx}")
+    if args.windows is not None and args.windows < 1:
+        raise ValueError(f"--windows must be a positive integer, got {args.windows}")
     model, tokenizer = load_model(args.model)
     tokens = evaluation_tokens(tokenizer, args.text)
     start = time.perf_counter()
@@ -124,15 +128,14 @@ def cmd_generate(args) -> None:
 
     from lowbit.models.llama import generate
 
-    from lowbit.decode.cli import run_generate_kv, wants_kv_generation
+    from lowbit.decode.cli import check_generate_arguments, read_prompts, run_generate_kv, wants_kv_generation
 
+    check_generate_arguments(args)  # before the model loads
+    prompt = read_prompts(args)[0]
     model, tokenizer = load_model(args.model)
     if wants_kv_generation(args):
         run_generate_kv(args, model, tokenizer)
         return
-    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-    if not prompt:
-        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
     ids = tokenizer.encode(prompt)
     key = jax.random.key(args.seed) if args.temperature > 0 else None
     start = time.perf_counter()
@@ -246,13 +249,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(err: BaseException) -> str | None:
+    """The one-line message for an error the user can act on (bad input, the file system, a KV
+    pool or memory too small); None for anything else, which is a bug and keeps its traceback."""
+    allocator = sys.modules.get("lowbit.kvcache.allocator")
+    if isinstance(err, ValueError) or (allocator and isinstance(err, allocator.OutOfBlocksError)):
+        return str(err)
+    if isinstance(err, OSError):  # missing, existing or unwritable paths, a full disk, ...
+        return str(err)
+    if isinstance(err, MemoryError):
+        return "out of host memory"
+    jax = sys.modules.get("jax")
+    if jax and isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err):
+        return "out of device memory: " + str(err).strip().splitlines()[0]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: exit 0 on success, 2 with `lowbit CMD: error: ...` for an error the user
+    can act on, 130 with one line on Ctrl-C; a command may return its own status (sweep: 1
+    when points failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"lowbit {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = error_message(err)
+        if message is None:
+            raise
+        print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
         return 2
     return code or 0
 
