@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None, out=None) -> None:
@@ -265,15 +269,50 @@ def error_message(err: BaseException) -> str | None:
     return None
 
 
+class _Interrupts:
+    """SIGINT raises KeyboardInterrupt as usual; if the exception is swallowed (it can land in a
+    garbage-collector callback, e.g. JAX's, where Python ignores exceptions), the signal is sent
+    again until main() has seen it."""
+
+    def __init__(self):
+        self.pending = False
+
+    def handle(self, signum, frame):
+        self.pending = True
+        retry = threading.Timer(0.2, self._resend)
+        retry.daemon = True
+        retry.start()
+        raise KeyboardInterrupt
+
+    def _resend(self):
+        if self.pending:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self.handle)
+        try:
+            yield
+        finally:
+            self.pending = False
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command: exit 0 on success, 2 with `lowbit CMD: error: ...` for an error the user
     can act on, 130 with one line on Ctrl-C; a command may return its own status (sweep: 1
     when points failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    interrupts = _Interrupts()
     try:
-        code = args.func(args)
+        with interrupts.installed():
+            code = args.func(args)
     except KeyboardInterrupt:
+        interrupts.pending = False
         print(f"lowbit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:

@@ -99,3 +99,23 @@ def test_generate_and_eval_arguments_are_checked_before_the_model_loads(monkeypa
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lowbit {argv[0]}: error: ") and fragment in err
+
+
+def test_ctrl_c_on_a_real_process_exits_130_with_one_line():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lowbit.cli", "specs", "--rows", "8192", "--cols", "8192"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # past the imports, inside the work
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "lowbit specs: interrupted" and "Traceback" not in err
