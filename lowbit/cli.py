@@ -99,6 +99,7 @@ def evaluation_tokens(tokenizer, text_source: str):
 
 
 def cmd_eval(args) -> None:
+    import math
     import time
 
     from lowbit.eval import kl_divergence, perplexity
@@ -118,6 +119,10 @@ def cmd_eval(args) -> None:
     else:
         r = perplexity(model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
         info = {"ppl": r.ppl, "tokens": r.tokens_scored, "windows": r.windows}
+    values = {key: info[key] for key in ("ppl", "ref_ppl", "kl") if key in info}
+    if not all(math.isfinite(value) for value in values.values()):
+        raise ValueError(f"the evaluation of {args.model} is not finite ({values}): the model "
+                         "computes NaN or inf, which is not reported as a result")
     seconds = time.perf_counter() - start
     info.update(model=args.model, text=args.text, ctx=args.ctx, seconds=round(seconds, 2),
                 tokens_per_s=round(info["windows"] * args.ctx / seconds, 1), peak_rss_mb=round(peak_rss_mb(), 1))

@@ -119,3 +119,23 @@ def test_ctrl_c_on_a_real_process_exits_130_with_one_line():
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert err.strip().splitlines()[-1] == "lowbit specs: interrupted" and "Traceback" not in err
+
+
+def test_eval_never_reports_a_non_finite_perplexity(monkeypatch, capsys):
+    import numpy as np
+    from flax import nnx
+
+    import lowbit.cli
+    from lowbit.models.llama import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+    model.final_norm.weight[...] = model.final_norm.weight[...] * np.nan  # e.g. a corrupt weight
+
+    class Tokens:
+        def encode(self, text):
+            return [b % 128 for b in text.encode()]
+
+    monkeypatch.setattr(lowbit.cli, "load_model", lambda name: (model, Tokens()))
+    assert main(["eval", "--model", "x", "--ctx", "32", "--windows", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "is not finite ({'ppl': nan})" in captured.err and captured.out == ""
