@@ -1,0 +1,51 @@
+"""One test base for every kernel implementation, as tokamax does: an op's test base holds the
+checks, and one class per implementation (XLA, Pallas, native CPU) mixes in where it runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from lowbit.kernels.native import native_available, native_error
+
+# LOWBIT_KERNEL_TEST_DEVICE=gpu runs the Pallas classes compiled for the GPU instead of interpreted.
+ON_GPU = os.environ.get("LOWBIT_KERNEL_TEST_DEVICE", "cpu") == "gpu"
+
+
+class KernelTestBase:
+    """What an op's test base needs from the implementation under test."""
+
+    impl: str = "xla"
+    interpret: bool | None = None
+    # Largest |y - expected| / max |expected| for float32 math (products summed in another order).
+    float32_tolerance: float = 2e-5
+
+
+class XlaImpl(KernelTestBase):
+    impl = "xla"
+
+
+class PallasImpl(KernelTestBase):
+    """Pallas kernels: interpreted on CPU; compiled by Triton with LOWBIT_KERNEL_TEST_DEVICE=gpu, where
+    the f32 dots run at Precision.HIGHEST (3 bf16 passes, relative error about 1e-6) and tiles sum
+    in another order, so the bound is looser than for the interpreter."""
+
+    impl = "pallas"
+    interpret = not ON_GPU
+    float32_tolerance = 1e-4 if ON_GPU else 2e-5
+
+
+class NativeImpl(KernelTestBase):
+    """The C++ kernels through the XLA FFI. Skipped only on a machine without a C++ compiler; where one
+    exists, a failed build is a test failure."""
+
+    impl = "native"
+
+    @pytest.fixture(autouse=True)
+    def _native_backend(self):
+        if not native_available():
+            if shutil.which(os.environ.get("CXX") or "g++") is None:
+                pytest.skip(f"no C++ compiler: {native_error()}")
+            pytest.fail(f"the native CPU kernels did not build or load: {native_error()}")
