@@ -80,6 +80,15 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
     return 1
 
 
+def pad_to(a, shape: tuple[int, ...]):
+    """Zero-pad `a` at the end of each axis up to `shape`; `a` itself when it already has that shape."""
+    if tuple(a.shape) == tuple(shape):
+        return a
+    import jax.numpy as jnp
+
+    return jnp.pad(a, [(0, target - size) for size, target in zip(a.shape, shape)])
+
+
 def is_concrete(x) -> bool:
     """Whether x holds a value we can inspect (not a tracer under jit/vmap)."""
     return not isinstance(x, jax.core.Tracer)

@@ -28,13 +28,12 @@ class XlaImpl(KernelTestBase):
 
 
 class PallasImpl(KernelTestBase):
-    """Pallas kernels: interpreted on CPU; compiled by Triton with LOWBIT_KERNEL_TEST_DEVICE=gpu, where
-    the f32 dots run at Precision.HIGHEST (3 bf16 passes, relative error about 1e-6) and tiles sum
-    in another order, so the bound is looser than for the interpreter."""
+    """Pallas kernels: interpreted on CPU; compiled by Triton with LOWBIT_KERNEL_TEST_DEVICE=gpu. Every
+    f32 dot in the kernels says precision=HIGHEST, which Triton lowers to IEEE f32 (not TF32), so the
+    GPU meets the same f32 bound; only the order of the sums differs."""
 
     impl = "pallas"
     interpret = not ON_GPU
-    float32_tolerance = 1e-4 if ON_GPU else 2e-5
 
 
 class NativeImpl(KernelTestBase):

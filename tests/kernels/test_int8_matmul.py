@@ -1,5 +1,6 @@
 """int8_matmul (W8A8): every implementation against exact int64 numpy products, plus bad input."""
 
+import functools
 import re
 import threading
 
@@ -11,7 +12,7 @@ import pytest
 from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl
 
 from lowbit.kernels.int8_matmul import Int8MatmulConfig, int8_matmul, int8_matmul_reference
-from lowbit.kernels.int8_matmul.pallas import PREFILL_CONFIG, int8_matmul_pallas, plan_tiles
+from lowbit.kernels.int8_matmul.pallas import DECODE_CONFIG, PREFILL_CONFIG, int8_matmul_pallas, plan_tiles
 from lowbit.kernels.native import portable_code_only
 
 
@@ -145,3 +146,16 @@ def test_reference_uses_int32_accumulation():
 def test_config_validation():
     with pytest.raises(ValueError, match="block_k must be >= 32"):
         Int8MatmulConfig(block_m=16, block_n=16, block_k=16)
+
+
+@pytest.mark.parametrize("k, n", [(576, 576), (576, 192), (1536, 576), (576, 1536)])
+def test_pallas_passes_smollm2_weights_unpadded(k, n):
+    """Tiles divide SmolLM2's K and N, so no padded copy of w_codes is made inside the call."""
+    plan = plan_tiles(1, k, n, DECODE_CONFIG)
+    assert plan.k_padded == k and plan.n_padded == n
+    fn = functools.partial(int8_matmul_pallas, plan=plan, out_dtype=jnp.float32, interpret=False)
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in
+            [((1, k), jnp.int8), ((1, 1), jnp.float32), ((k, n), jnp.int8), ((1, n), jnp.float32)]]
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    assert all(not (e.primitive.name == "pad" and tuple(e.invars[0].aval.shape) == (k, n)) for e in jaxpr.eqns)
+    assert "xla.gpu.triton" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -4,6 +4,7 @@ import functools
 import threading
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -289,6 +290,39 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
         pw = _packed("int4:g64", 128, 32)
         text = jax.jit(lambda x, w: packed_matmul(x, w)).lower(jnp.ones((1, 128)), pw).as_text()
         assert "lowbit_packed_matmul" in text
+
+
+def _pads_of_shape(fn, args, shape):
+    """The pad equations of fn's jaxpr whose operand has `shape` (a padded copy of that array)."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    found = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "pad" and tuple(eqn.invars[0].aval.shape) == tuple(shape):
+                found.append(eqn)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("spec, k, n", [("int4:g64", 576, 576), ("int4:g32:asym", 1536, 576),
+                                        ("int4:g64", 576, 192), ("int2:g64", 576, 1536)])
+@pytest.mark.parametrize("m", [1, 64])
+def test_pallas_passes_smollm2_weights_unpadded(spec, k, n, m):
+    """SmolLM2's K (576, 1536) and N take tiles that divide them: no per-call copy of the weight."""
+    pw = _packed(spec, k, n)
+    fmt = weight_format(pw)
+    plan = plan_tiles(m, k, n, fmt, DECODE_CONFIG if m <= 16 else PREFILL_CONFIG, interpret=False)
+    assert plan.k_padded == k and plan.n_padded == n
+    fn = functools.partial(packed_matmul_pallas, fmt=fmt, plan=plan, interpret=False)
+    args = (jnp.ones((m, k), jnp.float32), pw.data, pw.scale, pw.zero)
+    assert not _pads_of_shape(fn, args, pw.data.shape)
+    assert not _pads_of_shape(fn, args, pw.scale.shape)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
 
 
 def test_reference_matches_plain_dequantize_then_dot():
