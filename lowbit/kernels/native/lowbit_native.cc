@@ -221,9 +221,10 @@ LOWBIT_AVX2 inline __m256 load8(const FloatTable& table, int64_t index) {
   }
 }
 
-// Rows [m0, m0 + MT) times the strips [s0, s1) (16 columns each): groups outer, so the bytes of one
-// group for all strips stay in L1 while the row tile walks across them.
-template <int BITS, int MT>
+// Rows [m0, m0 + MT) times the strips [s0, s1), W adjacent strips (16 * W columns, W * 16 bytes of
+// each packed row) per pass: 2 * W * MT independent accumulators. Groups outer, so the bytes of one
+// group for all strips stay in L1/L2 while the row tile walks across them.
+template <int BITS, int MT, int W>
 LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0, int64_t s1) {
   constexpr int F = 8 / BITS;
   const __m128i mask = _mm_set1_epi8(static_cast<char>((1 << BITS) - 1));
@@ -245,51 +246,63 @@ LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0
       xg[m] = p.x + (m0 + m) * p.kp + g * p.group_size;
       xs[m] = _mm256_set1_ps(p.xsum[(m0 + m) * p.groups + g]);
     }
-    for (int64_t s = s0; s < s1; ++s) {
+    for (int64_t s = s0; s + W <= s1; s += W) {
       const int64_t n0 = s * kStrip;
-      __m256 acc[MT][2];
-      for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+      __m256 acc[MT][2 * W];
+      for (int m = 0; m < MT; ++m) {
+        for (int h = 0; h < 2 * W; ++h) acc[m][h] = _mm256_setzero_ps();
+      }
       const uint8_t* w = p.data + g * rows_per_group * p.n + n0;
       for (int64_t r = 0; r < rows_per_group; ++r, w += p.n) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+        __m128i bytes[W];
+        for (int j = 0; j < W; ++j) bytes[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kStrip * j));
 #pragma GCC unroll 8
         for (int f = 0; f < F; ++f) {
-          const __m128i u = _mm_and_si128(_mm_srli_epi16(bytes, f * BITS), mask);
-          const __m256 w0 = to_q(u);
-          const __m256 w1 = to_q(_mm_srli_si128(u, 8));
+          __m256 wq[2 * W];
+          for (int j = 0; j < W; ++j) {
+            const __m128i u = _mm_and_si128(_mm_srli_epi16(bytes[j], f * BITS), mask);
+            wq[2 * j] = to_q(u);
+            wq[2 * j + 1] = to_q(_mm_srli_si128(u, 8));
+          }
           for (int m = 0; m < MT; ++m) {
             const __m256 xv = _mm256_broadcast_ss(xg[m] + r * F + f);
-            acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
+            for (int h = 0; h < 2 * W; ++h) acc[m][h] = _mm256_fmadd_ps(wq[h], xv, acc[m][h]);
           }
         }
       }
-      __m256 scale[2], zero[2];
-      for (int h = 0; h < 2; ++h) {
-        scale[h] = load8(p.scale, g * p.n + n0 + 8 * h);
-        zero[h] = p.has_zero ? load8(p.zero, g * p.n + n0 + 8 * h) : _mm256_setzero_ps();
-      }
-      for (int m = 0; m < MT; ++m) {
-        float* out = p.y + (m0 + m) * p.n + n0;
-        for (int h = 0; h < 2; ++h) {
-          __m256 y = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out + 8 * h);
-          y = _mm256_fmadd_ps(scale[h], acc[m][h], y);
-          if (p.has_zero) y = _mm256_fmadd_ps(zero[h], xs[m], y);
-          _mm256_storeu_ps(out + 8 * h, y);
+      for (int h = 0; h < 2 * W; ++h) {
+        const __m256 scale = load8(p.scale, g * p.n + n0 + 8 * h);
+        const __m256 zero = p.has_zero ? load8(p.zero, g * p.n + n0 + 8 * h) : _mm256_setzero_ps();
+        for (int m = 0; m < MT; ++m) {
+          float* out = p.y + (m0 + m) * p.n + n0 + 8 * h;
+          __m256 y = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+          y = _mm256_fmadd_ps(scale, acc[m][h], y);
+          if (p.has_zero) y = _mm256_fmadd_ps(zero, xs[m], y);
+          _mm256_storeu_ps(out, y);
         }
       }
     }
   }
 }
 
+// One row tile over strips [s0, s1): W-strip passes, then single strips for the rest.
+template <int BITS, int MT, int W>
+LOWBIT_AVX2 void packed_rows_avx2(const PackedProblem& p, int64_t m0, int64_t s0, int64_t s1) {
+  const int64_t wide_end = s0 + (s1 - s0) / W * W;
+  if (wide_end > s0) packed_tile_avx2<BITS, MT, W>(p, m0, s0, wide_end);
+  if constexpr (W > 1) {
+    if (wide_end < s1) packed_tile_avx2<BITS, MT, 1>(p, m0, wide_end, s1);
+  }
+}
+
 template <int BITS>
 LOWBIT_AVX2 void packed_strips_avx2(const PackedProblem& p, int64_t s0, int64_t s1) {
   int64_t m0 = 0;
-  for (; m0 + kRowTile <= p.m; m0 += kRowTile) packed_tile_avx2<BITS, kRowTile>(p, m0, s0, s1);
-  switch (p.m - m0) {
-    case 3: packed_tile_avx2<BITS, 3>(p, m0, s0, s1); break;
-    case 2: packed_tile_avx2<BITS, 2>(p, m0, s0, s1); break;
-    case 1: packed_tile_avx2<BITS, 1>(p, m0, s0, s1); break;
+  for (; m0 + kRowTile <= p.m; m0 += kRowTile) packed_rows_avx2<BITS, kRowTile, 1>(p, m0, s0, s1);
+  switch (p.m - m0) {  // fewer rows: wider passes keep 8 or more accumulators busy
+    case 3: packed_rows_avx2<BITS, 3, 1>(p, m0, s0, s1); break;
+    case 2: packed_rows_avx2<BITS, 2, 2>(p, m0, s0, s1); break;
+    case 1: packed_rows_avx2<BITS, 1, 4>(p, m0, s0, s1); break;
     default: break;
   }
 }
@@ -459,6 +472,10 @@ LOWBIT_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+LOWBIT_AVX2 inline float half_to_float_f16c(const uint8_t* p) {
+  return _cvtsh_ss(read_u16(p));
+}
+
 template <int MT>
 LOWBIT_AVX2 void gguf_row_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
   const int64_t nb = p.k / 32;
@@ -472,8 +489,8 @@ LOWBIT_AVX2 void gguf_row_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * p.block_bytes;
-    float scale, bias;
-    gguf_block_terms(p.type, blk, &scale, &bias);
+    const float scale = half_to_float_f16c(blk);
+    const float bias = p.type == kQ4_1 ? half_to_float_f16c(blk + 2) : 0.0f;
     __m256 w[4];
     if (p.type == kQ8_0) {
       const uint8_t* q = blk + 2;
