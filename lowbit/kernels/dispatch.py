@@ -7,6 +7,9 @@ import jax
 from lowbit.kernels.native import native_available, native_error
 
 IMPLS = ("auto", "pallas", "native", "xla")
+# "auto" uses the native CPU GEMV for at most this many activation rows; above, XLA's dequantize-once
+# then dot wins (benchmarks/RESULTS.md: tied at 64 rows, XLA 1.6-3.5x faster at 512).
+NATIVE_MAX_ROWS = 32
 
 
 def on_gpu() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax
 import pytest
 
 from lowbit.kernels.native import native_available, native_error
@@ -37,13 +38,15 @@ class PallasImpl(KernelTestBase):
 
 
 class NativeImpl(KernelTestBase):
-    """The C++ kernels through the XLA FFI. Skipped only on a machine without a C++ compiler; where one
-    exists, a failed build is a test failure."""
+    """The C++ kernels through the XLA FFI. Skipped when JAX's backend is not the CPU (the GPU check)
+    or the machine has no C++ compiler; where one exists, a failed build is a test failure."""
 
     impl = "native"
 
     @pytest.fixture(autouse=True)
     def _native_backend(self):
+        if jax.default_backend() != "cpu":
+            pytest.skip(f"the native kernels run on the CPU backend, not {jax.default_backend()!r}")
         if not native_available():
             if shutil.which(os.environ.get("CXX") or "g++") is None:
                 pytest.skip(f"no C++ compiler: {native_error()}")

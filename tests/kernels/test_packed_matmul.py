@@ -16,7 +16,7 @@ from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl
 from lowbit.core.packing import PackedArray, pack
 from lowbit.core.quantize import QArray, quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.kernels.dispatch import resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
 from lowbit.kernels.packed_matmul import (
     DECODE_CONFIG,
     PREFILL_CONFIG,
@@ -286,10 +286,11 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
         reference = jax.jit(functools.partial(mlp, impl="xla"))(x, w1, w2)
         assert _relative_error(native, np.asarray(reference, np.float64)) < 1e-5
 
-    def test_auto_picks_native_on_cpu(self):
+    def test_auto_picks_native_for_decode_and_xla_for_prefill(self):
         pw = _packed("int4:g64", 128, 32)
-        text = jax.jit(lambda x, w: packed_matmul(x, w)).lower(jnp.ones((1, 128)), pw).as_text()
-        assert "lowbit_packed_matmul" in text
+        lower = jax.jit(lambda x, w: packed_matmul(x, w)).lower
+        assert "lowbit_packed_matmul" in lower(jnp.ones((NATIVE_MAX_ROWS, 128)), pw).as_text()
+        assert "lowbit_packed_matmul" not in lower(jnp.ones((NATIVE_MAX_ROWS + 1, 128)), pw).as_text()
 
 
 def _pads_of_shape(fn, args, shape):

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lowbit.kernels.dispatch import resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
 from lowbit.kernels.gguf_matmul.native import gguf_matmul_native
 from lowbit.kernels.gguf_matmul.reference import check_blocks, gguf_matmul_reference
 
@@ -26,7 +26,8 @@ def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto"):
 
     x: [..., K] float32/bfloat16/float16. blocks: uint8 [N, K/32 * block bytes], the tensor's bytes
     from the file with one weight row (output feature) per row. ggml_type: "Q4_0", "Q4_1" or "Q8_0".
-    impl: "auto" (the native CPU kernel where built, else XLA), "native" or "xla".
+    impl: "auto" (the native CPU kernel where built for up to NATIVE_MAX_ROWS rows of x, else XLA),
+    "native" or "xla".
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -40,8 +41,8 @@ def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto"):
     x2 = jnp.reshape(x, (-1, k))
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), x.dtype)
-    if resolved == "native":
+    if resolved == "native" and (impl == "native" or x2.shape[0] <= NATIVE_MAX_ROWS):
         y = _native_jit(x2, blocks, ggml_type)
-    else:  # "xla", or Pallas chosen by "auto" on a GPU, where this op has no Pallas kernel
+    else:  # "xla", prefill under "auto", or Pallas chosen by "auto" on a GPU (this op has no Pallas kernel)
         y = _reference_jit(x2, blocks, ggml_type)
     return y.reshape(*lead, n)

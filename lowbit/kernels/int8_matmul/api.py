@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lowbit.kernels.dispatch import resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
 from lowbit.kernels.int8_matmul.native import int8_matmul_native
 from lowbit.kernels.int8_matmul.pallas import Int8MatmulConfig, int8_matmul_pallas, plan_tiles, select_config
 from lowbit.kernels.int8_matmul.reference import int8_matmul_reference
@@ -66,6 +66,7 @@ def int8_matmul(
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     if config is not None and not isinstance(config, Int8MatmulConfig):
         raise ValueError(f"config must be an Int8MatmulConfig or None, got {type(config).__name__}")
+    requested = impl
     impl, interpret = resolve_impl(impl, interpret, has_native=True)
     x2 = x_codes.reshape(-1, k)
     m = x2.shape[0]
@@ -73,6 +74,8 @@ def int8_matmul(
     ws = jnp.broadcast_to(w_scale.reshape(1, -1) if w_scale.ndim else w_scale, (1, n)).astype(jnp.float32)
     if m == 0:
         return jnp.zeros((*lead, n), out_dtype)
+    if impl == "native" and requested == "auto" and m > NATIVE_MAX_ROWS:
+        impl = "xla"  # prefill: XLA's int8 GEMM
     if impl == "native":
         y = _native_jit(x2, xs, w_codes, ws, out_dtype=jnp.dtype(out_dtype))
     elif impl == "xla":

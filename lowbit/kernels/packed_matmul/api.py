@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.core.packing import PackedArray
-from lowbit.kernels.dispatch import resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
 from lowbit.kernels.packed_matmul.native import native_supports, packed_matmul_native
 from lowbit.kernels.packed_matmul.pallas import PackedMatmulConfig, packed_matmul_pallas, plan_tiles, select_config
 from lowbit.kernels.packed_matmul.reference import packed_matmul_reference, weight_format
@@ -30,7 +30,8 @@ def packed_matmul(
     x: [..., K] float32/bfloat16/float16 activations. w: PackedArray of a [K, N] weight packed
     along K (`pack(quantize(w, spec))`): int4 or int2 (symmetric or asymmetric) with group,
     channel or tensor scales, ternary packed with `ternary="int2"`, or binary. Returns [..., N].
-    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built, else XLA), "pallas",
+    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built for up to NATIVE_MAX_ROWS
+    rows of x, else XLA), "pallas",
     "native" or "xla"; "auto" falls back to XLA for layouts a kernel cannot take. interpret: run the Pallas kernel
     in interpret mode (None: only when there is no GPU). config: tile sizes (None: by regime).
     """
@@ -51,6 +52,8 @@ def packed_matmul(
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
+    if impl == "native" and requested == "auto" and m > NATIVE_MAX_ROWS:
+        impl = "xla"  # prefill: dequantize once and let XLA's GEMM do the rest
     if impl == "native":
         reason = native_supports(fmt)
         if reason is None:
