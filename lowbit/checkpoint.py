@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from lowbit.files import is_partial, partial_directory
 
 FORMAT = "lowbit-model"
 VERSION = 1
@@ -120,8 +121,7 @@ def save(model: nnx.Module, directory: str | Path, *, info: dict[str, Any] | Non
         raise ValueError(f"info must be JSON-able: {error}") from None
     layers = quantized_layers(model)
     variables = float_variables(model, skip=layers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = partial_directory(out)
     try:
         layer_meta = {}
         with open(staging / ARRAYS_FILE, "wb") as handle:
@@ -138,7 +138,7 @@ def save(model: nnx.Module, directory: str | Path, *, info: dict[str, Any] | Non
         meta = {"format": FORMAT, "version": VERSION, "model": _model_description(model),
                 "layers": layer_meta, "params": list(variables), "arrays": writer.index,
                 "info": info_json}
-        (staging / META_FILE).write_text(json.dumps(meta, indent=1))
+        (staging / META_FILE).write_text(json.dumps(meta, indent=1))  # last: marks it complete
         if out.exists():
             raise ValueError(f"directory {out} appeared while writing; not replacing it")
         os.rename(staging, out)
@@ -149,14 +149,33 @@ def save(model: nnx.Module, directory: str | Path, *, info: dict[str, Any] | Non
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """The checkpoint's lowbit.json (format, model, layers, array index, info)."""
-    path = Path(directory).expanduser() / META_FILE
+    """The checkpoint's lowbit.json (format, model, layers, array index, info). Only a finished
+    checkpoint is read: not a `.NAME.partial-*` directory (an interrupted save), and only one
+    whose lowbit.json (written last) is valid and whose arrays.bin holds every indexed byte."""
+    folder = Path(directory).expanduser()
+    if is_partial(folder):
+        raise ValueError(f"{directory} is an unfinished write (the partial directory of an "
+                         "interrupted save), not a checkpoint; delete it and save again")
+    path = folder / META_FILE
     if not path.is_file():
         raise ValueError(f"{directory} is not a lowbit checkpoint (no {META_FILE})")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{directory}: {META_FILE} is not valid JSON ({error}); not a finished "
+                         "checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT \
+            or meta.get("version") != VERSION:
+        meta = meta if isinstance(meta, dict) else {}
         raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format')!r} "
                          f"version {meta.get('version')!r} (expected {FORMAT!r} {VERSION})")
+    arrays = folder / ARRAYS_FILE
+    needed = max((entry["offset"] + entry["nbytes"] for entry in meta["arrays"].values()),
+                 default=0)
+    if not arrays.is_file() or arrays.stat().st_size < needed:
+        size = arrays.stat().st_size if arrays.is_file() else 0
+        raise ValueError(f"{directory} is not a finished checkpoint: {ARRAYS_FILE} holds {size} "
+                         f"bytes, its index needs {needed}")
     return meta
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None, out=None) -> None:
@@ -96,10 +100,15 @@ def evaluation_tokens(tokenizer, text_source: str):
 
 
 def cmd_eval(args) -> None:
+    import math
     import time
 
     from lowbit.eval import kl_divergence, perplexity
 
+    if args.ctx < 2:
+        raise ValueError(f"--ctx must be at least 2 tokens, got {args.ctx}")
+    if args.windows is not None and args.windows < 1:
+        raise ValueError(f"--windows must be a positive integer, got {args.windows}")
     model, tokenizer = load_model(args.model, args.runtime)
     tokens = evaluation_tokens(tokenizer, args.text)
     start = time.perf_counter()
@@ -111,6 +120,10 @@ def cmd_eval(args) -> None:
     else:
         r = perplexity(model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
         info = {"ppl": r.ppl, "tokens": r.tokens_scored, "windows": r.windows}
+    values = {key: info[key] for key in ("ppl", "ref_ppl", "kl") if key in info}
+    if not all(math.isfinite(value) for value in values.values()):
+        raise ValueError(f"the evaluation of {args.model} is not finite ({values}): the model "
+                         "computes NaN or inf, which is not reported as a result")
     seconds = time.perf_counter() - start
     info.update(model=args.model, runtime=args.runtime, text=args.text, ctx=args.ctx, seconds=round(seconds, 2),
                 tokens_per_s=round(info["windows"] * args.ctx / seconds, 1), peak_rss_mb=round(peak_rss_mb(), 1))
@@ -125,15 +138,14 @@ def cmd_generate(args) -> None:
 
     from lowbit.models.llama import generate
 
-    from lowbit.decode.cli import run_generate_kv, wants_kv_generation
+    from lowbit.decode.cli import check_generate_arguments, read_prompts, run_generate_kv, wants_kv_generation
 
+    check_generate_arguments(args)  # before the model loads
+    prompt = read_prompts(args)[0]
     model, tokenizer = load_model(args.model)
     if wants_kv_generation(args):
         run_generate_kv(args, model, tokenizer)
         return
-    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-    if not prompt:
-        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
     ids = tokenizer.encode(prompt)
     key = jax.random.key(args.seed) if args.temperature > 0 else None
     start = time.perf_counter()
@@ -173,6 +185,11 @@ def cmd_sweep(args) -> None:
                        progress=not args.quiet and sys.stderr.isatty())
     rows = [{k: v for k, v in row.items() if v is not None} for row in result.rows]
     _emit(args, result.to_json(), rows, result_columns(result.rows))
+    if result.failed:
+        print(f"lowbit sweep: error: {result.failed} of {len(result.rows)} points failed (status "
+              f"'error: ...' in {result.csv_path}; a rerun retries them)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_activations(args) -> None:
@@ -245,15 +262,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(err: BaseException) -> str | None:
+    """The one-line message for an error the user can act on (bad input, the file system, a KV
+    pool or memory too small); None for anything else, which is a bug and keeps its traceback."""
+    allocator = sys.modules.get("lowbit.kvcache.allocator")
+    if isinstance(err, ValueError) or (allocator and isinstance(err, allocator.OutOfBlocksError)):
+        return str(err)
+    if isinstance(err, OSError):  # missing, existing or unwritable paths, a full disk, ...
+        return str(err)
+    if isinstance(err, MemoryError):
+        return "out of host memory"
+    jax = sys.modules.get("jax")
+    if jax and isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err):
+        return "out of device memory: " + str(err).strip().splitlines()[0]
+    return None
+
+
+class _Interrupts:
+    """SIGINT raises KeyboardInterrupt as usual; if the exception is swallowed (it can land in a
+    garbage-collector callback, e.g. JAX's, where Python ignores exceptions), the signal is sent
+    again until main() has seen it."""
+
+    def __init__(self):
+        self.pending = False
+
+    def handle(self, signum, frame):
+        self.pending = True
+        retry = threading.Timer(0.2, self._resend)
+        retry.daemon = True
+        retry.start()
+        raise KeyboardInterrupt
+
+    def _resend(self):
+        if self.pending:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self.handle)
+        try:
+            yield
+        finally:
+            self.pending = False
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: exit 0 on success, 2 with `lowbit CMD: error: ...` for an error the user
+    can act on, 130 with one line on Ctrl-C; a command may return its own status (sweep: 1
+    when points failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    interrupts = _Interrupts()
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"lowbit {args.command}: error: {err}", file=sys.stderr)
+        with interrupts.installed():
+            code = args.func(args)
+    except KeyboardInterrupt:
+        interrupts.pending = False
+        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = error_message(err)
+        if message is None:
+            raise
+        print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

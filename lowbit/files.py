@@ -1,23 +1,79 @@
-"""Writing files so that a reader never sees half of one: write to a temporary file next to the
-target, rename it over the target only when the write succeeded."""
+"""Writing files so that a reader never sees half of one: write to a partial file (or folder)
+next to the target, named `.NAME.partial-PID-*`, rename it over the target only when the write
+succeeded; partials of the same target left by a killed process go on the next write."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+_PARTIAL = ".partial-"
+
+
+def _partial_prefix(target: Path) -> str:
+    return f".{target.name}{_PARTIAL}{os.getpid()}-"
+
+
+def is_partial(path: str | Path) -> bool:
+    """Whether `path` is named like an unfinished write (`.NAME.partial-...`)."""
+    name = Path(path).name
+    return name.startswith(".") and _PARTIAL in name
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(target: str | Path) -> list[Path]:
+    """Remove the partial writes of `target` whose writing process no longer runs (and those of
+    older lowbit versions, which did not record it); returns what was removed."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{target.name}{_PARTIAL}") + r"(\d+-)?")
+    removed = []
+    for entry in target.parent.iterdir():
+        match = pattern.match(entry.name)
+        if not match or (match.group(1) and _running(int(match.group(1)[:-1]))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def partial_directory(target: str | Path) -> Path:
+    """A new empty partial directory next to `target` (its parents are created), after removing
+    stale partials of the same target; the caller renames it to `target` when it is complete."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    return Path(tempfile.mkdtemp(prefix=_partial_prefix(target), dir=target.parent))
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path in the target's folder; when the block finishes without an error
-    the temporary file replaces `path`, otherwise it is removed and `path` is left as it was."""
+    """Yields a partial path in the target's folder; when the block finishes without an error
+    the partial file replaces `path`, otherwise it is removed and `path` is left as it was.
+    Stale partials of `path` (from a killed earlier write) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_stale_partials(path)
+    handle, temporary = tempfile.mkstemp(prefix=_partial_prefix(path), dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)

@@ -153,3 +153,45 @@ def test_not_a_checkpoint(tmp_path):
         load(tmp_path)
     with pytest.raises(ValueError, match="info must be JSON-able"):
         save(_tiny(), tmp_path / "x", info={"f": object()})
+
+
+def test_unfinished_checkpoints_are_never_loaded(tmp_path):
+    import shutil
+
+    model = _tiny()
+    rtn_quantize(model, "int4:g16")
+    out = save(model, tmp_path / "ckpt")
+    # what a SIGKILL before the final rename leaves: a hidden partial directory, maybe complete
+    partial = tmp_path / ".ckpt2.partial-99999999-abcd"
+    shutil.copytree(out, partial)
+    with pytest.raises(ValueError, match="unfinished write"):
+        load(partial)
+    # killed before its metadata (the last file written) was complete
+    unfinished = tmp_path / "copy"
+    shutil.copytree(out, unfinished)
+    (unfinished / checkpoint.META_FILE).unlink()
+    with pytest.raises(ValueError, match="not a lowbit checkpoint"):
+        load(unfinished)
+    (unfinished / checkpoint.META_FILE).write_text('{"format": "lowbit-mo')
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load(unfinished)
+    # a truncated array file (a copy cut short)
+    shutil.copytree(out, tmp_path / "short")
+    arrays = tmp_path / "short" / checkpoint.ARRAYS_FILE
+    arrays.write_bytes(arrays.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="not a finished checkpoint"):
+        load(tmp_path / "short")
+    assert load(out) is not None
+
+
+def test_a_later_save_removes_a_killed_save_partial(tmp_path):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".ckpt.partial-{child.pid}-abcd"
+    stale.mkdir()
+    (stale / checkpoint.ARRAYS_FILE).write_bytes(b"\0" * 8)
+    save(_tiny(), tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -7,6 +7,7 @@ weight stored [in, out] (Flax layout), the last axis for `token` granularity. Gr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -215,12 +216,18 @@ def quantize(x, spec: QuantSpec | str, axis: int | None = None, clip_ratio=None)
       is multiplied by its ratio before the scale is computed, exactly as the scalar
       `spec.clip` does (asymmetric: [ratio * min, ratio * max]); give one or the other.
       Not defined for binary and ternary (their scales are means, not ranges).
-    Non-finite inputs raise ValueError when x is concrete; under jit they propagate as NaN.
+    Non-finite inputs raise ValueError when x is concrete; under jit nothing can raise, and a
+    NaN (inf) element makes its group's scale NaN (inf), so the group dequantizes to NaN (NaN or
+    inf) while its integer codes stay finite. Scales (and asymmetric offsets) that overflow
+    their storage dtype (f16 holds at most 65504, e.g. int8 of |x| > 8.3e6) raise ValueError
+    for concrete x; store them wider with scale dtype f32 (e.g. "int8:f32").
     """
     spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"quantize expects a floating-point array, got dtype {x.dtype}")
+    if x.size == 0:
+        raise ValueError(f"cannot quantize an empty array of shape {tuple(x.shape)}")
     check_finite(x)
     axis = reduction_axis(spec, x.ndim, axis)
     validate(spec, x.shape, axis)
@@ -228,7 +235,22 @@ def quantize(x, spec: QuantSpec | str, axis: int | None = None, clip_ratio=None)
     if clip_ratio is not None:
         ratio = grouped_ratio(check_clip_ratio(clip_ratio, spec, x.shape, axis), x.shape, spec,
                               axis)
-    return _quantize(x.astype(jnp.float32), spec, axis, ratio)
+    q = _quantize(x.astype(jnp.float32), spec, axis, ratio)
+    _check_stored_statistics(q)
+    return q
+
+
+def _check_stored_statistics(q: QArray) -> None:
+    """Raise ValueError if a concrete QArray's scales or offsets overflowed their dtype."""
+    if isinstance(q.codes, jax.core.Tracer):
+        return
+    scale = q.scale.scale if isinstance(q.scale, QArray) else q.scale
+    for name, values in (("scales", scale), ("offsets", q.zero)):
+        if values is not None and not np.isfinite(np.asarray(values, np.float32)).all():
+            wider = dataclasses.replace(q.spec, scale_dtype="f32")
+            raise ValueError(f"the {name} of spec '{q.spec}' overflow their {q.spec.scale_dtype} "
+                             f"storage (the input's largest magnitude is too large for it); "
+                             f"store them wider with spec '{wider}'")
 
 
 def stat_shape(shape, spec: QuantSpec, axis: int) -> tuple[int, ...]:

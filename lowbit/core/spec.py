@@ -113,7 +113,7 @@ class QuantSpec:
 
     @classmethod
     def parse(cls, text: str) -> "QuantSpec":
-        """Parse the string form; raises ValueError naming the bad token."""
+        """Parse the string form; raises ValueError naming the bad token (or a field set twice)."""
         if isinstance(text, QuantSpec):
             return text
         if not isinstance(text, str) or not text.strip():
@@ -130,23 +130,37 @@ class QuantSpec:
                 f"unknown quantization kind {head!r} in spec {text!r}; expected int2..int8, "
                 + ", ".join(_FIXED_BITS)
             )
+        given: dict[str, str] = {}  # field name -> the token that set it
+
+        def field(name: str, what: str, tok: str) -> None:
+            if name in given:
+                raise ValueError(f"spec {text!r} sets {what} twice ({given[name]!r} and {tok!r})")
+            given[name] = tok
+
         for tok in tokens:
             if m := re.fullmatch(r"g(\d+)", tok):
+                field("granularity", "the granularity", tok)
                 fields.update(granularity="group", group_size=int(m.group(1)))
             elif tok in ("tensor", "channel", "token"):
+                field("granularity", "the granularity", tok)
                 fields["granularity"] = tok
             elif tok in ("asym", "sym"):
+                field("symmetric", "symmetry", tok)
                 fields["symmetric"] = tok == "sym"
             elif tok in SCALE_DTYPES:
+                field("scale_dtype", "the scale dtype", tok)
                 fields["scale_dtype"] = tok
             elif m := re.fullmatch(r"clip([0-9.]+(?:e-?[0-9]+)?)", tok):
+                field("clip", "the clip ratio", tok)
                 try:
                     fields["clip"] = float(m.group(1))
                 except ValueError:
                     raise ValueError(f"bad clip ratio {tok!r} in spec {text!r}") from None
             elif tok == "dq":
+                field("double_quant", "double quantization", tok)
                 fields["double_quant"] = True
             elif tok in TERNARY_METHODS:
+                field("ternary_method", "the ternary method", tok)
                 fields["ternary_method"] = tok
             else:
                 raise ValueError(

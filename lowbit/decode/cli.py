@@ -37,6 +37,25 @@ def wants_kv_generation(args) -> bool:
     return any(getattr(args, name, None) is not None for name in ("kv", "kv_policy", "batch_file"))
 
 
+def check_generate_arguments(args) -> None:
+    """The checks of `lowbit generate` that need no model: token count, temperature and, for the
+    KV generator, the layout, policy and pool sizes (ValueError naming the option)."""
+    max_new = getattr(args, "max_new_tokens", 64)
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {max_new!r}")
+    temperature = getattr(args, "temperature", 0.0)
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not wants_kv_generation(args):
+        return
+    parse_layout(args.kv or "f32")
+    parse_policy(args.kv_policy)
+    for option in ("slots", "page_size", "num_pages"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value}")
+
+
 def read_prompts(args) -> list[str]:
     """The prompts: the lines of --batch-file (blank lines skipped), else --prompt-file or --prompt."""
     batch_file = getattr(args, "batch_file", None)
@@ -49,6 +68,8 @@ def read_prompts(args) -> list[str]:
             raise ValueError(f"--batch-file {path} holds no prompts (one per line)")
         return prompts
     prompt_file = getattr(args, "prompt_file", None)
+    if prompt_file and not Path(prompt_file).is_file():
+        raise FileNotFoundError(f"--prompt-file not found: {prompt_file}")
     prompt = Path(prompt_file).read_text(encoding="utf-8") if prompt_file else getattr(args, "prompt", None)
     if not prompt:
         raise ValueError("give a prompt with --prompt TEXT, --prompt-file FILE or --batch-file FILE")
@@ -58,6 +79,7 @@ def read_prompts(args) -> list[str]:
 def run_generate_kv(args, model, tokenizer) -> dict:
     """Generate for every prompt with the requested cache; prints a table (or JSON with --json) and
     returns the same information as a dict."""
+    check_generate_arguments(args)
     layout = parse_layout(args.kv or "f32")
     policy = parse_policy(args.kv_policy)
     prompts = read_prompts(args)

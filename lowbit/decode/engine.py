@@ -141,11 +141,19 @@ class BatchedGenerator:
         for i, request in enumerate(requests):
             if not isinstance(request, Request):
                 raise ValueError(f"requests[{i}] must be a Request, got {type(request).__name__}")
-            if isinstance(self.cache.policy, FullPolicy):
-                need = len(request.prompt) + request.max_new_tokens - 1
-                if need > self.cache.max_len:
-                    raise ValueError(f"requests[{i}]: prompt ({len(request.prompt)}) + max_new_tokens "
-                                     f"({request.max_new_tokens}) exceeds max_len={self.cache.max_len} + 1")
+            limit = self.model.config.max_seq_len
+            if len(request.prompt) > limit:
+                raise ValueError(f"requests[{i}]: a prompt of {len(request.prompt)} tokens exceeds the "
+                                 f"model's context length max_seq_len={limit}")
+            need = len(request.prompt) + request.max_new_tokens - 1
+            if isinstance(self.cache.policy, FullPolicy) and need > self.cache.max_len:
+                raise ValueError(f"requests[{i}]: prompt ({len(request.prompt)}) + max_new_tokens "
+                                 f"({request.max_new_tokens}) exceeds max_len={self.cache.max_len} + 1")
+            pages = self.cache.pages_needed(need)
+            if pages > self.cache.allocator.num_blocks:
+                raise ValueError(f"requests[{i}] needs {pages} KV pages (prompt + max_new_tokens) but "
+                                 f"the pool holds num_pages={self.cache.allocator.num_blocks} pages "
+                                 f"of {self.cache.page_size} tokens; give more pages or fewer tokens")
             vocab = self.model.config.vocab_size
             if max(request.prompt) >= vocab or min(request.prompt) < 0:
                 raise ValueError(f"requests[{i}]: token ids must lie in [0, {vocab})")

@@ -331,8 +331,31 @@ def _check_options(value) -> dict[str, dict[str, Any]]:
             if bad:
                 raise ValueError(f"unknown config key(s) {[f'{where}.{k}' for k in bad]}; "
                                  f"allowed keys in [{where}]: {allowed}")
+            for key, value in entries.items():
+                _check_option_type(f"{where}.{key}", value, parameters[key].default)
         options[method] = dict(entries)
     return options
+
+
+def _check_option_type(where: str, value, default) -> None:
+    """An option must have the type of its parameter's default (a float option takes an int
+    too, a sequence a TOML array); options without a default or with None are not checked."""
+    if default is inspect.Parameter.empty or default is None:
+        return
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, wanted = isinstance(value, str), "a string"
+    elif isinstance(default, (tuple, list)):
+        ok, wanted = isinstance(value, list), "an array"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{where} must be {wanted} (default {default!r}), got {value!r}")
 
 
 def _check_plots(value) -> tuple:
@@ -587,8 +610,14 @@ class SweepResult:
     ran: int = 0
     plots: list[Path] = dataclasses.field(default_factory=list)
 
+    @property
+    def failed(self) -> int:
+        """Points whose last run ended in an error (they run again on the next call)."""
+        return sum(1 for row in self.rows if str(row.get("status", "")).startswith("error"))
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "csv": str(self.csv_path), "ran": self.ran,
+                "failed": self.failed,
                 "rows": self.rows, "skipped": [{"point": p, "reason": r} for p, r in self.skipped],
                 "plots": [str(p) for p in self.plots]}
 

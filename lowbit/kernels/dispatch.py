@@ -1,10 +1,15 @@
-"""Shared kernel plumbing: choosing an implementation (Pallas or XLA) and tile arithmetic."""
+"""Shared kernel plumbing: choosing an implementation (Pallas, native CPU or XLA) and tile arithmetic."""
 
 from __future__ import annotations
 
 import jax
 
-IMPLS = ("auto", "pallas", "xla")
+from lowbit.kernels.native import native_available, native_error
+
+IMPLS = ("auto", "pallas", "native", "xla")
+# "auto" uses the native CPU GEMV for at most this many activation rows; above, XLA's dequantize-once
+# then dot wins (benchmarks/RESULTS.md: tied at 64 rows, XLA 1.6-3.5x faster at 512).
+NATIVE_MAX_ROWS = 32
 
 
 def on_gpu() -> bool:
@@ -12,20 +17,34 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def resolve_impl(impl: str, interpret: bool | None) -> tuple[str, bool]:
-    """Map (impl, interpret) to a concrete ("pallas" | "xla", interpret flag).
+def resolve_impl(impl: str, interpret: bool | None, *, has_native: bool = False) -> tuple[str, bool]:
+    """Map (impl, interpret) to a concrete ("pallas" | "native" | "xla", interpret flag).
 
-    "auto" picks Pallas on GPU and the XLA reference elsewhere, unless `interpret=True`
-    asks for the Pallas kernel explicitly. `interpret=None` means: interpret when no GPU.
+    "auto" picks Pallas on GPU, the native CPU kernels on CPU when the op has them (`has_native`) and
+    they are built, and the XLA reference otherwise; `interpret=True` asks for the Pallas kernel
+    explicitly. `interpret=None` means: interpret when no GPU. "native" fails with a ValueError
+    when the op has no native kernel, the backend is not CPU, or the library could not be built.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    allowed = IMPLS if has_native else tuple(i for i in IMPLS if i != "native")
+    if impl not in allowed:
+        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
     if interpret not in (None, True, False):
         raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
     if impl == "auto":
-        impl = "pallas" if (on_gpu() or interpret) else "xla"
+        if on_gpu() or interpret:
+            impl = "pallas"
+        else:
+            impl = "native" if has_native and jax.default_backend() == "cpu" and native_available() else "xla"
     if impl == "xla":
         return "xla", False
+    if impl == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"impl='native' runs on the CPU backend only; the default backend is "
+                             f"{jax.default_backend()!r}")
+        if not native_available():
+            raise ValueError(f"impl='native': the native CPU kernels are unavailable ({native_error()}); "
+                             "use impl='xla' or 'auto'")
+        return "native", False
     if interpret is None:
         interpret = not on_gpu()
     if not interpret and not on_gpu():
@@ -62,6 +81,15 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
         if n % d == 0:
             return d
     return 1
+
+
+def pad_to(a, shape: tuple[int, ...]):
+    """Zero-pad `a` at the end of each axis up to `shape`; `a` itself when it already has that shape."""
+    if tuple(a.shape) == tuple(shape):
+        return a
+    import jax.numpy as jnp
+
+    return jnp.pad(a, [(0, target - size) for size, target in zip(a.shape, shape)])
 
 
 def is_concrete(x) -> bool:

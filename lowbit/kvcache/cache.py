@@ -59,6 +59,8 @@ class PagedKVCache:
     in it); `fork` starts a sequence that shares all pages of another (reference counts); `close`
     releases them. Device side: `state` (see lowbit.kvcache.store.init_state) and the static `spec`.
     A full-policy sequence holds at most max_len tokens; a bounded policy holds its capacity.
+    Both are capped by the model's context length (config.max_seq_len); a bounded policy's
+    sequence may grow past it (its positions keep counting), a full-policy one may not.
     """
 
     def __init__(self, config, layout: str | KVLayout = "f32", policy: str | Policy | None = None, *,
@@ -72,6 +74,14 @@ class PagedKVCache:
         self.layout = parse_layout(layout)
         self.max_len = max_len or config.max_seq_len
         self.policy = parse_policy(policy).resolve(self.max_len)
+        limit = config.max_seq_len
+        if self.policy.capacity is not None and self.policy.capacity > limit:
+            raise ValueError(f"KV policy {self.policy} keeps {self.policy.capacity} tokens, more than "
+                             f"the model's context length max_seq_len={limit}")
+        if self.policy.capacity is None and self.max_len > limit:
+            raise ValueError(f"a full-policy cache of max_len={self.max_len} tokens (prompt + new "
+                             f"tokens) exceeds the model's context length max_seq_len={limit}; a "
+                             "bounded policy (window:N, sinks:S,window:N) may generate past it")
         self.page_size = page_size or self.layout.default_page_size()
         capacity = self.policy.capacity or self.max_len
         self.table_width = math.ceil(capacity / self.page_size)

@@ -317,10 +317,24 @@ class _Cursor:
     def __init__(self, buffer, size: int):
         self.buffer, self.size, self.pos = buffer, size, 0
 
+    @property
+    def left(self) -> int:
+        return self.size - self.pos
+
     def need(self, n: int, what: str) -> None:
+        """A fixed-size read: running past the end means the file was cut short."""
         if n < 0 or self.pos + n > self.size:
             raise _HeaderProblem(f"file is truncated: {what} at byte {self.pos} needs {n} bytes "
                                  f"but the file has {self.size} bytes")
+
+    def declared(self, n: int, unit: int, what: str) -> None:
+        """A count or length read from the file: n items of at least `unit` bytes each must fit
+        in the bytes left, checked before anything loops over them."""
+        if n * unit > self.left:
+            raise _HeaderProblem(f"corrupt header (or truncated file): {what} at byte "
+                                 f"{self.pos} declares {n} "
+                                 f"(at least {n * unit} bytes) but only {self.left} bytes are "
+                                 "left in the file")
 
     def read(self, fmt: str, what: str):
         n = struct.calcsize(fmt)
@@ -335,10 +349,24 @@ class _Cursor:
 
     def string(self, what: str) -> bytes:
         n = self.read("Q", f"length of {what}")
-        self.need(n, what)
+        self.declared(n, 1, f"the length of {what}")
         text = bytes(self.buffer[self.pos:self.pos + n])
         self.pos += n
         return text
+
+    def name(self, what: str) -> str:
+        """A key or tensor name: a string that must be UTF-8."""
+        start = self.pos
+        try:
+            return self.string(what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _HeaderProblem(f"corrupt header: {what} at byte {start} is not UTF-8") from None
+
+
+# Smallest encodings: a metadata entry (key length, value type, a one-byte value) and a tensor
+# info (name length, dimension count, one dimension, type, offset).
+_MIN_METADATA_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
 
 
 def _skip_value(cursor: _Cursor, value_type: int, key: str) -> None:
@@ -350,15 +378,54 @@ def _skip_value(cursor: _Cursor, value_type: int, key: str) -> None:
         item_type = cursor.read("I", f"array type of {key!r}")
         count = cursor.read("Q", f"array length of {key!r}")
         if item_type in _SCALAR_SIZES:
+            cursor.declared(count, _SCALAR_SIZES[item_type], f"the length of array {key!r}")
             cursor.skip(count * _SCALAR_SIZES[item_type], f"array {key!r}")
         elif item_type == _STRING:
-            cursor.need(count * 8, f"string array {key!r}")
+            cursor.declared(count, 8, f"the length of string array {key!r}")
             for _ in range(count):
                 cursor.string(f"an item of {key!r}")
         else:
             raise _HeaderProblem(f"metadata {key!r} is an array of unknown value type {item_type}")
     else:
         raise _HeaderProblem(f"metadata {key!r} has unknown value type {value_type}")
+
+
+class _Extent(NamedTuple):
+    name: str
+    qtype: GGMLQuantizationType
+    dims: list[int]
+    offset: int  # from the start of the data section
+    n_bytes: int
+
+
+def _check_extents(extents: list[_Extent], data_start: int, alignment: int, size: int) -> None:
+    """Tensor data must be aligned, inside the file, and laid out back to back (each tensor starts
+    where the previous one ends, padded to the alignment), as llama.cpp requires: a type or shape
+    field changed in the header shows up as an overlap or a gap."""
+    ordered = sorted(extents, key=lambda e: e.offset)
+    for extent in ordered:
+        if extent.offset % alignment:
+            raise _HeaderProblem(f"corrupt header: tensor {extent.name!r} has data offset "
+                                 f"{extent.offset}, not a multiple of the alignment {alignment}")
+    for this, following in zip(ordered, ordered[1:]):
+        end = this.offset + this.n_bytes
+        layout = (f"tensor {this.name!r} ({this.qtype.name}, ne {this.dims}) needs "
+                  f"{this.n_bytes} bytes from data offset {this.offset}")
+        if end > following.offset:
+            raise _HeaderProblem(f"corrupt header: {layout}, which overlaps tensor "
+                                 f"{following.name!r} at offset {following.offset}; its type "
+                                 "or shape does not match the data")
+        if -(-end // alignment) * alignment != following.offset:
+            raise _HeaderProblem(f"corrupt header: {layout}, which leaves a gap of "
+                                 f"{following.offset - end} bytes before tensor "
+                                 f"{following.name!r}; its type or shape does not match the data")
+    if ordered:
+        last = ordered[-1]
+        end = data_start + last.offset + last.n_bytes
+        if end > size:
+            raise _HeaderProblem(f"file is truncated: tensor {last.name!r} ({last.qtype.name}, "
+                                 f"ne {last.dims}) data ends at byte {end} but the file has "
+                                 f"{size} bytes (or the header's type or shape is corrupt)")
 
 
 def _check_header(buffer, size: int) -> None:
@@ -375,9 +442,18 @@ def _check_header(buffer, size: int) -> None:
         raise _HeaderProblem(f"unsupported GGUF version {version} (supported: 2, 3)")
     n_tensors = cursor.read("Q", "tensor count")
     n_metadata = cursor.read("Q", "metadata count")
+    if n_metadata * _MIN_METADATA_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > cursor.left:
+        raise _HeaderProblem(f"corrupt header (or truncated file): it declares {n_metadata} "
+                                 f"metadata entries and "
+                             f"{n_tensors} tensors, more than the {cursor.left} bytes left in the "
+                             "file can hold")
     alignment = 32
+    keys: set[str] = set()
     for _ in range(n_metadata):
-        key = cursor.string("a metadata key").decode("utf-8", "replace")
+        key = cursor.name("a metadata key")
+        if key in keys:
+            raise _HeaderProblem(f"corrupt header: metadata key {key!r} appears twice")
+        keys.add(key)
         value_type = cursor.read("I", f"value type of {key!r}")
         if key == "general.alignment" and value_type == _UINT32:
             alignment = cursor.read("I", "general.alignment")
@@ -385,30 +461,38 @@ def _check_header(buffer, size: int) -> None:
                 raise _HeaderProblem(f"general.alignment {alignment} is not a power of two")
         else:
             _skip_value(cursor, value_type, key)
-    infos = []
+    cursor.declared(n_tensors, _MIN_TENSOR_INFO_BYTES, "the tensor count")
+    extents: list[_Extent] = []
+    names: set[str] = set()
     for _ in range(n_tensors):
-        name = cursor.string("a tensor name").decode("utf-8", "replace")
+        name = cursor.name("a tensor name")
+        if name in names:
+            raise _HeaderProblem(f"corrupt header: tensor name {name!r} appears twice")
+        names.add(name)
         n_dims = cursor.read("I", f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= _MAX_DIMS:
             raise _HeaderProblem(f"tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS})")
         dims = [cursor.read("Q", f"dimensions of tensor {name!r}") for _ in range(n_dims)]
+        if 0 in dims:
+            raise _HeaderProblem(f"tensor {name!r} has a dimension of 0 (ne {dims})")
         type_id = cursor.read("I", f"type of tensor {name!r}")
         offset = cursor.read("Q", f"data offset of tensor {name!r}")
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
             raise _HeaderProblem(f"tensor {name!r} has unknown ggml type id {type_id}") from None
-        infos.append((name, dims, qtype, offset))
-    data_start = -(-cursor.pos // alignment) * alignment
-    for name, dims, qtype, offset in infos:
         block, type_size = GGML_QUANT_SIZES[qtype]
         if dims[0] % block:
             raise _HeaderProblem(f"tensor {name!r} ({qtype.name}) has a row length {dims[0]} that "
                                  f"is not a multiple of the block size {block}")
-        end = data_start + offset + math.prod(dims) // block * type_size
-        if end > size:
-            raise _HeaderProblem(f"file is truncated: tensor {name!r} data ends at byte {end} but "
-                                 f"the file has {size} bytes")
+        n_bytes = math.prod(dims) // block * type_size
+        if n_bytes > size or offset > size:
+            raise _HeaderProblem(f"corrupt header: tensor {name!r} ({qtype.name}, ne {dims}) "
+                                 f"declares {n_bytes} bytes at data offset {offset}, beyond the "
+                                 f"{size} bytes of the file")
+        extents.append(_Extent(name, qtype, dims, offset, n_bytes))
+    data_start = -(-cursor.pos // alignment) * alignment
+    _check_extents(extents, data_start, alignment, size)
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -472,13 +556,27 @@ def _find_tensor(reader: GGUFReader, name: str):
     raise ValueError(f"{reader.data.filename}: no tensor named {name!r}")
 
 
+def _require_finite(where, name: str, *arrays) -> None:
+    """A weight that decodes to NaN or inf is a corrupt file, never a number to compute with."""
+    for array in arrays:
+        if array is None:
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise ValueError(f"{where}: tensor {name!r} decodes to {bad} non-finite values "
+                             "(NaN or inf); the file is corrupt")
+
+
 def read_tensor(source: str | Path | GGUFReader, name: str) -> np.ndarray:
-    """Dequantize one tensor to float32 in numpy order (the reverse of ggml's ne)."""
+    """Dequantize one tensor to float32 in numpy order (the reverse of ggml's ne); a tensor that
+    decodes to NaN or inf is a ValueError naming it."""
     reader = _as_reader(source)
     tensor = _find_tensor(reader, name)
-    _supported(tensor.tensor_type, f"tensor {name!r}")
+    _supported(tensor.tensor_type, f"{reader.data.filename}: tensor {name!r}")
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return dequantize_ggml(tensor.data, tensor.tensor_type, shape)
+    values = dequantize_ggml(tensor.data, tensor.tensor_type, shape)
+    _require_finite(reader.data.filename, name, values)
+    return values
 
 
 # ---- llama checkpoints ---------------------------------------------------------------------
@@ -596,6 +694,7 @@ def iter_llama_weights(source: str | Path | GGUFReader,
     [d]; "lm_head" [d, vocab] only for untied files. Q/K rows are in HF order (rotate_half
     RoPE). With keep_quantized=True, Q4_0/Q4_1/Q8_0 tensors come as exact QArrays instead
     (groups of 32 along the input axis: axis 0 of a linear weight, axis 1 of "embed").
+    A tensor whose values (or QArray scales and offsets) are NaN or inf is a ValueError naming it.
     """
     reader = _as_reader(source)
     where = reader.data.filename
@@ -613,7 +712,7 @@ def iter_llama_weights(source: str | Path | GGUFReader,
                          f"{', '.join(unexpected[:8])}")
     for name, gguf_name, conversion, shape in plan:
         tensor = tensors[gguf_name]
-        _supported(tensor.tensor_type, f"tensor {gguf_name!r}")
+        _supported(tensor.tensor_type, f"{where}: tensor {gguf_name!r}")
         stored = tuple(int(d) for d in reversed(tensor.shape))
         wanted = shape if conversion == "copy" else shape[::-1]
         if stored != wanted:
@@ -622,9 +721,11 @@ def iter_llama_weights(source: str | Path | GGUFReader,
         tensor = tensors[gguf_name]
         stored = tuple(int(d) for d in reversed(tensor.shape))
         if keep_quantized and tensor.tensor_type in QARRAY_SPECS:
-            yield name, _llama_qarray(tensor.data, tensor.tensor_type, stored, conversion, config)
+            yield name, _llama_qarray(tensor.data, tensor.tensor_type, stored, conversion, config,
+                                      where, gguf_name)
         else:
             values = dequantize_ggml(tensor.data, tensor.tensor_type, stored)
+            _require_finite(where, gguf_name, values)
             yield name, _to_lowbit_layout(values, conversion, config)
 
 
@@ -638,9 +739,10 @@ def _make_qarray(codes, scale, zero, spec: str, axis: int):
     return QArray(jnp.asarray(codes), jnp.asarray(scale), zero, QuantSpec.parse(spec), axis)
 
 
-def _llama_qarray(data, qtype, stored_shape, conversion: str, config: dict):
+def _llama_qarray(data, qtype, stored_shape, conversion: str, config: dict, where, gguf_name):
     """A Q4_0/Q4_1/Q8_0 tensor as a QArray in lowbit's layout (see iter_llama_weights)."""
     codes, scale, zero, spec = qarray_parts(data, qtype, stored_shape)
+    _require_finite(where, gguf_name, scale, zero)
     if conversion == "copy":
         return _make_qarray(codes, scale, zero, spec, len(stored_shape) - 1)
     codes, scale = (_to_lowbit_layout(a, conversion, config) for a in (codes, scale))
@@ -659,6 +761,7 @@ def tensor_qarray(source: str | Path | GGUFReader, name: str, transpose: bool = 
     tensor = _find_tensor(reader, name)
     stored = tuple(int(d) for d in reversed(tensor.shape))
     codes, scale, zero, spec = qarray_parts(tensor.data, tensor.tensor_type, stored)
+    _require_finite(reader.data.filename, name, scale, zero)
     if transpose and len(stored) == 2:
         return _make_qarray(codes.T, scale.T, None if zero is None else zero.T, spec, 0)
     return _make_qarray(codes, scale, zero, spec, len(stored) - 1)

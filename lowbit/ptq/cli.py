@@ -5,6 +5,7 @@ plus `load_checkpoint` for `lowbit eval --model DIR`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from lowbit.checkpoint import load, read_info, save
+from lowbit.core.spec import QuantSpec
+from lowbit.data.corpus import PYDOC
 from lowbit.ptq.methods import get_method, run_method
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")  # the registry's weight methods
@@ -102,6 +105,40 @@ def _check_method_options(args) -> None:
         raise ValueError("--act-order and --static-groups only apply to --method gptq")
 
 
+def _check_out(out: Path) -> None:
+    """--out must be a new path whose nearest existing ancestor is a directory we can write."""
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new directory")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {ancestor} (permission denied)")
+
+
+def _check_early_arguments(args, out: Path) -> str:
+    """The checks that need no model, run before it loads (seconds) and before quantization
+    (minutes): --weights (returned, the method's default when not given), --out and --calib."""
+    weights = DEFAULT_WEIGHTS[args.method] if args.weights is None else args.weights
+    if not weights.strip():
+        raise ValueError(f"--weights must be a quantization spec such as "
+                         f"{DEFAULT_WEIGHTS[args.method]!r} (or left out), got {weights!r}")
+    try:
+        QuantSpec.parse(weights)
+    except ValueError as error:
+        raise ValueError(f"--weights: {error}") from None
+    _check_out(out)
+    if args.method in ("gptq", "awq", "smoothquant"):
+        for name, value in (("--calib-samples", args.calib_samples), ("--calib-len", args.calib_len)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if args.calib != PYDOC and not Path(args.calib).expanduser().is_file():
+            raise FileNotFoundError(f"--calib file not found: {args.calib} (or use {PYDOC!r})")
+    return weights
+
+
 def quantize_model(model, method: str, weights: str, calibration: np.ndarray | None, *,
                    act: str | None = None, alpha: float | None = None, smoothing: bool = True,
                    smooth_down: bool = False, threshold: float | None = 6.0,
@@ -140,9 +177,7 @@ def run_quantize(args) -> dict[str, Any]:
         raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
     _check_method_options(args)
     out = Path(args.out).expanduser()
-    if out.exists():
-        raise ValueError(f"--out {out} already exists; choose a new directory")
-    weights = args.weights or DEFAULT_WEIGHTS[args.method]
+    weights = _check_early_arguments(args, out)
     quiet = getattr(args, "quiet", False)
     progress = not quiet and sys.stderr.isatty()
     start = time.perf_counter()

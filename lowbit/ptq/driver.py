@@ -98,9 +98,13 @@ def strided_sample(stride: int) -> Statistic:
                      "concat")
 
 
+MAX_TOKEN_SHARE = 0.5  # the most frequent token of ordinary text is a few percent
+
+
 def check_calibration(tokens: Any, config) -> np.ndarray:
     """Validates calibration tokens: a non-empty int array [samples, seq] with 2 <= seq <=
-    max_seq_len and ids inside the vocabulary."""
+    max_seq_len, ids inside the vocabulary, and no single id above MAX_TOKEN_SHARE of them
+    (text that tokenizes to one id, such as NUL bytes, calibrates nothing useful)."""
     if tokens is None:
         raise ValueError("calibration tokens are required for this method, got None")
     array = np.asarray(tokens)
@@ -119,6 +123,12 @@ def check_calibration(tokens: Any, config) -> np.ndarray:
                          f"max_seq_len {config.max_seq_len}")
     if array.min() < 0 or array.max() >= config.vocab_size:
         raise ValueError(f"calibration tokens must lie in [0, vocab_size={config.vocab_size})")
+    ids, counts = np.unique(array, return_counts=True)
+    share = counts.max() / array.size
+    if share > MAX_TOKEN_SHARE:
+        raise ValueError(f"calibration tokens are mostly one token: token id {ids[counts.argmax()]} is "
+                         f"{share:.0%} of the calibration tokens (over {MAX_TOKEN_SHARE:.0%}), e.g. "
+                         "a file of NUL bytes or one repeated character; calibrate on ordinary text")
     return array.astype(np.int32)
 
 

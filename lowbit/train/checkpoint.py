@@ -17,14 +17,17 @@ def abstract_like(tree: Any) -> Any:
 
 
 class CheckpointStore:
-    """Numbered checkpoints in one directory (the newest `max_to_keep` are kept)."""
+    """Numbered checkpoints in one directory (the newest `max_to_keep` are kept). A save is
+    finalized by a rename; the unfinished folder of a killed save is never restored and is
+    removed when the next store opens the directory."""
 
     def __init__(self, directory: str | Path, max_to_keep: int = 2):
         if not str(directory):
             raise ValueError("directory must be a non-empty path")
         self.directory = Path(directory).expanduser().resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

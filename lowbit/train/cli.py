@@ -20,6 +20,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--data-parallel", type=int, help="override train.data_parallel (0 = all devices)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start from scratch even if the checkpoint directory holds checkpoints")
+    parser.add_argument("--force", action="store_true",
+                        help="resume even though settings that change the run (lr, batch size, "
+                             "seq_len, seed, steps, optimizer, data) differ from the checkpoint's")
     if "--json" not in existing:
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     if "--quiet" not in existing:
@@ -31,6 +34,8 @@ def run_train(args: argparse.Namespace) -> int:
     """Train as `args` say; prints the history table (or JSON) and returns 0."""
     from lowbit.train.loop import Trainer
 
+    if args.force and args.no_resume:
+        raise ValueError("--force (resume with changed settings) and --no-resume exclude each other")
     config = load_config(args.config)
     overrides = {}
     if args.steps is not None:
@@ -46,7 +51,8 @@ def run_train(args: argparse.Namespace) -> int:
     if overrides:
         config = config.replace(train=overrides)
     quiet = getattr(args, "quiet", False)
-    trainer = Trainer(config, resume=not args.no_resume, progress=not quiet and sys.stderr.isatty())
+    resume = "force" if args.force else not args.no_resume
+    trainer = Trainer(config, resume=resume, progress=not quiet and sys.stderr.isatty())
     resumed_from = trainer.step
     trainer.run()
     trainer.close()

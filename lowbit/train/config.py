@@ -5,6 +5,7 @@ frozen dataclasses; an unknown key raises ValueError naming it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,19 @@ def _check(name: str, value, kind, minimum=None, allow_none: bool = False):
     ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    if kind is float and ok and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not ok or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"{name} must be {kind.__name__}{bound}, got {value!r}")
     return value
+
+
+def _check_range(name: str, value: float, low: float, high: float, high_open: bool) -> None:
+    """A float already checked finite must lie in [low, high) or [low, high]."""
+    if value < low or value > high or (high_open and value == high):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}{bracket}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +129,11 @@ class TrainSettings:
         for name, minimum in (("lr", 0.0), ("min_lr_ratio", 0.0), ("weight_decay", 0.0),
                               ("grad_clip", 0.0), ("b1", 0.0), ("b2", 0.0)):
             object.__setattr__(self, name, _check(f"train.{name}", getattr(self, name), float, minimum))
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("b1", "b2"):  # Adam's moment decays: 1 would never forget, above 1 diverges
+            _check_range(f"train.{name}", getattr(self, name), 0.0, 1.0, high_open=True)
+        _check_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, high_open=False)
         _check("train.checkpoint_dir", self.checkpoint_dir, str)
         if self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")

@@ -105,16 +105,51 @@ def make_mesh(data_parallel: int = 1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices[:n]), ("data",))
 
 
+# Settings a resumed run may change freely (they decide when to evaluate and checkpoint, or
+# where the batch runs); changes to any other setting are refused unless resume="force", and
+# changes that give the arrays other shapes or meanings are refused always.
+RESUME_FREE = ("train.eval_interval", "train.eval_windows", "train.checkpoint_dir",
+               "train.checkpoint_interval", "train.data_parallel")
+RESUME_NEVER = ("model.", "quant.", "data.tokenizer")
+RESUME_MODES = (True, False, "force")
+
+
+def _flat_settings(config: dict) -> dict[str, Any]:
+    """{"train.lr": 0.001, ...} from a to_dict() table, values as JSON gives them back."""
+    plain = json.loads(json.dumps(config))
+    return {f"{section}.{key}": value for section, table in plain.items()
+            for key, value in (table.items() if isinstance(table, dict) else [("", table)])}
+
+
+def resume_changes(saved: dict, current: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Every setting that differs between a checkpoint's saved config and `current`:
+    {"train.lr": (saved value, current value)}; a key missing on one side shows as None."""
+    try:  # fill defaults of settings added since the checkpoint was written
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except (ValueError, TypeError):
+        pass
+    old, new = _flat_settings(saved), _flat_settings(current.to_dict())
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)}
+
+
 class Trainer:
     """One training run of `config`. Build it, then `run()`; with a checkpoint directory that
     already holds checkpoints, the newest is restored first (resume=True) and training continues
-    where it stopped, bit for bit. tokens: optional (train, eval) token streams to use instead
-    of the configured corpus."""
+    where it stopped, bit for bit. Resuming compares the whole saved config: changed settings
+    other than RESUME_FREE are refused (named, old -> new) unless resume="force", and changes
+    to the model, quantization or tokenizer always. tokens: optional (train, eval) token streams
+    to use instead of the configured corpus. A step whose loss is not finite stops the run with
+    a ValueError before anything of it is saved."""
 
     def __init__(self, config: TrainConfig, *, tokens: tuple[np.ndarray, np.ndarray] | None = None,
-                 devices=None, resume: bool = True, progress: bool = False):
+                 devices=None, resume: bool | str = True, progress: bool = False):
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not any(resume is mode or resume == mode for mode in RESUME_MODES) or resume in (0, 1) \
+                and not isinstance(resume, bool):
+            raise ValueError(f"resume must be one of {RESUME_MODES}, got {resume!r}")
+        self.resume_mode = resume
         self.config = config
         t = config.train
         self.progress = progress
@@ -199,6 +234,11 @@ class Trainer:
         start_step, start = self.step, time.perf_counter()
         while self.step < until:
             metrics = self.train_step()
+            if not math.isfinite(metrics["loss"]):
+                bar.close()
+                raise ValueError(f"training diverged: the loss is {metrics['loss']} (not finite at "
+                                 f"step {self.step}, lr {t.lr:g}); nothing after step "
+                                 f"{self.step - 1} was saved; lower train.lr or check the data")
             self.train_losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
@@ -224,6 +264,10 @@ class Trainer:
         """Checkpoint the current step (needs train.checkpoint_dir)."""
         if self.store is None:
             raise ValueError("train.checkpoint_dir is empty: no checkpoint directory to save to")
+        if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(self.params)):
+            raise ValueError(f"training diverged: the parameters at step {self.step} are not finite "
+                             f"(lr {self.config.train.lr:g}); not saving them over the last good "
+                             "checkpoint; lower train.lr or check the data")
         record = {"step": self.step, "config": self.config.to_dict(), "history": self.history,
                   "train_losses": self.train_losses}
         self.store.save(self.step, self.state(), record)
@@ -235,18 +279,30 @@ class Trainer:
         step = self.store.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"no checkpoint in {self.store.directory}")
-        saved, current = self.store.read_record(step).get("config", {}), self.config.to_dict()
-        differ = [name for name in ("model", "quant") if saved.get(name) != json.loads(json.dumps(current[name]))]
-        if differ:
-            raise ValueError(f"the checkpoint in {self.store.directory} was written with different "
-                             f"{' and '.join(differ)} settings: {[saved.get(n) for n in differ]}; "
-                             f"use another checkpoint_dir or resume=False")
+        self._check_resume(step)
         state, record = self.store.restore(step, self.state())
         self.params, self.rest, self.opt_state = state["params"], state["rest"], state["opt_state"]
         self.step = int(record["step"])
         self.history = list(record.get("history", []))
         self.train_losses = list(record.get("train_losses", []))
         return self.step
+
+    def _check_resume(self, step: int) -> None:
+        """Refuse to resume from a checkpoint written with other settings (see the class)."""
+        changes = resume_changes(self.store.read_record(step).get("config", {}), self.config)
+        never = [k for k in changes if k.startswith(RESUME_NEVER)]
+        forced = [k for k in changes if k not in never and k not in RESUME_FREE]
+        if not never and (not forced or self.resume_mode == "force"):
+            return
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        where = f"the checkpoint at step {step} in {self.store.directory}"
+        if never:
+            raise ValueError(f"{where} cannot be restored into this run: {', '.join(never)} changed "
+                             f"the model's arrays ({listed}); use another checkpoint_dir or "
+                             "start over (--no-resume / resume=False)")
+        raise ValueError(f"{where} was written with other settings ({listed}); resuming would "
+                         f"mix two runs. Continue anyway with --force (resume='force'), use "
+                         "another checkpoint_dir, or start over (--no-resume / resume=False)")
 
     def model(self) -> nnx.Module:
         """The model with the current parameters (a fresh module; training state is untouched)."""

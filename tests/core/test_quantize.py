@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,34 @@ def test_group_larger_than_axis_and_bad_dtype_are_errors():
         quantize(jnp.ones((64, 2), jnp.int32), "int4")
     with pytest.raises(ValueError, match="out of range"):
         quantize(jnp.ones((64, 2)), "int4:channel", axis=3)
+
+
+@pytest.mark.parametrize("text, x_max", [("int8", 1e7), ("int4:g32:asym", 1e6), ("nf4:g32", 1e5),
+                                          ("fp8_e4m3", 1e8), ("binary", 1e5), ("ternary", 1e5)])
+def test_scales_that_overflow_f16_are_an_error_naming_the_fix(text, x_max):
+    x = np.full((64, 64), x_max, np.float32)
+    x[0, 0] = -x_max
+    with pytest.raises(ValueError, match=f"overflow.*f16.*'{text}:f32'"):
+        quantize(x, text)
+    q = quantize(x, text + ":f32")  # stored wider, the same values are fine
+    assert np.isfinite(np.asarray(q.dequantize())).all()
+    assert np.abs(np.asarray(q.dequantize()) - x).max() <= 0.51 * x_max
+
+
+@pytest.mark.parametrize("shape", [(64, 0), (0,), (0, 8)])
+def test_empty_arrays_are_an_error(shape):
+    with pytest.raises(ValueError, match=re.escape(f"empty array of shape {shape}")):
+        quantize(np.zeros(shape, np.float32), "int8:channel")
+
+
+@pytest.mark.parametrize("text", ["int8", "int4:g32", "int4:g32:asym", "int8:token", "nf4:g32",
+                                  "fp4:g32", "nf4:g32:dq", "fp8_e4m3", "ternary", "binary"])
+def test_nan_and_inf_under_jit_come_out_non_finite(text):
+    """Under jit nothing can raise: a NaN (or inf) input makes its group's scale NaN (or inf), so
+    the element and its group dequantize to NaN or inf, never to finite numbers."""
+    for bad in (np.nan, np.inf):
+        x = jnp.asarray(_rand((64, 4))).at[3, 1].set(bad)
+        out = np.asarray(jax.jit(lambda a: quantize(a, text).dequantize())(x))
+        assert not np.isfinite(out[3, 1]), (text, bad)
+        if bad != bad:  # NaN
+            assert np.isnan(out[3, 1]), text

@@ -59,3 +59,15 @@ def test_fixed_width_kinds_reject_other_bits():
 def test_clip_ratio_round_trips_exactly(clip):
     spec = QuantSpec(kind="int", bits=4, clip=clip)
     assert QuantSpec.parse(str(spec)) == spec
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("int4:asym:asym", "sets symmetry twice"), ("int4:asym:sym", "sets symmetry twice"),
+    ("int4:g64:g32", "sets the granularity twice"), ("int8:channel:token", "sets the granularity twice"),
+    ("int4:f16:f32", "sets the scale dtype twice"), ("int4:clip0.9:clip0.8", "sets the clip ratio"),
+    ("nf4:g64:dq:dq", "sets double quantization twice"),
+    ("ternary:twn:absmean", "sets the ternary method twice"),
+])
+def test_a_field_given_twice_is_an_error(text, fragment):
+    with pytest.raises(ValueError, match=f"spec {text!r} {fragment}"):
+        QuantSpec.parse(text)

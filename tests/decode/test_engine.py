@@ -11,7 +11,6 @@ import pytest
 
 from lowbit.decode.cli import add_generate_kv_arguments, run_generate_kv, wants_kv_generation
 from lowbit.decode.engine import BatchedGenerator, Request, generate_batch
-from lowbit.kvcache.allocator import OutOfBlocksError
 
 NEW = 8
 OPTIONS = dict(slots=3, max_len=32, page_size=4)
@@ -79,8 +78,16 @@ def test_sampling_is_reproducible_across_pool_sizes(tiny_model, prompts):
 
 
 def test_requests_that_cannot_fit_fail_clearly(tiny_model, prompts):
-    with pytest.raises(OutOfBlocksError, match="pages"):
+    with pytest.raises(ValueError, match="needs 5 KV pages .* the pool holds num_pages=2"):
         BatchedGenerator(tiny_model, "f32", num_pages=2, **OPTIONS).generate([Request(prompts[1], NEW)])
+    with pytest.raises(ValueError, match="pool holds num_pages=1 pages of 4 tokens"):
+        BatchedGenerator(tiny_model, "int8", "window:16", slots=1, max_len=32, num_pages=1,
+                         page_size=4).generate([Request(prompts[1], NEW)])
+    generator = BatchedGenerator(tiny_model, "f32", "window:16", slots=1, max_len=1000,
+                                 page_size=4)
+    with pytest.raises(ValueError, match="prompt of 257 tokens exceeds the model's context length"):
+        generator.generate([Request([1] * 257, NEW)])
+    assert generator.cache.allocator.num_free == generator.cache.allocator.num_blocks
     with pytest.raises(ValueError, match="max_len"):
         BatchedGenerator(tiny_model, "f32", num_pages=24, **OPTIONS).generate([Request(prompts[1], 40)])
     with pytest.raises(ValueError, match="prompt"):
@@ -123,4 +130,14 @@ def test_cli_serves_a_batch_file(tiny_model, tmp_path, capsys):
     assert not wants_kv_generation(parser.parse_args([]))
     with pytest.raises(ValueError, match="policy"):
         run_generate_kv(parser.parse_args(["--kv-policy", "windo:3", "--batch-file", str(batch)]),
+                        tiny_model, _ByteTokenizer())
+    long_prompt = tmp_path / "long.txt"
+    long_prompt.write_text("x" * 300)  # 300 tokens, more than max_seq_len = 256
+    parser.add_argument("--prompt-file")
+    with pytest.raises(ValueError, match="context length max_seq_len=256"):
+        run_generate_kv(parser.parse_args(["--kv", "int8", "--prompt-file", str(long_prompt)]),
+                        tiny_model, _ByteTokenizer())
+    with pytest.raises(ValueError, match="context length max_seq_len=256"):
+        run_generate_kv(parser.parse_args(["--kv-policy", "window:99999999999999999999",
+                                           "--prompt-file", str(long_prompt)]),
                         tiny_model, _ByteTokenizer())

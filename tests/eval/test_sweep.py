@@ -135,6 +135,10 @@ granularity = ["g64"]
     (GOOD + "[plots]\nhistogram = true\n", "plots.histogram"),
     (GOOD + "[options.awq]\nsearch_tokenz = 5\n", "options.awq.search_tokenz"),
     (GOOD + "[options.rtn]\nobserver = 'mse'\n", "options.rtn.observer"),  # an axis, not an option
+    (GOOD + "[options.gptq]\ndamp = 'x'\n", "options.gptq.damp"),  # a float option given text
+    (GOOD + "[options.gptq]\nblock_size = 1.5\n", "options.gptq.block_size"),
+    (GOOD + "[options.gptq]\nact_order = 1\n", "options.gptq.act_order"),
+    (GOOD + "[options.awq]\ngrid = 0.5\n", "options.awq.grid"),
     (GOOD + "[[points]]\nmethod = 'gptq'\nbits = 3\ngranularity = 'g64'\nobserver = 'mse'\n",
      "points[0]"),
     (GOOD + "[[points]]\nmethod = 'smoothquant'\nbits = 4\n", "points[0]"),
@@ -284,3 +288,19 @@ def test_a_failing_evaluator_setup_stops_the_sweep(tmp_path):
     with pytest.raises(ValueError, match="windows"):
         run_sweep(small_config(), evaluator, results_root=tmp_path, log=quiet)
     assert evaluator.calls == [] and not (tmp_path / "demo" / "results.csv").exists()
+
+
+def test_failed_points_make_the_command_exit_non_zero_saying_how_many(tmp_path, monkeypatch,
+                                                                         capsys):
+    from lowbit.eval import sweep
+
+    monkeypatch.setattr(sweep, "ModelEvaluator", lambda config, progress: FakeEvaluator())
+    path = write(tmp_path, GOOD.replace("bits = [4]", "bits = [4, 2, 3]"), name="some.toml")
+    assert main(["sweep", str(path), "--results", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "lowbit sweep: error: 1 of 3 points failed" in err and "results.csv" in err
+    result = run_sweep(load_sweep_config(path), FakeEvaluator(), results_root=tmp_path / "r",
+                       log=quiet)
+    assert result.failed == 1 and result.ran == 1  # only the failed point runs again
+    path = write(tmp_path, GOOD.replace('name = "t"', 'name = "fine"'), name="fine.toml")
+    assert main(["sweep", str(path), "--results", str(tmp_path / "r")]) == 0

@@ -1,11 +1,11 @@
 """decode_attention over paged KV caches (float, int8, int4) against dense numpy softmax attention."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from base import KernelTestBase, PallasImpl, XlaImpl
 
 from lowbit.kernels.decode_attention import (
     DecodeAttentionConfig,
@@ -17,8 +17,6 @@ from lowbit.kernels.decode_attention import (
 )
 from lowbit.kernels.decode_attention.pallas import decode_attention_pallas, plan_decode
 
-# LOWBIT_KERNEL_TEST_DEVICE=gpu runs the Pallas classes compiled for the GPU instead of interpreted.
-PALLAS_INTERPRET = os.environ.get("LOWBIT_KERNEL_TEST_DEVICE", "cpu") != "gpu"
 PAGE_SIZE, MAX_PAGES = 4, 6
 LENGTHS = np.array([1, 8, 13, 24], np.int32)  # one token, a page boundary, mid-page, full capacity
 SMALL_BLOCKS = DecodeAttentionConfig(block_tokens=16)  # several page blocks even for short tests
@@ -70,10 +68,7 @@ def _error(out, expected):
     return np.abs(np.asarray(jnp.asarray(out, jnp.float32), np.float64) - expected).max()
 
 
-class DecodeAttentionBase:
-    impl: str = "xla"
-    interpret: bool | None = None
-
+class DecodeAttentionBase(KernelTestBase):
     def attend(self, *args, **kwargs):
         return decode_attention(*args, impl=self.impl, interpret=self.interpret, **kwargs)
 
@@ -154,13 +149,11 @@ class DecodeAttentionBase:
             self.attend(q, bad_pool, v_pages, tables, lengths)
 
 
-class TestDecodeAttentionXla(DecodeAttentionBase):
-    impl = "xla"
+class TestDecodeAttentionXla(DecodeAttentionBase, XlaImpl):
+    pass
 
 
-class TestDecodeAttentionPallas(DecodeAttentionBase):
-    impl = "pallas"
-    interpret = PALLAS_INTERPRET
+class TestDecodeAttentionPallas(DecodeAttentionBase, PallasImpl):
 
     @pytest.mark.parametrize("kind", [None, "int8", "int4"])
     def test_lowers_to_triton(self, kind):

@@ -1,18 +1,19 @@
 """int8_matmul (W8A8): every implementation against exact int64 numpy products, plus bad input."""
 
-import os
+import functools
 import re
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit.kernels.int8_matmul import Int8MatmulConfig, int8_matmul, int8_matmul_reference
-from lowbit.kernels.int8_matmul.pallas import PREFILL_CONFIG, int8_matmul_pallas, plan_tiles
+from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl
 
-# LOWBIT_KERNEL_TEST_DEVICE=gpu runs the Pallas classes compiled for the GPU instead of interpreted.
-PALLAS_INTERPRET = os.environ.get("LOWBIT_KERNEL_TEST_DEVICE", "cpu") != "gpu"
+from lowbit.kernels.int8_matmul import Int8MatmulConfig, int8_matmul, int8_matmul_reference
+from lowbit.kernels.int8_matmul.pallas import DECODE_CONFIG, PREFILL_CONFIG, int8_matmul_pallas, plan_tiles
+from lowbit.kernels.native import portable_code_only
 
 
 def _operands(m, k, n, seed=0):
@@ -29,10 +30,7 @@ def _expected(x, xs, w, ws):
     return exact.astype(np.float64) * np.asarray(xs, np.float64) * np.asarray(ws, np.float64)
 
 
-class Int8MatmulBase:
-    impl: str = "xla"
-    interpret: bool | None = None
-
+class Int8MatmulBase(KernelTestBase):
     def matmul(self, *args, **kwargs):
         return int8_matmul(*args, impl=self.impl, interpret=self.interpret, **kwargs)
 
@@ -79,13 +77,50 @@ class Int8MatmulBase:
             int8_matmul(x, xs, w, ws, impl="cuda")
 
 
-class TestInt8MatmulXla(Int8MatmulBase):
-    impl = "xla"
+class TestInt8MatmulXla(Int8MatmulBase, XlaImpl):
+    pass
 
 
-class TestInt8MatmulPallas(Int8MatmulBase):
-    impl = "pallas"
-    interpret = PALLAS_INTERPRET
+class TestInt8MatmulNative(Int8MatmulBase, NativeImpl):
+    def _reference(self, x, xs, w, ws):
+        return np.asarray(int8_matmul(*(jnp.asarray(a) for a in (x, xs, w, ws)), impl="xla"))
+
+    @pytest.mark.parametrize("k, n", [(1, 1), (31, 17), (576, 192), (1537, 40), (64, 16)])
+    def test_bit_equal_to_xla_reference_over_batches(self, k, n):
+        """Integer sums are exact and the rescale is the reference's, so the floats are the same bits."""
+        for m in (1, 2, 3, 4, 7, 16, 64):
+            x, xs, w, ws = _operands(m, k, n, seed=m)
+            y = np.asarray(self.matmul(*(jnp.asarray(a) for a in (x, xs, w, ws))))
+            np.testing.assert_array_equal(y, self._reference(x, xs, w, ws))
+
+    def test_portable_code_is_bit_equal(self):
+        x, xs, w, ws = _operands(5, 301, 37, seed=3)
+        with portable_code_only():
+            y = np.asarray(self.matmul(*(jnp.asarray(a) for a in (x, xs, w, ws))))
+        np.testing.assert_array_equal(y, self._reference(x, xs, w, ws))
+
+    def test_two_threads_at_once(self):
+        operands = [_operands(3, 1536, 576, seed=4), _operands(2, 576, 1536, seed=5)]
+        fn = jax.jit(lambda *a: int8_matmul(*a, impl="native"))
+        results = [[], []]
+        barrier = threading.Barrier(2)
+
+        def worker(i):
+            barrier.wait()
+            for _ in range(20):
+                results[i].append(np.asarray(fn(*(jnp.asarray(a) for a in operands[i]))))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i in range(2):
+            expected = self._reference(*operands[i])
+            assert len(results[i]) == 20 and all(np.array_equal(y, expected) for y in results[i])
+
+
+class TestInt8MatmulPallas(Int8MatmulBase, PallasImpl):
 
     def test_explicit_split_k(self):
         x, xs, w, ws = _operands(3, 512, 48, seed=2)
@@ -111,3 +146,16 @@ def test_reference_uses_int32_accumulation():
 def test_config_validation():
     with pytest.raises(ValueError, match="block_k must be >= 32"):
         Int8MatmulConfig(block_m=16, block_n=16, block_k=16)
+
+
+@pytest.mark.parametrize("k, n", [(576, 576), (576, 192), (1536, 576), (576, 1536)])
+def test_pallas_passes_smollm2_weights_unpadded(k, n):
+    """Tiles divide SmolLM2's K and N, so no padded copy of w_codes is made inside the call."""
+    plan = plan_tiles(1, k, n, DECODE_CONFIG)
+    assert plan.k_padded == k and plan.n_padded == n
+    fn = functools.partial(int8_matmul_pallas, plan=plan, out_dtype=jnp.float32, interpret=False)
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in
+            [((1, k), jnp.int8), ((1, 1), jnp.float32), ((k, n), jnp.int8), ((1, n), jnp.float32)]]
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    assert all(not (e.primitive.name == "pad" and tuple(e.invars[0].aval.shape) == (k, n)) for e in jaxpr.eqns)
+    assert "xla.gpu.triton" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -1,19 +1,22 @@
 """packed_matmul: every implementation against a float64 dequantize-then-matmul, plus bad input."""
 
 import functools
-import os
+import threading
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.core.packing import pack
+from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl
+
+from lowbit.core.packing import PackedArray, pack
 from lowbit.core.quantize import QArray, quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.kernels.dispatch import resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
 from lowbit.kernels.packed_matmul import (
     DECODE_CONFIG,
     PREFILL_CONFIG,
@@ -22,11 +25,10 @@ from lowbit.kernels.packed_matmul import (
     packed_matmul_reference,
 )
 from lowbit.kernels.packed_matmul.pallas import packed_matmul_pallas, plan_tiles
+from lowbit.kernels.native import portable_code_only
 from lowbit.kernels.packed_matmul.reference import weight_format
 
-# LOWBIT_KERNEL_TEST_DEVICE=gpu runs the Pallas classes compiled for the GPU instead of interpreted.
-PALLAS_INTERPRET = os.environ.get("LOWBIT_KERNEL_TEST_DEVICE", "cpu") != "gpu"
-TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+BFLOAT16_TOLERANCE = 2e-2
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "ternary"))
@@ -59,10 +61,7 @@ def _relative_error(y, expected):
     return np.abs(y - expected).max() / max(np.abs(expected).max(), 1e-30)
 
 
-class PackedMatmulBase:
-    impl: str = "xla"
-    interpret: bool | None = None
-
+class PackedMatmulBase(KernelTestBase):
     def matmul(self, x, w, **kwargs):
         return packed_matmul(x, w, impl=self.impl, interpret=self.interpret, **kwargs)
 
@@ -71,7 +70,7 @@ class PackedMatmulBase:
         y = self.matmul(x, pw, **kwargs)
         assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], pw.shape[1])
         err = _relative_error(y, _expected(jnp.asarray(x, jnp.float32), pw))
-        assert err < TOLERANCE[dtype], err
+        assert err < (self.float32_tolerance if dtype == jnp.float32 else BFLOAT16_TOLERANCE), err
 
     # Every format, decode (M <= 16) and prefill (M > 16) shapes, none a tile multiple.
     @pytest.mark.parametrize(
@@ -136,7 +135,7 @@ class PackedMatmulBase:
         pw = _packed("int4:g64", 128, 32)
         x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 128)), jnp.float32)
         fn = jax.jit(lambda x, w: packed_matmul(x, w, impl=self.impl, interpret=self.interpret))
-        np.testing.assert_allclose(np.asarray(fn(x, pw)), _expected(x, pw), rtol=1e-4, atol=1e-4)
+        assert _relative_error(fn(x, pw), _expected(x, pw)) < self.float32_tolerance
 
     def test_bad_inputs(self):
         pw = _packed("int4:g64", 128, 32)
@@ -161,13 +160,11 @@ class PackedMatmulBase:
             self.matmul(x, pw, config={"block_m": 16})
 
 
-class TestPackedMatmulXla(PackedMatmulBase):
-    impl = "xla"
+class TestPackedMatmulXla(PackedMatmulBase, XlaImpl):
+    pass
 
 
-class TestPackedMatmulPallas(PackedMatmulBase):
-    impl = "pallas"
-    interpret = PALLAS_INTERPRET
+class TestPackedMatmulPallas(PackedMatmulBase, PallasImpl):
 
     def test_explicit_configs_and_split_k(self):
         pw = _packed("int4:g32", 512, 64)
@@ -189,6 +186,144 @@ class TestPackedMatmulPallas(PackedMatmulBase):
         x = jax.ShapeDtypeStruct((m, pw.shape[0]), dtype)
         text = fn.trace(x, pw.data, pw.scale, pw.zero).lower(lowering_platforms=("cuda",)).as_text()
         assert "xla.gpu.triton" in text
+
+
+def _with_stat_dtype(pw, dtype):
+    """The same packed weight with its scale (and zero) stored in another float dtype."""
+    zero = None if pw.zero is None else pw.zero.astype(dtype)
+    return PackedArray(pw.data, pw.scale.astype(dtype), zero, pw.spec, pw.axis, pw.shape, pw.format)
+
+
+class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
+    # sym/asym, g32/g64/g128, channel and tensor scales, ternary and binary; K odd or with a partial
+    # last byte, N with and without a tail of < 16 columns; M over the decode and prefill tiles.
+    @pytest.mark.parametrize(
+        "spec, ternary, k, n",
+        [
+            ("int4:g32", "base3", 576, 192),
+            ("int4:g32:asym", "base3", 96, 53),
+            ("int4:g64", "base3", 192, 35),
+            ("int4:g64:asym", "base3", 1536, 48),
+            ("int4:g128", "base3", 256, 17),
+            ("int4:g128:asym", "base3", 384, 33),
+            ("int4:channel", "base3", 201, 40),
+            ("int4:channel:asym", "base3", 77, 18),
+            ("int4", "base3", 63, 16),
+            ("int2:g32", "base3", 96, 31),
+            ("int2:channel:asym", "base3", 190, 21),
+            ("ternary:g64", "int2", 192, 50),
+            ("ternary:channel", "int2", 99, 16),
+            ("binary:g64", "base3", 128, 19),
+        ],
+    )
+    def test_matches_xla_reference_over_batches(self, spec, ternary, k, n):
+        pw = _packed(spec, k, n, ternary=ternary)
+        x = jnp.asarray(np.random.default_rng(11).standard_normal((64, k)), jnp.float32)
+        reference = np.asarray(packed_matmul(x, pw, impl="xla"), np.float64)  # rows are independent
+        for m in (1, 2, 3, 4, 5, 8, 13, 64):
+            assert _relative_error(self.matmul(x[:m], pw), reference[:m]) < 1e-5, (spec, m)
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+    def test_scale_dtypes(self, dtype):
+        pw = _with_stat_dtype(_packed("int4:g32:asym", 128, 40), dtype)
+        x = np.random.default_rng(12).standard_normal((3, 128))
+        expected = np.asarray(packed_matmul(jnp.asarray(x, jnp.float32), pw, impl="xla"), np.float64)
+        assert _relative_error(self.matmul(jnp.asarray(x, jnp.float32), pw), expected) < 1e-5
+
+    @pytest.mark.parametrize("spec, ternary", [("int4:g32:asym", "base3"), ("int4:channel", "base3"),
+                                               ("ternary:g64", "int2"), ("binary:g8", "base3")])
+    def test_portable_code_matches_reference(self, spec, ternary):
+        pw = _packed(spec, 192, 37, ternary=ternary)
+        x = jnp.asarray(np.random.default_rng(13).standard_normal((6, 192)), jnp.float32)
+        simd = np.asarray(self.matmul(x, pw))
+        with portable_code_only():
+            portable = np.asarray(self.matmul(x, pw))
+        expected = np.asarray(packed_matmul(x, pw, impl="xla"), np.float64)
+        assert _relative_error(portable, expected) < 1e-5
+        assert _relative_error(simd, expected) < 1e-5
+
+    def test_group_size_not_a_multiple_of_codes_per_byte(self):
+        pw = _packed("binary:g4", 64, 16)  # 4 one-bit codes do not fill a byte
+        x = jnp.ones((1, 64), jnp.float32)
+        with pytest.raises(ValueError, match="codes per byte"):
+            self.matmul(x, pw)
+        auto = packed_matmul(x, pw, impl="auto")  # "auto" takes the XLA path instead
+        assert _relative_error(auto, _expected(x, pw)) < self.float32_tolerance
+
+    def test_two_threads_at_once(self):
+        """Two Python threads calling the kernel together each get their own right answer."""
+        problems = [(_packed("int4:g64", 1536, 576), 7), (_packed("ternary:g64", 576, 1536, ternary="int2"), 8)]
+        fn = jax.jit(lambda x, w: packed_matmul(x, w, impl="native"))
+        inputs = [jnp.asarray(np.random.default_rng(seed).standard_normal((2, pw.shape[0])), jnp.float32)
+                  for pw, seed in problems]
+        results = [[], []]
+        barrier = threading.Barrier(2)
+
+        def worker(i):
+            barrier.wait()
+            for _ in range(20):
+                results[i].append(np.asarray(fn(inputs[i], problems[i][0])))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i, (pw, _) in enumerate(problems):
+            expected = _expected(inputs[i], pw)
+            assert len(results[i]) == 20
+            assert all(_relative_error(y, expected) < self.float32_tolerance for y in results[i])
+
+    def test_inside_a_jitted_function(self):
+        """A jitted two-layer computation through the kernel equals the same through the XLA path."""
+        w1, w2 = _packed("int4:g32:asym", 192, 96), _packed("int4:g32", 96, 40)
+
+        def mlp(x, w1, w2, impl):
+            return packed_matmul(jax.nn.relu(packed_matmul(x, w1, impl=impl)), w2, impl=impl)
+
+        x = jnp.asarray(np.random.default_rng(14).standard_normal((4, 192)), jnp.float32)
+        native = jax.jit(functools.partial(mlp, impl="native"))(x, w1, w2)
+        reference = jax.jit(functools.partial(mlp, impl="xla"))(x, w1, w2)
+        assert _relative_error(native, np.asarray(reference, np.float64)) < 1e-5
+
+    def test_auto_picks_native_for_decode_and_xla_for_prefill(self):
+        pw = _packed("int4:g64", 128, 32)
+        lower = jax.jit(lambda x, w: packed_matmul(x, w)).lower
+        assert "lowbit_packed_matmul" in lower(jnp.ones((NATIVE_MAX_ROWS, 128)), pw).as_text()
+        assert "lowbit_packed_matmul" not in lower(jnp.ones((NATIVE_MAX_ROWS + 1, 128)), pw).as_text()
+
+
+def _pads_of_shape(fn, args, shape):
+    """The pad equations of fn's jaxpr whose operand has `shape` (a padded copy of that array)."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    found = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "pad" and tuple(eqn.invars[0].aval.shape) == tuple(shape):
+                found.append(eqn)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("spec, k, n", [("int4:g64", 576, 576), ("int4:g32:asym", 1536, 576),
+                                        ("int4:g64", 576, 192), ("int2:g64", 576, 1536)])
+@pytest.mark.parametrize("m", [1, 64])
+def test_pallas_passes_smollm2_weights_unpadded(spec, k, n, m):
+    """SmolLM2's K (576, 1536) and N take tiles that divide them: no per-call copy of the weight."""
+    pw = _packed(spec, k, n)
+    fmt = weight_format(pw)
+    plan = plan_tiles(m, k, n, fmt, DECODE_CONFIG if m <= 16 else PREFILL_CONFIG, interpret=False)
+    assert plan.k_padded == k and plan.n_padded == n
+    fn = functools.partial(packed_matmul_pallas, fmt=fmt, plan=plan, interpret=False)
+    args = (jnp.ones((m, k), jnp.float32), pw.data, pw.scale, pw.zero)
+    assert not _pads_of_shape(fn, args, pw.data.shape)
+    assert not _pads_of_shape(fn, args, pw.scale.shape)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
 
 
 def test_reference_matches_plain_dequantize_then_dot():
@@ -221,6 +356,8 @@ def test_reference_property(bits, groups, group_size, m, n, asym, seed):
 def test_resolve_impl():
     expected_auto = ("pallas", False) if jax.default_backend() == "gpu" else ("xla", False)
     assert resolve_impl("auto", None) == expected_auto
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("native", None)  # an op without a native kernel
     assert resolve_impl("auto", True) == ("pallas", True)
     assert resolve_impl("xla", True) == ("xla", False)
     assert resolve_impl("pallas", True) == ("pallas", True)

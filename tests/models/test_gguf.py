@@ -4,6 +4,7 @@ and exact QArray exposure, on synthetic files and on the real SmolLM2 file.
 """
 
 import struct
+from pathlib import Path
 
 import gguf
 import jax.numpy as jnp
@@ -463,3 +464,265 @@ def test_smollm2_qarrays_are_lossless(smollm2_reader):
     assert str(quantized["layers.0.wq"].spec) == "int4:g32:asym"
     for name in wanted:
         assert _same_bits(np.asarray(quantized[name].dequantize()), floats[name]), name
+
+
+# ---- header and extent validation (corrupt files) ------------------------------------------
+def _header_fields(data: bytes):
+    """Positions of the header's numeric fields, from an independent walk of a GGUF file:
+    (kind, position, struct format, tensor name or None) for the counts, lengths, tensor dims,
+    types and offsets."""
+    fields, pos = [], 8
+
+    def take(kind, fmt, name=None):
+        nonlocal pos
+        fields.append((kind, pos, fmt, name))
+        value = struct.unpack_from("<" + fmt, data, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    n_tensors, n_kv = take("tensor_count", "Q"), take("kv_count", "Q")
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    for _ in range(n_kv):
+        length = take("key_length", "Q")
+        pos += length
+        value_type = take("value_type", "I")
+        if value_type == 8:
+            length = take("string_length", "Q")
+            pos += length
+        elif value_type == 9:
+            item_type, count = take("array_type", "I"), take("array_length", "Q")
+            if item_type == 8:
+                for _ in range(count):
+                    length = take("string_length", "Q")
+                    pos += length
+            else:
+                pos += count * sizes[item_type]
+        else:
+            pos += sizes[value_type]
+    for _ in range(n_tensors):
+        length = take("name_length", "Q")
+        name = data[pos:pos + length].decode()
+        pos += length
+        for _ in range(take("n_dims", "I", name)):
+            take("dim", "Q", name)
+        take("type", "I", name)
+        take("offset", "Q", name)
+    return fields
+
+
+def _patched(tmp_path, source: bytes, kind: str, value: int, tensor: str | None = None,
+             nth: int = 0, name: str = "patched.gguf"):
+    data = bytearray(source)
+    matches = [(pos, fmt) for k, pos, fmt, t in _header_fields(source)
+               if k == kind and (tensor is None or t == tensor)]
+    pos, fmt = matches[nth]
+    struct.pack_into("<" + fmt, data, pos, value)
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def q8_file(tmp_path_factory):
+    """The tiny llama with a Q8_0 embedding (as SmolLM2 has) and Q4_1 linears."""
+    return _write_tiny_llama(tmp_path_factory.mktemp("gguf") / "q8.gguf", _hf_weights(seed=9),
+                             linear_type=T.Q4_1, embed_type=T.Q8_0)
+
+
+def test_a_type_changed_to_another_valid_type_is_refused_naming_the_tensor(tmp_path, q8_file):
+    source = q8_file.read_bytes()
+    for new_type in (T.F16, T.Q4_0, T.F32):  # larger, smaller and much larger extents
+        path = _patched(tmp_path, source, "type", int(new_type), tensor="token_embd.weight")
+        with pytest.raises(ValueError, match=f"corrupt header: tensor 'token_embd.weight' "
+                                             f"\\({new_type.name}.*type or shape"):
+            open_gguf(path)
+
+
+def test_misaligned_overlapping_and_zero_sized_extents_are_refused(tmp_path, tiny_file):
+    source = tiny_file.read_bytes()
+    fields = _header_fields(source)
+    offsets = {t: struct.unpack_from("<Q", source, pos)[0]
+               for k, pos, _, t in fields if k == "offset"}
+    cases = [
+        (("offset", offsets["blk.0.attn_q.weight"] + 4, "blk.0.attn_q.weight"),
+         "tensor 'blk.0.attn_q.weight' has data offset .* not a multiple of the alignment 32"),
+        (("offset", offsets["blk.0.attn_q.weight"], "blk.0.attn_k.weight"),
+         "overlaps tensor"),
+        (("dim", 0, "blk.0.attn_norm.weight"), "tensor 'blk.0.attn_norm.weight' has a dimension of 0"),
+        (("offset", 2**62, "output_norm.weight"),
+         "corrupt header: tensor 'output_norm.weight'.*beyond the"),
+        (("dim", 2**40, "blk.1.ffn_up.weight"), "corrupt header: tensor 'blk.1.ffn_up.weight'"),
+    ]
+    for (kind, value, tensor), message in cases:
+        with pytest.raises(ValueError, match=message):
+            open_gguf(_patched(tmp_path, source, kind, value, tensor))
+
+
+def _small_gguf(path):
+    """A small GGUF with string, string-array and int-array metadata and three tensors of
+    different types (F32, Q8_0, Q4_1), written by the gguf package."""
+    rng = np.random.default_rng(11)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "fuzz")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "bc", ""])
+    writer.add_array("tokenizer.ggml.token_type", [1, 1, 1, 3])
+    writer.add_uint32("llama.context_length", 64)
+    writer.add_tensor("norm.weight", (1 + 0.1 * rng.standard_normal(64)).astype(np.float32))
+    for name, qtype in (("embed.weight", T.Q8_0), ("linear.weight", T.Q4_1)):
+        x = (0.1 * rng.standard_normal((4, 64))).astype(np.float32)
+        writer.add_tensor(name, reference_quantize(x, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    return _small_gguf(tmp_path_factory.mktemp("gguf") / "small.gguf")
+
+
+@pytest.mark.parametrize("kind, nth", [("tensor_count", 0), ("kv_count", 0), ("key_length", 2),
+                                       ("string_length", 0), ("string_length", 3),
+                                       ("array_length", 0), ("array_length", 1),
+                                       ("name_length", 1)])
+def test_huge_declared_counts_are_corrupt_and_fail_at_once(tmp_path, small_file, kind, nth):
+    import time
+
+    path = _patched(tmp_path, small_file.read_bytes(), kind, 2**40, nth=nth)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="corrupt header"):
+        open_gguf(path)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_a_string_array_count_that_fits_the_file_is_still_walked_quickly(tmp_path):
+    """A count checked against the bytes left bounds the loop by the file size (8 bytes per
+    string at least): 2**17 empty strings in a 1 MiB file take well under a second."""
+    import time
+
+    writer = gguf.GGUFWriter(str(tmp_path / "many.gguf"), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["a"])
+    writer.add_tensor("w", np.ones(32, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = bytearray((tmp_path / "many.gguf").read_bytes()) + bytes(2**20)
+    path = _patched(tmp_path, bytes(data), "array_length", 2**17)
+    start = time.perf_counter()
+    with pytest.raises(ValueError):
+        open_gguf(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    hf = _hf_weights(seed=10)
+    path = _write_tiny_llama(tmp_path / "nan.gguf", hf, linear_type=T.Q8_0, embed_type=T.Q8_0)
+    data = bytearray(path.read_bytes())
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    del reader
+    # the fp16 scale of the first block of blk.1.attn_v.weight becomes NaN; one F32 norm gets inf
+    struct.pack_into("<e", data, int(tensors["blk.1.attn_v.weight"].data_offset), float("nan"))
+    bad = tmp_path / "bad_scale.gguf"
+    bad.write_bytes(bytes(data))
+    for keep_quantized in (False, True):
+        with pytest.raises(ValueError, match="tensor 'blk.1.attn_v.weight' decodes to [0-9]+ non-finite"):
+            list(iter_llama_weights(bad, keep_quantized=keep_quantized))
+    with pytest.raises(ValueError, match="'blk.1.attn_v.weight' decodes to [0-9]+ non-finite"):
+        read_tensor(bad, "blk.1.attn_v.weight")
+    with pytest.raises(ValueError, match="'blk.1.attn_v.weight' decodes to"):
+        tensor_qarray(bad, "blk.1.attn_v.weight")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<f", data, int(tensors["blk.0.ffn_norm.weight"].data_offset) + 8,
+                     float("inf"))
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="tensor 'blk.0.ffn_norm.weight' decodes to 1 non-finite"):
+        list(iter_llama_weights(bad))
+
+
+# ---- fuzzing: every corrupt file is a ValueError or decodes to finite values -----------------
+_INTERESTING = (0, 1, 2, 3, 31, 32, 33, 64, 255, 2**16, 2**31 - 1, 2**32 - 1, 2**32, 2**63 - 1,
+                2**64 - 1)
+
+
+def _mutate(source: bytes, rng: np.random.Generator) -> bytes:
+    """One seeded mutation of a GGUF file: a header field set to an interesting or nearby value
+    (counts, lengths, dims, types, offsets), a few random bytes of the header changed, two
+    tensors' offsets swapped, or the file cut short."""
+    data = bytearray(source)
+    fields = _header_fields(source)
+    header_end = fields[-1][1] + 8
+    choice = rng.integers(0, 5)
+    if choice <= 1:  # one field, or (choice 1) two fields at once
+        for _ in range(choice + 1):
+            kind, pos, fmt, _ = fields[rng.integers(0, len(fields))]
+            old = struct.unpack_from("<" + fmt, data, pos)[0]
+            limit = 2 ** (8 * struct.calcsize(fmt))
+            if kind == "type" and rng.random() < 0.6:
+                value = int(rng.choice([int(t) for t in T]))
+            else:
+                value = int(rng.choice([*_INTERESTING, old + 1, old - 1, old * 2, old + 32,
+                                        int(rng.integers(0, 2**32))]))
+            struct.pack_into("<" + fmt, data, pos, value % limit)
+    elif choice == 2:  # random bytes in the header
+        for pos in rng.integers(8, header_end, rng.integers(1, 5)):
+            data[pos] = int(rng.integers(0, 256))
+    elif choice == 3:  # two tensors trade offsets
+        offsets = [pos for kind, pos, _, _ in fields if kind == "offset"]
+        a, b = rng.choice(len(offsets), 2, replace=False)
+        first, second = data[offsets[a]:offsets[a] + 8], data[offsets[b]:offsets[b] + 8]
+        data[offsets[a]:offsets[a] + 8], data[offsets[b]:offsets[b] + 8] = second, first
+    else:  # cut short
+        data = data[:rng.integers(0, len(data))]
+    return bytes(data)
+
+
+def _load_every_tensor(path) -> str:
+    """'refused' (a ValueError naming the file) or 'loaded' (every tensor decoded, all finite)."""
+    try:
+        reader = open_gguf(path)
+        for tensor in reader.tensors:
+            values = read_tensor(reader, tensor.name)
+            assert np.isfinite(values).all(), tensor.name
+    except ValueError as error:
+        assert str(path) in str(error), error
+        return "refused"
+    return "loaded"
+
+
+def _fuzz(tmp_path, source: bytes, cases: int, seed: int) -> dict:
+    import time
+
+    rng = np.random.default_rng(seed)
+    outcomes = {"refused": 0, "loaded": 0}
+    path = tmp_path / "fuzzed.gguf"
+    for case in range(cases):
+        path.write_bytes(_mutate(source, rng))
+        start = time.perf_counter()
+        outcomes[_load_every_tensor(path)] += 1
+        seconds = time.perf_counter() - start
+        assert seconds < 1.0, f"case {case} (seed {seed}) took {seconds:.2f} s"
+    return outcomes
+
+
+def test_fuzzed_headers_are_refused_or_load_finite_tensors(tmp_path, small_file):
+    outcomes = _fuzz(tmp_path, small_file.read_bytes(), cases=300, seed=0)
+    assert outcomes["refused"] > 200 and outcomes["loaded"] > 0, outcomes
+
+
+@pytest.mark.slow
+def test_fuzzed_headers_many_cases(tmp_path, small_file):
+    for seed in range(1, 21):
+        outcomes = _fuzz(tmp_path, small_file.read_bytes(), cases=1000, seed=seed)
+        assert outcomes["refused"] > 0 and outcomes["loaded"] > 0, outcomes
+
+
+@pytest.mark.model
+def test_smollm2_with_its_embedding_type_flipped_is_refused(tmp_path, smollm2_path):
+    source = Path(smollm2_path).read_bytes()
+    path = _patched(tmp_path, source, "type", int(T.F16), tensor="token_embd.weight")
+    with pytest.raises(ValueError, match="tensor 'token_embd.weight' \\(F16.*overlaps"):
+        open_gguf(path)

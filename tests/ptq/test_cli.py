@@ -105,3 +105,49 @@ def test_options_that_do_not_apply(tmp_path, extra, message):
     args = _parser().parse_args(["--model", "m", "--out", str(tmp_path / "o"), *extra])
     with pytest.raises(ValueError, match=message):
         run_quantize(args)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("", "--weights must be a quantization spec .* got ''"),
+    ("int4:asym:asym", "--weights: spec 'int4:asym:asym' sets symmetry twice"),
+    ("int9:g64", "--weights: .*2..8"),
+])
+def test_bad_weights_fail_before_the_model_loads(tmp_path, monkeypatch, weights, message):
+    import lowbit.models.loader
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lowbit.models.loader, "load_gguf_model", no_loading)
+    args = _parser().parse_args(["--model", "smollm2-135m", "--method", "rtn", "--weights", weights,
+                                 "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match=message):
+        run_quantize(args)
+
+
+def test_impossible_out_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import os
+
+    import lowbit.models.loader
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lowbit.models.loader, "load_gguf_model", no_loading)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    cases = [(a_file / "sub" / "ckpt", "is a file, not a directory"),
+             (a_file, "already exists")]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((locked / "ckpt", "cannot write"))
+    for out, message in cases:
+        args = _parser().parse_args(["--model", "smollm2-135m", "--method", "rtn", "--out", str(out)])
+        with pytest.raises(ValueError, match=message):
+            run_quantize(args)
+    args = _parser().parse_args(["--model", "smollm2-135m", "--method", "gptq", "--calib",
+                                 str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        run_quantize(args)

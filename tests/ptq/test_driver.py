@@ -78,6 +78,8 @@ def test_blocks_see_the_outputs_of_processed_blocks(make_tiny, calibration):
     (np.zeros((2, 4), np.float32), "integers"),
     (np.full((2, 4), 500), "vocab_size"),
     (np.zeros((1, 200), np.int32), "max_seq_len"),
+    (np.full((4, 32), 62, np.int32), "token id 62 is 100% of the calibration tokens"),
+    (np.r_[np.full(70, 5), np.arange(58)].reshape(4, 32), "token id 5 is 55%"),
 ])
 def test_bad_calibration(make_tiny, bad, message):
     model = make_tiny()
@@ -103,3 +105,21 @@ def test_module_paths(make_tiny):
     with pytest.raises(ValueError, match="input group"):
         BlockCalibration(0, model.layers[0], np.zeros((1, 4, 64), np.float32), 1).statistics(
             {"nope": (COUNT,)})
+
+
+def test_a_file_of_nul_bytes_is_refused_as_calibration(make_tiny, tmp_path):
+    from lowbit.ptq.cli import calibration_tokens
+
+    class BytesAsIds:  # the SmolLM2 tokenizer also maps every NUL byte to one id (190)
+        def encode(self, text):
+            return list(text.encode("utf-8"))
+
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(bytes(4096))  # valid UTF-8, not blank to str.strip()
+    tokens = calibration_tokens(BytesAsIds(), str(nul), samples=4, length=32)
+    with pytest.raises(ValueError, match="token id 0 is 100% .*NUL bytes"):
+        check_calibration(tokens, make_tiny().config)
+    text = tmp_path / "text.txt"
+    text.write_text("Calibration needs ordinary, varied text; this sentence is such text. " * 40)
+    tokens = calibration_tokens(BytesAsIds(), str(text), samples=4, length=32)
+    assert check_calibration(tokens, make_tiny().config).shape == (4, 32)

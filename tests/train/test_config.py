@@ -58,6 +58,15 @@ def test_a_full_toml_config_parses(tmp_path):
     ("[quant]\npreset = 'int3'\n", "quant.preset must be one of"),
     ("[[quant.rules]]\npath = '(('\nweight_spec = 'int4'\n", "not a valid regex"),
     ("[model]\nd_model = 30\nn_heads = 4\n", "multiple of model.n_heads"),
+    ("[train]\nlr = nan\n", "train.lr must be a finite number.*got nan"),
+    ("[train]\nlr = inf\n", "train.lr must be a finite number.*got inf"),
+    ("[train]\nlr = 0\n", "train.lr must be a finite number > 0"),
+    ("[train]\nb1 = 1.5\n", r"train.b1 must be a number in \[0, 1\), got 1.5"),
+    ("[train]\nb2 = 1.0\n", r"train.b2 must be a number in \[0, 1\)"),
+    ("[train]\nmin_lr_ratio = 2.0\n", r"train.min_lr_ratio must be a number in \[0, 1\]"),
+    ("[train]\nweight_decay = -inf\n", "train.weight_decay must be"),
+    ("[train]\ngrad_clip = inf\n", "train.grad_clip must be a finite number"),
+    ("[model]\nrope_base = nan\n", "model.rope_base must be"),
 ])
 def test_bad_configs_raise_value_errors_naming_the_key(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):

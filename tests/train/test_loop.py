@@ -53,7 +53,7 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path):
     assert [h["eval_loss"] for h in straight.history] == [h["eval_loss"] for h in resumed.history]
     resumed.close()
     other = _config(preset="ternary", checkpoint_dir=str(tmp_path / "ckpt"))
-    with pytest.raises(ValueError, match="different quant settings"):
+    with pytest.raises(ValueError, match="quant.preset changed the model's arrays"):
         Trainer(other, tokens=tokens)
 
 
@@ -209,8 +209,61 @@ def test_cli_trains_from_a_toml_file_and_prints_json(tmp_path, capsys):
     assert [h["step"] for h in out["history"]] == [2, 4] and out["resumed_from"] == 0
     assert out["layers"]["layers.0.attn.wq"] == 0
     assert (tmp_path / "ck" / "4").is_dir()
+    config.write_text(config.read_text().replace("steps = 4", "steps = 6\nlr = 2e-3"))
+    resume = ["--config", str(config), "--json", "--checkpoint-dir", str(tmp_path / "ck")]
+    with pytest.raises(ValueError, match="train.lr: 0.001 -> 0.002.*--force"):
+        run_train(parser.parse_args(resume))
+    with pytest.raises(ValueError, match="exclude each other"):
+        run_train(parser.parse_args(resume + ["--force", "--no-resume"]))
+    capsys.readouterr()
+    assert run_train(parser.parse_args(resume + ["--force"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["resumed_from"] == 4 and [h["step"] for h in out["history"]] == [2, 4, 6]
     with pytest.raises(SystemExit):  # --config is required
         parser.parse_args([])
     sub = argparse.ArgumentParser()
     sub.add_argument("--json", action="store_true")
     add_train_arguments(sub)  # does not add --json twice
+
+
+def test_resume_names_every_changed_key_and_refuses_run_changes_without_force(tmp_path):
+    tokens = _tokens()
+    directory = str(tmp_path / "ckpt")
+    first = Trainer(_config(checkpoint_dir=directory), tokens=tokens)
+    first.run(until_step=3)
+    first.close()
+    changed = _config(checkpoint_dir=directory, lr=2e-3, batch_size=8, eval_interval=2)
+    with pytest.raises(ValueError) as error:
+        Trainer(changed, tokens=tokens)
+    message = str(error.value)
+    assert "train.lr: 0.001 -> 0.002" in message and "train.batch_size: 4 -> 8" in message
+    assert "train.eval_interval: 3 -> 2" in message and "--force" in message
+    forced = Trainer(changed, tokens=tokens, resume="force")  # continues from step 3 as asked
+    assert forced.step == 3 and forced.config.train.lr == 2e-3
+    forced.close()
+    harmless = Trainer(_config(checkpoint_dir=directory, eval_interval=2, eval_windows=4),
+                       tokens=tokens)
+    assert harmless.step == 3  # evaluation and checkpoint settings may change freely
+    harmless.close()
+    for section, change, key in (("data", {"tokenizer": "smollm2"}, "data.tokenizer"),
+                                 ("model", {"d_model": 64}, "model.d_model"),
+                                 ("quant", {"preset": "ternary"}, "quant.preset")):
+        other = _config(checkpoint_dir=directory).replace(**{section: change})
+        for resume in (True, "force"):  # arrays of another shape cannot be restored at all
+            with pytest.raises(ValueError, match=f"cannot be restored.*{key}: "):
+                Trainer(other, tokens=tokens, resume=resume)
+    with pytest.raises(ValueError, match="resume must be"):
+        Trainer(_config(), tokens=tokens, resume="yes")
+
+
+def test_a_diverging_run_stops_before_saving_non_finite_weights(tmp_path):
+    tokens = _tokens()
+    directory = tmp_path / "ckpt"
+    trainer = Trainer(_config(checkpoint_dir=str(directory), lr=1e30, checkpoint_interval=1,
+                              preset="fp32"), tokens=tokens)
+    with pytest.raises(ValueError, match="training diverged: the (loss|parameters)"):
+        trainer.run()
+    for step in trainer.store.all_steps():
+        state, _ = trainer.store.restore(step, trainer.state())
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    trainer.close()

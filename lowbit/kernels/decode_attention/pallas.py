@@ -126,7 +126,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, k_kind, n_k, v_kind, n_v, pla
         pages = tables_ref[pl.ds(block * ppb, ppb)]
         keys = _load_fields(k_refs, k_kind, pages, block_tokens, dtype)
         logits = sum(
-            jax.lax.dot_general(qf, kf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            jax.lax.dot_general(qf, kf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                precision=jax.lax.Precision.HIGHEST)  # IEEE f32 in Triton, not TF32
             for qf, kf in zip(queries, keys)
         ) * softmax_scale  # [Gp, T]
         positions = block * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)
@@ -137,7 +138,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, k_kind, n_k, v_kind, n_v, pla
         l_next = correction * l_prev + probs.sum(axis=-1)
         values = _load_fields(v_refs, v_kind, pages, block_tokens, dtype)
         accs = tuple(
-            correction[:, None] * acc + jnp.dot(probs.astype(dtype), vf, preferred_element_type=jnp.float32)
+            correction[:, None] * acc + jnp.dot(probs.astype(dtype), vf, preferred_element_type=jnp.float32,
+                                                precision=jax.lax.Precision.HIGHEST)
             for acc, vf in zip(accs, values)
         )
         return m_next, l_next, accs

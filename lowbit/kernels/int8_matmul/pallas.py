@@ -10,7 +10,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lowbit.kernels.dispatch import cdiv, is_pow2, largest_divisor_at_most, next_pow2, round_up
+from lowbit.kernels.dispatch import (
+    cdiv,
+    is_pow2,
+    largest_divisor_at_most,
+    largest_pow2_divisor,
+    next_pow2,
+    pad_to,
+    round_up,
+)
 
 TARGET_PROGRAMS = 264  # about two programs per streaming multiprocessor of an H100/H200
 
@@ -61,9 +69,12 @@ class TilePlan:
 
 
 def plan_tiles(m: int, k: int, n: int, config: Int8MatmulConfig) -> TilePlan:
+    """Tiles for one call. block_k and block_n divide K and N when a power of two >= the Triton
+    minimum does (SmolLM2's K = 576 takes 64), so the weight is passed as it is; only other shapes
+    pay for a padded copy of the weight."""
     block_m = min(config.block_m, max(16, next_pow2(m)))
-    block_n = min(config.block_n, max(16, next_pow2(n)))
-    block_k = min(config.block_k, max(32, next_pow2(k)))
+    block_n = fitting_tile(n, config.block_n, 16)
+    block_k = fitting_tile(k, config.block_k, 32)
     m_padded, n_padded, k_padded = round_up(m, block_m), round_up(n, block_n), round_up(k, block_k)
     k_tiles = k_padded // block_k
     if config.split_k is None:
@@ -73,6 +84,13 @@ def plan_tiles(m: int, k: int, n: int, config: Int8MatmulConfig) -> TilePlan:
         split_k = largest_divisor_at_most(k_tiles, config.split_k)
     return TilePlan(block_m, block_n, block_k, m_padded, n_padded, k_padded, split_k, k_tiles // split_k,
                     config.num_warps, config.num_stages)
+
+
+def fitting_tile(size: int, cap: int, minimum: int) -> int:
+    """A power-of-two tile <= cap for an axis of `size`: one that divides it when one >= minimum does."""
+    tile = min(cap, max(minimum, next_pow2(size)))
+    divisor = largest_pow2_divisor(size)
+    return min(tile, divisor) if divisor >= minimum else tile
 
 
 def _kernel(x_ref, w_ref, xs_ref, ws_ref, out_ref, *, plan: TilePlan):
@@ -97,10 +115,10 @@ def int8_matmul_pallas(x_codes, x_scale, w_codes, w_scale, *, plan: TilePlan, ou
     m, k = x_codes.shape
     n = w_codes.shape[1]
     mp, np_, kp = plan.m_padded, plan.n_padded, plan.k_padded
-    x_codes = jnp.pad(x_codes, ((0, mp - m), (0, kp - k)))
-    w_codes = jnp.pad(w_codes, ((0, kp - k), (0, np_ - n)))
-    x_scale = jnp.pad(x_scale.astype(jnp.float32), ((0, mp - m), (0, 0)))
-    w_scale = jnp.pad(w_scale.astype(jnp.float32), ((0, 0), (0, np_ - n)))
+    x_codes = pad_to(x_codes, (mp, kp))
+    w_codes = pad_to(w_codes, (kp, np_))  # a no-op when the tiles divide K and N
+    x_scale = pad_to(x_scale.astype(jnp.float32), (mp, 1))
+    w_scale = pad_to(w_scale.astype(jnp.float32), (1, np_))
     bm, bn = plan.block_m, plan.block_n
     in_specs = [
         pl.BlockSpec((bm, kp), lambda i, j, s: (i, 0)),

@@ -1,4 +1,4 @@
-"""`packed_matmul(x, w)`: activations times a bit-packed low-bit weight, Pallas or XLA."""
+"""`packed_matmul(x, w)`: activations times a bit-packed low-bit weight, Pallas, native CPU or XLA."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.core.packing import PackedArray
-from lowbit.kernels.dispatch import resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
+from lowbit.kernels.packed_matmul.native import native_supports, packed_matmul_native
 from lowbit.kernels.packed_matmul.pallas import PackedMatmulConfig, packed_matmul_pallas, plan_tiles, select_config
 from lowbit.kernels.packed_matmul.reference import packed_matmul_reference, weight_format
 
 _reference_jit = jax.jit(packed_matmul_reference)
+_native_jit = jax.jit(packed_matmul_native, static_argnames=("fmt",))
 
 ACTIVATION_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -28,7 +30,9 @@ def packed_matmul(
     x: [..., K] float32/bfloat16/float16 activations. w: PackedArray of a [K, N] weight packed
     along K (`pack(quantize(w, spec))`): int4 or int2 (symmetric or asymmetric) with group,
     channel or tensor scales, ternary packed with `ternary="int2"`, or binary. Returns [..., N].
-    impl: "auto" (Pallas on GPU, else XLA), "pallas" or "xla". interpret: run the Pallas kernel
+    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built for up to NATIVE_MAX_ROWS
+    rows of x, else XLA), "pallas",
+    "native" or "xla"; "auto" falls back to XLA for layouts a kernel cannot take. interpret: run the Pallas kernel
     in interpret mode (None: only when there is no GPU). config: tile sizes (None: by regime).
     """
     fmt = weight_format(w)
@@ -42,12 +46,20 @@ def packed_matmul(
     if config is not None and not isinstance(config, PackedMatmulConfig):
         raise ValueError(f"config must be a PackedMatmulConfig or None, got {type(config).__name__}")
     requested = impl
-    impl, interpret = resolve_impl(impl, interpret)
+    impl, interpret = resolve_impl(impl, interpret, has_native=True)
     lead = x.shape[:-1]
     x2 = jnp.reshape(x, (-1, k))
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
+    if impl == "native" and requested == "auto" and m > NATIVE_MAX_ROWS:
+        impl = "xla"  # prefill: dequantize once and let XLA's GEMM do the rest
+    if impl == "native":
+        reason = native_supports(fmt)
+        if reason is None:
+            return _native_jit(x2, w, fmt).astype(x.dtype).reshape(*lead, n)
+        if requested != "auto":
+            raise ValueError(f"w: {reason}; the native kernel cannot take it (use impl='xla')")
     plan = None
     if impl == "pallas":
         try:

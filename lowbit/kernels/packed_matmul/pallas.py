@@ -19,6 +19,7 @@ from lowbit.kernels.dispatch import (
     largest_divisor_at_most,
     largest_pow2_divisor,
     next_pow2,
+    pad_to,
     round_up,
 )
 from lowbit.kernels.packed_matmul.reference import WeightFormat, dequantize_codes, split_fields, unpack_field
@@ -78,11 +79,18 @@ class TilePlan:
 
 
 def plan_tiles(m: int, k: int, n: int, fmt: WeightFormat, config: PackedMatmulConfig, *, interpret: bool) -> TilePlan:
-    """Pick tiles so that a K tile covers whole groups or lies inside one, and pad to tiles."""
+    """Pick tiles so that a K tile covers whole groups or lies inside one, and pad to tiles.
+
+    block_k and block_n divide K and N when a power of two >= the Triton minimum does (SmolLM2's
+    K = 576 takes 64), so the packed weight and its scales are passed as they are; only other
+    shapes pay for a padded copy.
+    """
     fields = fmt.fields
     min_k = 16 * fields  # Triton dots need >= 16 packed rows
     block_k = max(config.block_k, min_k)
     block_k = min(block_k, max(min_k, next_pow2(k)))
+    if largest_pow2_divisor(k) >= min_k:
+        block_k = min(block_k, largest_pow2_divisor(k))
     gs = fmt.group_size
     if gs is not None:
         if gs % fields:
@@ -102,6 +110,8 @@ def plan_tiles(m: int, k: int, n: int, fmt: WeightFormat, config: PackedMatmulCo
     groups_per_tile = block_k // gs if gs is not None and block_k > gs else 1
     block_m = min(config.block_m, max(16, next_pow2(m)))
     block_n = min(config.block_n, max(16, next_pow2(n)))
+    if largest_pow2_divisor(n) >= 16:
+        block_n = min(block_n, largest_pow2_divisor(n))
     m_padded, n_padded = round_up(m, block_m), round_up(n, block_n)
     k_tiles = k_padded // block_k
     if config.split_k is None:
@@ -142,7 +152,9 @@ def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: WeightFormat, plan: TilePlan):
         for f in range(fmt.fields):
             x_f = x_ref[f, :, rows]  # [block_m, packed_rows]
             w_f = dequantize_codes(unpack_field(packed, f, fmt.bits), fmt, scale, zero)
-            acc = acc + jnp.dot(x_f, w_f.astype(x_f.dtype), preferred_element_type=jnp.float32)
+            # HIGHEST: Triton lowers an f32 dot to IEEE f32 (the default would be TF32, ~1e-3 error)
+            acc = acc + jnp.dot(x_f, w_f.astype(x_f.dtype), preferred_element_type=jnp.float32,
+                                precision=jax.lax.Precision.HIGHEST)
         return acc
 
     acc = jax.lax.fori_loop(0, plan.tiles_per_split, body, jnp.zeros((plan.block_m, plan.block_n), jnp.float32))
@@ -156,13 +168,13 @@ def packed_matmul_pallas(x, data, scale, zero, *, fmt: WeightFormat, plan: TileP
     n = data.shape[1]
     fields = fmt.fields
     rows_padded = plan.k_padded // fields
-    x = jnp.pad(x, ((0, plan.m_padded - m), (0, 0)))
+    x = pad_to(x, (plan.m_padded, k))
     xf = split_fields(x, fields, rows_padded)  # [F, Mp, Kp/F]
-    data = jnp.pad(data, ((0, rows_padded - data.shape[0]), (0, plan.n_padded - n)))
+    data = pad_to(data, (rows_padded, plan.n_padded))  # a no-op when the tiles divide K and N
     scale = jnp.broadcast_to(scale, (scale.shape[0], n))
     stat_rows = plan.k_padded // fmt.group_size if fmt.group_size else 1
     stats = [scale] if zero is None else [scale, jnp.broadcast_to(zero, (zero.shape[0], n))]
-    stats = [jnp.pad(s, ((0, stat_rows - s.shape[0]), (0, plan.n_padded - n))) for s in stats]
+    stats = [pad_to(s, (stat_rows, plan.n_padded)) for s in stats]
 
     bm, bn = plan.block_m, plan.block_n
     in_specs = [

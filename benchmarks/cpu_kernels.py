@@ -1,0 +1,167 @@
+"""CPU GEMV/GEMM of the native packed kernels on SmolLM2's shapes: time, GB/s vs copy bandwidth, vs f32 dot.
+
+Each kernel runs `--inner` times inside one jitted loop (the next x depends on the last y, so no call
+is hoisted or skipped); the median and the best of `--repeats` loops, divided by `--inner`, are one
+call's time (on a shared machine the best is the kernel, the median what a busy machine gives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowbit.core.packing import pack  # noqa: E402
+from lowbit.core.quantize import quantize  # noqa: E402
+from lowbit.kernels import gguf_matmul, int8_matmul, packed_matmul  # noqa: E402
+from lowbit.kernels.native import native_available, native_error, simd_level  # noqa: E402
+
+# (K, N) of SmolLM2-135M's linears: q/o, k/v, gate/up, down, and the tied output head.
+SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+PACKED = ["int4:g32:asym", "int4:g64", "ternary:g64"]
+GGUF = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """GB/s of numpy copying a `mib` MiB array (bytes read + bytes written, best of `repeats`)."""
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    best = min(_time(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2 * src.nbytes / best / 1e9
+
+
+def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """GB/s of numpy summing a `mib` MiB float32 array (bytes read only, best of `repeats`)."""
+    src = np.ones(mib * 2**20 // 4, np.float32)
+    best = min(_time(lambda: src.sum()) for _ in range(repeats))
+    return src.nbytes / best / 1e9
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def loop_time(matmul, x, weight, inner: int, repeats: int) -> tuple[float, float]:
+    """(median, best) seconds per matmul(x, weight) call in a jitted fori_loop of `inner` dependent calls."""
+
+    @jax.jit
+    def run(x, weight):
+        def body(_, x):
+            y = matmul(x, weight)
+            return x + 0.0 * jnp.sum(y[..., :1]).astype(x.dtype)  # a data dependency, no real change
+        return jax.lax.fori_loop(0, inner, body, x)
+
+    jax.block_until_ready(run(x, weight))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(x, weight))
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples), min(samples)
+
+
+def _nbytes(tree) -> int:
+    return sum(int(a.size) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(tree))
+
+
+def _fit_group(spec: str, k: int) -> str:
+    head, *rest = spec.split(":")
+    out = []
+    for token in rest:
+        if token.startswith("g") and token[1:].isdigit():
+            group = int(token[1:])
+            while k % group:
+                group //= 2
+            token = f"g{group}"
+        out.append(token)
+    return ":".join([head, *out])
+
+
+def bench(args):
+    from gguf import GGMLQuantizationType, quants
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for k, n in args.shapes:
+        w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+        for m in args.batches:
+            x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+            cases = [("f32 jnp.dot", "xla", lambda x, w: jnp.dot(x, w), jnp.asarray(w))]
+            for spec in PACKED:
+                spec = _fit_group(spec, k)
+                pw = pack(quantize(jnp.asarray(w), spec), ternary="int2")
+                for impl in args.impls:
+                    cases.append((spec, impl, functools.partial(packed_matmul, impl=impl), pw))
+            for name in GGUF:
+                blocks = jnp.asarray(quants.quantize(np.ascontiguousarray(w.T), GGMLQuantizationType[name]))
+                for impl in args.impls:
+                    cases.append((name, impl, functools.partial(gguf_matmul, ggml_type=name, impl=impl), blocks))
+            codes = jnp.asarray(np.clip(np.round(w / np.abs(w).max(0) * 127), -127, 127).astype(np.int8))
+            wscale = jnp.asarray(np.abs(w).max(0, keepdims=True) / 127)
+            for impl in args.impls:
+                def w8a8(x, weight, impl=impl):
+                    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
+                    xq = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
+                    return int8_matmul(xq, scale, weight[0], weight[1], impl=impl)
+                cases.append(("int8 w8a8", impl, w8a8, (codes, wscale)))
+            base = None
+            for fmt, impl, fn, weight in cases:
+                median, best = loop_time(fn, x, weight, args.inner, args.repeats)
+                moved = _nbytes(weight)
+                base = (median, best) if base is None else base
+                row = dict(k=k, n=n, m=m, format=fmt, impl=impl, us_median=median * 1e6, us_best=best * 1e6,
+                           weight_bytes=moved, gbs_best=moved / best / 1e9, vs_f32_median=base[0] / median,
+                           vs_f32_best=base[1] / best)
+                rows.append(row)
+                print(f"{k:>6}x{n:<6}{m:>4}  {fmt:<15}{impl:<7}{row['us_median']:>10.1f}{row['us_best']:>10.1f}"
+                      f"{moved / 1024:>9.0f}{row['gbs_best']:>8.2f}{row['vs_f32_median']:>8.2f}x"
+                      f"{row['vs_f32_best']:>7.2f}x", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=lambda t: [int(v) for v in t.split(",")], default=[1],
+                        help="activation rows M, comma-separated (default 1: decode GEMV)")
+    parser.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in s.split("x")) for s in t.split(",")],
+                        default=SHAPES, help="K x N shapes, e.g. 576x576,1536x576 (default: SmolLM2's)")
+    parser.add_argument("--impls", type=lambda t: t.split(","), default=["native", "xla"],
+                        help="implementations of the low-bit kernels (default native,xla)")
+    parser.add_argument("--inner", type=int, default=50, help="calls per jitted loop")
+    parser.add_argument("--repeats", type=int, default=7, help="loops timed (median taken)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if "native" in args.impls and not native_available():
+        parser.error(f"--impls native: the native kernels are unavailable: {native_error()}")
+    copy, read = copy_bandwidth(), read_bandwidth()
+    load = os.getloadavg()[0]
+    threads = os.environ.get("LOWBIT_NATIVE_THREADS", "all")
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
+          f"{os.cpu_count()} cores, jax {jax.__version__}, simd level {simd_level() if native_available() else '-'}, "
+          f"native threads {threads}, load {load:.1f}; numpy copy {copy:.1f} GB/s (read+write), "
+          f"sum {read:.1f} GB/s (read)")
+    print(f"{'K x N':<13}{'M':>4}  {'format':<15}{'impl':<7}{'us med':>10}{'us best':>10}{'KiB':>9}"
+          f"{'GB/s':>8}{'f32/med':>9}{'f32/best':>8}  (GB/s: weight bytes / best time)")
+    rows = bench(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(copy_gbs=copy, read_gbs=read, load=load, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`gguf_matmul(x, blocks, ggml_type)`: activations times GGUF weight blocks, native CPU or XLA."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
+from lowbit.kernels.gguf_matmul.native import gguf_matmul_native
+from lowbit.kernels.gguf_matmul.reference import check_blocks, gguf_matmul_reference
+
+ACTIVATION_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+IMPLS = ("auto", "native", "xla")
+_reference_jit = jax.jit(gguf_matmul_reference, static_argnames=("ggml_type",))
+
+
+@functools.partial(jax.jit, static_argnames=("ggml_type",))
+def _native_jit(x, blocks, ggml_type):
+    return gguf_matmul_native(x, blocks, ggml_type).astype(x.dtype)
+
+
+def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto"):
+    """y = x @ W.T for a GGUF weight W [N, K] given as its raw blocks: [..., N] in x's dtype.
+
+    x: [..., K] float32/bfloat16/float16. blocks: uint8 [N, K/32 * block bytes], the tensor's bytes
+    from the file with one weight row (output feature) per row. ggml_type: "Q4_0", "Q4_1" or "Q8_0".
+    impl: "auto" (the native CPU kernel where built for up to NATIVE_MAX_ROWS rows of x, else XLA),
+    "native" or "xla".
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype") or x.ndim < 1:
+        raise ValueError(f"x must be an array [..., K], got {type(x).__name__}")
+    n, k = check_blocks(blocks, ggml_type, x.shape[-1])
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in ACTIVATION_DTYPES]:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got dtype {x.dtype}")
+    resolved, _ = resolve_impl(impl, None, has_native=True)
+    lead = x.shape[:-1]
+    x2 = jnp.reshape(x, (-1, k))
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, n), x.dtype)
+    if resolved == "native" and (impl == "native" or x2.shape[0] <= NATIVE_MAX_ROWS):
+        y = _native_jit(x2, blocks, ggml_type)
+    else:  # "xla", prefill under "auto", or Pallas chosen by "auto" on a GPU (this op has no Pallas kernel)
+        y = _reference_jit(x2, blocks, ggml_type)
+    return y.reshape(*lead, n)

@@ -1,0 +1,16 @@
+"""Native CPU GGUF block matmul through the XLA FFI: the file's blocks are read as they are."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.kernels.gguf_matmul.reference import GGUF_BLOCKS
+
+
+def gguf_matmul_native(x, blocks, ggml_type: str):
+    """x: float32 [M, K]; blocks: uint8 [N, K/32 * block bytes] -> float32 [M, N]."""
+    call = jax.ffi.ffi_call("lowbit_gguf_matmul", jax.ShapeDtypeStruct((x.shape[0], blocks.shape[0]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), blocks, type=np.int64(GGUF_BLOCKS[ggml_type][0]))

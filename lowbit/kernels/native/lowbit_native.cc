@@ -1,0 +1,709 @@
+// lowbit's native CPU kernels (packed low-bit, GGUF-block and int8 matmuls), called from jitted JAX
+// through the XLA FFI. AVX2+FMA+F16C code is chosen at run time; a portable scalar path runs elsewhere.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LOWBIT_X86 1
+#define LOWBIT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers: CPU features, scalar conversions, work split over XLA's intra-op thread pool.
+
+bool cpu_has_avx2() {
+#ifdef LOWBIT_X86
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Cleared by lowbit_native_set_simd(0) so that tests can run the portable code on any CPU.
+std::atomic<bool> simd_allowed{true};
+
+bool has_avx2() { return cpu_has_avx2() && simd_allowed.load(std::memory_order_relaxed); }
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize the mantissa
+      int shift = -1;
+      do {
+        ++shift;
+        mantissa <<= 1;
+      } while (!(mantissa & 0x400u));
+      bits = sign | (static_cast<uint32_t>(112 - shift) << 23) | ((mantissa & 0x3ffu) << 13);
+    }
+  } else if (exponent == 31) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  }
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+enum class FloatKind { kF32, kF16, kBF16 };
+
+// A [rows, N] float table (scales or zeros) in f32, f16 or bf16.
+struct FloatTable {
+  const void* data = nullptr;
+  FloatKind kind = FloatKind::kF32;
+
+  float at(int64_t index) const {
+    switch (kind) {
+      case FloatKind::kF16:
+        return half_to_float(static_cast<const uint16_t*>(data)[index]);
+      case FloatKind::kBF16:
+        return bf16_to_float(static_cast<const uint16_t*>(data)[index]);
+      default:
+        return static_cast<const float*>(data)[index];
+    }
+  }
+};
+
+// Threads to use: XLA's intra-op pool size, capped by $LOWBIT_NATIVE_THREADS when set (read once).
+int64_t thread_limit(ffi::ThreadPool& pool) {
+  static const int64_t cap = [] {
+    const char* text = std::getenv("LOWBIT_NATIVE_THREADS");
+    const long value = text ? std::strtol(text, nullptr, 10) : 0;
+    return static_cast<int64_t>(value > 0 ? value : 0);
+  }();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return cap > 0 ? std::min(cap, threads) : threads;
+}
+
+// Tasks for `bytes` of weights split into `units` pieces: about 32 KiB each (waking a helper costs
+// more than reading less than that), at most 8 per thread, at least 1.
+int64_t task_count(ffi::ThreadPool& pool, int64_t bytes, int64_t units) {
+  const int64_t by_size = std::max<int64_t>(1, bytes / (32 << 10));
+  return std::max<int64_t>(1, std::min({units, by_size, 8 * thread_limit(pool)}));
+}
+
+// Runs body(task) for task in [0, tasks) on the calling thread and up to (pool threads - 1)
+// helpers. Tasks are claimed from a shared counter, so the caller alone can finish all of them:
+// no deadlock when the pool is busy, and a helper that starts late finds nothing left to do.
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
+  int64_t threads = std::min<int64_t>(thread_limit(pool), tasks);
+  if (threads <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) body(t);
+    return;
+  }
+  struct Progress {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  const Body* shared_body = &body;
+  auto work = [progress, tasks, shared_body]() {
+    for (int64_t t; (t = progress->next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      (*shared_body)(t);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < threads; ++i) {
+    auto helper = work;
+    pool.Schedule(std::move(helper));
+  }
+  work();
+  while (progress->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+}
+
+ffi::Error invalid(const char* message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
+
+bool float_kind(ffi::DataType type, FloatKind* kind) {
+  switch (type) {
+    case ffi::DataType::F32:
+      *kind = FloatKind::kF32;
+      return true;
+    case ffi::DataType::F16:
+      *kind = FloatKind::kF16;
+      return true;
+    case ffi::DataType::BF16:
+      *kind = FloatKind::kBF16;
+      return true;
+    default:
+      return false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed low-bit weights (lowbit.core.packing): data uint8 [rows, N], K-row k of column n in byte
+// row k / F at bit offset (k % F) * bits, F = 8 / bits codes per byte. A code u means the integer
+// q = multiplier * u + offset and the weight q * scale[g, n] + zero[g, n] for the group g = k / group_size:
+//   y[m, n] = sum_g scale[g, n] * sum_{k in g} x[m, k] q[k, n] + zero[g, n] * sum_{k in g} x[m, k].
+// Signed q (not u) meets x, so no large sums cancel (as s * (sum x u) + offset * s * sum x would).
+
+struct PackedProblem {
+  const float* x;      // [M, kp] activations, zero padded to kp = groups * group_size
+  const float* xsum;   // [M, groups] sums of x over each group
+  const uint8_t* data; // [rows, N]
+  FloatTable scale, zero;
+  bool has_zero;
+  float multiplier, offset;
+  int64_t m, n, kp, groups, group_size;
+  float* y;            // [M, N]
+};
+
+constexpr int kStrip = 16;  // columns per SIMD strip
+constexpr int kRowTile = 4; // activation rows per pass over the weights
+
+template <int BITS>
+void packed_columns_scalar(const PackedProblem& p, int64_t n0, int64_t n1) {
+  constexpr int F = 8 / BITS;
+  constexpr unsigned mask = (1u << BITS) - 1u;
+  const int64_t rows_per_group = p.group_size / F;
+  for (int64_t m = 0; m < p.m; ++m) {
+    const float* xrow = p.x + m * p.kp;
+    for (int64_t n = n0; n < n1; ++n) {
+      float total = 0.0f;
+      for (int64_t g = 0; g < p.groups; ++g) {
+        float dot = 0.0f;
+        const uint8_t* w = p.data + g * rows_per_group * p.n + n;
+        const float* xg = xrow + g * p.group_size;
+        for (int64_t r = 0; r < rows_per_group; ++r) {
+          unsigned byte = w[r * p.n];
+          for (int f = 0; f < F; ++f) {
+            dot += xg[r * F + f] * (p.multiplier * static_cast<float>((byte >> (f * BITS)) & mask) + p.offset);
+          }
+        }
+        total += p.scale.at(g * p.n + n) * dot;
+        if (p.has_zero) total += p.zero.at(g * p.n + n) * p.xsum[m * p.groups + g];
+      }
+      p.y[m * p.n + n] = total;
+    }
+  }
+}
+
+#ifdef LOWBIT_X86
+LOWBIT_AVX2 inline __m256 load8(const FloatTable& table, int64_t index) {
+  switch (table.kind) {
+    case FloatKind::kF16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+          static_cast<const uint16_t*>(table.data) + index)));
+    case FloatKind::kBF16: {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(table.data) + index));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(table.data) + index);
+  }
+}
+
+// Rows [m0, m0 + MT) times the strips [s0, s1), W adjacent strips (16 * W columns, W * 16 bytes of
+// each packed row) per pass: 2 * W * MT independent accumulators. Groups outer, so the bytes of one
+// group for all strips stay in L1/L2 while the row tile walks across them.
+template <int BITS, int MT, int W>
+LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0, int64_t s1) {
+  constexpr int F = 8 / BITS;
+  const __m128i mask = _mm_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const int64_t rows_per_group = p.group_size / F;
+  // code -> q as a float: 4-bit codes are offset as integers; 1- and 2-bit codes index a table.
+  const __m256i offset = _mm256_set1_epi32(static_cast<int32_t>(p.offset));
+  alignas(32) float values[8];
+  for (int i = 0; i < 8; ++i) values[i] = p.multiplier * static_cast<float>(i) + p.offset;
+  const __m256 table = _mm256_load_ps(values);
+  auto to_q = [&](__m128i u) LOWBIT_AVX2 {
+    const __m256i wide = _mm256_cvtepu8_epi32(u);
+    if constexpr (BITS == 4) return _mm256_cvtepi32_ps(_mm256_add_epi32(wide, offset));
+    return _mm256_permutevar8x32_ps(table, wide);
+  };
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const float* xg[MT];
+    __m256 xs[MT];
+    for (int m = 0; m < MT; ++m) {
+      xg[m] = p.x + (m0 + m) * p.kp + g * p.group_size;
+      xs[m] = _mm256_set1_ps(p.xsum[(m0 + m) * p.groups + g]);
+    }
+    for (int64_t s = s0; s + W <= s1; s += W) {
+      const int64_t n0 = s * kStrip;
+      __m256 acc[MT][2 * W];
+      for (int m = 0; m < MT; ++m) {
+        for (int h = 0; h < 2 * W; ++h) acc[m][h] = _mm256_setzero_ps();
+      }
+      const uint8_t* w = p.data + g * rows_per_group * p.n + n0;
+      for (int64_t r = 0; r < rows_per_group; ++r, w += p.n) {
+        __m128i bytes[W];
+        for (int j = 0; j < W; ++j) bytes[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kStrip * j));
+#pragma GCC unroll 8
+        for (int f = 0; f < F; ++f) {
+          __m256 wq[2 * W];
+          for (int j = 0; j < W; ++j) {
+            const __m128i u = _mm_and_si128(_mm_srli_epi16(bytes[j], f * BITS), mask);
+            wq[2 * j] = to_q(u);
+            wq[2 * j + 1] = to_q(_mm_srli_si128(u, 8));
+          }
+          for (int m = 0; m < MT; ++m) {
+            const __m256 xv = _mm256_broadcast_ss(xg[m] + r * F + f);
+            for (int h = 0; h < 2 * W; ++h) acc[m][h] = _mm256_fmadd_ps(wq[h], xv, acc[m][h]);
+          }
+        }
+      }
+      for (int h = 0; h < 2 * W; ++h) {
+        const __m256 scale = load8(p.scale, g * p.n + n0 + 8 * h);
+        const __m256 zero = p.has_zero ? load8(p.zero, g * p.n + n0 + 8 * h) : _mm256_setzero_ps();
+        for (int m = 0; m < MT; ++m) {
+          float* out = p.y + (m0 + m) * p.n + n0 + 8 * h;
+          __m256 y = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+          y = _mm256_fmadd_ps(scale, acc[m][h], y);
+          if (p.has_zero) y = _mm256_fmadd_ps(zero, xs[m], y);
+          _mm256_storeu_ps(out, y);
+        }
+      }
+    }
+  }
+}
+
+// One row tile over strips [s0, s1): W-strip passes, then single strips for the rest.
+template <int BITS, int MT, int W>
+LOWBIT_AVX2 void packed_rows_avx2(const PackedProblem& p, int64_t m0, int64_t s0, int64_t s1) {
+  const int64_t wide_end = s0 + (s1 - s0) / W * W;
+  if (wide_end > s0) packed_tile_avx2<BITS, MT, W>(p, m0, s0, wide_end);
+  if constexpr (W > 1) {
+    if (wide_end < s1) packed_tile_avx2<BITS, MT, 1>(p, m0, wide_end, s1);
+  }
+}
+
+template <int BITS>
+LOWBIT_AVX2 void packed_strips_avx2(const PackedProblem& p, int64_t s0, int64_t s1) {
+  int64_t m0 = 0;
+  for (; m0 + kRowTile <= p.m; m0 += kRowTile) packed_rows_avx2<BITS, kRowTile, 1>(p, m0, s0, s1);
+  switch (p.m - m0) {  // fewer rows: wider passes keep 8 or more accumulators busy
+    case 3: packed_rows_avx2<BITS, 3, 1>(p, m0, s0, s1); break;
+    case 2: packed_rows_avx2<BITS, 2, 2>(p, m0, s0, s1); break;
+    case 1: packed_rows_avx2<BITS, 1, 4>(p, m0, s0, s1); break;
+    default: break;
+  }
+}
+#endif
+
+// Splits the columns over tasks: 16-column strips for the AVX2 code (the last N % 16 columns go
+// to the scalar code in one more task), single columns for the scalar code.
+template <typename Simd, typename Scalar>
+void split_columns(ffi::ThreadPool& pool, int64_t n, int64_t weight_bytes, const Simd& simd_strips,
+                   const Scalar& scalar_columns) {
+  const bool simd = has_avx2();
+  const int64_t units = simd ? n / kStrip : n;
+  const int64_t tail = simd ? units * kStrip : n;
+  const int64_t tasks = task_count(pool, weight_bytes, std::max<int64_t>(units, 1));
+  const int64_t per_task = (units + tasks - 1) / tasks;
+  parallel_for(pool, tasks + 1, [&](int64_t t) {
+    if (t == tasks) {
+      if (tail < n) scalar_columns(tail, n);
+      return;
+    }
+    const int64_t u0 = t * per_task, u1 = std::min(units, u0 + per_task);
+    if (u0 >= u1) return;
+    if (simd) {
+      simd_strips(u0, u1);
+    } else {
+      scalar_columns(u0, u1);
+    }
+  });
+}
+
+template <int BITS>
+void packed_matmul_run(ffi::ThreadPool& pool, const PackedProblem& p) {
+  split_columns(
+      pool, p.n, p.groups * p.group_size / (8 / BITS) * p.n,
+      [&](int64_t s0, int64_t s1) {
+#ifdef LOWBIT_X86
+        packed_strips_avx2<BITS>(p, s0, s1);
+#endif
+      },
+      [&](int64_t n0, int64_t n1) { packed_columns_scalar<BITS>(p, n0, n1); });
+}
+
+ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data,
+                            ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t bits, int64_t multiplier, int64_t offset, int64_t group_size,
+                            int64_t has_zero) {
+  auto xd = x.dimensions();
+  auto wd = data.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return invalid("packed_matmul: x and data must be 2-D");
+  if (bits != 1 && bits != 2 && bits != 4) return invalid("packed_matmul: bits must be 1, 2 or 4");
+  const int64_t fields = 8 / bits;
+  const int64_t m = xd[0], k = xd[1], rows = wd[0], n = wd[1];
+  if (rows * fields < k || rows * fields - k >= fields || group_size <= 0 || group_size % fields ||
+      (rows * fields) % group_size) {
+    return invalid("packed_matmul: group_size must be a positive multiple of the codes per byte dividing the rows");
+  }
+  const int64_t groups = rows * fields / group_size;
+  PackedProblem p{};
+  if (!float_kind(scale.element_type(), &p.scale.kind) || !float_kind(zero.element_type(), &p.zero.kind)) {
+    return invalid("packed_matmul: scale and zero must be f32, f16 or bf16");
+  }
+  if (static_cast<int64_t>(scale.element_count()) != groups * n ||
+      (has_zero && static_cast<int64_t>(zero.element_count()) != groups * n)) {
+    return invalid("packed_matmul: scale/zero must have shape [groups, N]");
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const int64_t kp = groups * group_size;
+  // x zero padded to whole groups, and its sums per group.
+  std::vector<float> xpad(static_cast<size_t>(m * kp), 0.0f);
+  std::vector<float> xsum(static_cast<size_t>(m * groups), 0.0f);
+  const float* xin = x.typed_data();
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(&xpad[i * kp], xin + i * k, sizeof(float) * k);
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.0f;
+      for (int64_t j = g * group_size; j < std::min(k, (g + 1) * group_size); ++j) sum += xpad[i * kp + j];
+      xsum[i * groups + g] = sum;
+    }
+  }
+  p.x = xpad.data();
+  p.xsum = xsum.data();
+  p.data = data.typed_data();
+  p.scale.data = scale.untyped_data();
+  p.zero.data = zero.untyped_data();
+  p.has_zero = has_zero != 0;
+  p.multiplier = static_cast<float>(multiplier);
+  p.offset = static_cast<float>(offset);
+  p.m = m;
+  p.n = n;
+  p.kp = kp;
+  p.groups = groups;
+  p.group_size = group_size;
+  p.y = y->typed_data();
+  switch (bits) {
+    case 4: packed_matmul_run<4>(pool, p); break;
+    case 2: packed_matmul_run<2>(pool, p); break;
+    default: packed_matmul_run<1>(pool, p); break;
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF blocks as stored in the file: blocks uint8 [N, K/32 * block_bytes], one output row per
+// weight row, 32 consecutive K elements per block.
+//   Q4_0 (18 B): f16 d, 16 B nibbles; element j = low nibble of byte j, j+16 = high; w = (q - 8) d
+//   Q4_1 (20 B): f16 d, f16 m, nibbles as Q4_0; w = q d + m
+//   Q8_0 (34 B): f16 d, 32 int8 q; w = q d
+
+enum GgufType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+
+struct GgufProblem {
+  const float* x;     // [M, K]
+  const float* xsum;  // [M, K/32]
+  const uint8_t* blocks;
+  int64_t type, m, n, k, block_bytes;
+  float* y;
+};
+
+inline uint16_t read_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Per block: the dot of the 32 signed codes (q - 8 for Q4_0) with x, and the block's (scale, bias) so
+// that the block adds scale * dot + bias * sum(x over the block); bias is Q4_1's m, else 0.
+inline void gguf_block_terms(int64_t type, const uint8_t* b, float* scale, float* bias) {
+  const float d = half_to_float(read_u16(b));
+  *scale = d;
+  *bias = type == kQ4_1 ? half_to_float(read_u16(b + 2)) : 0.0f;
+}
+
+void gguf_rows_scalar(const GgufProblem& p, int64_t r0, int64_t r1) {
+  const int64_t nb = p.k / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * nb * p.block_bytes;
+    for (int64_t m = 0; m < p.m; ++m) {
+      const float* xm = p.x + m * p.k;
+      float total = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * p.block_bytes;
+        const float* xb = xm + b * 32;
+        float scale, bias, dot = 0.0f;
+        gguf_block_terms(p.type, blk, &scale, &bias);
+        if (p.type == kQ8_0) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+          for (int j = 0; j < 32; ++j) dot += xb[j] * static_cast<float>(q[j]);
+        } else {
+          const uint8_t* q = blk + (p.type == kQ4_1 ? 4 : 2);
+          const int shift = p.type == kQ4_0 ? 8 : 0;
+          for (int j = 0; j < 16; ++j) {
+            dot += xb[j] * static_cast<float>((q[j] & 0x0f) - shift) + xb[j + 16] * static_cast<float>((q[j] >> 4) - shift);
+          }
+        }
+        total += scale * dot + bias * p.xsum[m * nb + b];
+      }
+      p.y[m * p.n + r] = total;
+    }
+  }
+}
+
+#ifdef LOWBIT_X86
+LOWBIT_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+LOWBIT_AVX2 inline float half_to_float_f16c(const uint8_t* p) {
+  return _cvtsh_ss(read_u16(p));
+}
+
+template <int MT>
+LOWBIT_AVX2 void gguf_row_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
+  const int64_t nb = p.k / 32;
+  const uint8_t* row = p.blocks + r * nb * p.block_bytes;
+  const __m128i low = _mm_set1_epi8(0x0f);
+  __m256 acc[MT];
+  float bias_total[MT];
+  for (int m = 0; m < MT; ++m) {
+    acc[m] = _mm256_setzero_ps();
+    bias_total[m] = 0.0f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * p.block_bytes;
+    const float scale = half_to_float_f16c(blk);
+    const float bias = p.type == kQ4_1 ? half_to_float_f16c(blk + 2) : 0.0f;
+    __m256 w[4];
+    if (p.type == kQ8_0) {
+      const uint8_t* q = blk + 2;
+      for (int i = 0; i < 4; ++i) {
+        w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i))));
+      }
+    } else {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (p.type == kQ4_1 ? 4 : 2)));
+      const __m128i shift = _mm_set1_epi8(p.type == kQ4_0 ? 8 : 0);
+      const __m128i lo = _mm_sub_epi8(_mm_and_si128(bytes, low), shift);
+      const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), shift);
+      w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+      w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+      w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+      w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    }
+    const __m256 d = _mm256_set1_ps(scale);
+    for (int m = 0; m < MT; ++m) {
+      const float* xb = p.x + (m0 + m) * p.k + b * 32;
+      __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+      dot = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), dot);
+      dot = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), dot);
+      dot = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), dot);
+      acc[m] = _mm256_fmadd_ps(dot, d, acc[m]);
+      bias_total[m] += bias * p.xsum[(m0 + m) * nb + b];
+    }
+  }
+  for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.n + r] = hsum(acc[m]) + bias_total[m];
+}
+
+LOWBIT_AVX2 void gguf_rows_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t m0 = 0;
+    for (; m0 + kRowTile <= p.m; m0 += kRowTile) gguf_row_avx2<kRowTile>(p, r, m0);
+    switch (p.m - m0) {
+      case 3: gguf_row_avx2<3>(p, r, m0); break;
+      case 2: gguf_row_avx2<2>(p, r, m0); break;
+      case 1: gguf_row_avx2<1>(p, r, m0); break;
+      default: break;
+    }
+  }
+}
+#endif
+
+ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t type) {
+  auto xd = x.dimensions();
+  auto bd = blocks.dimensions();
+  if (xd.size() != 2 || bd.size() != 2) return invalid("gguf_matmul: x and blocks must be 2-D");
+  if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_matmul: type must be Q4_0, Q4_1 or Q8_0");
+  GgufProblem p{};
+  p.type = type;
+  p.block_bytes = type == kQ4_0 ? 18 : (type == kQ4_1 ? 20 : 34);
+  p.m = xd[0];
+  p.k = xd[1];
+  p.n = bd[0];
+  if (p.k % 32 || bd[1] != p.k / 32 * p.block_bytes) return invalid("gguf_matmul: blocks must be [N, K/32 * block bytes]");
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  const int64_t nb = p.k / 32;
+  std::vector<float> xsum(static_cast<size_t>(p.m * nb));
+  for (int64_t i = 0; i < p.m * nb; ++i) {
+    float sum = 0.0f;
+    for (int j = 0; j < 32; ++j) sum += x.typed_data()[i * 32 + j];
+    xsum[i] = sum;
+  }
+  p.x = x.typed_data();
+  p.xsum = xsum.data();
+  p.blocks = blocks.typed_data();
+  p.y = y->typed_data();
+  const bool simd = has_avx2();
+  const int64_t tasks = task_count(pool, p.n * nb * p.block_bytes, p.n);
+  const int64_t rows_per_task = (p.n + tasks - 1) / tasks;
+  parallel_for(pool, tasks, [&](int64_t t) {
+    const int64_t r0 = t * rows_per_task, r1 = std::min(p.n, r0 + rows_per_task);
+#ifdef LOWBIT_X86
+    if (simd) {
+      gguf_rows_avx2(p, r0, r1);
+      return;
+    }
+#endif
+    gguf_rows_scalar(p, r0, r1);
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// W8A8: int8 x [M, K] times int8 w [K, N], exact int32 sums, then (sum * x_scale[m]) * w_scale[n].
+
+struct Int8Problem {
+  const int8_t* x;
+  const float* xs;
+  const int8_t* w;
+  const float* ws;
+  int64_t m, k, n;
+  float* y;
+};
+
+void int8_columns_scalar(const Int8Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < p.m; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int32_t sum = 0;
+      for (int64_t k = 0; k < p.k; ++k) sum += static_cast<int32_t>(p.x[m * p.k + k]) * p.w[k * p.n + n];
+      p.y[m * p.n + n] = static_cast<float>(sum) * p.xs[m] * p.ws[n];
+    }
+  }
+}
+
+#ifdef LOWBIT_X86
+// Two K rows at a time: bytes of rows k and k+1 interleaved per column, widened to int16, and
+// _mm256_madd_epi16 against (x[k], x[k+1]) gives each column's exact int32 partial sum.
+template <int MT>
+LOWBIT_AVX2 void int8_strip_avx2(const Int8Problem& p, int64_t m0, int64_t n0) {
+  __m256i acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < p.k; k += 2) {
+    const bool pair = k + 1 < p.k;
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + k * p.n + n0));
+    const __m128i b = pair ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + (k + 1) * p.n + n0))
+                           : _mm_setzero_si128();
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(a, b));
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* xm = p.x + (m0 + m) * p.k;
+      const uint32_t lo = static_cast<uint16_t>(static_cast<int16_t>(xm[k]));
+      const uint32_t hi = pair ? static_cast<uint16_t>(static_cast<int16_t>(xm[k + 1])) : 0u;
+      const __m256i xv = _mm256_set1_epi32(static_cast<int32_t>(lo | (hi << 16)));
+      acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(w0, xv));
+      acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(w1, xv));
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    const __m256 xs = _mm256_set1_ps(p.xs[m0 + m]);
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][h]), xs);
+      v = _mm256_mul_ps(v, _mm256_loadu_ps(p.ws + n0 + 8 * h));
+      _mm256_storeu_ps(p.y + (m0 + m) * p.n + n0 + 8 * h, v);
+    }
+  }
+}
+
+LOWBIT_AVX2 void int8_strips_avx2(const Int8Problem& p, int64_t s0, int64_t s1) {
+  for (int64_t s = s0; s < s1; ++s) {
+    int64_t m0 = 0;
+    for (; m0 + kRowTile <= p.m; m0 += kRowTile) int8_strip_avx2<kRowTile>(p, m0, s * kStrip);
+    switch (p.m - m0) {
+      case 3: int8_strip_avx2<3>(p, m0, s * kStrip); break;
+      case 2: int8_strip_avx2<2>(p, m0, s * kStrip); break;
+      case 1: int8_strip_avx2<1>(p, m0, s * kStrip); break;
+      default: break;
+    }
+  }
+}
+#endif
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> xs,
+                          ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> ws, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) return invalid("int8_matmul: x [M, K] and w [K, N] expected");
+  Int8Problem p{x.typed_data(), xs.typed_data(), w.typed_data(), ws.typed_data(), xd[0], xd[1], wd[1], y->typed_data()};
+  if (static_cast<int64_t>(xs.element_count()) != p.m || static_cast<int64_t>(ws.element_count()) != p.n) {
+    return invalid("int8_matmul: x_scale must be [M, 1] and w_scale [1, N]");
+  }
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  split_columns(
+      pool, p.n, p.k * p.n,
+      [&](int64_t s0, int64_t s1) {
+#ifdef LOWBIT_X86
+        int8_strips_avx2(p, s0, s1);
+#endif
+      },
+      [&](int64_t n0, int64_t n1) { int8_columns_scalar(p, n0, n1); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmul, PackedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("multiplier")
+                                  .Attr<int64_t>("offset")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("has_zero"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufMatmul, GgufMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("type"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitInt8Matmul, Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Which SIMD path runs on this CPU: 1 for AVX2+FMA+F16C, 0 for the portable scalar code.
+extern "C" int lowbit_native_simd_level() { return has_avx2() ? 1 : 0; }
+
+// Allow (1) or forbid (0) the SIMD code; returns the level now in effect. For tests of the scalar code.
+extern "C" int lowbit_native_set_simd(int allowed) {
+  simd_allowed.store(allowed != 0, std::memory_order_relaxed);
+  return lowbit_native_simd_level();
+}

@@ -1,0 +1,42 @@
+"""Native CPU packed matmul: the packed bytes go to the C++ kernel through the XLA FFI, unconverted."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.core.packing import PackedArray
+from lowbit.kernels.packed_matmul.reference import WeightFormat
+
+SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
+def native_supports(fmt: WeightFormat) -> str | None:
+    """None when the native kernel takes this format, else why not."""
+    if fmt.group_size is not None and fmt.group_size % fmt.fields:
+        return (f"group_size {fmt.group_size} is not a multiple of the {fmt.fields} codes per byte "
+                f"of the {fmt.bits}-bit format")
+    return None
+
+
+def _stat(table, groups: int, n: int):
+    """A scale or zero table as [groups, N] in a dtype the kernel reads (f32, f16 or bf16)."""
+    if jnp.dtype(table.dtype) not in [jnp.dtype(d) for d in SCALE_DTYPES]:
+        table = table.astype(jnp.float32)
+    return jnp.broadcast_to(table, (groups, n))
+
+
+def packed_matmul_native(x, w: PackedArray, fmt: WeightFormat):
+    """x: float32 [M, K]; w: packed [K, N] -> float32 [M, N], on the CPU through `lowbit_packed_matmul`."""
+    m = x.shape[0]
+    rows, n = w.data.shape
+    group_size = fmt.group_size or rows * fmt.fields  # channel/tensor scales: one group of padded K
+    groups = rows * fmt.fields // group_size
+    scale = _stat(w.scale, groups, n)
+    zero = _stat(w.zero, groups, n) if fmt.asymmetric else jnp.zeros((1, 1), jnp.float32)
+    call = jax.ffi.ffi_call("lowbit_packed_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), w.data, scale, zero, bits=np.int64(fmt.bits),
+                multiplier=np.int64(fmt.code_multiplier), offset=np.int64(fmt.code_offset),
+                group_size=np.int64(group_size), has_zero=np.int64(fmt.asymmetric))

@@ -1,0 +1,6 @@
+"""Makes tests/kernels/base.py importable as `base` (pytest imports test files with importlib)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,0 +1,131 @@
+"""gguf_matmul: GGUF Q4_0/Q4_1/Q8_0 blocks times activations against the gguf package's dequantization."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from base import KernelTestBase, NativeImpl, XlaImpl
+from gguf import GGMLQuantizationType, quants
+
+from lowbit.kernels import gguf_matmul
+from lowbit.kernels.gguf_matmul import dequantize_blocks
+from lowbit.kernels.native import portable_code_only
+
+TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def _blocks(ggml_type, n, k, seed=0):
+    """A random [n, k] weight quantized by the gguf package: (raw blocks, its float64 dequantization)."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block
+    blocks = quants.quantize(w, GGMLQuantizationType[ggml_type])
+    return blocks, quants.dequantize(blocks, GGMLQuantizationType[ggml_type]).astype(np.float64)
+
+
+def _relative_error(y, expected):
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    return np.abs(y - expected).max() / max(np.abs(expected).max(), 1e-30)
+
+
+class GgufMatmulBase(KernelTestBase):
+    def matmul(self, x, blocks, ggml_type):
+        return gguf_matmul(x, blocks, ggml_type, impl=self.impl)
+
+    @pytest.mark.parametrize("ggml_type", TYPES)
+    @pytest.mark.parametrize("n, k", [(1, 32), (37, 96), (16, 576), (50, 1536)])
+    def test_equals_gguf_dequantize_times_x(self, ggml_type, n, k):
+        blocks, dense = _blocks(ggml_type, n, k)
+        rng = np.random.default_rng(1)
+        for m in (1, 3, 4, 9, 64):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            y = self.matmul(jnp.asarray(x), jnp.asarray(blocks), ggml_type)
+            assert y.shape == (m, n) and y.dtype == jnp.float32
+            assert _relative_error(y, x.astype(np.float64) @ dense.T) < self.float32_tolerance, (ggml_type, m)
+
+    @pytest.mark.parametrize("ggml_type", TYPES)
+    def test_bfloat16_activations_and_leading_dims(self, ggml_type):
+        blocks, dense = _blocks(ggml_type, 24, 64, seed=2)
+        x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 64)), jnp.bfloat16)
+        y = self.matmul(x, jnp.asarray(blocks), ggml_type)
+        assert y.dtype == jnp.bfloat16 and y.shape == (2, 3, 24)
+        expected = np.asarray(x, np.float64).reshape(6, 64) @ dense.T
+        assert _relative_error(y.reshape(6, 24), expected) < 2e-2
+
+    def test_bad_inputs(self):
+        blocks, _ = _blocks("Q4_1", 8, 64)
+        blocks = jnp.asarray(blocks)
+        x = jnp.ones((2, 64), jnp.float32)
+        with pytest.raises(ValueError, match="ggml_type must be one of"):
+            self.matmul(x, blocks, "Q4_K")
+        with pytest.raises(ValueError, match="x must have shape"):
+            self.matmul(jnp.ones((2, 96)), blocks, "Q4_1")
+        with pytest.raises(ValueError, match="whole 18-byte blocks"):
+            self.matmul(x, blocks, "Q4_0")
+        with pytest.raises(ValueError, match="blocks must be a uint8 array"):
+            self.matmul(x, blocks.astype(jnp.int8), "Q4_1")
+        with pytest.raises(ValueError, match="x must be float32"):
+            self.matmul(x.astype(jnp.int32), blocks, "Q4_1")
+        with pytest.raises(ValueError, match="impl must be one of"):
+            gguf_matmul(x, blocks, "Q4_1", impl="pallas")
+
+
+class TestGgufMatmulXla(GgufMatmulBase, XlaImpl):
+    pass
+
+
+class TestGgufMatmulNative(GgufMatmulBase, NativeImpl):
+    @pytest.mark.parametrize("ggml_type", TYPES)
+    def test_portable_code(self, ggml_type):
+        blocks, dense = _blocks(ggml_type, 21, 160, seed=4)
+        x = np.random.default_rng(5).standard_normal((5, 160)).astype(np.float32)
+        with portable_code_only():
+            y = self.matmul(jnp.asarray(x), jnp.asarray(blocks), ggml_type)
+        assert _relative_error(y, x.astype(np.float64) @ dense.T) < self.float32_tolerance
+
+    def test_two_threads_at_once_inside_jit(self):
+        problems = [_blocks("Q4_1", 576, 1536, seed=6), _blocks("Q8_0", 1536, 576, seed=7)]
+        types = ["Q4_1", "Q8_0"]
+        fns = [jax.jit(lambda x, b, t=t: gguf_matmul(jax.nn.relu(x), b, t, impl="native")) for t in types]
+        xs = [np.random.default_rng(8 + i).standard_normal((2, problems[i][1].shape[1])).astype(np.float32)
+              for i in range(2)]
+        results = [[], []]
+        barrier = threading.Barrier(2)
+
+        def worker(i):
+            barrier.wait()
+            for _ in range(10):
+                results[i].append(fns[i](jnp.asarray(xs[i]), jnp.asarray(problems[i][0])))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i in range(2):
+            expected = np.maximum(xs[i], 0).astype(np.float64) @ problems[i][1].T
+            assert len(results[i]) == 10
+            assert all(_relative_error(y, expected) < self.float32_tolerance for y in results[i])
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_dequantize_blocks_is_exact(ggml_type):
+    blocks, dense = _blocks(ggml_type, 9, 128, seed=9)
+    np.testing.assert_array_equal(np.asarray(dequantize_blocks(jnp.asarray(blocks), ggml_type)), dense)
+
+
+@pytest.mark.model
+def test_real_model_tensors(smollm2_path):
+    """SmolLM2's own Q4_1 linear and Q8_0 embedding rows, straight from the file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(smollm2_path)
+    tensors = {t.name: t for t in reader.tensors}
+    for name, rows in (("blk.0.ffn_down.weight", None), ("token_embd.weight", 512)):
+        tensor = tensors[name]
+        blocks = np.asarray(tensor.data)[:rows]
+        dense = quants.dequantize(blocks, tensor.tensor_type).astype(np.float64)
+        x = np.random.default_rng(10).standard_normal((3, dense.shape[1])).astype(np.float32)
+        y = gguf_matmul(jnp.asarray(x), jnp.asarray(blocks), tensor.tensor_type.name)
+        assert _relative_error(y, x.astype(np.float64) @ dense.T) < 2e-5
