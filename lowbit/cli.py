@@ -314,8 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command: exit 0 on success, 2 with `lowbit CMD: error: ...` for an error the user
     can act on, 130 with one line on Ctrl-C; a command may return its own status (sweep: 1
     when points failed)."""
+    from lowbit.kernels.dispatch import schedule_cpu_for_memory
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    schedule_cpu_for_memory()
     interrupts = _Interrupts()
     try:
         with interrupts.installed():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from lowbit.kernels.native import native_available, native_error
@@ -10,6 +12,31 @@ IMPLS = ("auto", "pallas", "native", "xla")
 # "auto" uses the native CPU GEMV for at most this many activation rows; above, XLA's dequantize-once
 # then dot wins (benchmarks/RESULTS.md: tied at 64 rows, XLA 1.6-3.5x faster at 512).
 NATIVE_MAX_ROWS = 32
+
+
+# XLA's CPU compiler by default schedules for concurrency: it runs every op whose inputs are
+# ready as early as possible, so in a whole-model jit each packed layer's dequantization (which
+# depends on parameters only) runs at the start and every float weight stays alive at once
+# (SmolLM2 int4: +423 MiB of temporaries). Its memory-minimizing scheduler runs each one where
+# it is used (97 MiB): benchmarks/RESULTS.md, "packed checkpoint memory".
+MEMORY_SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def schedule_cpu_for_memory() -> bool:
+    """Asks XLA's CPU compiler for its memory-minimizing schedule (MEMORY_SCHEDULE_FLAG, added to
+    XLA_FLAGS) unless XLA_FLAGS already sets that option. It takes effect only before JAX's
+    first computation, so call it at the start of a program (the lowbit CLI does); returns
+    whether the schedule is in force for this process."""
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    option = MEMORY_SCHEDULE_FLAG.split("=")[0]
+    if option in flags:
+        return MEMORY_SCHEDULE_FLAG in flags.split()
+    if xla_bridge.backends_are_initialized():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_SCHEDULE_FLAG}".strip()
+    return True
 
 
 def on_gpu() -> bool:
