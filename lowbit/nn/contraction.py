@@ -52,6 +52,15 @@ class Contraction:
             raise ValueError(f"matrix must have shape [K, N] = {(self.in_features, self.out_features)}, "
                              f"got {tuple(m.shape)}")
 
+    # kernels laid out inputs-first (Linear, LinearGeneral, Conv) reshape; Einsum transposes first
+    def matrix(self, kernel):
+        self.check_kernel(kernel)
+        return kernel.reshape(self.in_features, self.out_features)
+
+    def kernel_from_matrix(self, m):
+        self.check_matrix(m)
+        return m.reshape(self.kernel_shape)
+
 
 def _ints(values) -> tuple:
     return tuple(int(v) for v in values)
@@ -96,14 +105,6 @@ class DotContraction(Contraction):
         if tuple(x.shape[a] for a in axes) != self.in_shape:
             raise ValueError(f"x must have sizes {self.in_shape} on axes {self.axis}, got shape {tuple(x.shape)}")
         return axes
-
-    def matrix(self, kernel):
-        self.check_kernel(kernel)
-        return kernel.reshape(self.in_features, self.out_features)
-
-    def kernel_from_matrix(self, m):
-        self.check_matrix(m)
-        return m.reshape(self.kernel_shape)
 
     def rows(self, x):
         axes = self._axes(x)
@@ -319,14 +320,6 @@ class ConvContraction(Contraction):
         return {"kind": self.kind, "kernel_shape": list(self.kernel_shape), "strides": list(self.strides),
                 "padding": padding, "input_dilation": list(self.input_dilation),
                 "kernel_dilation": list(self.kernel_dilation)}
-
-    def matrix(self, kernel):
-        self.check_kernel(kernel)
-        return kernel.reshape(self.in_features, self.out_features)
-
-    def kernel_from_matrix(self, m):
-        self.check_matrix(m)
-        return m.reshape(self.kernel_shape)
 
     def _batched(self, x):
         """x -> ([B, *spatial, C], the original leading batch shape), as nnx.Conv flattens it."""
