@@ -149,17 +149,23 @@ class PackedLayer(nnx.Module):
         param = None if self.act_param is None else self.act_param[...]
         return quantize_input(rows, self.act_spec, self.act_estimator, param)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        rows = self.prepare_rows(self.contraction.rows(x))
-        dtype = self.dtype or x.dtype
-        rows = rows.astype(dtype)
+    def __call__(self, x: jax.Array, *, out_sharding=None) -> jax.Array:
+        """The module's function of x; out_sharding (nnx.MultiHeadAttention passes it to its
+        projections) is accepted and ignored."""
+        return self.contraction.output(self.multiply_rows(self.contraction.rows(x), x.dtype), x)
+
+    def multiply_rows(self, rows, dtype=None) -> jax.Array:
+        """[M, K] input rows -> [M, N] output rows (prepare_rows, the matmul, the bias), in the
+        layer's dtype (else `dtype`, else the rows')."""
+        dtype = self.dtype or dtype or rows.dtype
+        rows = self.prepare_rows(rows).astype(dtype)
         if self.uses_kernel:
             y = packed_matmul(rows, self.packed, impl=self.impl)
         else:
             y = jnp.matmul(rows, self.dequantized_matrix().astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
-        return self.contraction.output(y, x)
+        return y
 
     # ---- checkpoint form ----------------------------------------------------------------
     def layer_state(self) -> tuple[dict, dict]:

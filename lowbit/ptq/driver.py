@@ -90,6 +90,22 @@ def coprime_stride(tokens: int, sample: int, seq: int) -> int:
     return stride
 
 
+def rows_stride(total: int, sample: int, counts) -> int:
+    """A stride giving about `sample` of `total` rows, coprime with every batch's row count in
+    `counts` (so with each sequence length inside them: the sample visits every position)."""
+    stride = max(1, math.ceil(total / sample))
+    while stride > 1 and any(math.gcd(stride, int(c)) != 1 for c in counts):
+        stride += 1
+    return stride
+
+
+def _count_row(x):
+    return jnp.asarray([x.shape[0]], jnp.float32)
+
+
+BATCH_COUNTS = Statistic("batch_counts", _count_row, "concat")  # rows of each batch
+
+
 def strided_sample(stride: int) -> Statistic:
     """Every `stride`-th token of each batch's [tokens, features] input, concatenated."""
     if not isinstance(stride, int) or stride < 1:
@@ -444,11 +460,21 @@ class BlockInputs:
     targets: dict
     hidden: list
     run_block: Callable
+    owners: dict = dataclasses.field(default_factory=dict)
 
-    def statistics(self, stats: tuple[Statistic, ...]) -> dict[str, dict[str, Any]]:
+    def statistics(self, stats: tuple[Statistic, ...] | dict[str, tuple[Statistic, ...]]
+                   ) -> dict[str, dict[str, Any]]:
         """{local path: {statistic name: value}} of every target's input rows over all batches
-        (layers sharing one input share one reduction)."""
-        plan = tuple((local, t.contraction, tuple(stats)) for local, t in self.targets.items())
+        (layers sharing one input share one reduction: the same dict object).
+
+        stats: the statistics of every target, or {local path: statistics} per target (layers
+        sharing an input get their first member's). Afterwards `owners` maps each target to the
+        first target fed the very same input tensor with the same contraction (itself if none).
+        """
+        per = stats if isinstance(stats, dict) else {local: tuple(stats)
+                                                      for local in self.targets}
+        plan = tuple((local, t.contraction, tuple(per[local]))
+                     for local, t in self.targets.items())
         graphdef, state = nnx.split(self.block)
         totals: dict[str, dict[str, Any]] = {}
         owners: dict[str, int] = {}
@@ -456,10 +482,16 @@ class BlockInputs:
             parts, owner = _tapped_statistics(graphdef, state, batch, plan, self.run_block)
             owners = {local: int(i) for local, i in owner.items()}
             for local, values in parts.items():
-                current = totals.setdefault(local, {s.name: None for s in stats})
-                for s in stats:
+                current = totals.setdefault(local, {s.name: None for s in per[local]})
+                for s in per[local]:
                     current[s.name] = _combine(s.combine, current[s.name], values[s.name])
-        return {local: totals[plan[owners[local]][0]] for local in self.targets}
+        self.owners = {local: plan[owners[local]][0] for local in self.targets}
+        return {local: totals[self.owners[local]] for local in self.targets}
+
+    def output(self, batch: int = 0) -> Any:
+        """The block's output for calibration batch `batch`, with its current weights."""
+        graphdef, state = nnx.split(self.block)
+        return _run_block(graphdef, state, self.hidden[batch], self.run_block)
 
 
 def check_batches(calibration) -> list:
