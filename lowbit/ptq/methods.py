@@ -136,7 +136,8 @@ _ENTRIES: dict[str, _Entry] = {
                        "int8:channel", True, _llm_int8,
                        "lowbit.ptq.llm_int8.llm_int8_quantize",
                        "lowbit.ptq.smoothquant.check_w8a8_weight_spec"),
-    "act": _Entry("static activation quantization (weights untouched)", True, None, True,
+    "act": _Entry("static activation quantization (Llama recipe: weights untouched; quantize(): "
+                  "RTN weights by the rules)", True, None, True,
                   _act, "lowbit.ptq.act_quant.act_quantize", None),
     "mixed": _Entry("mixed-precision RTN meeting a bits-per-weight budget", True, None, False,
                     _mixed, "lowbit.ptq.mixed.mixed_quantize", None),

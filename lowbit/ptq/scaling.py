@@ -85,6 +85,12 @@ def declared_groups(model, scale_groups=None) -> list[ScaleGroup]:
         if not isinstance(group, ScaleGroup):
             raise ValueError(f"scale_groups[{i}] must be a lowbit.ptq.scaling.ScaleGroup, got "
                              f"{type(group).__name__}")
+        for path in group.members + (() if group.fold is None else (group.fold,)):
+            try:
+                module_at(model, path)
+            except ValueError:
+                raise ValueError(f"scale_groups[{i}] {list(group.members)}: the model has no "
+                                 f"module at {path!r}") from None
     return groups
 
 

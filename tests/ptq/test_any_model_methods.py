@@ -175,6 +175,9 @@ def test_impossible_declared_groups_are_errors_naming_the_paths():
     with pytest.raises(ValueError, match=r"into \[\('blocks.0.norm1', \['blocks.0.up'\]\)\].* changes the block's output"):
         quantize(TinyTransformer(layers=1, rngs=nnx.Rngs(0)), rules, "smoothquant", [_tokens(2)],
                  scale_groups=[ScaleGroup(("blocks.0.up",), "blocks.0.norm1")])
+    with pytest.raises(ValueError, match=r"the model has no module at 'blocks.0.norm9'"):
+        quantize(TinyTransformer(layers=1, rngs=nnx.Rngs(0)), rules, "smoothquant", [_tokens(2)],
+                 scale_groups=[ScaleGroup(("blocks.0.up",), "blocks.0.norm9")])
     with pytest.raises(ValueError, match=r"fold target 'blocks.0.out' has 32 outputs, the group's "
                                          r"layers contract 128"):
         quantize(TinyTransformer(layers=1, rngs=nnx.Rngs(0)), rules, "awq", [_tokens(2)], **FAST_AWQ,
