@@ -373,6 +373,8 @@ def awq_apply(model, targets, calibration, *, grid=AWQ_GRID, clip: bool = True,
                                      **({"rtn_loss": float(losses[grid.index(0.0)])}
                                         if 0.0 in grid else {})})
         out_scaled = apply_folds(context, groups, scales)
+        for entry, group in zip(report["groups"], groups):
+            entry["fold"] = group.fold  # a derived fold that changed the function was dropped
         out = {}
         for index, group in enumerate(groups):
             s = scales[index]

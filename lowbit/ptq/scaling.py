@@ -102,6 +102,7 @@ class BlockGroup:
     members: tuple[str, ...]
     fold: str | None
     no_clip: tuple[str, ...] = ()
+    derived: bool = False  # the fold target was found, not declared: a failed check drops it
 
 
 def _local(path: str, prefix: str) -> str | None:
@@ -161,7 +162,15 @@ def resolve_groups(context, declared: list[ScaleGroup], stats: dict[str, dict]
     for local in targets:
         if local not in covered:
             derived.setdefault(context.owners[local], []).append(local)
-    groups += [BlockGroup(tuple(members), None) for members in derived.values()]
+    for members in derived.values():
+        fold = context.producers.get(members[0])
+        if fold is not None:
+            try:
+                check_fold_target(context.block, fold,
+                                  targets[members[0]].contraction.in_features, fold)
+            except ValueError:
+                fold = None
+        groups.append(BlockGroup(tuple(members), fold, derived=fold is not None))
     return groups
 
 
@@ -248,31 +257,51 @@ def _relative(a, b) -> float:
     return float(np.sqrt(num / max(den, 1e-30)))
 
 
+def _fold(context, group: BlockGroup, s, out_scaled: dict) -> None:
+    fold_inverse(context.block, group.fold, s)
+    if isinstance(getattr(module_at(context.block, group.fold), "kernel", None), nnx.Variable):
+        out_scaled[group.fold] = s
+    for member in group.members:
+        scale_rows(context.block, member, context.targets[member].contraction, s)
+
+
+def _snapshot(block) -> list:
+    return [(v, v.get_value()) for _, v in nnx.iter_graph(block) if isinstance(v, nnx.Variable)]
+
+
 def apply_folds(context, groups: list[BlockGroup], scales: dict[int, Any]) -> dict[str, Any]:
     """Folds each folded group's 1/s into its fold target and multiplies its members' rows by s
     (float weights, before quantization), then checks the block still computes its function on
-    the first calibration batch (relative change < FOLD_TOLERANCE), else ValueError naming the
-    fold target and members. scales: {group index: s}. Returns {local path of each fold target
-    that is a layer: s} (its output columns were divided by s)."""
+    the first calibration batch (relative change < FOLD_TOLERANCE): declared folds all at once
+    (else ValueError naming the fold targets and members), then each derived fold alone (else
+    it is undone and the group keeps its scale in its layers: group.fold becomes None).
+    scales: {group index: s}. Returns {local path of each fold target that is a layer: s} (its
+    output columns were divided by s)."""
     folded = [i for i, g in enumerate(groups) if g.fold is not None and i in scales]
     if not folded:
         return {}
     reference = context.output()
-    out_scaled = {}
-    for i in folded:
-        group, s = groups[i], scales[i]
-        fold_inverse(context.block, group.fold, s)
-        if isinstance(getattr(module_at(context.block, group.fold), "kernel", None),
-                      nnx.Variable):
-            out_scaled[group.fold] = s
-        for member in group.members:
-            scale_rows(context.block, member, context.targets[member].contraction, s)
-    change = _relative(reference, context.output())
+    out_scaled: dict[str, Any] = {}
+    declared = [i for i in folded if not groups[i].derived]
+    for i in declared:
+        _fold(context, groups[i], scales[i], out_scaled)
+    change = _relative(reference, context.output()) if declared else 0.0
     if change > FOLD_TOLERANCE:
+        folded = declared
         described = [(_full(context.path, groups[i].fold),
                       [_full(context.path, m) for m in groups[i].members]) for i in folded]
         raise ValueError(f"folding the scales into {described} (fold target, members) changes "
                          f"the block's output by {change:.2e} relative (> {FOLD_TOLERANCE}): a "
                          "fold target's output must feed exactly the group's layers, channel for "
                          "channel; fix the declared scale groups (or declare fold=None)")
+    for i in folded:
+        if not groups[i].derived:
+            continue
+        saved, kept = _snapshot(context.block), dict(out_scaled)
+        _fold(context, groups[i], scales[i], out_scaled)
+        if _relative(reference, context.output()) > FOLD_TOLERANCE:
+            for variable, value in saved:
+                variable.set_value(value)
+            out_scaled = kept
+            groups[i].fold = None
     return out_scaled

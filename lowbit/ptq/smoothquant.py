@@ -205,6 +205,8 @@ def smoothquant_apply(model, targets, calibration, *, act: str = "int8:tensor:st
                                          "act_max_before": float(absmax.max()),
                                          "act_max_after": float((absmax / s).max())})
         out_scaled = apply_folds(context, groups, scales)
+        for entry, group in zip(report["groups"], groups):
+            entry["fold"] = group.fold  # a derived fold that changed the function was dropped
         if not quantize_weights:
             return {}, report
         out = {}

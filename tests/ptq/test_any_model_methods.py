@@ -136,19 +136,40 @@ def _transformer_groups(layers=1):
     return groups
 
 
-def test_smoothing_alone_keeps_the_function_and_folds_into_the_declared_norms():
+@pytest.mark.parametrize("declared", [True, False])
+def test_smoothing_alone_keeps_the_function_and_folds_into_the_norms(declared):
+    """Declared groups, or (declared=False) groups and folds derived from the calibration run:
+    each norm whose output is the very tensor a group reads takes 1/s."""
     model = TinyTransformer(layers=1, rngs=nnx.Rngs(0))
     tokens = _tokens(1)
     reference = np.asarray(model(tokens))
     targets = resolve_targets(model, QuantRule(path=r"blocks\.\d+\.(qkv|up|mha\.(query|key|value))",
                                                weight_spec="int8:channel"), warn_unmatched=False)
     _, reports = smoothquant_apply(model, targets, [_tokens(2), _tokens(3)], alpha=0.5,
-                                   scale_groups=_transformer_groups(), progress=False,
-                                   quantize_weights=False)
+                                   scale_groups=_transformer_groups() if declared else [],
+                                   progress=False, quantize_weights=False)
     assert _relative(model(tokens), reference) < 1e-5
     folds = {g["fold"] for r in reports for g in r["groups"]}
     assert folds == {"norm1", "norm2", "norm3"}
     assert not np.allclose(np.asarray(model.blocks[0].norm1.scale[...]), 1.0)  # it did fold
+
+
+def test_a_derived_fold_that_would_change_the_function_is_dropped():
+    """norm2's output also feeds the float attention query, so folding the key/value scale into
+    it would change the block: the fold is undone and the scale stays in the two layers."""
+    model = TinyTransformer(layers=1, rngs=nnx.Rngs(0))
+    tokens = _tokens(1)
+    reference = np.asarray(model(tokens))
+    rules = [QuantRule(path=r"head|.*\.mha\.query", keep_float=True),
+             QuantRule(path=".*", weight_spec="int8:channel")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(model, rules, "smoothquant", [_tokens(2), _tokens(3)], alpha=0.5)
+    folds = {tuple(g["members"]): g["fold"] for g in result.block_reports[0]["groups"]}
+    assert folds[("mha.key", "mha.value")] is None and folds[("qkv",)] == "norm1"
+    assert model.blocks[0].mha.key.input_scale is not None
+    assert np.allclose(np.asarray(model.blocks[0].norm2.scale[...]), 1.0)  # restored
+    assert _relative(model(tokens), reference) < 0.2
 
 
 def test_smoothquant_and_awq_with_declared_groups_on_the_transformer(tmp_path):
