@@ -326,7 +326,8 @@ def awq_apply(model, targets, calibration, *, grid=AWQ_GRID, clip: bool = True,
     declared `scale_groups`, the model's `ptq_scale_groups()`, the Llama's, else the tensors the
     layers were fed). Per group, alpha is searched over `grid` on the MSE of the group's layer
     outputs (s = mean|x|^alpha, normalized); 1/s folds into the group's declared norm or layer
-    (checked to keep the block's function), else stays in the packed layers as an input scale.
+    or the norm that produced a derived group's input (checked to keep the block's function),
+    else stays in the packed layers as an input scale.
     Then (if clip) a per-group clipping search on `clip_tokens` rows (except a group's no_clip
     members) and quantization to packed layers. Returns (path -> QuantizedLinear, block reports).
     """

@@ -207,7 +207,8 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
       scale_groups=[lowbit.ptq.scaling.ScaleGroup(members, fold)] or the model's
       ptq_scale_groups() (the built-in Llama's are lowbit.ptq.scaling.llama_scale_groups),
       else derived from the tensors the layers were fed; 1/s folds into a declared norm or
-      layer, else stays in the quantized layer as an input scale. "mixed" and "llamacpp" need
+      layer, or into the norm that produced a derived group's input (each fold checked to keep
+      the block's function), else stays in the quantized layer as an input scale. "mixed" and "llamacpp" need
       the built-in Llama and one spec for all its block linears. run_method keeps the Llama
       recipes of `lowbit quantize` (AWQ's attention / MLP output losses) unchanged.
     calibration: a list of batches, each what the model's __call__ takes (for the built-in
