@@ -48,10 +48,11 @@ def quantized_layers(model: nnx.Module) -> dict[str, nnx.Module]:
     found: dict[str, nnx.Module] = {}
     for path, node in nnx.iter_graph(model):
         name = _dotted(path)
-        if type(node).__name__ in classes and isinstance(node, classes[type(node).__name__]) \
-                and not any(name.startswith(p + ".") for p in found):
+        if type(node).__name__ in classes and isinstance(node, classes[type(node).__name__]):
             found[name] = node
-    return dict(sorted(found.items()))
+    # A layer inside another (the packed layer of an ActQuantLayer) is saved by its holder.
+    return dict(sorted((name, node) for name, node in found.items()
+                       if not any(name.startswith(p + ".") for p in found)))
 
 
 def _inside(name: str, prefixes) -> bool:

@@ -42,6 +42,15 @@ def kernel_supports(packed: PackedArray) -> bool:
     return True
 
 
+def check_input_scale(input_scale, in_features: int) -> jax.Array:
+    """A finite f32 vector of K = in_features positive multipliers for the input rows."""
+    scale = jnp.asarray(input_scale, jnp.float32)
+    if scale.shape != (in_features,) or not bool(jnp.all(jnp.isfinite(scale) & (scale > 0))):
+        raise ValueError(f"input_scale must be {in_features} finite positive numbers (one per contracted feature K), "
+                         f"got shape {tuple(scale.shape)}")
+    return scale
+
+
 def _dtype_name(dtype) -> str | None:
     return None if dtype is None else jnp.dtype(dtype).name
 
@@ -62,7 +71,7 @@ class PackedLayer(nnx.Module):
     def __init__(self, contraction: Contraction, packed: PackedArray, *, act_spec=None,
                  act_estimator: str = "identity", act_param=None, input_norm: bool = False,
                  norm_eps: float = 1e-5, bias=None, dtype: Any = None, runtime: str = "packed",
-                 impl: str = "auto"):
+                 impl: str = "auto", input_scale=None):
         if not isinstance(contraction, Contraction):
             raise ValueError(f"contraction must be a lowbit.nn.contraction.Contraction, got {type(contraction).__name__}")
         shape = (contraction.in_features, contraction.out_features)
@@ -92,6 +101,8 @@ class PackedLayer(nnx.Module):
         self.act_param = nnx.data(None if act_param is None else QuantizerState(jnp.asarray(act_param, jnp.float32)))
         self.input_norm, self.norm_eps = bool(input_norm), float(norm_eps)
         self.bias = nnx.data(None if bias is None else PackedWeight(contraction.bias_row(jnp.asarray(bias))))
+        self.input_scale = nnx.data(None if input_scale is None else
+                                    PackedWeight(check_input_scale(input_scale, contraction.in_features)))
         self.dtype, self.runtime, self.impl = dtype, runtime, impl
         self.uses_kernel = runtime == "packed" and kernel_supports(packed)
 
@@ -127,25 +138,34 @@ class PackedLayer(nnx.Module):
         return self.contraction.kernel_from_matrix(self.dequantized_matrix())
 
     def prepare_rows(self, rows) -> jax.Array:
-        """RMS normalization (if input_norm) then input fake quantization (if act_spec) of [M, K] rows."""
+        """RMS normalization (if input_norm), the input scale (if any: rows * input_scale, per K),
+        then input fake quantization (if act_spec) of [M, K] rows."""
         if self.input_norm:
             rows = rms_normalize(rows, self.norm_eps)
+        if self.input_scale is not None:
+            rows = rows * self.input_scale[...].astype(rows.dtype)
         if self.act_spec is None:
             return rows
         param = None if self.act_param is None else self.act_param[...]
         return quantize_input(rows, self.act_spec, self.act_estimator, param)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        rows = self.prepare_rows(self.contraction.rows(x))
-        dtype = self.dtype or x.dtype
-        rows = rows.astype(dtype)
+    def __call__(self, x: jax.Array, *, out_sharding=None) -> jax.Array:
+        """The module's function of x; out_sharding (nnx.MultiHeadAttention passes it to its
+        projections) is accepted and ignored."""
+        return self.contraction.output(self.multiply_rows(self.contraction.rows(x), x.dtype), x)
+
+    def multiply_rows(self, rows, dtype=None) -> jax.Array:
+        """[M, K] input rows -> [M, N] output rows (prepare_rows, the matmul, the bias), in the
+        layer's dtype (else `dtype`, else the rows')."""
+        dtype = self.dtype or dtype or rows.dtype
+        rows = self.prepare_rows(rows).astype(dtype)
         if self.uses_kernel:
             y = packed_matmul(rows, self.packed, impl=self.impl)
         else:
             y = jnp.matmul(rows, self.dequantized_matrix().astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
-        return self.contraction.output(y, x)
+        return y
 
     # ---- checkpoint form ----------------------------------------------------------------
     def layer_state(self) -> tuple[dict, dict]:
@@ -157,7 +177,7 @@ class PackedLayer(nnx.Module):
                 "act_estimator": self.act_estimator, "input_norm": self.input_norm, "norm_eps": self.norm_eps,
                 "dtype": _dtype_name(self.dtype), "runtime": self.runtime, "impl": self.impl}
         arrays = {"data": self.data.get_value(), "scale": self.scale.get_value()}
-        for name in ("scale_scale", "scale_zero", "zero", "bias", "act_param"):
+        for name in ("scale_scale", "scale_zero", "zero", "bias", "act_param", "input_scale"):
             variable = getattr(self, name)
             if variable is not None:
                 arrays[name] = variable.get_value()
@@ -176,7 +196,8 @@ class PackedLayer(nnx.Module):
         return cls._build(contraction, packed, act_spec=meta["act_spec"], act_estimator=meta["act_estimator"],
                           act_param=arrays.get("act_param"), input_norm=meta["input_norm"],
                           norm_eps=meta["norm_eps"], bias=arrays.get("bias"), dtype=dtype,
-                          runtime=meta["runtime"], impl=meta["impl"])
+                          runtime=meta["runtime"], impl=meta["impl"],
+                          **({"input_scale": arrays["input_scale"]} if "input_scale" in arrays else {}))
 
     @classmethod
     def _build(cls, contraction: Contraction, packed: PackedArray, **options) -> "PackedLayer":
@@ -211,11 +232,13 @@ def layer_from_state(meta: dict, arrays: dict):
 
 
 def packed_layer(module, weight: QArray, *, act_spec=None, runtime: str = "packed",
-                 impl: str = "auto") -> PackedLayer:
+                 impl: str = "auto", input_scale=None) -> PackedLayer:
     """A PackedLayer computing `module`'s function (nnx.Linear, LinearGeneral, Einsum or Conv)
     with `weight`, a QArray of the module's [K, N] matrix (contraction_of(module).matrix(kernel)),
     groups along axis 0. Ternary weights are packed in 2-bit fields (the kernel's format). The
-    bias stays float; act_spec (optional) quantizes the input rows with dynamic scales."""
+    bias stays float; act_spec (optional) quantizes the input rows with dynamic scales;
+    input_scale (optional, [K]) multiplies the input rows first (a per-channel scale that AWQ /
+    SmoothQuant could fold nowhere: exact, K multiplies per row)."""
     contraction = contraction_of(module)
     shape = (contraction.in_features, contraction.out_features)
     if not isinstance(weight, QArray) or weight.shape != shape or weight.axis != 0:
@@ -223,4 +246,4 @@ def packed_layer(module, weight: QArray, *, act_spec=None, runtime: str = "packe
                          f"got {weight!r}")
     bias = None if module.bias is None else module.bias.get_value()
     return PackedLayer(contraction, pack(weight), act_spec=act_spec, bias=bias,
-                       dtype=module.dtype, runtime=runtime, impl=impl)
+                       dtype=module.dtype, runtime=runtime, impl=impl, input_scale=input_scale)

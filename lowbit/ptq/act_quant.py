@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from lowbit.core.calibrate import (OBSERVERS, check_bits, check_observer, check_percentile,
@@ -15,7 +16,7 @@ from lowbit.ptq.driver import (ABS_MAX, INPUT_GROUPS, BlockCalibration, check_ba
                                check_calibration, coprime_stride, module_at, replace_module,
                                run_sequential, strided_sample)
 from lowbit.ptq.layers import ActQuantLinear
-from lowbit.ptq.result import PTQResult
+from lowbit.ptq.result import PTQResult, QuantizedLinear
 
 ACT_GRANULARITIES = ("tensor", "channel")
 
@@ -86,3 +87,66 @@ def act_quantize(model, calibration, act_bits: int, observer: str, *,
 
 
 __all__ = ["ACT_GRANULARITIES", "OBSERVERS", "act_quantize", "check_act_granularity"]
+
+
+def act_apply(model, targets, calibration, act_bits: int, observer: str, *,
+              granularity: str = "tensor", sample_tokens: int = 2048, percentile: float = 99.99,
+              runtime: str = "packed", blocks=None, progress: bool = True
+              ) -> tuple[dict[str, QuantizedLinear], list[dict]]:
+    """Static activation quantization of every target of any NNX model, block after block, in
+    place: each target's weights are RTN-quantized with its rule's spec into a packed layer,
+    and its input rows (Contraction.rows) are fake-quantized to symmetric int `act_bits` with
+    a static threshold that `observer` picks from a strided sample of about `sample_tokens`
+    rows of the calibration batches (one threshold per layer for granularity "tensor", one
+    per contracted feature for "channel"), as ActQuantLayers. Returns (path ->
+    QuantizedLinear, block reports with the thresholds)."""
+    from lowbit.nn.packed_layer import packed_layer
+    from lowbit.ptq.driver import BATCH_COUNTS, BlockInputs, rows_stride, run_blocks
+    from lowbit.ptq.layers import ActQuantLayer
+    from lowbit.ptq.rtn import rtn_quantize_matrix
+    from lowbit.ptq.targets import check_runtime
+
+    act_bits = check_bits(act_bits)
+    check_observer(observer)
+    granularity = check_act_granularity(granularity)
+    percentile = check_percentile(percentile)
+    if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 1:
+        raise ValueError(f"sample_tokens must be a positive integer, got {sample_tokens!r}")
+    check_runtime(runtime)
+    axis = None if granularity == "tensor" else 1
+
+    def process(context: BlockInputs):
+        counts = context.statistics((BATCH_COUNTS, ABS_MAX))
+        per = {}
+        for local in context.targets:
+            rows = np.asarray(counts[local]["batch_counts"])
+            per[local] = (strided_sample(rows_stride(int(rows.sum()), sample_tokens, rows)),)
+        samples = context.statistics(per)
+        report: dict[str, Any] = {"block": context.index}
+        out = {}
+        for local, target in context.targets.items():
+            values = np.asarray(samples[local][per[local][0].name], np.float32)
+            threshold = clip_threshold(values, act_bits, observer, axis=axis,
+                                       percentile=percentile)
+            module = module_at(context.block, local)
+            q, errors = rtn_quantize_matrix(
+                target.contraction.matrix(jnp.asarray(module.kernel[...], jnp.float32)),
+                target.spec)
+            layer = ActQuantLayer(packed_layer(module, q, runtime=runtime), threshold, act_bits)
+            replace_module(context.block, local, layer)
+            clipped = float(np.mean(np.abs(values) > (threshold if axis is None
+                                                      else threshold[None, :])))
+            report[target.path] = {"threshold": threshold, "sampled_rows": int(values.shape[0]),
+                                   "clipped_fraction": clipped}
+            out[target.path] = QuantizedLinear(weight=q, options={"act_bits": act_bits},
+                                               report={**errors, "clipped_fraction": clipped})
+        return out, report
+
+    results = run_blocks(model, targets, calibration, process, blocks=blocks, progress=progress,
+                         desc=f"act{act_bits} {observer}")
+    linears: dict[str, QuantizedLinear] = {}
+    reports = []
+    for block_linears, report in results:
+        linears.update(block_linears)
+        reports.append(report)
+    return linears, reports

@@ -20,7 +20,8 @@ from lowbit.ptq.driver import (ABS_SUM, COUNT, INPUT_GROUPS, LINEAR_NAMES, Block
                                module_at, run_sequential, strided_sample)
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
-from lowbit.ptq.targets import check_runtime, install_packed
+from lowbit.nn.packed_layer import packed_layer
+from lowbit.ptq.targets import check_runtime, install_packed, replace_module
 
 AWQ_KINDS = ("int", "nf4", "fp4")
 AWQ_GRID = tuple(i / 20 for i in range(20))  # alpha = 0, 0.05, ..., 0.95
@@ -293,3 +294,119 @@ def awq_quantize(model, calibration, spec: QuantSpec | str, *, grid=AWQ_GRID, cl
                 "calibration_shape": list(tokens.shape)}
     return PTQResult(method="awq", linears=linears, seconds=time.perf_counter() - start,
                      settings=settings, block_reports=block_reports)
+
+
+# ---- AWQ on any NNX model: the model-agnostic driver and scale groups ----------------------
+
+
+@functools.partial(jax.jit, static_argnames=("specs",))
+def _group_losses(x, matrices, mean_abs, alphas, *, specs):
+    """For each alpha, sum over the group's layers of ||x W - (x / s) Q(diag(s) W)||^2 / size."""
+    references = [x @ w for w in matrices]
+    total = sum(r.size for r in references)
+
+    def loss(alpha):
+        s = awq_scales(mean_abs, alpha)
+        return sum(jnp.sum((x @ fake_quantize_scaled(w, s, spec) - r) ** 2)
+                   for w, r, spec in zip(matrices, references, specs)) / total
+
+    return jax.lax.map(loss, alphas)
+
+
+def awq_apply(model, targets, calibration, *, grid=AWQ_GRID, clip: bool = True,
+              clip_ratios=CLIP_RATIOS, search_tokens: int = 4096, clip_tokens: int = 512,
+              scale_groups=None, runtime: str = "packed", blocks=None, progress: bool = True
+              ) -> tuple[dict[str, QuantizedLinear], list[dict]]:
+    """AWQ of every target (lowbit.ptq.targets.Target, each with its own spec) of any NNX model,
+    block after block (lowbit.ptq.driver.run_blocks), in place.
+
+    Per block: mean |x| per input feature of each layer's rows (Contraction.rows) over all
+    calibration batches and a strided sample of about `search_tokens` rows (stride coprime with
+    every batch's row count); the targets are grouped by shared input (lowbit.ptq.scaling:
+    declared `scale_groups`, the model's `ptq_scale_groups()`, the Llama's, else the tensors the
+    layers were fed). Per group, alpha is searched over `grid` on the MSE of the group's layer
+    outputs (s = mean|x|^alpha, normalized); 1/s folds into the group's declared norm or layer
+    or the norm that produced a derived group's input (checked to keep the block's function),
+    else stays in the packed layers as an input scale.
+    Then (if clip) a per-group clipping search on `clip_tokens` rows (except a group's no_clip
+    members) and quantization to packed layers. Returns (path -> QuantizedLinear, block reports).
+    """
+    from lowbit.ptq.driver import (ABS_SUM, BATCH_COUNTS, COUNT, BlockInputs, rows_stride,
+                                   run_blocks)
+    from lowbit.ptq.scaling import apply_folds, declared_groups, resolve_groups
+
+    for target in targets:
+        check_awq_spec(target.spec)
+    check_runtime(runtime)
+    grid = _check_grid(grid, "grid", 0.0, 1.0)
+    clip_ratios = _check_grid(clip_ratios, "clip_ratios", 1e-3, 1.0)
+    for name, value in (("search_tokens", search_tokens), ("clip_tokens", clip_tokens)):
+        _check_positive_int(name, value)
+    declared = declared_groups(model, scale_groups)
+
+    def process(context: BlockInputs):
+        stats = context.statistics((ABS_SUM, COUNT, BATCH_COUNTS))
+        per = {}
+        for local in context.targets:
+            entry = stats[local]
+            counts = np.asarray(entry["batch_counts"])
+            stride = rows_stride(int(counts.sum()), search_tokens, counts)
+            per[local] = (strided_sample(stride),)
+        samples = context.statistics(per)
+        groups = resolve_groups(context, declared, stats)
+        report: dict[str, Any] = {"block": context.index, "groups": []}
+        matrices = {local: t.contraction.matrix(jnp.asarray(
+            module_at(context.block, local).kernel[...], jnp.float32))
+            for local, t in context.targets.items()}
+        scales = {}
+        for index, group in enumerate(groups):
+            first = group.members[0]
+            x = jnp.asarray(samples[first][per[first][0].name])
+            mean_abs = stats[first]["abs_sum"] / stats[first]["count"]
+            specs = tuple(context.targets[m].spec for m in group.members)
+            losses = np.asarray(_group_losses(x, tuple(matrices[m] for m in group.members),
+                                              mean_abs, jnp.asarray(grid, jnp.float32),
+                                              specs=specs), np.float64)
+            best = int(np.argmin(losses))
+            scales[index] = awq_scales(mean_abs, grid[best])
+            report["groups"].append({"members": list(group.members), "fold": group.fold,
+                                     "alpha": grid[best], "loss": float(losses[best]),
+                                     **({"rtn_loss": float(losses[grid.index(0.0)])}
+                                        if 0.0 in grid else {})})
+        out_scaled = apply_folds(context, groups, scales)
+        for entry, group in zip(report["groups"], groups):
+            entry["fold"] = group.fold  # a derived fold that changed the function was dropped
+        out = {}
+        for index, group in enumerate(groups):
+            s = scales[index]
+            first = group.members[0]
+            x_orig = _subsample(jnp.asarray(samples[first][per[first][0].name]), clip_tokens)
+            for local in group.members:
+                target = context.targets[local]
+                module = module_at(context.block, local)
+                current = target.contraction.matrix(jnp.asarray(module.kernel[...], jnp.float32))
+                scaled = current if group.fold is not None else current * s[:, None]
+                entry: dict[str, Any] = {"alpha": report["groups"][index]["alpha"]}
+                if clip and local not in group.no_clip:
+                    limit = search_clip(scaled, x_orig / s[None, :], target.spec, clip_ratios)
+                    scaled = clip_weight(scaled, limit, target.spec)
+                    entry["clipped"] = True
+                q = quantize(scaled, target.spec, axis=0)
+                layer = packed_layer(module, q, runtime=runtime,
+                                     input_scale=None if group.fold is not None else 1.0 / s)
+                replace_module(context.block, local, layer)
+                effective = q.dequantize() / s[:, None]
+                if local in out_scaled:
+                    effective = effective * out_scaled[local][None, :]
+                original = matrices[local]
+                errors = weight_errors(original, effective)
+                reference = x_orig @ original
+                delta = x_orig @ effective - reference
+                errors["output_rel_error"] = float(jnp.sum(delta ** 2) /
+                                                   jnp.maximum(jnp.sum(reference ** 2), 1e-30))
+                out[target.path] = QuantizedLinear(weight=q, report={**errors, **entry})
+        return out, report
+
+    results = run_blocks(model, targets, calibration, process, blocks=blocks, progress=progress,
+                         desc="awq")
+    return merge_blocks(results)

@@ -90,8 +90,26 @@ def coprime_stride(tokens: int, sample: int, seq: int) -> int:
     return stride
 
 
+def rows_stride(total: int, sample: int, counts) -> int:
+    """A stride giving about `sample` of `total` rows, coprime with every batch's row count in
+    `counts` (so with each sequence length inside them: the sample visits every position)."""
+    stride = max(1, math.ceil(total / sample))
+    while stride > 1 and any(math.gcd(stride, int(c)) != 1 for c in counts):
+        stride += 1
+    return stride
+
+
+def _count_row(x):
+    return jnp.asarray([x.shape[0]], jnp.float32)
+
+
+BATCH_COUNTS = Statistic("batch_counts", _count_row, "concat")  # rows of each batch
+
+
+@functools.lru_cache(maxsize=64)
 def strided_sample(stride: int) -> Statistic:
-    """Every `stride`-th token of each batch's [tokens, features] input, concatenated."""
+    """Every `stride`-th token of each batch's [tokens, features] input, concatenated (one
+    object per stride, so jit-compiled statistics plans are reused)."""
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     return Statistic(f"rows_every_{stride}", functools.partial(_strided_rows, stride=stride),
@@ -390,19 +408,36 @@ class _RowsTap:
         return self.inner(x, *args, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _tapped_statistics(graphdef, state, hidden, plan, run_block):
+class _OutputTap:
+    """Stands in for a module inside a traced block: calls it and records its output."""
+
+    def __init__(self, inner, store: dict, key: str):
+        self.inner, self.store, self.key = inner, store, key
+
+    def __call__(self, *args, **kwargs):
+        y = self.inner(*args, **kwargs)
+        self.store[self.key] = y
+        return y
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _tapped_statistics(graphdef, state, hidden, plan, run_block, norms=()):
     """Runs the block on `hidden` and reduces each planned layer's input rows.
 
     plan: ((local path, Contraction, (Statistic, ...)), ...). Layers fed the very same input
     (q/k/v, gate/up) are reduced once: owner[path] is the plan index whose statistics it shares.
+    norms: local paths of norm modules; producer[path] is the index of the norm whose output is
+    the very tensor the layer was fed (-1: none).
     """
     block = nnx.merge(graphdef, state)
     store: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
     for local, contraction, _ in plan:
         replace_module(block, local, _RowsTap(module_at(block, local), store, local, contraction))
+    for local in norms:
+        replace_module(block, local, _OutputTap(module_at(block, local), outputs, local))
     run_block(block, hidden)
-    out, owner = {}, {}
+    out, owner, producer = {}, {}, {}
     for index, (local, contraction, stats) in enumerate(plan):
         if local not in store:
             raise ValueError(f"layer {local!r} was not called when its block ran")
@@ -410,9 +445,25 @@ def _tapped_statistics(graphdef, state, hidden, plan, run_block):
         first = next(j for j, (other, c, _) in enumerate(plan)
                      if other in store and store[other][0] is x and c == contraction)
         owner[local] = jnp.int32(first)
+        producer[local] = jnp.int32(next((j for j, norm in enumerate(norms)
+                                          if outputs.get(norm) is x), -1))
         if first == index:
             out[local] = {s.name: s.fn(rows) for s in stats}
-    return out, owner
+    return out, owner, producer
+
+
+def norm_paths(block) -> tuple[str, ...]:
+    """Local paths of the block's norms: modules without a kernel holding a 1-D `scale` or
+    `weight` variable (nnx.LayerNorm, nnx.RMSNorm, the Llama's RMSNorm)."""
+    found = []
+    for path, node in nnx.iter_graph(block):
+        if not isinstance(node, nnx.Module) or not path or hasattr(node, "kernel"):
+            continue
+        vectors = [getattr(node, n, None) for n in ("scale", "weight")]
+        if any(isinstance(v, nnx.Variable) and v.get_value() is not None
+               and v.get_value().ndim == 1 for v in vectors):
+            found.append(".".join(str(p) for p in path))
+    return tuple(found)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -444,22 +495,44 @@ class BlockInputs:
     targets: dict
     hidden: list
     run_block: Callable
+    owners: dict = dataclasses.field(default_factory=dict)
+    producers: dict = dataclasses.field(default_factory=dict)
 
-    def statistics(self, stats: tuple[Statistic, ...]) -> dict[str, dict[str, Any]]:
+    def statistics(self, stats: tuple[Statistic, ...] | dict[str, tuple[Statistic, ...]]
+                   ) -> dict[str, dict[str, Any]]:
         """{local path: {statistic name: value}} of every target's input rows over all batches
-        (layers sharing one input share one reduction)."""
-        plan = tuple((local, t.contraction, tuple(stats)) for local, t in self.targets.items())
+        (layers sharing one input share one reduction: the same dict object).
+
+        stats: the statistics of every target, or {local path: statistics} per target (layers
+        sharing an input get their first member's). Afterwards `owners` maps each target to the
+        first target fed the very same input tensor with the same contraction (itself if none),
+        and `producers` to the norm whose output is that tensor (None if none).
+        """
+        per = stats if isinstance(stats, dict) else {local: tuple(stats)
+                                                      for local in self.targets}
+        plan = tuple((local, t.contraction, tuple(per[local]))
+                     for local, t in self.targets.items())
         graphdef, state = nnx.split(self.block)
+        norms = norm_paths(self.block)
         totals: dict[str, dict[str, Any]] = {}
         owners: dict[str, int] = {}
         for batch in self.hidden:
-            parts, owner = _tapped_statistics(graphdef, state, batch, plan, self.run_block)
+            parts, owner, producer = _tapped_statistics(graphdef, state, batch, plan,
+                                                        self.run_block, norms)
             owners = {local: int(i) for local, i in owner.items()}
+            self.producers = {local: norms[int(i)] if int(i) >= 0 else None
+                              for local, i in producer.items()}
             for local, values in parts.items():
-                current = totals.setdefault(local, {s.name: None for s in stats})
-                for s in stats:
+                current = totals.setdefault(local, {s.name: None for s in per[local]})
+                for s in per[local]:
                     current[s.name] = _combine(s.combine, current[s.name], values[s.name])
-        return {local: totals[plan[owners[local]][0]] for local in self.targets}
+        self.owners = {local: plan[owners[local]][0] for local in self.targets}
+        return {local: totals[self.owners[local]] for local in self.targets}
+
+    def output(self, batch: int = 0) -> Any:
+        """The block's output for calibration batch `batch`, with its current weights."""
+        graphdef, state = nnx.split(self.block)
+        return _run_block(graphdef, state, self.hidden[batch], self.run_block)
 
 
 def check_batches(calibration) -> list:

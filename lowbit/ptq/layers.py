@@ -1,6 +1,7 @@
-"""Runtime layers swapped in for nnx.Linear by path: W8A8Linear (int8 weights and activations,
-int8 x int8 -> int32 matmul), LLMInt8Linear (vector-wise int8 plus a float outlier path) and
-ActQuantLinear (static fake-quant of the input in front of any linear).
+"""Runtime layers swapped in by path: W8A8Linear (int8 weights and activations, int8 x int8 -> int32
+matmul), LLMInt8Linear (vector-wise int8 plus a float outlier path), both for any layer
+lowbit.nn.contraction serves (through its rows / output), and the static input fake-quant layers
+ActQuantLinear (in front of any linear) and ActQuantLayer (any contraction, over its input rows).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from flax import nnx
 from lowbit.core.quantize import QArray
 from lowbit.core.spec import QuantSpec
 from lowbit.kernels.int8_matmul.api import int8_matmul
-from lowbit.nn.packed_layer import register_layer
+from lowbit.nn.contraction import Contraction, contraction_from_description, contraction_of
+from lowbit.nn.packed_layer import check_input_scale, register_layer
 
 ACT_MODES = ("token", "tensor", "static")
 INT8_MAX = 127
@@ -87,15 +89,79 @@ def _check_int8_weight(q: QArray, what: str) -> None:
                          f"scales along axis 0, got {q!r}")
 
 
-class W8A8Linear(nnx.Module):
-    """y = dequant(int8(x) @ int8(W)) with an int32 accumulator; no bias.
+class _RowsLayer(nnx.Module):
+    """What W8A8Linear and LLMInt8Linear share: an optional Contraction (None: a plain [in, out]
+    linear over x's last axis), float bias (in the contraction's N order) and input scale [K]."""
 
-    codes: int8 [in, out]; weight_scale: [out] (per output channel) or [] (per tensor);
-    act_mode: "token" | "tensor" (dynamic) | "static" (act_scale, a positive scalar).
+    def _set_geometry(self, contraction, in_features: int, out_features: int, bias,
+                      input_scale) -> None:
+        if contraction is not None:
+            if not isinstance(contraction, Contraction):
+                raise ValueError(f"contraction must be a lowbit.nn.contraction.Contraction or "
+                                 f"None, got {type(contraction).__name__}")
+            if (contraction.in_features, contraction.out_features) != (in_features,
+                                                                        out_features):
+                raise ValueError(f"codes are [{in_features}, {out_features}] but the contraction "
+                                 f"is [K, N] = [{contraction.in_features}, "
+                                 f"{contraction.out_features}]")
+        self.contraction = contraction
+        if bias is not None:
+            bias = jnp.asarray(bias, jnp.float32).reshape(-1)
+            if bias.shape != (out_features,):
+                raise ValueError(f"bias must hold {out_features} values, got {bias.size}")
+        self.bias = nnx.data(None if bias is None else QuantScale(bias))
+        self.input_scale = nnx.data(None if input_scale is None else
+                                    QuantScale(check_input_scale(input_scale, in_features)))
+
+    def _geometry_state(self, meta: dict, arrays: dict) -> None:
+        if self.contraction is not None:
+            meta["contraction"] = self.contraction.describe()
+        for name in ("bias", "input_scale"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)[...]
+
+    @staticmethod
+    def _geometry_from_state(meta: dict, arrays: dict) -> dict:
+        description = meta.get("contraction")
+        return {"contraction": (None if description is None
+                                else contraction_from_description(description)),
+                "bias": arrays.get("bias"), "input_scale": arrays.get("input_scale")}
+
+    def _rows(self, x):
+        rows = x if self.contraction is None else self.contraction.rows(x)
+        if self.input_scale is not None:
+            rows = rows * self.input_scale[...].astype(rows.dtype)
+        return rows
+
+    def _output(self, y, x):
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype) if self.contraction is None else \
+            self.contraction.output(y, x).astype(x.dtype)
+
+
+def _module_geometry(module, path: str) -> dict:
+    """contraction and bias (in N order) of a float module, for from_module."""
+    contraction = contraction_of(module, path)
+    bias = getattr(module, "bias", None)
+    return {"contraction": contraction,
+            "bias": None if bias is None else contraction.bias_row(jnp.asarray(bias[...]))}
+
+
+class W8A8Linear(_RowsLayer):
+    """y = dequant(int8(x) @ int8(W)) with an int32 accumulator (+ float bias).
+
+    codes: int8 [in, out] (a layer's [K, N] matrix); weight_scale: [out] (per output channel) or
+    [] (per tensor); act_mode: "token" | "tensor" (dynamic) | "static" (act_scale, a positive
+    scalar). contraction (None: a plain linear over x's last axis): any Linear / LinearGeneral /
+    Einsum / Conv geometry, x's rows(x) are quantized and multiplied; bias: [N] float;
+    input_scale: [K] multipliers applied to the rows before they are quantized (SmoothQuant's
+    1/s where no preceding op can take it).
     """
 
     def __init__(self, codes, weight_scale, act_mode: str, act_scale: float | None = None, *,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = jnp.float32, contraction: Contraction | None = None, bias=None,
+                 input_scale=None):
         codes = jnp.asarray(codes)
         if codes.dtype != jnp.int8 or codes.ndim != 2:
             raise ValueError(f"codes must be an int8 [in, out] array, got {codes.dtype} "
@@ -121,13 +187,23 @@ class W8A8Linear(nnx.Module):
         self.weight_scale = QuantScale(weight_scale)
         self.act_mode = act_mode
         self.dtype = jnp.dtype(dtype)
+        self._set_geometry(contraction, *codes.shape, bias, input_scale)
 
     @classmethod
     def from_qarray(cls, q: QArray, act_mode: str, act_scale: float | None = None, *,
-                    dtype: Any = jnp.float32) -> W8A8Linear:
-        """From a symmetric int8 QArray of a kernel [in, out] (tensor or channel scales)."""
+                    dtype: Any = jnp.float32, **geometry) -> W8A8Linear:
+        """From a symmetric int8 QArray of a kernel [in, out] (tensor or channel scales);
+        geometry: contraction, bias, input_scale (see the class)."""
         _check_int8_weight(q, "W8A8Linear")
-        return cls(q.codes, q.scale_values(), act_mode, act_scale, dtype=dtype)
+        return cls(q.codes, q.scale_values(), act_mode, act_scale, dtype=dtype, **geometry)
+
+    @classmethod
+    def from_module(cls, module, q: QArray, act_mode: str, act_scale: float | None = None, *,
+                    path: str = "module", input_scale=None) -> W8A8Linear:
+        """The W8A8 layer of a float nnx.Linear / LinearGeneral / Einsum / Conv: q is the int8
+        QArray of its [K, N] matrix; its bias is kept in float."""
+        return cls.from_qarray(q, act_mode, act_scale, input_scale=input_scale,
+                               **_module_geometry(module, path))
 
     @property
     def in_features(self) -> int:
@@ -146,23 +222,27 @@ class W8A8Linear(nnx.Module):
         arrays = {"codes": self.codes[...], "weight_scale": self.weight_scale[...]}
         if self.act_scale is not None:
             arrays["act_scale"] = self.act_scale[...]
+        self._geometry_state(meta, arrays)
         return meta, arrays
 
     @classmethod
     def from_state(cls, meta: dict, arrays: dict) -> W8A8Linear:
         scale = arrays.get("act_scale")
         return cls(arrays["codes"], arrays["weight_scale"], meta["act_mode"],
-                   None if scale is None else float(scale), dtype=jnp.dtype(meta["dtype"]))
+                   None if scale is None else float(scale), dtype=jnp.dtype(meta["dtype"]),
+                   **cls._geometry_from_state(meta, arrays))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., in] -> [..., out] in x's dtype."""
+    def __call__(self, x: jax.Array, *, out_sharding=None) -> jax.Array:
+        """x: [..., in] -> [..., out] in x's dtype (or, with a contraction, the layer's input
+        and output shapes). out_sharding is accepted (nnx.MultiHeadAttention passes it) and
+        ignored."""
         static = None if self.act_scale is None else self.act_scale[...]
-        codes, scale = quantize_activations(x, self.act_mode, static)
+        codes, scale = quantize_activations(self._rows(x), self.act_mode, static)
         y = int8_matmul(codes, scale, self.codes[...], self.weight_scale[...])
-        return y.astype(x.dtype)
+        return self._output(y, x)
 
 
-class LLMInt8Linear(nnx.Module):
+class LLMInt8Linear(_RowsLayer):
     """LLM.int8(): input features with any |x| >= threshold (over all rows of this call) are
     multiplied in float; the rest are int8 with one scale per row of x and per output column
     of W, accumulated in int32. The float path gathers only the outlier features' weight rows
@@ -170,10 +250,12 @@ class LLMInt8Linear(nnx.Module):
     mode): a [M, max_outliers] x [max_outliers, N] product, never a float matmul over all of K.
     At most max_outliers features (default ceil(K / 8); capped at K), the largest by max |x|,
     take the float path; any further ones stay in int8. threshold None: no outlier path (vector-wise int8).
+    contraction / bias / input_scale: as in W8A8Linear (outliers are features of rows(x), K).
     """
 
     def __init__(self, codes, weight_scale, threshold: float | None = 6.0, *,
-                 max_outliers: int | None = None, dtype: Any = jnp.float32):
+                 max_outliers: int | None = None, dtype: Any = jnp.float32,
+                 contraction: Contraction | None = None, bias=None, input_scale=None):
         codes = jnp.asarray(codes)
         if codes.dtype != jnp.int8 or codes.ndim != 2:
             raise ValueError(f"codes must be an int8 [in, out] array, got {codes.dtype} "
@@ -193,12 +275,23 @@ class LLMInt8Linear(nnx.Module):
             raise ValueError(f"max_outliers must be a positive integer, got {max_outliers!r}")
         self.max_outliers = min(max_outliers, in_features)
         self.dtype = jnp.dtype(dtype)
+        self._set_geometry(contraction, *codes.shape, bias, input_scale)
 
     @classmethod
     def from_qarray(cls, q: QArray, threshold: float | None = 6.0, *,
-                    max_outliers: int | None = None, dtype: Any = jnp.float32) -> LLMInt8Linear:
+                    max_outliers: int | None = None, dtype: Any = jnp.float32,
+                    **geometry) -> LLMInt8Linear:
         _check_int8_weight(q, "LLMInt8Linear")
-        return cls(q.codes, q.scale_values(), threshold, max_outliers=max_outliers, dtype=dtype)
+        return cls(q.codes, q.scale_values(), threshold, max_outliers=max_outliers, dtype=dtype,
+                   **geometry)
+
+    @classmethod
+    def from_module(cls, module, q: QArray, threshold: float | None = 6.0, *,
+                    max_outliers: int | None = None, path: str = "module") -> LLMInt8Linear:
+        """The LLM.int8() layer of a float nnx.Linear / LinearGeneral / Einsum / Conv: q is the
+        int8 QArray of its [K, N] matrix; its bias is kept in float."""
+        return cls.from_qarray(q, threshold, max_outliers=max_outliers,
+                               **_module_geometry(module, path))
 
     @property
     def nbytes(self) -> int:
@@ -209,12 +302,15 @@ class LLMInt8Linear(nnx.Module):
         """(JSON-able meta, arrays) for lowbit.save; `from_state` rebuilds the layer."""
         meta = {"class": type(self).__name__, "threshold": self.threshold,
                 "max_outliers": self.max_outliers, "dtype": jnp.dtype(self.dtype).name}
-        return meta, {"codes": self.codes[...], "weight_scale": self.weight_scale[...]}
+        arrays = {"codes": self.codes[...], "weight_scale": self.weight_scale[...]}
+        self._geometry_state(meta, arrays)
+        return meta, arrays
 
     @classmethod
     def from_state(cls, meta: dict, arrays: dict) -> LLMInt8Linear:
         return cls(arrays["codes"], arrays["weight_scale"], meta["threshold"],
-                   max_outliers=meta["max_outliers"], dtype=jnp.dtype(meta["dtype"]))
+                   max_outliers=meta["max_outliers"], dtype=jnp.dtype(meta["dtype"]),
+                   **cls._geometry_from_state(meta, arrays))
 
     def _selected(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(indices [max_outliers], valid [max_outliers]): the features taking the float path."""
@@ -224,20 +320,22 @@ class LLMInt8Linear(nnx.Module):
         return indices, values >= 0
 
     def outlier_features(self, x: jax.Array) -> jax.Array:
-        """[in] bool: the input features routed through the float path for x: [..., in]."""
+        """[in] bool: the input features (of rows(x), K) routed through the float path for x."""
+        rows = self._rows(x)
         if self.threshold is None:
-            return jnp.zeros((x.shape[-1],), bool)
-        indices, valid = self._selected(x)
-        return jnp.zeros((x.shape[-1],), bool).at[indices].max(valid)
+            return jnp.zeros((rows.shape[-1],), bool)
+        indices, valid = self._selected(rows)
+        return jnp.zeros((rows.shape[-1],), bool).at[indices].max(valid)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., in] -> [..., out] in x's dtype."""
-        xf = x.astype(jnp.float32)
+    def __call__(self, x: jax.Array, *, out_sharding=None) -> jax.Array:
+        """x: [..., in] -> [..., out] in x's dtype (or, with a contraction, the layer's input
+        and output shapes); out_sharding is accepted and ignored."""
+        xf = self._rows(x).astype(jnp.float32)
         codes = self.codes[...]
         scale = self.weight_scale[...]
         if self.threshold is None:
             x_codes, x_scale = quantize_activations(xf, "token")
-            return int8_matmul(x_codes, x_scale, codes, scale).astype(x.dtype)
+            return self._output(int8_matmul(x_codes, x_scale, codes, scale), x)
         indices, valid = self._selected(xf)
         outliers = jnp.zeros((xf.shape[-1],), bool).at[indices].max(valid)
         regular = jnp.where(outliers, 0.0, xf)
@@ -246,7 +344,7 @@ class LLMInt8Linear(nnx.Module):
         x_out = jnp.take(xf, indices, axis=-1) * valid.astype(jnp.float32)  # [..., max_outliers]
         rows = jnp.take(codes, indices, axis=0).astype(jnp.float32) * scale[None, :]
         y = y + x_out @ rows
-        return y.astype(x.dtype)
+        return self._output(y, x)
 
 
 def check_threshold(threshold: float | None) -> float | None:
@@ -302,5 +400,61 @@ class ActQuantLinear(nnx.Module):
         return self.linear(fake_quantize_static(x, self.act_threshold[...], self.act_bits))
 
 
+class ActQuantLayer(nnx.Module):
+    """A packed layer (lowbit.nn.PackedLayer, of any Linear / LinearGeneral / Einsum / Conv) whose
+    input rows (rows(x), [M, K]) are first fake-quantized to symmetric int `bits` with static,
+    calibrated clip thresholds: y = output(layer.multiply_rows(fq(rows(x)))).
+
+    threshold: a non-negative scalar (per tensor) or [K] (per contracted feature).
+    """
+
+    def __init__(self, layer: Any, threshold, bits: int):
+        from lowbit.nn.packed_layer import PackedLayer
+
+        if not isinstance(layer, PackedLayer):
+            raise ValueError(f"layer must be a lowbit.nn.PackedLayer, got {type(layer).__name__}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+        threshold = jnp.asarray(threshold, jnp.float32)
+        values = np.asarray(threshold)
+        if threshold.shape not in ((), (layer.in_features,)) or not np.all(np.isfinite(values)) \
+                or np.any(values < 0):
+            raise ValueError(f"threshold must be a finite non-negative scalar or "
+                             f"[{layer.in_features}] vector, got shape {tuple(threshold.shape)}")
+        self.layer = layer
+        self.act_threshold = QuantScale(threshold)
+        self.act_bits = bits
+
+    @property
+    def nbytes(self) -> int:
+        """The packed weight's bytes plus the thresholds'."""
+        return self.layer.nbytes + self.act_threshold[...].nbytes
+
+    def layer_state(self) -> tuple[dict, dict]:
+        """(JSON-able meta, arrays) for lowbit.save: the inner packed layer's, nested."""
+        from lowbit.nn.packed_layer import layer_state
+
+        inner_meta, inner_arrays = layer_state(self.layer)
+        arrays = {f"layer.{k}": v for k, v in inner_arrays.items()}
+        arrays["act_threshold"] = self.act_threshold[...]
+        return {"class": type(self).__name__, "act_bits": self.act_bits,
+                "layer": inner_meta}, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict) -> ActQuantLayer:
+        from lowbit.nn.packed_layer import layer_from_state
+
+        inner = {k[len("layer."):]: v for k, v in arrays.items() if k.startswith("layer.")}
+        return cls(layer_from_state(meta["layer"], inner), arrays["act_threshold"],
+                   meta["act_bits"])
+
+    def __call__(self, x: jax.Array, *, out_sharding=None) -> jax.Array:
+        """x: the wrapped layer's input -> its output; out_sharding is accepted and ignored."""
+        contraction = self.layer.contraction
+        rows = fake_quantize_static(contraction.rows(x), self.act_threshold[...], self.act_bits)
+        return contraction.output(self.layer.multiply_rows(rows, x.dtype), x)
+
+
 register_layer(W8A8Linear)
 register_layer(LLMInt8Linear)
+register_layer(ActQuantLayer)

@@ -45,3 +45,25 @@ def llm_int8_quantize(model, weights: QuantSpec | str = "int8:channel",
                      settings={"weights": str(spec), "threshold": threshold,
                                "max_outliers": max_outliers})
 
+
+
+def llm_int8_apply(model, targets, threshold: float | None = DEFAULT_THRESHOLD, *,
+                   max_outliers: int | None = None) -> dict[str, QuantizedLinear]:
+    """LLM.int8() of every target (lowbit.ptq.targets.Target; each spec symmetric int8 per
+    tensor or channel) of any NNX model, in place, no data: each becomes an LLMInt8Linear over
+    its contraction (outlier features of its rows in float, the rest int8). Returns path ->
+    QuantizedLinear."""
+    for target in targets:
+        check_w8a8_weight_spec(target.spec)
+    threshold = check_threshold(threshold)
+    linears = {}
+    for target in targets:
+        module = module_at(model, target.path)
+        matrix = target.contraction.matrix(jnp.asarray(module.kernel[...], jnp.float32))
+        q = quantize(matrix, target.spec, axis=0)
+        replace_module(model, target.path, LLMInt8Linear.from_module(
+            module, q, threshold, max_outliers=max_outliers, path=target.path))
+        linears[target.path] = QuantizedLinear(
+            weight=q, runtime="llm_int8", options={"threshold": threshold},
+            report=weight_errors(matrix, q.dequantize()))
+    return linears

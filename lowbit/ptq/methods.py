@@ -125,18 +125,19 @@ _ENTRIES: dict[str, _Entry] = {
                    "int4:g64:asym", True, _with_calibration("lowbit.ptq.gptq.gptq_quantize"),
                    "lowbit.ptq.gptq.gptq_quantize", "lowbit.ptq.gptq.check_gptq_spec"),
     "awq": _Entry("AWQ: activation-aware per-channel scales, then RTN", True, "int4:g64:asym",
-                  False, _with_calibration("lowbit.ptq.awq.awq_quantize"),
+                  True, _with_calibration("lowbit.ptq.awq.awq_quantize"),
                   "lowbit.ptq.awq.awq_quantize", "lowbit.ptq.awq.check_awq_spec"),
     "smoothquant": _Entry("SmoothQuant W8A8: activation outliers migrated into the weights",
-                          True, "int8:channel", False,
+                          True, "int8:channel", True,
                           _with_calibration("lowbit.ptq.smoothquant.smoothquant_quantize"),
                           "lowbit.ptq.smoothquant.smoothquant_quantize",
                           "lowbit.ptq.smoothquant.check_w8a8_weight_spec"),
     "llm_int8": _Entry("LLM.int8(): int8 weights, outlier input features in float", False,
-                       "int8:channel", False, _llm_int8,
+                       "int8:channel", True, _llm_int8,
                        "lowbit.ptq.llm_int8.llm_int8_quantize",
                        "lowbit.ptq.smoothquant.check_w8a8_weight_spec"),
-    "act": _Entry("static activation quantization (weights untouched)", True, None, False,
+    "act": _Entry("static activation quantization (Llama recipe: weights untouched; quantize(): "
+                  "RTN weights by the rules)", True, None, True,
                   _act, "lowbit.ptq.act_quant.act_quantize", None),
     "mixed": _Entry("mixed-precision RTN meeting a bits-per-weight budget", True, None, False,
                     _mixed, "lowbit.ptq.mixed.mixed_quantize", None),
@@ -198,9 +199,18 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
       nnx.Linear, LinearGeneral, Einsum and Conv are quantized as one [K, N] matrix each
       (groups along the contracted axes K, see lowbit.nn.contraction); a rule matching anything
       else, or nothing, is a ValueError; kernels no rule matches stay float (with a warning).
-    method: a name of METHOD_NAMES. "rtn" and "gptq" run on any model; the others ("awq",
-      "smoothquant", "llm_int8", ...) need the built-in Llama (their scale sharing is declared
-      for its blocks) and one spec for all its block linears.
+    method: a name of METHOD_NAMES. "rtn", "gptq", "awq", "smoothquant", "llm_int8" and "act"
+      run on any model with each rule's spec ("smoothquant" and "llm_int8": symmetric int8
+      weights; W8A8 / LLM.int8() layers over the layer's contraction; "act": RTN weights plus
+      static input quantization, options act_bits and act_observer). AWQ and SmoothQuant share
+      one scale among the layers that read the same input: groups declared with
+      scale_groups=[lowbit.ptq.scaling.ScaleGroup(members, fold)] or the model's
+      ptq_scale_groups() (the built-in Llama's are lowbit.ptq.scaling.llama_scale_groups),
+      else derived from the tensors the layers were fed; 1/s folds into a declared norm or
+      layer, or into the norm that produced a derived group's input (each fold checked to keep
+      the block's function), else stays in the quantized layer as an input scale. "mixed" and "llamacpp" need
+      the built-in Llama and one spec for all its block linears. run_method keeps the Llama
+      recipes of `lowbit quantize` (AWQ's attention / MLP output losses) unchanged.
     calibration: a list of batches, each what the model's __call__ takes (for the built-in
       Llama: int token arrays [batch, seq]). The sequential driver walks the model's blocks
       (lowbit.ptq.driver.ModelBlocks: a model's ptq_blocks() method, the Llama's layers, or
@@ -218,41 +228,84 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
     targets = resolve_targets(model, rules)
     settings = {"rules": [repr(r) for r in check_rules(rules)], "runtime": runtime,
                 **options}
+    reports: list = []
+    if method not in _ANY_MODEL_OPTIONS:
+        return _llama_only(model, targets, method, calibration, blocks, runtime, progress,
+                           settings, options)
+    _only(options, _ANY_MODEL_OPTIONS[method], method)
     if method == "rtn":
         from lowbit.ptq.rtn import rtn_apply
 
-        _only(options, ("observer",), method)
         linears = rtn_apply(model, targets, runtime=runtime, **options)
     elif method == "gptq":
         from lowbit.ptq.gptq import gptq_apply
 
-        _only(options, ("act_order", "static_groups", "block_size", "damp"), method)
         linears = gptq_apply(model, targets, calibration, runtime=runtime, blocks=blocks,
                              progress=progress, **options)
+    elif method == "awq":
+        from lowbit.ptq.awq import awq_apply
+
+        linears, reports = awq_apply(model, targets, calibration, runtime=runtime, blocks=blocks,
+                                     progress=progress, **options)
+    elif method == "smoothquant":
+        from lowbit.ptq.smoothquant import smoothquant_apply
+
+        linears, reports = smoothquant_apply(model, targets, calibration, blocks=blocks,
+                                             progress=progress, **options)
+    elif method == "llm_int8":
+        from lowbit.ptq.llm_int8 import llm_int8_apply
+
+        linears = llm_int8_apply(model, targets, **options)
     else:
-        from lowbit.models.llama import Llama
+        from lowbit.ptq.act_quant import act_apply
 
-        if not isinstance(model, Llama) or blocks is not None:
-            raise ValueError(f"method {method!r} runs on the built-in Llama only (the input "
-                             "groups its scales are shared by, and where they fold, are "
-                             "declared for Llama blocks); use 'rtn' or 'gptq' on other models")
-        spec = _llama_spec(model, targets, method)
-        tokens = None
-        if calibration is not None:
-            from lowbit.ptq.driver import check_batches
-
-            tokens = np.concatenate([np.asarray(b) for b in check_batches(calibration)], axis=0)
-        entry.check_options(options)
+        if "act_bits" not in options or "act_observer" not in options:
+            raise ValueError("method 'act' needs options act_bits and act_observer")
         kwargs = dict(options)
-        if "progress" in entry.options():
-            kwargs["progress"] = progress
-        if "runtime" in entry.options():
-            kwargs["runtime"] = runtime
-        result = run_method(method, model, spec, tokens, **kwargs)
-        result.settings.update(rules=settings["rules"], runtime=runtime)
-        return result
+        linears, reports = act_apply(model, targets, calibration, kwargs.pop("act_bits"),
+                                     kwargs.pop("act_observer"), runtime=runtime, blocks=blocks,
+                                     progress=progress, **kwargs)
+    settings = {key: (repr(value) if key == "scale_groups" else value)
+                for key, value in settings.items()}
     return PTQResult(method=method, linears=linears, seconds=time.perf_counter() - start,
-                     settings=settings)
+                     settings=settings, block_reports=reports)
+
+
+# The options each method takes in `quantize` (any model); the others run on the Llama only.
+_ANY_MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "rtn": ("observer",),
+    "gptq": ("act_order", "static_groups", "block_size", "damp"),
+    "awq": ("grid", "clip", "clip_ratios", "search_tokens", "clip_tokens", "scale_groups"),
+    "smoothquant": ("act", "alpha", "scale_groups"),
+    "llm_int8": ("threshold", "max_outliers"),
+    "act": ("act_bits", "act_observer", "granularity", "sample_tokens", "percentile"),
+}
+
+
+def _llama_only(model, targets, method, calibration, blocks, runtime, progress, settings,
+                options) -> PTQResult:
+    """"mixed" and "llamacpp": the built-in Llama with one spec for all its block linears."""
+    from lowbit.models.llama import Llama
+
+    if not isinstance(model, Llama) or blocks is not None:
+        raise ValueError(f"method {method!r} runs on the built-in Llama only; on other models "
+                         f"use one of {list(_ANY_MODEL_OPTIONS)}")
+    entry = get_method(method)
+    spec = _llama_spec(model, targets, method)
+    tokens = None
+    if calibration is not None:
+        from lowbit.ptq.driver import check_batches
+
+        tokens = np.concatenate([np.asarray(b) for b in check_batches(calibration)], axis=0)
+    entry.check_options(options)
+    kwargs = dict(options)
+    if "progress" in entry.options():
+        kwargs["progress"] = progress
+    if "runtime" in entry.options():
+        kwargs["runtime"] = runtime
+    result = run_method(method, model, spec, tokens, **kwargs)
+    result.settings.update(rules=settings["rules"], runtime=runtime)
+    return result
 
 
 def _only(options: dict[str, Any], allowed: tuple[str, ...], method: str) -> None:

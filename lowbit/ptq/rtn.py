@@ -55,13 +55,20 @@ def rtn_quantize_layer(model, path: str, spec: QuantSpec, observer: str | None =
     module = module_at(model, path)
     contraction = contraction_of(module, path)
     matrix = contraction.matrix(jnp.asarray(module.kernel[...], jnp.float32))
+    q, report = rtn_quantize_matrix(matrix, spec, observer)
+    install_packed(model, path, q, runtime)
+    return QuantizedLinear(weight=q, report=report)
+
+
+def rtn_quantize_matrix(matrix, spec: QuantSpec, observer: str | None = None):
+    """(QArray, report) of a [K, N] matrix quantized along K, with the observer's per-group clip
+    ratios when given (their mean and minimum go into the report)."""
     ratio = None if observer is None else clip_ratios(matrix, spec, observer, axis=0)
     q = quantize(matrix, spec, axis=0, clip_ratio=ratio)
     report = weight_errors(matrix, q.dequantize())
     if ratio is not None:
         report.update(clip_ratio_mean=float(ratio.mean()), clip_ratio_min=float(ratio.min()))
-    install_packed(model, path, q, runtime)
-    return QuantizedLinear(weight=q, report=report)
+    return q, report
 
 
 def rtn_apply(model, targets, *, observer: str | None = None,

@@ -156,3 +156,83 @@ def smoothquant_quantize(model, calibration, weights: QuantSpec | str = "int8:ch
                 "calibration_shape": list(tokens.shape)}
     return PTQResult(method="smoothquant", linears=linears, seconds=time.perf_counter() - start,
                      settings=settings, block_reports=block_reports)
+
+
+# ---- SmoothQuant on any NNX model: the model-agnostic driver and scale groups ---------------
+
+
+def smoothquant_apply(model, targets, calibration, *, act: str = "int8:tensor:static",
+                      alpha: float | None = 0.85, scale_groups=None, blocks=None,
+                      progress: bool = True, quantize_weights: bool = True
+                      ) -> tuple[dict[str, QuantizedLinear], list[dict]]:
+    """SmoothQuant W8A8 of every target (lowbit.ptq.targets.Target; each spec symmetric int8
+    per tensor or channel) of any NNX model, block after block, in place.
+
+    Per block: max |x| per input feature of each layer's rows over all calibration batches;
+    targets are grouped by shared input (lowbit.ptq.scaling, as in AWQ); each group gets
+    s = max|X|^alpha / max|W|^(1 - alpha) (alpha None: no smoothing), folded into the group's
+    declared norm or layer (checked to keep the block's function) or else kept as the W8A8
+    layers' input scale; each target becomes a W8A8Linear over its contraction (activations as
+    `act`; static: max of the smoothed input / 127). quantize_weights=False stops after the
+    folds (the smoothed float model, for checking the equivalence). Returns (path ->
+    QuantizedLinear, block reports).
+    """
+    from lowbit.ptq.driver import BlockInputs, run_blocks
+    from lowbit.ptq.scaling import apply_folds, declared_groups, resolve_groups
+
+    for target in targets:
+        check_w8a8_weight_spec(target.spec)
+    act_mode = parse_activation_spec(act)
+    alpha = check_alpha(alpha)
+    declared = declared_groups(model, scale_groups)
+
+    def process(context: BlockInputs):
+        stats = context.statistics((ABS_MAX,))
+        groups = resolve_groups(context, declared, stats)
+        matrices = {local: t.contraction.matrix(jnp.asarray(
+            module_at(context.block, local).kernel[...], jnp.float32))
+            for local, t in context.targets.items()}
+        scales = {}
+        report: dict[str, Any] = {"block": context.index, "groups": []}
+        for index, group in enumerate(groups):
+            absmax = stats[group.members[0]]["abs_max"]
+            if alpha is not None:
+                s = smooth_scales(absmax, [matrices[m] for m in group.members], alpha)
+                scales[index] = s
+                report["groups"].append({"members": list(group.members), "fold": group.fold,
+                                         "scale_min": float(s.min()),
+                                         "scale_max": float(s.max()),
+                                         "act_max_before": float(absmax.max()),
+                                         "act_max_after": float((absmax / s).max())})
+        out_scaled = apply_folds(context, groups, scales)
+        for entry, group in zip(report["groups"], groups):
+            entry["fold"] = group.fold  # a derived fold that changed the function was dropped
+        if not quantize_weights:
+            return {}, report
+        out = {}
+        for index, group in enumerate(groups):
+            s = scales.get(index)
+            absmax = stats[group.members[0]]["abs_max"]
+            input_max = float((absmax if s is None else absmax / s).max())
+            act_scale = max(input_max, 1e-8) / INT8_MAX if act_mode == "static" else None
+            for local in group.members:
+                target = context.targets[local]
+                module = module_at(context.block, local)
+                current = target.contraction.matrix(jnp.asarray(module.kernel[...], jnp.float32))
+                unfolded = s is not None and group.fold is None
+                q = quantize(current * s[:, None] if unfolded else current, target.spec, axis=0)
+                layer = W8A8Linear.from_module(module, q, act_mode, act_scale, path=target.path,
+                                               input_scale=1.0 / s if unfolded else None)
+                replace_module(context.block, local, layer)
+                effective = q.dequantize() if s is None else q.dequantize() / s[:, None]
+                if local in out_scaled:
+                    effective = effective * out_scaled[local][None, :]
+                options = {"act": act_mode, **({"act_scale": act_scale} if act_scale else {})}
+                out[target.path] = QuantizedLinear(weight=q, runtime="w8a8", options=options,
+                                                   report=weight_errors(matrices[local],
+                                                                        effective))
+        return out, report
+
+    results = run_blocks(model, targets, calibration, process, blocks=blocks, progress=progress,
+                         desc="smoothquant")
+    return merge_blocks(results)

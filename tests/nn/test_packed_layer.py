@@ -111,3 +111,22 @@ def test_packed_layer_rejects_bad_arguments():
         layer_from_state({"class": "Pickle"}, {})
     with pytest.raises(ValueError, match="layer must be one of"):
         layer_state(module)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_input_scale_multiplies_the_rows_exactly_and_round_trips(name):
+    """A packed layer holding Q(diag(s) W) and input_scale 1/s computes rows / s @ Q(diag(s) W): the
+    float layer's function up to the weight rounding, and exactly the layer without a scale when s = 1."""
+    module, c, q, x = _setup(name, "int8:channel")
+    s = jnp.exp(_arr((c.in_features,), 5))
+    scaled = quantize(c.matrix(module.kernel.get_value()) * s[:, None], "int8:channel", axis=0)
+    layer = packed_layer(module, scaled, input_scale=1.0 / s, runtime="dequant")
+    expected = c.output(c.rows(x) / s @ scaled.dequantize() + c.bias_row(module.bias.get_value()), x)
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    ones = packed_layer(module, q, input_scale=jnp.ones(c.in_features))
+    np.testing.assert_array_equal(np.asarray(ones(x)), np.asarray(packed_layer(module, q)(x)))
+    meta, arrays = layer_state(layer)
+    rebuilt = layer_from_state(json.loads(json.dumps(meta)), {k: np.asarray(v) for k, v in arrays.items()})
+    np.testing.assert_array_equal(np.asarray(rebuilt(x)), np.asarray(layer(x)))
+    with pytest.raises(ValueError, match="input_scale must be"):
+        packed_layer(module, q, input_scale=-jnp.ones(c.in_features))

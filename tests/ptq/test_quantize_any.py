@@ -116,7 +116,7 @@ def test_rules_errors_and_warnings():
     with pytest.raises(ValueError, match="calibration must be a list of batches"):
         quantize(CNN(rngs=nnx.Rngs(0)), last_only, "gptq", _images(2))
     with pytest.raises(ValueError, match="runs on the built-in Llama only"):
-        quantize(CNN(rngs=nnx.Rngs(0)), last_only, "awq", [_images(2)])
+        quantize(CNN(rngs=nnx.Rngs(0)), last_only, "mixed", [_images(2)], budget=4.0)
     with pytest.raises(ValueError, match="method must be one of"):
         quantize(CNN(rngs=nnx.Rngs(0)), last_only, "hqq")
 
