@@ -244,7 +244,7 @@ class _Tensor:
         return data
 
 
-def _load(model: str | Path) -> tuple[Llama, str | None]:
+def model_and_source(model: str | Path) -> tuple[Llama, str | None]:
     """(model, source GGUF) of a checkpoint directory, a registered name or a GGUF path."""
     from lowbit.checkpoint import is_checkpoint, load, read_info
     from lowbit.models.loader import load_gguf_model
@@ -294,7 +294,7 @@ def export_gguf(model: nnx.Module | str | Path, path: str | Path, type: str = "Q
     if out.exists() and not force:
         raise ValueError(f"output {out} already exists; pass force=True (--force) to replace it")
     if isinstance(model, (str, Path)):
-        model, own_source = _load(model)
+        model, own_source = model_and_source(model)
         source = own_source if source is None else source
     if not isinstance(model, Llama):
         raise ValueError(f"model must be a lowbit Llama (lowbit.models.llama.Llama: llama "
