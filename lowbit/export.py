@@ -47,10 +47,6 @@ def _check_type(gguf_type: str) -> str:
     return gguf_type.upper()
 
 
-def _config_dict(model: Llama) -> dict[str, Any]:
-    return model.config.to_dict()
-
-
 def _architecture_metadata(config: dict[str, Any], gguf_type: str) -> dict[str, MetadataValue]:
     u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
     entries = {
@@ -174,12 +170,13 @@ def _exact_blocks(qarray, conversion: str, config: dict, permute: bool,
 
 
 def _tensor_type(role: str, gguf_type: str, row: int, name: str) -> tuple[str, str]:
-    """(ggml type name, note) of a tensor: norms F32, a float embedding Q8_0 in quantized
-    exports, ternary types falling back to Q4_0 on rows that are not a multiple of 256."""
+    """(ggml type name, note) of a tensor: norms F32, a float embedding or untied float output
+    head Q8_0 in quantized exports, ternary types falling back to Q4_0 on rows that are not a
+    multiple of 256."""
     if role == "norm":
         return "F32", ""
     wanted = gguf_type
-    if role == "embedding" and gguf_type not in ("F16", "F32"):
+    if role in ("embedding", "float head") and gguf_type not in ("F16", "F32"):
         wanted = EMBEDDING_TYPE
     block = block_size(wanted)
     if row % block and wanted in ("TQ1_0", "TQ2_0"):
@@ -204,7 +201,10 @@ class _Tensor:
                 else "linear")
         self.role = role
         if role == "linear":  # validate the layer before anything is written
-            _layer_weight(_linear(model, lowbit_name), lowbit_name, tuple(shape), compute=False)
+            layer = _linear(model, lowbit_name)
+            _layer_weight(layer, lowbit_name, tuple(shape), compute=False)
+            if lowbit_name == "lm_head" and type(layer) is nnx.Linear:
+                role = "float head"
         type_name, note = _tensor_type(role, gguf_type, self.stored_shape[-1], gguf_name)
         self.qtype = T[type_name]
         self.report = {"name": gguf_name, "lowbit_name": lowbit_name, "type": type_name,
@@ -301,7 +301,7 @@ def export_gguf(model: nnx.Module | str | Path, path: str | Path, type: str = "Q
                          f"architecture, the only one GGUF export supports), a checkpoint "
                          f"directory, a registered name or a GGUF path; got "
                          f"{builtins.type(model).__name__}")
-    config = _config_dict(model)
+    config = model.config.to_dict()
     permute = config["rope_layout"] == "half"
     metadata = {} if source is None else _source_metadata(source, config)
     metadata.update(_architecture_metadata(config, gguf_type))

@@ -331,3 +331,16 @@ def test_warnings_are_recorded_in_the_cli_report(tmp_path, capsys):
     captured = capsys.readouterr()
     assert any("Q4_0 instead of TQ2_0" in w for w in json.loads(captured.out)["warnings"])
     assert "warning" in captured.err
+
+
+def test_an_untied_float_head_is_q8_0_and_reads_back_as_lm_head(tmp_path):
+    model = _model(seed=14, tied_embeddings=False)
+    rtn_quantize(model, "ternary")
+    report = export_gguf(model, tmp_path / "m.gguf", "TQ2_0")
+    types = {r["name"]: r["type"] for r in report["tensors"]}
+    assert types["output.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "TQ2_0"
+    read_back = dict(iter_llama_weights(tmp_path / "m.gguf"))
+    head = np.asarray(model.lm_head.kernel[...])
+    assert read_back["lm_head"].shape == head.shape
+    assert np.abs(read_back["lm_head"] - head).max() <= np.abs(head).max() / 127
