@@ -178,15 +178,17 @@ def _tensor_type(role: str, gguf_type: str, row: int, name: str) -> tuple[str, s
     wanted = gguf_type
     if role in ("embedding", "float head") and gguf_type not in ("F16", "F32"):
         wanted = EMBEDDING_TYPE
-    block = block_size(wanted)
-    if row % block and wanted in ("TQ1_0", "TQ2_0"):
-        warnings.warn(f"{name}: rows of {row} are not a multiple of 256, written as "
-                      f"{TERNARY_FALLBACK} instead of {wanted}", stacklevel=3)
-        return TERNARY_FALLBACK, f"rows of {row} not a multiple of 256: {TERNARY_FALLBACK}"
+    note = ""
+    if row % block_size(wanted) and wanted in ("TQ1_0", "TQ2_0"):
+        note = f"rows of {row} not a multiple of 256: {TERNARY_FALLBACK}"
+        wanted, requested = TERNARY_FALLBACK, wanted
     if row % block_size(wanted):
         raise ValueError(f"tensor {name!r} has rows of {row}, not a multiple of {wanted}'s block "
                          f"size {block_size(wanted)}; export it as F16 or F32")
-    return wanted, ""
+    if note:
+        warnings.warn(f"{name}: rows of {row} are not a multiple of 256, written as "
+                      f"{TERNARY_FALLBACK} instead of {requested}", stacklevel=3)
+    return wanted, note
 
 
 class _Tensor:

@@ -344,3 +344,11 @@ def test_an_untied_float_head_is_q8_0_and_reads_back_as_lm_head(tmp_path):
     head = np.asarray(model.lm_head.kernel[...])
     assert read_back["lm_head"].shape == head.shape
     assert np.abs(read_back["lm_head"] - head).max() <= np.abs(head).max() / 127
+
+
+def test_ternary_rows_that_fit_no_block_are_refused(tmp_path):
+    model = _model(seed=15, d_model=48, head_dim=12, ffn_dim=256)
+    rtn_quantize(model, "ternary")
+    with pytest.raises(ValueError, match="rows of 48, not a multiple of .*block size 32"):
+        export_gguf(model, tmp_path / "m.gguf", "TQ1_0")
+    assert not (tmp_path / "m.gguf").exists()
