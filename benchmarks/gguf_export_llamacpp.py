@@ -1,8 +1,11 @@
 """A lowbit checkpoint exported to GGUF and run by llama.cpp: perplexity on the same windows in both
 (positions 1..ctx-1 of each window scored, as lowbit.eval.perplexity does) and greedy tokens.
 
-    python benchmarks/gguf_export_llamacpp.py --checkpoint DIR --type Q4_0 \
+    python benchmarks/gguf_export_llamacpp.py --checkpoint DIR --type Q4_0 --workdir W \
         --llamacpp-python /work/refvenv/bin/python [--windows 4] [--ctx 512] [--new-tokens 32]
+
+--lowbit-only stops after lowbit's side (export, perplexity, greedy tokens, kept in
+W/lowbit.json); a later run with --reuse-lowbit does only llama.cpp's side on those files.
 
 The llama.cpp side runs in a Python with llama-cpp-python (the `ref` extra), which may be another
 virtual environment: this file re-runs itself there with --llamacpp-side (numpy and llama_cpp
@@ -63,25 +66,9 @@ def llamacpp_side(request_path: str) -> None:
     print(json.dumps(out))
 
 
-def _first_difference(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="a lowbit checkpoint directory (lowbit quantize)")
-    parser.add_argument("--type", default="Q4_0")
-    parser.add_argument("--llamacpp-python", default=sys.executable)
-    parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--ctx", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--workdir", default=None, help="where the GGUF files go (default: temp)")
-    parser.add_argument("--llamacpp-side", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.llamacpp_side:
-        llamacpp_side(args.llamacpp_side)
-        return
-
+def lowbit_side(args, workdir: Path) -> dict:
+    """Export the checkpoint (the type asked for and F32), lowbit's perplexity on the windows and
+    its greedy tokens: the request llama.cpp's side answers."""
     import warnings
 
     import numpy as np
@@ -93,8 +80,6 @@ def main() -> None:
     from lowbit.models.llama import generate
     from lowbit.models.tokenizer import Tokenizer
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gguf-export-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     model, source = model_and_source(args.checkpoint)
     tokenizer = Tokenizer.from_gguf(source)
     start = time.perf_counter()
@@ -110,37 +95,72 @@ def main() -> None:
     ours = perplexity(model, windows.reshape(-1), ctx=args.ctx, windows=args.windows)
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     continuations = np.asarray(generate(model, np.asarray(prompts, np.int32), args.new_tokens))
-    request = {"ctx": args.ctx, "windows": windows.tolist(), "prompts": prompts,
-               "continuations": continuations.tolist(),
-               "files": {"export": report["path"], "f32": f32["path"]}}
-    request_path = workdir / "request.json"
-    request_path.write_text(json.dumps(request))
+    types: dict[str, int] = {}
+    for entry in report["tensors"]:
+        types[entry["type"]] = types.get(entry["type"], 0) + 1
+    summary = {"checkpoint": args.checkpoint, "type": args.type, "file": report["path"],
+               "bytes": report["bytes"], "tensor_types": types,
+               "exact_tensors": report["exact_tensors"], "tensors": len(report["tensors"]),
+               "weight_mse": report["weight_mse"],
+               "warnings": sorted({str(w.message) for w in caught}),
+               "export_seconds": round(export_seconds, 1), "ctx": args.ctx,
+               "windows_count": args.windows, "tokens_scored": ours.tokens_scored,
+               "lowbit_ppl": ours.ppl}
+    return {"ctx": args.ctx, "windows": windows.tolist(), "prompts": prompts,
+            "continuations": continuations.tolist(), "report": summary,
+            "files": {"export": report["path"], "f32": f32["path"]}}
+
+
+def _first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="a lowbit checkpoint directory (lowbit quantize)")
+    parser.add_argument("--type", default="Q4_0")
+    parser.add_argument("--llamacpp-python", default=sys.executable)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--workdir", default=None, help="where the GGUF files go (default: temp)")
+    parser.add_argument("--lowbit-only", action="store_true")
+    parser.add_argument("--reuse-lowbit", action="store_true")
+    parser.add_argument("--llamacpp-side", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.llamacpp_side:
+        llamacpp_side(args.llamacpp_side)
+        return
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gguf-export-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    request_path = workdir / "lowbit.json"
+    if args.reuse_lowbit:
+        request = json.loads(request_path.read_text())
+    else:
+        request = lowbit_side(args, workdir)
+        request_path.write_text(json.dumps(request))
+    if args.lowbit_only:
+        print(json.dumps({k: v for k, v in request.items()
+                          if k not in ("windows", "prompts", "continuations")}, indent=1))
+        return
+    report, continuations = request["report"], request["continuations"]
     done = subprocess.run([args.llamacpp_python, __file__, "--llamacpp-side", str(request_path)],
                           capture_output=True, text=True, check=True)
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
-    theirs_ppl = math.exp(theirs["export"]["nll_sum"] / (args.windows * (args.ctx - 1)))
+    theirs_ppl = math.exp(theirs["export"]["nll_sum"] / report["tokens_scored"])
     greedy = {}
     for key in ("export", "f32"):
         rows = []
-        for row, reference in zip(continuations.tolist(), theirs[key]["greedy"]):
+        for row, reference in zip(continuations, theirs[key]["greedy"]):
             i = _first_difference(row, reference["argmax"])
             rows.append({"first_difference": i,
                          "matching_steps": sum(a == b for a, b in zip(row, reference["argmax"])),
                          "llamacpp_margin_there": None if i is None else reference["margin"][i]})
         greedy[key] = rows
-    types = {}
-    for entry in report["tensors"]:
-        types[entry["type"]] = types.get(entry["type"], 0) + 1
-    summary = {
-        "checkpoint": args.checkpoint, "type": args.type, "file": report["path"],
-        "bytes": report["bytes"], "tensor_types": types,
-        "exact_tensors": report["exact_tensors"], "tensors": len(report["tensors"]),
-        "weight_mse": report["weight_mse"], "warnings": sorted({str(w.message) for w in caught}),
-        "export_seconds": round(export_seconds, 1), "ctx": args.ctx, "windows": args.windows,
-        "tokens_scored": ours.tokens_scored, "lowbit_ppl": ours.ppl, "llamacpp_ppl": theirs_ppl,
-        "ppl_relative_difference": ours.ppl / theirs_ppl - 1, "greedy": greedy,
-        "greedy_new_tokens": args.new_tokens,
-    }
+    summary = {**report, "llamacpp_ppl": theirs_ppl,
+               "ppl_relative_difference": report["lowbit_ppl"] / theirs_ppl - 1,
+               "greedy_new_tokens": len(continuations[0]), "greedy": greedy}
     print(json.dumps(summary, indent=1))
 
 
