@@ -231,8 +231,10 @@ class _Tensor:
         qarray, weight, description = self._source()
         target = to_gguf_layout(weight, self.conversion, self.config, self.permute)
         del weight
-        data, reason = (None, "float weights") if qarray is None else _exact_blocks(
-            qarray, self.conversion, self.config, self.permute, self.qtype)
+        data, reason = None, "float weights"
+        if qarray is not None and self.qtype in CODE_RANGES:
+            data, reason = _exact_blocks(qarray, self.conversion, self.config, self.permute,
+                                         self.qtype)
         from_codes = data is not None
         if data is None:
             data = encode_values(target, self.qtype)
@@ -241,7 +243,7 @@ class _Tensor:
         self.report.update(weights=description, from_codes=from_codes,
                            exact=bool(np.array_equal(decoded, target)), squared_error=squared,
                            mse=squared / target.size)
-        if qarray is not None and not from_codes:
+        if qarray is not None and not from_codes and self.qtype in CODE_RANGES:
             self.report["reencoded_because"] = reason
         return data
 

@@ -114,19 +114,21 @@ def test_float_exports_read_back_bit_exact(tmp_path, gguf_type):
 def test_every_type_round_trips_through_both_readers(tmp_path):
     """read(write(model)) for every type: lowbit's reader and gguf's give identical bits, and the
     values lowbit loads are those the report's error was measured against."""
-    model = _model(seed=2)
-    rtn_quantize(model, "int4:g64:asym")
-    for gguf_type in EXPORT_TYPES:
-        path = tmp_path / f"{gguf_type}.gguf"
-        report = export_gguf(model, path, gguf_type)
-        _readers_agree(path)
-        assert report["bytes"] == path.stat().st_size
-        read_back = dict(iter_llama_weights(path))
+    for spec in ("int4:g64:asym", "int4:g32"):
+        model = _model(seed=2)
+        rtn_quantize(model, spec)
         weights = _model_weights(model)
-        for entry in report["tensors"]:
-            name = entry["lowbit_name"]
-            error = np.sum((read_back[name].astype(np.float64) - weights[name]) ** 2)
-            assert error == pytest.approx(entry["squared_error"], rel=1e-6, abs=1e-12), name
+        for gguf_type in EXPORT_TYPES:
+            path = tmp_path / f"{spec}-{gguf_type}.gguf"
+            report = export_gguf(model, path, gguf_type)
+            _readers_agree(path)
+            assert report["bytes"] == path.stat().st_size
+            read_back = dict(iter_llama_weights(path))
+            for entry in report["tensors"]:
+                name = entry["lowbit_name"]
+                error = np.sum((read_back[name].astype(np.float64) - weights[name]) ** 2)
+                assert error == pytest.approx(entry["squared_error"], rel=1e-6, abs=1e-12), name
+                assert entry["exact"] or gguf_type != "F32", name
 
 
 def test_a_grid_that_maps_exactly_is_found_from_the_data(tmp_path):
