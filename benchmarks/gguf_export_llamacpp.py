@@ -1,5 +1,6 @@
 """A lowbit checkpoint exported to GGUF and run by llama.cpp: perplexity on the same windows in both
-(positions 1..ctx-1 of each window scored, as lowbit.eval.perplexity does) and greedy tokens.
+(positions 1..ctx-1 of each window scored, as lowbit.eval.perplexity does) and greedy tokens;
+llama.cpp's perplexity also on an F32 export of the same model (same weights, no block types).
 
     python benchmarks/gguf_export_llamacpp.py --checkpoint DIR --type Q4_0 --workdir W \
         --llamacpp-python /work/refvenv/bin/python [--windows 4] [--ctx 512] [--new-tokens 32]
@@ -41,10 +42,10 @@ def llamacpp_side(request_path: str) -> None:
     request = json.loads(Path(request_path).read_text())
     out = {}
     for key, path in request["files"].items():
-        llm = llama_cpp.Llama(path, n_ctx=request["ctx"], logits_all=True, n_threads=2,
-                              n_threads_batch=2, verbose=False)
+        llm = llama_cpp.Llama(path, n_ctx=request["ctx"], logits_all=True, n_threads=1,
+                              n_threads_batch=1, verbose=False)
         total = 0.0
-        for window in request["windows"] if key == "export" else []:
+        for window in request["windows"]:
             llm.reset()
             llm.eval(window)
             logits = np.asarray(llm.scores[:len(window)], np.float64)
@@ -149,6 +150,7 @@ def main() -> None:
                           capture_output=True, text=True, check=True)
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
     theirs_ppl = math.exp(theirs["export"]["nll_sum"] / report["tokens_scored"])
+    f32_ppl = math.exp(theirs["f32"]["nll_sum"] / report["tokens_scored"])
     greedy = {}
     for key in ("export", "f32"):
         rows = []
@@ -160,6 +162,8 @@ def main() -> None:
         greedy[key] = rows
     summary = {**report, "llamacpp_ppl": theirs_ppl,
                "ppl_relative_difference": report["lowbit_ppl"] / theirs_ppl - 1,
+               "llamacpp_ppl_f32_export": f32_ppl,
+               "ppl_relative_difference_f32_export": report["lowbit_ppl"] / f32_ppl - 1,
                "greedy_new_tokens": len(continuations[0]), "greedy": greedy}
     print(json.dumps(summary, indent=1))
 
