@@ -5,6 +5,7 @@
 from lowbit import ptq
 from lowbit.checkpoint import load, save
 from lowbit.core import PackedArray, QArray, QuantSpec, dequantize, fake_quant, pack, quantize
+from lowbit.export import export_gguf
 from lowbit.models.llama import Llama, LlamaConfig
 from lowbit.models.loader import load_gguf_model
 from lowbit.nn import (BitLinear, PackedLayer, QuantLinear, QuantRule, contraction_of, freeze,
@@ -25,6 +26,7 @@ for _cls in (BitLinear, Llama, PackedLayer, QuantLinear):
 
 __all__ = [
     "BitLinear", "Llama", "LlamaConfig", "PackedArray", "PackedLayer", "QArray", "QuantLinear",
-    "QuantRule", "QuantSpec", "contraction_of", "dequantize", "fake_quant", "freeze", "load",
-    "load_gguf_model", "pack", "packed_layer", "ptq", "quantize", "quantize_model", "save",
+    "QuantRule", "QuantSpec", "contraction_of", "dequantize", "export_gguf", "fake_quant",
+    "freeze", "load", "load_gguf_model", "pack", "packed_layer", "ptq", "quantize",
+    "quantize_model", "save",
 ]

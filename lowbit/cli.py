@@ -198,6 +198,29 @@ def cmd_activations(args) -> None:
     report(args, run(args))
 
 
+def cmd_export(args) -> None:
+    import warnings
+
+    from lowbit.export import export_gguf
+
+    if args.format != "gguf":
+        raise ValueError(f"--format must be gguf, got {args.format!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export_gguf(args.model, args.out, args.type, force=args.force)
+    report["warnings"] = sorted({str(w.message) for w in caught})
+    for message in report["warnings"]:
+        print(f"lowbit export: warning: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print_table([{k: r.get(k, "") for k in ("name", "type", "weights", "exact", "mse", "note")}
+                 for r in report["tensors"]])
+    print(f"wrote {report['path']} ({report['bytes']} bytes, {report['type']}): "
+          f"{report['exact_tensors']} of {len(report['tensors'])} tensors exact, added weight "
+          f"MSE {report['weight_mse']:.4g}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit and ternary models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_activation_arguments(add("activations", cmd_activations,
                                  "per-layer statistics of every linear input (absmax, "
                                  "percentiles, kurtosis, outlier features), as JSON and a plot"))
+
+    from lowbit.export import EXPORT_TYPES
+
+    p = add("export", cmd_export, "write a model (float or a quantized checkpoint) to a GGUF file "
+                                  "that llama.cpp runs")
+    p.add_argument("--model", required=True,
+                   help="a quantized checkpoint directory, a registered name or a GGUF path")
+    p.add_argument("--format", default="gguf", help="output format (gguf, the only one)")
+    p.add_argument("--type", required=True, type=str.upper, choices=EXPORT_TYPES,
+                   help="type of the linear weights")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
 
     p = add("sweep", cmd_sweep, "run a grid of quantization points from a TOML config into "
                                 "results/NAME/results.csv (resumable) and draw its plots")

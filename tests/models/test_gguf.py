@@ -14,9 +14,10 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize as reference_quantize
 
-from lowbit.models.gguf import (BLOCK_LAYOUTS, dequantize_ggml, ggml_type, iter_llama_weights,
-                                list_tensors, llama_config, open_gguf, qarray_parts, read_tensor,
-                                tensor_qarray, unpermute_rope_rows)
+from lowbit.gguf.blocks import BLOCK_LAYOUTS, dequantize_ggml, ggml_type, qarray_parts
+from lowbit.gguf.llama_names import (iter_llama_weights, llama_config, permute_rope_rows,
+                                     tensor_qarray, unpermute_rope_rows)
+from lowbit.gguf.reader import list_tensors, open_gguf, read_tensor
 
 QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.TQ1_0, T.TQ2_0]
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
@@ -311,6 +312,22 @@ def test_unpermuted_rows_with_rotate_half_match_gguf_rows_with_interleaved_rope(
 def test_unpermute_rejects_odd_heads():
     with pytest.raises(ValueError, match="cannot be split into 4 heads"):
         unpermute_rope_rows(np.zeros((12, 3)), 4)
+    with pytest.raises(ValueError, match="cannot be split into 4 heads"):
+        permute_rope_rows(np.zeros((12, 3)), 4)
+
+
+@pytest.mark.parametrize("n_heads, head_dim", [(3, 8), (9, 64), (1, 2)])
+def test_permute_rope_rows_is_the_converters_permutation_and_unpermute_inverts_it(n_heads,
+                                                                                head_dim):
+    rng = np.random.default_rng(n_heads)
+    hf = rng.standard_normal((n_heads * head_dim, 5))
+    permuted = permute_rope_rows(hf, n_heads)
+    np.testing.assert_array_equal(permuted, _converter_permute(hf, n_heads))
+    np.testing.assert_array_equal(unpermute_rope_rows(permuted, n_heads), hf)
+    np.testing.assert_array_equal(permute_rope_rows(unpermute_rope_rows(hf, n_heads), n_heads),
+                                  hf)
+    if head_dim > 2:
+        assert not np.array_equal(permuted, hf)
 
 
 # ---- file errors ---------------------------------------------------------------------------
