@@ -17,11 +17,11 @@ from flax import nnx
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from lowbit.core.quantize import expand_groups
-from lowbit.gguf.blocks import dequantize_ggml
-from lowbit.gguf.encode import CODE_RANGES, block_size, encode_codes, encode_values
-from lowbit.gguf.llama_names import llama_tensor_plan, to_gguf_layout
-from lowbit.gguf.reader import metadata_value, open_gguf
-from lowbit.gguf.writer import MetadataValue, PlannedTensor, copied_metadata, write_gguf
+from lowbit.models.gguf.blocks import dequantize_ggml
+from lowbit.models.gguf.encode import CODE_RANGES, block_size, encode_codes, encode_values
+from lowbit.models.gguf.llama_names import llama_tensor_plan, to_gguf_layout
+from lowbit.models.gguf.reader import metadata_value, open_gguf
+from lowbit.models.gguf.writer import MetadataValue, PlannedTensor, copied_metadata, write_gguf
 from lowbit.models.llama import Llama
 
 T = GGMLQuantizationType

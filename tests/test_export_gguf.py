@@ -18,10 +18,10 @@ import lowbit
 from lowbit.checkpoint import save
 from lowbit.cli import main
 from lowbit.export import EXPORT_TYPES, export_gguf
-from lowbit.gguf.blocks import dequantize_ggml
-from lowbit.gguf.encode import encode_codes, encode_values
-from lowbit.gguf.llama_names import iter_llama_weights, llama_config
-from lowbit.gguf.reader import metadata_value, open_gguf
+from lowbit.models.gguf.blocks import dequantize_ggml
+from lowbit.models.gguf.encode import encode_codes, encode_values
+from lowbit.models.gguf.llama_names import iter_llama_weights, llama_config
+from lowbit.models.gguf.reader import metadata_value, open_gguf
 from lowbit.models.llama import Llama, LlamaConfig
 from lowbit.models.loader import load_gguf_model
 from lowbit.nn.packed_layer import PackedLayer

@@ -7,8 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from lowbit.gguf.llama_names import iter_llama_weights, llama_config
-from lowbit.gguf.reader import open_gguf
+from lowbit.models.gguf.llama_names import iter_llama_weights, llama_config
+from lowbit.models.gguf.reader import open_gguf
 from lowbit.models.llama import Llama, LlamaConfig
 
 

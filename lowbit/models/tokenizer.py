@@ -36,7 +36,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, source: str | Path | GGUFReader) -> "Tokenizer":
         """Build from tokenizer.ggml.* metadata (model gpt2, pre smollm or gpt2)."""
-        from lowbit.gguf.reader import metadata_value, open_gguf
+        from lowbit.models.gguf.reader import metadata_value, open_gguf
 
         reader = source if isinstance(source, GGUFReader) else open_gguf(source)
         where = reader.data.filename

@@ -10,7 +10,7 @@ from flax import nnx
 
 from lowbit.data.corpus import load_text
 from lowbit.eval import perplexity
-from lowbit.gguf.llama_names import iter_llama_weights
+from lowbit.models.gguf.llama_names import iter_llama_weights
 from lowbit.models.llama import Llama, LlamaConfig, generate
 from lowbit.models.loader import load_gguf_model
 from lowbit.models.tokenizer import Tokenizer

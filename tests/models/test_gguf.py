@@ -14,10 +14,10 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize as reference_quantize
 
-from lowbit.gguf.blocks import BLOCK_LAYOUTS, dequantize_ggml, ggml_type, qarray_parts
-from lowbit.gguf.llama_names import (iter_llama_weights, llama_config, permute_rope_rows,
+from lowbit.models.gguf.blocks import BLOCK_LAYOUTS, dequantize_ggml, ggml_type, qarray_parts
+from lowbit.models.gguf.llama_names import (iter_llama_weights, llama_config, permute_rope_rows,
                                      tensor_qarray, unpermute_rope_rows)
-from lowbit.gguf.reader import list_tensors, open_gguf, read_tensor
+from lowbit.models.gguf.reader import list_tensors, open_gguf, read_tensor
 
 QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.TQ1_0, T.TQ2_0]
 BLOCK_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,

@@ -1,5 +1,5 @@
 """ggml block types: their layouts, decoding to float32 in numpy, and the exact integer (QArray)
-form of Q4_0 / Q4_1 / Q8_0 tensors; the encoders live in lowbit.gguf.encode.
+form of Q4_0 / Q4_1 / Q8_0 tensors; the encoders live in lowbit.models.gguf.encode.
 """
 
 from __future__ import annotations

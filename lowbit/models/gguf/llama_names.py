@@ -11,8 +11,8 @@ from typing import Iterator
 import numpy as np
 from gguf import GGUFReader
 
-from lowbit.gguf.blocks import QARRAY_SPECS, check_decodable, dequantize_ggml, qarray_parts
-from lowbit.gguf.reader import MISSING, as_reader, find_tensor, metadata_value, require_finite
+from lowbit.models.gguf.blocks import QARRAY_SPECS, check_decodable, dequantize_ggml, qarray_parts
+from lowbit.models.gguf.reader import MISSING, as_reader, find_tensor, metadata_value, require_finite
 
 def _number(value) -> float:
     """A float32 metadata value as the shortest float that rounds to it (1e-05, not 9.99e-06)."""

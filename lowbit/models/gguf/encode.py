@@ -1,5 +1,5 @@
 """Encode float32 arrays (or exact integer codes with their block scales) into ggml blocks of the
-types lowbit writes: F32, F16, Q4_0, Q4_1, Q8_0, TQ1_0 and TQ2_0; the inverse of lowbit.gguf.blocks.
+types lowbit writes: F32, F16, Q4_0, Q4_1, Q8_0, TQ1_0 and TQ2_0; the inverse of lowbit.models.gguf.blocks.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from lowbit.gguf.blocks import BLOCK_LAYOUTS, ggml_type
+from lowbit.models.gguf.blocks import BLOCK_LAYOUTS, ggml_type
 
 T = GGMLQuantizationType
 ENCODABLE = (T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q8_0, T.TQ1_0, T.TQ2_0)

@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from lowbit.files import atomic_path
-from lowbit.gguf.blocks import BLOCK_LAYOUTS
+from lowbit.models.gguf.blocks import BLOCK_LAYOUTS
 
 
 class PlannedTensor(NamedTuple):
