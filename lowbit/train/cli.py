@@ -171,21 +171,19 @@ def run_finetune(args: argparse.Namespace) -> dict:
         "trainable_fraction": tuner.trainable_parameters / tuner.source_parameters,
         "resumed_from": resumed_from, "steps": tuner.step,
         "step_seconds_median": statistics.median(timed) if timed else None,
+        "step_cpu_seconds_median": statistics.median(tuner.step_cpu_seconds[1:]) if timed else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "state_mb": {k: v / 2**20 for k, v in tuner.memory_bytes().items()},
         "adapters": adapters, "checkpoint_dir": config.train.checkpoint_dir or None,
     }
-    rows = [{"step": h["step"], "train_loss": _rounded(h["train_loss"], 4), "eval_loss": round(h["eval_loss"], 4),
+    rows = [{"step": h["step"], "train_loss": None if h["train_loss"] is None else round(h["train_loss"], 4), "eval_loss": round(h["eval_loss"], 4),
              "eval_ppl": round(h["eval_ppl"], 3), "lr": h["lr"]} for h in tuner.history]
     if getattr(args, "json", False):
         print(json.dumps({"config": config.to_dict(), **summary, "history": rows}))
     else:
         from lowbit.cli import print_table
 
-        print_table(rows)
+        print_table([{k: "" if v is None else v for k, v in row.items()} for row in rows])
         print_table([{key: summary[key] for key in ("method", "base", "trainable_parameters", "trainable_fraction",
                                                      "step_seconds_median", "peak_rss_mb")}])
     return summary
-
-
-def _rounded(value, digits: int):
-    return "" if value is None else round(value, digits)

@@ -173,6 +173,10 @@ def _finetune_eval_step(graphdef, params, counts, rest, batch):
     return next_token_nll(logits, batch).sum(axis=-1)
 
 
+def _nbytes(state) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(state) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
 def _count(state) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
@@ -182,7 +186,8 @@ class FineTuner(Trainer):
     checkpoints). model: a float Llama to fine-tune instead of loading config.model.name (it is
     changed in place). Checkpoints hold the trained parameters, the dropout counters and the
     optimizer state; the frozen base is rebuilt (deterministically) from the source on resume.
-    step_seconds: wall time of every step run here (the first includes compilation);
+    step_seconds / step_cpu_seconds: wall / process CPU time of every step run here (the first
+    includes compilation);
     source_parameters: the float model's parameter count; trainable_parameters: what trains."""
 
     config_type = FinetuneConfig
@@ -191,6 +196,7 @@ class FineTuner(Trainer):
     def __init__(self, config: FinetuneConfig, *, model: nnx.Module | None = None, **options):
         self._source = model
         self.step_seconds: list[float] = []
+        self.step_cpu_seconds: list[float] = []
         super().__init__(config, **options)
 
     def _build_model(self, vocab: int, restoring: bool) -> nnx.Module:
@@ -221,17 +227,18 @@ class FineTuner(Trainer):
 
     def _split(self, model: nnx.Module):
         graphdef, params, counts, rest = nnx.split(model, self._trained, nnx.RngCount, ...)
-        self.counts = counts
+        self.counts = jax.device_put(counts, self.replicated)  # placed as the step returns them (one compile)
         self.trainable_parameters = _count(params)
         return graphdef, params, rest
 
     def train_step(self) -> dict:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.params, self.counts, self.opt_state, metrics = _finetune_step(
             self.graphdef, optimizer_key(self.config.train), self._trained, self.params, self.counts, self.rest,
             self.opt_state, self._put(self._batch(self.step)), jnp.float32(self.schedule(self.step)))
         metrics = {k: float(v) for k, v in metrics.items()}
         self.step_seconds.append(time.perf_counter() - start)
+        self.step_cpu_seconds.append(time.process_time() - cpu_start)
         self.step += 1
         return metrics
 
@@ -247,6 +254,11 @@ class FineTuner(Trainer):
 
     def state(self) -> dict:
         return {"params": self.params, "counts": self.counts, "opt_state": self.opt_state}
+
+    def memory_bytes(self) -> dict:
+        """Bytes held by the trained parameters, the frozen rest (the packed or float base) and the
+        optimizer state."""
+        return {"trained": _nbytes(self.params), "frozen": _nbytes(self.rest), "optimizer": _nbytes(self.opt_state)}
 
     def restore(self, step: int | None = None) -> int:
         if self.store is None:
