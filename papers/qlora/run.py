@@ -148,13 +148,13 @@ def run_finetune(names: list[str], parallel: bool = False) -> list[dict]:
                      **{f"{k}_mb": round(v, 1) for k, v in info["state_mb"].items()},
                      "wall_s": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    _write("finetune", rows)
+    _write("finetune", rows, append=True)
     return rows
 
 
-def _write(name: str, rows: list[dict]) -> None:
+def _write(name: str, rows: list[dict], append: bool = False) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / f"{name}.jsonl", "w", encoding="utf-8") as f:
+    with open(RESULTS / f"{name}.jsonl", "a" if append else "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
 
