@@ -177,6 +177,12 @@ def cmd_train(args) -> None:
     run_train(args)
 
 
+def cmd_finetune(args) -> None:
+    from lowbit.train.cli import run_finetune
+
+    run_finetune(args)
+
+
 def cmd_sweep(args) -> None:
     from lowbit.eval.sweep import load_sweep_config, result_columns, run_sweep
 
@@ -268,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.train.cli import add_train_arguments
 
     add_train_arguments(add("train", cmd_train, "quantization-aware training from a TOML config"))
+
+    from lowbit.train.cli import add_finetune_arguments
+
+    add_finetune_arguments(add("finetune", cmd_finetune, "fine-tune a model: QLoRA (adapters on a frozen "
+                                                         "NF4 base, the default), LoRA on the float base, or full"))
 
     from lowbit.eval.activations import add_arguments as add_activation_arguments
 

@@ -125,7 +125,7 @@ def resume_changes(saved: dict, current: TrainConfig) -> dict[str, tuple[Any, An
     """Every setting that differs between a checkpoint's saved config and `current`:
     {"train.lr": (saved value, current value)}; a key missing on one side shows as None."""
     try:  # fill defaults of settings added since the checkpoint was written
-        saved = TrainConfig.from_dict(saved).to_dict()
+        saved = type(current).from_dict(saved).to_dict()
     except (ValueError, TypeError):
         pass
     old, new = _flat_settings(saved), _flat_settings(current.to_dict())
@@ -142,10 +142,13 @@ class Trainer:
     to use instead of the configured corpus. A step whose loss is not finite stops the run with
     a ValueError before anything of it is saved."""
 
+    config_type: type = TrainConfig
+    resume_never: tuple = RESUME_NEVER
+
     def __init__(self, config: TrainConfig, *, tokens: tuple[np.ndarray, np.ndarray] | None = None,
                  devices=None, resume: bool | str = True, progress: bool = False):
-        if not isinstance(config, TrainConfig):
-            raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not isinstance(config, self.config_type):
+            raise ValueError(f"config must be a {self.config_type.__name__}, got {type(config).__name__}")
         if not any(resume is mode or resume == mode for mode in RESUME_MODES) or resume in (0, 1) \
                 and not isinstance(resume, bool):
             raise ValueError(f"resume must be one of {RESUME_MODES}, got {resume!r}")
@@ -170,13 +173,10 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
 
-        model = Llama(config.model.llama_config(vocab, t.seq_len), rngs=nnx.Rngs(t.seed))
-        self.quantize_report = quantize_model(model, config.quant.quant_rules(), raise_on_unmatched=True)
         self.store = CheckpointStore(t.checkpoint_dir) if t.checkpoint_dir else None
         restoring = resume and self.store is not None and self.store.latest_step() is not None
-        if not restoring:  # data-set initial values (LSQ input steps, PACT 'data' clips)
-            calibrate(model, jnp.asarray(self._batch(0)[:CALIBRATION_ROWS]))
-        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        model = self._build_model(vocab, restoring)
+        self.graphdef, params, rest = self._split(model)
         self.tx = make_optimizer(t)
         self.schedule = lr_schedule(t)
         self.params = jax.device_put(params, self.replicated)
@@ -192,6 +192,21 @@ class Trainer:
             -1, t.batch_size, t.seq_len)
         if restoring:
             self.restore()
+
+    # ---- what subclasses (FineTuner) change ---------------------------------------------------
+    def _build_model(self, vocab: int, restoring: bool) -> nnx.Module:
+        """The model to train: a fresh Llama converted by the quantization rules (calibrated on
+        the first batch unless a checkpoint is about to be restored)."""
+        t = self.config.train
+        model = Llama(self.config.model.llama_config(vocab, t.seq_len), rngs=nnx.Rngs(t.seed))
+        self.quantize_report = quantize_model(model, self.config.quant.quant_rules(), raise_on_unmatched=True)
+        if not restoring:  # data-set initial values (LSQ input steps, PACT 'data' clips)
+            calibrate(model, jnp.asarray(self._batch(0)[:CALIBRATION_ROWS]))
+        return model
+
+    def _split(self, model: nnx.Module):
+        """(graphdef, trained parameters, everything else)."""
+        return nnx.split(model, nnx.Param, ...)
 
     # ---- data -----------------------------------------------------------------------------
     def _batch(self, step: int) -> np.ndarray:
@@ -290,7 +305,7 @@ class Trainer:
     def _check_resume(self, step: int) -> None:
         """Refuse to resume from a checkpoint written with other settings (see the class)."""
         changes = resume_changes(self.store.read_record(step).get("config", {}), self.config)
-        never = [k for k in changes if k.startswith(RESUME_NEVER)]
+        never = [k for k in changes if k.startswith(self.resume_never)]
         forced = [k for k in changes if k not in never and k not in RESUME_FREE]
         if not never and (not forced or self.resume_mode == "force"):
             return

@@ -1,0 +1,177 @@
+"""QLoRA evidence on SmolLM2-135M: 4-bit data types by RTN perplexity, the worst-scored pydoc
+topics as a held-apart domain, and fine-tuning it with QLoRA vs LoRA on the float base vs full
+float fine-tuning (each in its own process, so peak RSS is its own). One command:
+
+    PYTHONPATH=. .venv/bin/python papers/qlora/run.py [formats|domain|finetune|all]
+
+Rows go to results/qlora/*.jsonl (printed as tables); the domain text to papers/qlora/domain.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results" / "qlora"
+DOMAIN = Path(__file__).resolve().parent / "domain.txt"
+FORMATS = ("float", "int4:g64", "fp4:g64", "fp4:g64:dq", "nf4:g64", "nf4:g64:dq")
+BLOCK_LINEARS = r"layers\.\d+\..*"
+EVAL_CTX, EVAL_WINDOWS = 512, 8
+TOPIC_TOKENS = 128  # each pydoc topic is scored on its first 128 tokens
+DOMAIN_TOKENS = 24_000
+RUNS = {  # name -> lowbit finetune arguments
+    "qlora": ["--base", "nf4:g64:dq"],
+    "qlora-loftq": ["--base", "nf4:g64:dq", "--init", "loftq"],
+    "lora-float": ["--base", "float"],
+    "full-float": ["--method", "full", "--base", "float", "--lr", "1e-4"],
+}
+FINETUNE = ["--model", "smollm2-135m", "--lora-rank", "16", "--lora-alpha", "16", "--steps", "30",
+            "--batch-size", "4", "--seq-len", "64", "--eval-windows", "32", "--lr", "1e-3", "--seed", "0"]
+
+
+def _print_rows(rows: list[dict]) -> None:
+    from lowbit.cli import print_table
+
+    print_table(rows)
+
+
+def run_formats() -> list[dict]:
+    """RTN of every block linear with each 4-bit format (groups of 64 along K): perplexity on
+    the first EVAL_WINDOWS windows of EVAL_CTX tokens of the pydoc evaluation half."""
+    import numpy as np
+
+    from lowbit import ptq
+    from lowbit.data.corpus import load_text, split_tokens
+    from lowbit.eval import perplexity
+    from lowbit.models.loader import load_gguf_model
+    from lowbit.models.registry import resolve_model
+    from lowbit.models.tokenizer import Tokenizer
+    from lowbit.nn import QuantRule
+
+    path = resolve_model("smollm2-135m")
+    tokens = split_tokens(np.asarray(Tokenizer.from_gguf(path).encode(load_text("pydoc")), np.int32))[1]
+    rows = []
+    for spec in FORMATS:
+        model, _ = load_gguf_model(path)  # a fresh float model each time (the last one is dropped first)
+        bits = 32.0
+        if spec != "float":
+            result = ptq.quantize(model, QuantRule(path=BLOCK_LINEARS, weight_spec=spec), method="rtn")
+            bits = result.bits_per_weight
+        r = perplexity(model, tokens, ctx=EVAL_CTX, windows=EVAL_WINDOWS)
+        rows.append({"weights": spec, "bits_per_weight": round(bits, 4), "ppl": round(r.ppl, 4),
+                     "tokens_scored": r.tokens_scored})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    _write("formats", rows)
+    return rows
+
+
+def run_domain() -> list[dict]:
+    """Score every pydoc topic's first TOPIC_TOKENS tokens with the float model; the worst-scored
+    topics (highest mean loss), in that order, until DOMAIN_TOKENS tokens, become domain.txt."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from pydoc_data.topics import topics
+
+    from lowbit.models.loader import load_gguf_model
+    from lowbit.models.registry import resolve_model
+    from lowbit.models.tokenizer import Tokenizer
+    from lowbit.train.loop import next_token_nll
+
+    path = resolve_model("smollm2-135m")
+    tokenizer = Tokenizer.from_gguf(path)
+    model, _ = load_gguf_model(path)
+    forward = jax.jit(lambda batch: next_token_nll(model(batch), batch))
+    names = sorted(topics)
+    encoded = {name: np.asarray(tokenizer.encode(topics[name]), np.int32) for name in names}
+    scored = [name for name in names if encoded[name].size >= TOPIC_TOKENS]
+    losses = {}
+    for start in range(0, len(scored), 8):
+        chunk = scored[start:start + 8]
+        batch = np.stack([encoded[n][:TOPIC_TOKENS] for n in chunk] +
+                         [encoded[chunk[0]][:TOPIC_TOKENS]] * (8 - len(chunk)))
+        nll = np.asarray(forward(jnp.asarray(batch))).mean(axis=1)
+        losses.update({name: float(nll[i]) for i, name in enumerate(chunk)})
+    ranked = sorted(losses, key=losses.get, reverse=True)
+    chosen, total = [], 0
+    for name in ranked:
+        if total >= DOMAIN_TOKENS:
+            break
+        chosen.append(name)
+        total += encoded[name].size
+    DOMAIN.write_text("\n\n".join(topics[name] for name in chosen) + "\n", encoding="utf-8")
+    rows = [{"topic": name, "first_128_token_loss": round(losses[name], 4), "tokens": int(encoded[name].size),
+             "in_domain": name in chosen} for name in ranked]
+    _write("domain", rows)
+    mean_all = float(np.mean(list(losses.values())))
+    print(f"scored {len(losses)} topics (mean loss {mean_all:.3f}); domain: {len(chosen)} topics, {total} tokens, "
+          f"mean loss {np.mean([losses[n] for n in chosen]):.3f} -> {DOMAIN.relative_to(ROOT)}")
+    return rows
+
+
+def run_finetune(names: list[str], parallel: bool = False) -> list[dict]:
+    """Each fine-tune in its own `lowbit finetune` process (fresh output directory; all at once
+    with parallel, which shares the CPU between them); the JSON each prints becomes one row."""
+    if not DOMAIN.is_file():
+        raise SystemExit(f"{DOMAIN} is missing: run `run.py domain` first")
+    started = {}
+    for name in names:
+        out = RESULTS / "runs" / name
+        command = [sys.executable, "-m", "lowbit.cli", "finetune", *FINETUNE, *RUNS[name], "--data", str(DOMAIN),
+                   "--out", str(out), "--no-resume", "--json", "--quiet"]
+        print("$", " ".join(command[1:]), flush=True)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[name] = (process, time.perf_counter())
+        if not parallel:
+            process.wait()
+    rows = []
+    for name, (process, start) in started.items():
+        stdout, stderr = process.communicate()
+        if process.returncode:
+            print(stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed ({process.returncode})")
+        info = json.loads(stdout.strip().splitlines()[-1])
+        history = info["history"]
+        rows.append({"run": name, "base": info["base"], "trainable": info["trainable_parameters"],
+                     "trainable_pct": round(100 * info["trainable_fraction"], 3),
+                     "ppl_step0": history[0]["eval_ppl"], f"ppl_step{info['steps']}": history[-1]["eval_ppl"],
+                     "train_loss_last": history[-1]["train_loss"],
+                     "step_s_median": round(info["step_seconds_median"], 2),
+                     "step_cpu_s_median": round(info["step_cpu_seconds_median"], 2),
+                     "peak_rss_mb": round(info["peak_rss_mb"], 1),
+                     **{f"{k}_mb": round(v, 1) for k, v in info["state_mb"].items()},
+                     "wall_s": round(time.perf_counter() - start, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    _write("finetune", rows, append=True)
+    return rows
+
+
+def _write(name: str, rows: list[dict], append: bool = False) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"{name}.jsonl", "a" if append else "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", nargs="?", default="all", choices=("formats", "domain", "finetune", "all"))
+    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="fine-tunes to run")
+    parser.add_argument("--parallel", action="store_true", help="run the fine-tunes at the same time")
+    args = parser.parse_args()
+    if args.part in ("formats", "all"):
+        _print_rows(run_formats())
+    if args.part in ("domain", "all"):
+        run_domain()
+    if args.part in ("finetune", "all"):
+        _print_rows(run_finetune(args.runs, args.parallel))
+
+
+if __name__ == "__main__":
+    main()
