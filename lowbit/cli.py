@@ -89,37 +89,33 @@ def load_model(name_or_path: str, runtime: str = "packed"):
     return model, Tokenizer.from_gguf(path)
 
 
-def evaluation_tokens(tokenizer, text_source: str):
-    """The evaluation part of a corpus ('pydoc' or a text file), tokenized."""
-    import numpy as np
-
-    from lowbit.data.corpus import load_text, split_tokens
-
-    tokens = np.asarray(tokenizer.encode(load_text(text_source)), np.int32)
-    return split_tokens(tokens)[1]
-
-
 def cmd_eval(args) -> None:
     import math
     import time
 
+    from lowbit.data.corpus import corpus_tokens, default_split
     from lowbit.eval import kl_divergence, perplexity
 
     if args.ctx < 2:
         raise ValueError(f"--ctx must be at least 2 tokens, got {args.ctx}")
     if args.windows is not None and args.windows < 1:
         raise ValueError(f"--windows must be a positive integer, got {args.windows}")
+    split = args.split or default_split(args.text)
     model, tokenizer = load_model(args.model, args.runtime)
-    tokens = evaluation_tokens(tokenizer, args.text)
+    tokens, first_token = corpus_tokens(tokenizer, args.text, split)
     start = time.perf_counter()
+    scoring = {"ctx": args.ctx, "windows": args.windows, "progress": not args.quiet, "score": args.score}
     if args.ref:
         ref_model, _ = load_model(args.ref)
-        r = kl_divergence(model, ref_model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
+        r = kl_divergence(model, ref_model, tokens, **scoring)
         info = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens_scored,
                 "windows": r.windows}
     else:
-        r = perplexity(model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
+        r = perplexity(model, tokens, **scoring)
         info = {"ppl": r.ppl, "tokens": r.tokens_scored, "windows": r.windows}
+    # What was scored: windows of ctx tokens back to back from token first_token of the text's
+    # token stream, each scored under the convention `score`.
+    info.update(score=args.score, split=split, first_token=first_token)
     values = {key: info[key] for key in ("ppl", "ref_ppl", "kl") if key in info}
     if not all(math.isfinite(value) for value in values.values()):
         raise ValueError(f"the evaluation of {args.model} is not finite ({values}): the model "
@@ -217,9 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fetch", cmd_fetch, "download a named model into the cache and verify it")
     p.add_argument("name")
 
-    p = add("eval", cmd_eval, "perplexity (and KL against --ref) on the evaluation split of a corpus")
+    p = add("eval", cmd_eval, "perplexity (and KL against --ref) over non-overlapping windows of a text")
     p.add_argument("--model", default="smollm2-135m", help="registered name, GGUF path or quantized directory")
     p.add_argument("--text", default="pydoc", help="'pydoc' (the embedded corpus) or a text file")
+    p.add_argument("--split", default=None, choices=("all", "calibration", "evaluation"),
+                   help="which tokens of the text: all (from its first token), or the calibration / "
+                        "evaluation half; default: evaluation for pydoc, all for a file")
+    p.add_argument("--score", default="all", choices=("all", "second-half"),
+                   help="positions scored per window: all after the first (GPTQ convention, default) or "
+                        "the second half only (llama.cpp's llama-perplexity)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
     p.add_argument("--ref", default=None, help="reference model for KL divergence and top-1 agreement")
