@@ -128,35 +128,47 @@ def cmd_eval(args) -> None:
 
 def cmd_generate(args) -> None:
     import time
-    from pathlib import Path
 
     import jax
 
-    from lowbit.models.llama import generate
-
     from lowbit.decode.cli import check_generate_arguments, read_prompts, run_generate_kv, wants_kv_generation
+    from lowbit.decode.compilation import CompileMeter, enable_compilation_cache
+    from lowbit.models.llama import generate
 
     check_generate_arguments(args)  # before the model loads
     prompt = read_prompts(args)[0]
-    model, tokenizer = load_model(args.model)
-    if wants_kv_generation(args):
-        run_generate_kv(args, model, tokenizer)
-        return
-    ids = tokenizer.encode(prompt)
-    key = jax.random.key(args.seed) if args.temperature > 0 else None
+    enable_compilation_cache()
     start = time.perf_counter()
-    new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, key=key,
-                   eos_id=tokenizer.eos_id)
-    seconds = time.perf_counter() - start
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - start
+    with CompileMeter() as meter:
+        if wants_kv_generation(args):
+            run_generate_kv(args, model, tokenizer, meter=meter, load_s=load_s)
+            return
+        ids = tokenizer.encode(prompt)
+        key = jax.random.key(args.seed) if args.temperature > 0 else None
+        stamps = {}
+        new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, key=key,
+                       eos_id=tokenizer.eos_id, timings=stamps)
     new = [int(t) for t in new.reshape(-1)]
+    seconds = stamps["end"] - stamps["start"]
+    prefill_s = stamps["first_token"] - stamps["start"]
+    decode_s = stamps["end"] - stamps["first_token"]
+    prefill_compile, decode_compile = meter.seconds_of("prefill"), meter.seconds_of("decode")
     info = {"tokens": new, "text": tokenizer.decode(new), "prompt_tokens": len(ids),
-            "seconds": round(seconds, 3), "tokens_per_s": round(len(new) / seconds, 2)}
+            "prompt_bucket": stamps["bucket"], "seconds": round(seconds, 3),
+            "tokens_per_s": round(len(new) / seconds, 2), "load_s": round(load_s, 3),
+            "first_token_s": round(prefill_s, 3), "compile_s": round(meter.seconds, 3),
+            "prefill_tok_s": round(len(ids) / max(prefill_s - prefill_compile, 1e-9), 1),
+            "decode_tok_s": (round((len(new) - 1) / max(decode_s - decode_compile, 1e-9), 2)
+                             if len(new) > 1 else None)}
     if args.json:
         print(json.dumps(info))
     else:
         print(prompt + info["text"])
-        print(f"[{len(new)} tokens in {seconds:.2f} s, {info['tokens_per_s']} tokens/s incl. compile]",
-              file=sys.stderr)
+        print(f"[{len(new)} tokens in {seconds:.2f} s; first token after {prefill_s:.2f} s, compile "
+              f"{info['compile_s']} s, prefill {info['prefill_tok_s']} tok/s, decode {info['decode_tok_s']} "
+              "tok/s]", file=sys.stderr)
 
 
 def cmd_quantize(args) -> None:
