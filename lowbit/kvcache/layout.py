@@ -10,9 +10,10 @@ import re
 import jax
 import jax.numpy as jnp
 
-from lowbit.core.packing import pack_int2, pack_int4, unpack_int2, unpack_int4
+from lowbit.core.packing import pack_int2, unpack_int2
 from lowbit.core.quantize import quantize
 from lowbit.core.spec import QuantSpec
+from lowbit.kernels.decode_attention.pages import dequantize_page_fields, interleave_fields, pack_codes
 
 FLOAT_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 AXES = ("token", "channel")
@@ -230,25 +231,33 @@ def code_dtype(fmt: TensorFormat):
     return jnp.int8 if (fmt.bits == 8 and fmt.symmetric) else jnp.uint8
 
 
+def _kernel_kind(fmt: TensorFormat) -> str | None:
+    """"int8" / "int4" when the decode-attention pools' codec stores this format, else None (int2)."""
+    return f"int{fmt.bits}" if fmt.bits in (4, 8) else None
+
+
 def _pack(codes, fmt: TensorFormat):
-    """Core codes (signed if symmetric) -> stored bytes packed along the last axis."""
-    if fmt.bits == 8:
-        return codes.astype(code_dtype(fmt))
+    """Core codes (signed if symmetric) -> stored bytes packed along the last axis; int8 and int4
+    through the kernels' pack_codes (one encoding for cache and kernel)."""
+    kind = _kernel_kind(fmt)
+    if kind is not None:
+        return pack_codes(codes, kind, fmt.symmetric)
     unsigned = codes.astype(jnp.int16) + (2 ** (fmt.bits - 1) if fmt.symmetric else 0)
-    unsigned = unsigned.astype(jnp.uint8)
-    return pack_int4(unsigned) if fmt.bits == 4 else pack_int2(unsigned)
+    return pack_int2(unsigned.astype(jnp.uint8))
 
 
-def _unpack(packed, fmt: TensorFormat, head_dim: int):
-    """Stored bytes -> code values as float32 [..., head_dim] (the zero point not yet added)."""
-    if fmt.bits == 8:
-        return packed.astype(jnp.float32)
-    u = unpack_int4(packed, head_dim) if fmt.bits == 4 else unpack_int2(packed, head_dim)
-    return u.astype(jnp.float32) - (2 ** (fmt.bits - 1) if fmt.symmetric else 0)
-
-
-def _repeat_last(stat, times: int):
-    return stat if times == 1 else jnp.repeat(stat, times, axis=-1)
+def _dequantize(codes, scale, zero, fmt: TensorFormat, head_dim: int):
+    """Stored bytes with per-group stats [..., n_groups] -> float32 [..., head_dim]; int8 and
+    int4 through the kernels' dequantize_page_fields (one decoding for cache and kernel)."""
+    kind = _kernel_kind(fmt)
+    if kind is not None:
+        return interleave_fields(dequantize_page_fields(codes, scale, zero, kind))
+    group = head_dim // scale.shape[-1]
+    u = unpack_int2(codes, head_dim).astype(jnp.float32) - (2 if fmt.symmetric else 0)
+    out = u * jnp.repeat(scale.astype(jnp.float32), group, axis=-1)
+    if zero is not None:
+        out = out + jnp.repeat(zero.astype(jnp.float32), group, axis=-1)
+    return out
 
 
 def encode_tokens(x, fmt: TensorFormat):
@@ -260,11 +269,7 @@ def encode_tokens(x, fmt: TensorFormat):
 
 def decode_tokens(codes, scale, zero, fmt: TensorFormat, head_dim: int):
     """Inverse of encode_tokens: float32 [..., head_dim]."""
-    group = head_dim // scale.shape[-1]
-    out = _unpack(codes, fmt, head_dim) * _repeat_last(scale.astype(jnp.float32), group)
-    if zero is not None:
-        out = out + _repeat_last(zero.astype(jnp.float32), group)
-    return out
+    return _dequantize(codes, scale, zero, fmt, head_dim)
 
 
 def encode_channels(x, fmt: TensorFormat):
@@ -280,10 +285,7 @@ def decode_channels(codes, scale, zero, fmt: TensorFormat, head_dim: int):
     def expand(stat):
         return jnp.repeat(stat.astype(jnp.float32), fmt.group, axis=stat.ndim - 3)
 
-    out = _unpack(codes, fmt, head_dim) * expand(scale)
-    if zero is not None:
-        out = out + expand(zero)
-    return out
+    return _dequantize(codes, expand(scale), None if zero is None else expand(zero), fmt, head_dim)
 
 
 def round_trip(x, fmt: TensorFormat):
