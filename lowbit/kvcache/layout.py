@@ -21,6 +21,7 @@ BITS = (2, 4, 8)
 STAT_BYTES = 2  # scales and zeros are stored in f16
 KIVI_RESIDUAL = 128  # KIVI's default R
 KIVI_GROUP = 32  # KIVI's G: tokens per key group, channels per value group
+INT8_GROUP = 32  # channels per int8 scale: greedy-exact on 8/8 prompts where whole heads gave 7/8
 LAYOUT_NAMES = ("f32", "bf16", "f16", "int8", "int4", "int2", "kivi2", "kivi4")
 
 
@@ -87,8 +88,9 @@ class TensorFormat:
                          group_size=self.channel_group(head_dim) if self.axis == "token" else self.group)
 
     def channel_group(self, head_dim: int) -> int:
-        """Channels per scale for axis "token" (group 0 means the whole head)."""
-        return self.group or head_dim
+        """Channels per scale for axis "token" (group 0, or one as wide as the head or wider,
+        means the whole head: a 16-channel head keeps one scale under the default groups of 32)."""
+        return head_dim if not self.group or self.group >= head_dim else self.group
 
     def code_width(self, head_dim: int) -> int:
         """Bytes of codes per token and KV head."""
@@ -171,7 +173,8 @@ def _gcd(a: int, b: int) -> int:
 def parse_layout(text: str | KVLayout) -> KVLayout:
     """Parse `NAME[:gN][:rN][:sym|:asym][:swap]`.
 
-    NAME: f32, bf16, f16 (float); int8 (symmetric, one scale per token and head); int4, int2
+    NAME: f32, bf16, f16 (float); int8 (symmetric, per token in groups of 32 channels; g0 = one
+    scale per token and head); int4, int2
     (asymmetric, per token in groups of 32 channels); kivi2, kivi4 (asymmetric; keys per channel
     in groups of 32 tokens, values per token in groups of 32 channels, R = 128 recent tokens in
     float). gN: the group size; rN: the residual R; swap (KIVI only): keys per token and values
@@ -214,8 +217,8 @@ def parse_layout(text: str | KVLayout) -> KVLayout:
                                  residual=residual)
         key, value = (per_token, per_channel) if swap else (per_channel, per_token)
         return KVLayout(key, value, text)
-    if bits == 8:
-        group = 0 if group is None else group
+    if bits == 8:  # groups of 32 like llama.cpp's q8_0 (benchmarks/kv_layouts.py chose it)
+        group = INT8_GROUP if group is None else group
         symmetric = True if symmetric is None else symmetric
     else:
         group = KIVI_GROUP if group is None else group

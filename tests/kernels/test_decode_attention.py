@@ -253,3 +253,26 @@ def test_grouped_scales_reach_the_pallas_kernel(kind, symmetric):
     assert error(k_pool) < error(whole)
     with pytest.raises(ValueError, match="group must divide head_dim"):
         quantize_pages(k_pages, kind, group=24)
+
+
+def test_xla_path_reads_only_the_filled_pages():
+    """Under jit the XLA path picks, per step, the smallest bucket of table width that holds the
+    longest sequence; the result equals attention over the whole table."""
+    from lowbit.kernels.decode_attention.api import filled_pages_only, width_buckets
+
+    assert width_buckets(20) == [8, 16, 20] and width_buckets(8) == [8] and width_buckets(64) == [8, 16, 32, 64]
+    rng = np.random.default_rng(13)
+    pages, width, ps = 40, 20, 4
+    k_pages = rng.standard_normal((pages, ps, 2, 32)).astype(np.float32)
+    v_pages = rng.standard_normal((pages, ps, 2, 32)).astype(np.float32)
+    tables = rng.permutation(pages)[:2 * width].reshape(2, width).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((2, 4, 32)), jnp.float32)
+    step = jax.jit(lambda lengths: decode_attention(q, jnp.asarray(k_pages), jnp.asarray(v_pages),
+                                                    jnp.asarray(tables), lengths, impl="xla"))
+    seen = []
+    for lengths in ([3, 30], [33, 5], [80, 70]):  # buckets of 8, 16 and 20 pages
+        lengths = np.array(lengths, np.int32)
+        expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
+        np.testing.assert_allclose(np.asarray(step(jnp.asarray(lengths))), expected, rtol=1e-4, atol=1e-4)
+        filled_pages_only(lambda t: seen.append(t.shape[1]), jnp.asarray(tables), lengths, ps)
+    assert seen == [8, 16, 20] and step._cache_size() == 1

@@ -22,7 +22,8 @@ N_KV, HEAD_DIM = 3, 64  # SmolLM2-135M
 @pytest.mark.parametrize("name, expected", [
     ("f32", 2 * 3 * 64 * 4),             # 1536
     ("bf16", 2 * 3 * 64 * 2),            # 768
-    ("int8", 2 * 3 * (64 + 2)),          # codes + one f16 scale per token and head
+    ("int8", 2 * 3 * (64 + 4)),          # codes + an f16 scale per token, head and 32 channels
+    ("int8:g0", 2 * 3 * (64 + 2)),       # one scale per token and head
     ("int4", 2 * 3 * (32 + 2 * 2 * 2)),  # 2 groups of 32 channels, f16 scale + zero each
     ("int2", 2 * 3 * (16 + 2 * 2 * 2)),
     ("kivi2", 3 * (16 + 64 * 4 / 32) + 3 * (16 + 2 * 4)),  # K: per-channel stats over 32 tokens
