@@ -89,37 +89,33 @@ def load_model(name_or_path: str, runtime: str = "packed"):
     return model, Tokenizer.from_gguf(path)
 
 
-def evaluation_tokens(tokenizer, text_source: str):
-    """The evaluation part of a corpus ('pydoc' or a text file), tokenized."""
-    import numpy as np
-
-    from lowbit.data.corpus import load_text, split_tokens
-
-    tokens = np.asarray(tokenizer.encode(load_text(text_source)), np.int32)
-    return split_tokens(tokens)[1]
-
-
 def cmd_eval(args) -> None:
     import math
     import time
 
+    from lowbit.data.corpus import corpus_tokens, default_split
     from lowbit.eval import kl_divergence, perplexity
 
     if args.ctx < 2:
         raise ValueError(f"--ctx must be at least 2 tokens, got {args.ctx}")
     if args.windows is not None and args.windows < 1:
         raise ValueError(f"--windows must be a positive integer, got {args.windows}")
+    split = args.split or default_split(args.text)
     model, tokenizer = load_model(args.model, args.runtime)
-    tokens = evaluation_tokens(tokenizer, args.text)
+    tokens, first_token = corpus_tokens(tokenizer, args.text, split)
     start = time.perf_counter()
+    scoring = {"ctx": args.ctx, "windows": args.windows, "progress": not args.quiet, "score": args.score}
     if args.ref:
         ref_model, _ = load_model(args.ref)
-        r = kl_divergence(model, ref_model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
+        r = kl_divergence(model, ref_model, tokens, **scoring)
         info = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens_scored,
                 "windows": r.windows}
     else:
-        r = perplexity(model, tokens, ctx=args.ctx, windows=args.windows, progress=not args.quiet)
+        r = perplexity(model, tokens, **scoring)
         info = {"ppl": r.ppl, "tokens": r.tokens_scored, "windows": r.windows}
+    # What was scored: windows of ctx tokens back to back from token first_token of the text's
+    # token stream, each scored under the convention `score`.
+    info.update(score=args.score, split=split, first_token=first_token)
     values = {key: info[key] for key in ("ppl", "ref_ppl", "kl") if key in info}
     if not all(math.isfinite(value) for value in values.values()):
         raise ValueError(f"the evaluation of {args.model} is not finite ({values}): the model "
@@ -132,35 +128,47 @@ def cmd_eval(args) -> None:
 
 def cmd_generate(args) -> None:
     import time
-    from pathlib import Path
 
     import jax
 
-    from lowbit.models.llama import generate
-
     from lowbit.decode.cli import check_generate_arguments, read_prompts, run_generate_kv, wants_kv_generation
+    from lowbit.decode.compilation import CompileMeter, enable_compilation_cache
+    from lowbit.models.llama import generate
 
     check_generate_arguments(args)  # before the model loads
     prompt = read_prompts(args)[0]
-    model, tokenizer = load_model(args.model)
-    if wants_kv_generation(args):
-        run_generate_kv(args, model, tokenizer)
-        return
-    ids = tokenizer.encode(prompt)
-    key = jax.random.key(args.seed) if args.temperature > 0 else None
+    enable_compilation_cache()
     start = time.perf_counter()
-    new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, key=key,
-                   eos_id=tokenizer.eos_id)
-    seconds = time.perf_counter() - start
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - start
+    with CompileMeter() as meter:
+        if wants_kv_generation(args):
+            run_generate_kv(args, model, tokenizer, meter=meter, load_s=load_s)
+            return
+        ids = tokenizer.encode(prompt)
+        key = jax.random.key(args.seed) if args.temperature > 0 else None
+        stamps = {}
+        new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, key=key,
+                       eos_id=tokenizer.eos_id, timings=stamps)
     new = [int(t) for t in new.reshape(-1)]
+    seconds = stamps["end"] - stamps["start"]
+    prefill_s = stamps["first_token"] - stamps["start"]
+    decode_s = stamps["end"] - stamps["first_token"]
+    prefill_compile, decode_compile = meter.seconds_of("prefill"), meter.seconds_of("decode")
     info = {"tokens": new, "text": tokenizer.decode(new), "prompt_tokens": len(ids),
-            "seconds": round(seconds, 3), "tokens_per_s": round(len(new) / seconds, 2)}
+            "prompt_bucket": stamps["bucket"], "seconds": round(seconds, 3),
+            "tokens_per_s": round(len(new) / seconds, 2), "load_s": round(load_s, 3),
+            "first_token_s": round(prefill_s, 3), "compile_s": round(meter.seconds, 3),
+            "prefill_tok_s": round(len(ids) / max(prefill_s - prefill_compile, 1e-9), 1),
+            "decode_tok_s": (round((len(new) - 1) / max(decode_s - decode_compile, 1e-9), 2)
+                             if len(new) > 1 else None)}
     if args.json:
         print(json.dumps(info))
     else:
         print(prompt + info["text"])
-        print(f"[{len(new)} tokens in {seconds:.2f} s, {info['tokens_per_s']} tokens/s incl. compile]",
-              file=sys.stderr)
+        print(f"[{len(new)} tokens in {seconds:.2f} s; first token after {prefill_s:.2f} s, compile "
+              f"{info['compile_s']} s, prefill {info['prefill_tok_s']} tok/s, decode {info['decode_tok_s']} "
+              "tok/s]", file=sys.stderr)
 
 
 def cmd_quantize(args) -> None:
@@ -246,9 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fetch", cmd_fetch, "download a named model into the cache and verify it")
     p.add_argument("name")
 
-    p = add("eval", cmd_eval, "perplexity (and KL against --ref) on the evaluation split of a corpus")
+    p = add("eval", cmd_eval, "perplexity (and KL against --ref) over non-overlapping windows of a text")
     p.add_argument("--model", default="smollm2-135m", help="registered name, GGUF path or quantized directory")
     p.add_argument("--text", default="pydoc", help="'pydoc' (the embedded corpus) or a text file")
+    p.add_argument("--split", default=None, choices=("all", "calibration", "evaluation"),
+                   help="which tokens of the text: all (from its first token), or the calibration / "
+                        "evaluation half; default: evaluation for pydoc, all for a file")
+    p.add_argument("--score", default="all", choices=("all", "second-half"),
+                   help="positions scored per window: all after the first (GPTQ convention, default) or "
+                        "the second half only (llama.cpp's llama-perplexity)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
     p.add_argument("--ref", default=None, help="reference model for KL divergence and top-1 agreement")

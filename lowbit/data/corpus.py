@@ -1,5 +1,6 @@
 """Text corpora and token windows: the always-present stdlib pydoc topics (or any text file),
 a deterministic calibration / evaluation split of the token stream, and fixed-length windows.
+The one place that turns a corpus into calibration or evaluation tokens.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 PYDOC = "pydoc"
+SPLITS = ("all", "calibration", "evaluation")
 
 
 def load_text(source: str | Path = PYDOC) -> str:
@@ -99,3 +101,45 @@ def calibration_samples(tokens, n_samples: int, length: int, seed: int = 0,
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, calibration.size - length + 1, size=n_samples)
     return calibration[starts[:, None] + np.arange(length)[None, :]]
+
+
+def default_split(source: str | Path) -> str:
+    """The split scored by default: the evaluation half of the embedded corpus (its other half
+    calibrates the PTQ methods), and the whole of any other text from its first token."""
+    return "evaluation" if str(source) == PYDOC else "all"
+
+
+def corpus_tokens(tokenizer, source: str | Path = PYDOC,
+                  split: str | None = None) -> tuple[np.ndarray, int]:
+    """(tokens int32 [n], first): the tokens of one split of a corpus and the index of the first
+    of them in the whole text's token stream.
+
+    split: "all" (the whole text), "calibration" or "evaluation" (the halves of split_tokens);
+    None picks default_split(source).
+    """
+    split = default_split(source) if split is None else split
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    tokens = np.asarray(tokenizer.encode(load_text(source)), np.int32)
+    if split == "all":
+        return tokens, 0
+    calibration, evaluation = split_tokens(tokens)
+    return (calibration, 0) if split == "calibration" else (evaluation, calibration.size)
+
+
+def evaluation_tokens(tokenizer, source: str | Path = PYDOC) -> np.ndarray:
+    """The evaluation half of a corpus ('pydoc' or a text file), tokenized; never calibrated on."""
+    return corpus_tokens(tokenizer, source, "evaluation")[0]
+
+
+def calibration_tokens(tokenizer, source: str | Path, samples: int, length: int,
+                       seed: int = 0) -> np.ndarray:
+    """[samples, length] int32 windows at seeded offsets from the calibration half of a
+    corpus ('pydoc' or a file); the evaluation half is never touched."""
+    for name, value in (("calibration samples", samples), ("calibration length", length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if length < 2:
+        raise ValueError(f"calibration length must be at least 2 tokens, got {length}")
+    tokens = np.asarray(tokenizer.encode(load_text(source)), np.int32)
+    return calibration_samples(tokens, samples, length, seed=seed)

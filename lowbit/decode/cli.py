@@ -76,9 +76,10 @@ def read_prompts(args) -> list[str]:
     return [prompt]
 
 
-def run_generate_kv(args, model, tokenizer) -> dict:
+def run_generate_kv(args, model, tokenizer, meter=None, load_s: float | None = None) -> dict:
     """Generate for every prompt with the requested cache; prints a table (or JSON with --json) and
-    returns the same information as a dict."""
+    returns the same information as a dict. meter: a running CompileMeter, whose compilation
+    seconds are reported and taken out of the prefill and decode rates."""
     check_generate_arguments(args)
     layout = parse_layout(args.kv or "f32")
     policy = parse_policy(args.kv_policy)
@@ -97,6 +98,9 @@ def run_generate_kv(args, model, tokenizer) -> dict:
     quiet = getattr(args, "quiet", False) or not sys.stderr.isatty()
     completions = generator.generate(requests, progress=not quiet)
     stats = generator.stats
+    compile_prefill = meter.seconds_of("prefill") if meter else 0.0
+    compile_decode = meter.seconds_of("decode") if meter else 0.0
+    decoded = stats.generated_tokens - stats.prefills
     config = model.config
     info = {
         "kv": layout.name, "policy": str(generator.cache.policy),
@@ -109,7 +113,13 @@ def run_generate_kv(args, model, tokenizer) -> dict:
                   "tokens_per_s": round(stats.tokens_per_s, 2), "decode_steps": stats.decode_steps,
                   "mean_batch": round(stats.mean_batch, 2), "preemptions": stats.preemptions,
                   "peak_pages": stats.peak_pages, "mean_kv_utilization": round(stats.mean_utilization, 4),
-                  "shared_prefix_tokens": stats.shared_prefix_tokens},
+                  "shared_prefix_tokens": stats.shared_prefix_tokens,
+                  "first_token_s": round(stats.first_token_seconds, 3),
+                  "compile_s": round(meter.seconds, 3) if meter else None,
+                  "prefill_tok_s": round(stats.prefill_tokens / max(stats.prefill_seconds - compile_prefill, 1e-9), 1),
+                  "decode_tok_s": (round(decoded / max(stats.decode_seconds - compile_decode, 1e-9), 2)
+                                   if decoded else None),
+                  "load_s": None if load_s is None else round(load_s, 3)},
     }
     if getattr(args, "json", False):
         print(json.dumps(info))

@@ -21,6 +21,7 @@ from lowbit.decode.step import decode_step, prefill_step
 from lowbit.kvcache.allocator import OutOfBlocksError
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.policy import FullPolicy
+from lowbit.models.llama import prompt_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,8 @@ class Completion:
 @dataclasses.dataclass
 class GenerationStats:
     """Counters of one generate() call; utilization is averaged over decode steps; prefill_seconds
-    and decode_seconds are the wall time spent in the two jitted steps (compilation included)."""
+    and decode_seconds are the wall time spent in the two jitted steps (compilation included);
+    first_token_seconds: from the start of generate() to the first new token."""
 
     requests: int = 0
     generated_tokens: int = 0
@@ -76,6 +78,7 @@ class GenerationStats:
     peak_pages: int = 0
     mean_utilization: float = 0.0
     mean_batch: float = 0.0
+    first_token_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -107,7 +110,7 @@ class BatchedGenerator:
     share_prefixes: a new prompt that starts with at least one page of a running sequence's tokens
     reuses those pages (float or per-token layouts without a residual, full policy).
     The decode step is jit-compiled once (slots and block tables padded to fixed shapes); prompts
-    are prefilled one at a time, padded to a power of two.
+    are prefilled one at a time, padded to lowbit.models.llama.prompt_bucket lengths.
     """
 
     def __init__(self, model, layout="f32", policy=None, *, slots: int = 8, max_len: int | None = None,
@@ -132,6 +135,7 @@ class BatchedGenerator:
         self.bucket_multiple = max([min_bucket] + groups)
         self.stats = GenerationStats()
         self._order = 0
+        self._start = time.perf_counter()
         self._key_shape = jax.random.key_data(jax.random.key(0)).shape
 
     # ---- public ----------------------------------------------------------------------------
@@ -163,7 +167,7 @@ class BatchedGenerator:
         running: dict[int, _Sequence] = {}
         done: list[Completion | None] = [None] * len(requests)
         utilization = []
-        start = time.perf_counter()
+        start = self._start = time.perf_counter()
         bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc="generate", unit="tok",
                    disable=not progress, leave=False)
         while pending or running:
@@ -246,7 +250,7 @@ class BatchedGenerator:
         return best, best_len
 
     def _bucket(self, n: int) -> int:
-        size = max(self.bucket_multiple, 1 << (n - 1).bit_length())
+        size = max(self.bucket_multiple, prompt_bucket(n))
         return math.ceil(size / self.bucket_multiple) * self.bucket_multiple
 
     def _prefill(self, slot: int, context: list[int], shared: int, seq: _Sequence) -> int:
@@ -316,6 +320,8 @@ class BatchedGenerator:
             self._append(slot, seq, int(chosen[slot]), running, done, bar)
 
     def _append(self, slot, seq: _Sequence, token: int, running, done, bar) -> None:
+        if not self.stats.generated_tokens:
+            self.stats.first_token_seconds = time.perf_counter() - self._start
         seq.generated.append(token)
         self.stats.generated_tokens += 1
         bar.update(1)

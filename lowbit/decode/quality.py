@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from lowbit.decode.step import decode_step
+from lowbit.eval.perplexity import position_sums, summarize_sums
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.layout import KVLayout, TensorFormat, parse_layout, round_trip, running_group_round_trip
 from lowbit.kvcache.policy import FullPolicy, Policy, WindowPolicy, parse_policy
@@ -188,17 +188,11 @@ def final_hidden(model, tokens, layout: str | KVLayout | None = None, policy: st
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _compare_chunk(graphdef, params, hidden, ref_hidden, targets, weight):
-    """Sums over positions (weighted): NLL with hidden, NLL with ref, KL(ref || hidden), top-1."""
+    """position_sums of the logits from hidden against those from ref_hidden."""
     model = nnx.merge(graphdef, params)
-    logits = model.head(hidden)
-    ref = model.head(ref_hidden)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ref_logp = jax.nn.log_softmax(ref, axis=-1)
-    pick = lambda lp: -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
-    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
-    agree = jnp.argmax(logits, -1) == jnp.argmax(ref, -1)
-    return jnp.stack([(pick(logp) * weight).sum(), (pick(ref_logp) * weight).sum(),
-                      (kl * weight).sum(), (agree * weight).sum(), weight.sum()])
+    logp = jax.nn.log_softmax(model.head(hidden).astype(jnp.float32), axis=-1)
+    ref_logp = jax.nn.log_softmax(model.head(ref_hidden).astype(jnp.float32), axis=-1)
+    return position_sums(logp, targets, weight, ref_logp)
 
 
 def compare_hidden(model, hidden, ref_hidden, tokens, weight=None, chunk: int = 256) -> np.ndarray:
@@ -223,18 +217,13 @@ def score_logits(logits, ref_logits, targets) -> np.ndarray:
     """[nll, ref_nll, kl, top1, count] sums for logits / ref_logits [n, vocab] predicting targets [n]."""
     logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1)
     ref = jax.nn.log_softmax(jnp.asarray(ref_logits, jnp.float32), -1)
-    t = jnp.asarray(targets)[:, None]
-    nll = -jnp.take_along_axis(logp, t, -1).sum()
-    ref_nll = -jnp.take_along_axis(ref, t, -1).sum()
-    kl = (jnp.exp(ref) * (ref - logp)).sum()
-    top1 = (logp.argmax(-1) == ref.argmax(-1)).sum()
-    return np.asarray([nll, ref_nll, kl, top1, len(targets)], np.float64)
+    targets = jnp.asarray(targets)
+    return np.asarray(position_sums(logp, targets, jnp.ones(targets.shape), ref), np.float64)
 
 
 def summarize(totals) -> CacheQuality:
-    nll, ref_nll, kl, top1, count = totals
-    return CacheQuality(ppl=math.exp(nll / count), ref_ppl=math.exp(ref_nll / count), kl=kl / count,
-                        top1=top1 / count, tokens=int(count))
+    r = summarize_sums(totals)
+    return CacheQuality(ppl=r["ppl"], ref_ppl=r["ref_ppl"], kl=r["kl"], top1=r["top1"], tokens=r["tokens"])
 
 
 def cache_quality(model, windows, configs: dict, *, weight=None, progress: bool = False) -> dict:

@@ -1,5 +1,7 @@
-"""Evaluation: perplexity and KL divergence against a reference model."""
+"""Evaluation: the one scorer (perplexity, KL and top-1 agreement against a reference)."""
 
-from lowbit.eval.perplexity import KLResult, PerplexityResult, kl_divergence, perplexity
+from lowbit.eval.perplexity import (SCORES, KLResult, PerplexityResult, ReferenceScorer, kl_divergence,
+                                    perplexity, position_sums, summarize_sums)
 
-__all__ = ["KLResult", "PerplexityResult", "kl_divergence", "perplexity"]
+__all__ = ["SCORES", "KLResult", "PerplexityResult", "ReferenceScorer", "kl_divergence", "perplexity",
+           "position_sums", "summarize_sums"]

@@ -568,14 +568,14 @@ class ModelEvaluator:
             from lowbit.models.loader import load_gguf_model
             from lowbit.models.registry import resolve_model
             from lowbit.models.tokenizer import Tokenizer
-            from lowbit.ptq.cli import calibration_tokens
-            from lowbit.ptq.demo import ReferenceScorer, evaluation_split
+            from lowbit.data.corpus import calibration_tokens, evaluation_tokens
+            from lowbit.eval.perplexity import ReferenceScorer
 
             data = self.config.data
             path = resolve_model(self.config.model)
             tokenizer = Tokenizer.from_gguf(path)
             original, _ = load_gguf_model(path)
-            scorer = ReferenceScorer(original, evaluation_split(tokenizer, data["corpus"]),
+            scorer = ReferenceScorer(original, evaluation_tokens(tokenizer, data["corpus"]),
                                      data["ctx"], data["eval_windows"], self.progress)
             calibration = calibration_tokens(tokenizer, data["corpus"], data["calib_samples"],
                                              data["calib_len"])

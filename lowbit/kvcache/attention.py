@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.kernels.decode_attention import QuantizedPagePool, decode_attention
-from lowbit.kvcache.policy import H2OPolicy, WindowPolicy
+from lowbit.kernels.decode_attention.api import filled_pages_only
+from lowbit.kvcache.policy import FullPolicy, H2OPolicy, WindowPolicy
 from lowbit.kvcache.store import (
     CacheSpec,
     from_storage,
@@ -130,6 +131,14 @@ def decode_layer(state: dict, spec: CacheSpec, layer: int, q, k, v, positions, a
                                jnp.maximum(lengths, 1).astype(jnp.int32))
         return out.astype(jnp.float32), state
 
+    if isinstance(policy, FullPolicy):  # read only the filled pages (the widest row decides)
+        def attend_pages(t_tables):
+            keys = read_layer(state, spec, "k", layer, t_tables, positions)
+            values = read_layer(state, spec, "v", layer, t_tables, positions)
+            valid = jnp.arange(keys.shape[1])[None, :] <= positions[:, None]
+            return attend(q, keys, values, valid)[0]
+
+        return filled_pages_only(attend_pages, tables, positions + 1, spec.page_size), state
     keys = read_layer(state, spec, "k", layer, tables, positions)
     values = read_layer(state, spec, "v", layer, tables, positions)
     t = keys.shape[1]

@@ -10,9 +10,10 @@ import re
 import jax
 import jax.numpy as jnp
 
-from lowbit.core.packing import pack_int2, pack_int4, unpack_int2, unpack_int4
+from lowbit.core.packing import pack_int2, unpack_int2
 from lowbit.core.quantize import quantize
 from lowbit.core.spec import QuantSpec
+from lowbit.kernels.decode_attention.pages import dequantize_page_fields, interleave_fields, pack_codes
 
 FLOAT_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 AXES = ("token", "channel")
@@ -20,6 +21,7 @@ BITS = (2, 4, 8)
 STAT_BYTES = 2  # scales and zeros are stored in f16
 KIVI_RESIDUAL = 128  # KIVI's default R
 KIVI_GROUP = 32  # KIVI's G: tokens per key group, channels per value group
+INT8_GROUP = 32  # channels per int8 scale: greedy-exact on 8/8 prompts where whole heads gave 7/8
 LAYOUT_NAMES = ("f32", "bf16", "f16", "int8", "int4", "int2", "kivi2", "kivi4")
 
 
@@ -86,8 +88,9 @@ class TensorFormat:
                          group_size=self.channel_group(head_dim) if self.axis == "token" else self.group)
 
     def channel_group(self, head_dim: int) -> int:
-        """Channels per scale for axis "token" (group 0 means the whole head)."""
-        return self.group or head_dim
+        """Channels per scale for axis "token" (group 0, or one as wide as the head or wider,
+        means the whole head: a 16-channel head keeps one scale under the default groups of 32)."""
+        return head_dim if not self.group or self.group >= head_dim else self.group
 
     def code_width(self, head_dim: int) -> int:
         """Bytes of codes per token and KV head."""
@@ -170,7 +173,8 @@ def _gcd(a: int, b: int) -> int:
 def parse_layout(text: str | KVLayout) -> KVLayout:
     """Parse `NAME[:gN][:rN][:sym|:asym][:swap]`.
 
-    NAME: f32, bf16, f16 (float); int8 (symmetric, one scale per token and head); int4, int2
+    NAME: f32, bf16, f16 (float); int8 (symmetric, per token in groups of 32 channels; g0 = one
+    scale per token and head); int4, int2
     (asymmetric, per token in groups of 32 channels); kivi2, kivi4 (asymmetric; keys per channel
     in groups of 32 tokens, values per token in groups of 32 channels, R = 128 recent tokens in
     float). gN: the group size; rN: the residual R; swap (KIVI only): keys per token and values
@@ -213,8 +217,8 @@ def parse_layout(text: str | KVLayout) -> KVLayout:
                                  residual=residual)
         key, value = (per_token, per_channel) if swap else (per_channel, per_token)
         return KVLayout(key, value, text)
-    if bits == 8:
-        group = 0 if group is None else group
+    if bits == 8:  # groups of 32 like llama.cpp's q8_0 (benchmarks/kv_layouts.py chose it)
+        group = INT8_GROUP if group is None else group
         symmetric = True if symmetric is None else symmetric
     else:
         group = KIVI_GROUP if group is None else group
@@ -230,25 +234,33 @@ def code_dtype(fmt: TensorFormat):
     return jnp.int8 if (fmt.bits == 8 and fmt.symmetric) else jnp.uint8
 
 
+def _kernel_kind(fmt: TensorFormat) -> str | None:
+    """"int8" / "int4" when the decode-attention pools' codec stores this format, else None (int2)."""
+    return f"int{fmt.bits}" if fmt.bits in (4, 8) else None
+
+
 def _pack(codes, fmt: TensorFormat):
-    """Core codes (signed if symmetric) -> stored bytes packed along the last axis."""
-    if fmt.bits == 8:
-        return codes.astype(code_dtype(fmt))
+    """Core codes (signed if symmetric) -> stored bytes packed along the last axis; int8 and int4
+    through the kernels' pack_codes (one encoding for cache and kernel)."""
+    kind = _kernel_kind(fmt)
+    if kind is not None:
+        return pack_codes(codes, kind, fmt.symmetric)
     unsigned = codes.astype(jnp.int16) + (2 ** (fmt.bits - 1) if fmt.symmetric else 0)
-    unsigned = unsigned.astype(jnp.uint8)
-    return pack_int4(unsigned) if fmt.bits == 4 else pack_int2(unsigned)
+    return pack_int2(unsigned.astype(jnp.uint8))
 
 
-def _unpack(packed, fmt: TensorFormat, head_dim: int):
-    """Stored bytes -> code values as float32 [..., head_dim] (the zero point not yet added)."""
-    if fmt.bits == 8:
-        return packed.astype(jnp.float32)
-    u = unpack_int4(packed, head_dim) if fmt.bits == 4 else unpack_int2(packed, head_dim)
-    return u.astype(jnp.float32) - (2 ** (fmt.bits - 1) if fmt.symmetric else 0)
-
-
-def _repeat_last(stat, times: int):
-    return stat if times == 1 else jnp.repeat(stat, times, axis=-1)
+def _dequantize(codes, scale, zero, fmt: TensorFormat, head_dim: int):
+    """Stored bytes with per-group stats [..., n_groups] -> float32 [..., head_dim]; int8 and
+    int4 through the kernels' dequantize_page_fields (one decoding for cache and kernel)."""
+    kind = _kernel_kind(fmt)
+    if kind is not None:
+        return interleave_fields(dequantize_page_fields(codes, scale, zero, kind))
+    group = head_dim // scale.shape[-1]
+    u = unpack_int2(codes, head_dim).astype(jnp.float32) - (2 if fmt.symmetric else 0)
+    out = u * jnp.repeat(scale.astype(jnp.float32), group, axis=-1)
+    if zero is not None:
+        out = out + jnp.repeat(zero.astype(jnp.float32), group, axis=-1)
+    return out
 
 
 def encode_tokens(x, fmt: TensorFormat):
@@ -260,11 +272,7 @@ def encode_tokens(x, fmt: TensorFormat):
 
 def decode_tokens(codes, scale, zero, fmt: TensorFormat, head_dim: int):
     """Inverse of encode_tokens: float32 [..., head_dim]."""
-    group = head_dim // scale.shape[-1]
-    out = _unpack(codes, fmt, head_dim) * _repeat_last(scale.astype(jnp.float32), group)
-    if zero is not None:
-        out = out + _repeat_last(zero.astype(jnp.float32), group)
-    return out
+    return _dequantize(codes, scale, zero, fmt, head_dim)
 
 
 def encode_channels(x, fmt: TensorFormat):
@@ -280,10 +288,7 @@ def decode_channels(codes, scale, zero, fmt: TensorFormat, head_dim: int):
     def expand(stat):
         return jnp.repeat(stat.astype(jnp.float32), fmt.group, axis=stat.ndim - 3)
 
-    out = _unpack(codes, fmt, head_dim) * expand(scale)
-    if zero is not None:
-        out = out + expand(zero)
-    return out
+    return _dequantize(codes, expand(scale), None if zero is None else expand(zero), fmt, head_dim)
 
 
 def round_trip(x, fmt: TensorFormat):

@@ -21,6 +21,7 @@ from lowbit.kvcache.layout import (
     encode_tokens,
     running_group_round_trip,
 )
+from lowbit.kernels.decode_attention.pages import groups_supported
 from lowbit.kvcache.policy import FullPolicy, H2OPolicy, Policy, WindowPolicy
 
 TENSORS = ("k", "v")
@@ -71,10 +72,12 @@ class CacheSpec:
 
 
 def _kernel_format(fmt: TensorFormat, head_dim: int) -> bool:
+    """Floats, or int8/int4 per token with any channel groups the kernel's pools hold (whole
+    heads, or e.g. the default int4 groups of 32)."""
     if not fmt.quantized:
         return True
     return (fmt.axis == "token" and fmt.residual == 0 and fmt.bits in (4, 8)
-            and fmt.channel_group(head_dim) == head_dim)
+            and groups_supported(head_dim, head_dim // fmt.channel_group(head_dim), 2 if fmt.bits == 4 else 1))
 
 
 def storage_dtype(fmt: TensorFormat):

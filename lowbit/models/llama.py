@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 import operator
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -371,18 +372,24 @@ class Llama(nnx.Module):
         return self.head(x)
 
     def forward_with_cache(self, tokens: jax.Array, cache: KVCache, last_only: bool = False,
-                           fresh: bool = False) -> tuple[jax.Array, KVCache]:
+                           fresh: bool = False,
+                           real_len: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Runs tokens: [batch, seq] at cache positions [length, length + seq) (traceable; no
         bounds check). Returns logits [batch, seq or 1, vocab] f32 and the advanced cache.
 
         fresh=True promises an empty cache (length 0), so attention skips the cache buffer.
+        real_len (traced int): only the first real_len tokens are real, the rest padding (a
+        prompt padded to a bucket length): the cache advances by real_len and last_only picks
+        the last real token. Padding keys sit beyond the cache length, where attention never
+        looks, and the next tokens overwrite them.
         """
         x = self.embed_tokens(tokens)
         for i, block in enumerate(self.layers):
             x, cache = block.with_cache(x, cache, i, fresh)
+        advance = tokens.shape[1] if real_len is None else real_len
         if last_only:
-            x = x[:, -1:]
-        cache = cache.replace(length=cache.length + tokens.shape[1])
+            x = x[:, -1:] if real_len is None else jax.lax.dynamic_slice_in_dim(x, real_len - 1, 1, 1)
+        cache = cache.replace(length=cache.length + advance)
         return self.head(x), cache
 
     def prefill(self, tokens: jax.Array, cache: KVCache,
@@ -530,20 +537,31 @@ def decode_step(model_state: tuple[Any, Any], token: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(3,))
-def _prefill_and_select(graphdef, state, tokens, cache, key, temperature, greedy):
+def _prefill_and_select(graphdef, state, tokens, cache, key, temperature, greedy, real_len):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.forward_with_cache(tokens, cache, last_only=True, fresh=True)
+    logits, cache = model.forward_with_cache(tokens, cache, last_only=True, fresh=True,
+                                             real_len=real_len)
     return _select(logits[:, 0], key, jnp.int32(0), temperature, greedy), cache
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length that prefill compiles for: the next power of two up to 128,
+    then the next multiple of 128, so that prompts of similar length share one executable."""
+    if length <= 128:
+        return max(16, 1 << (length - 1).bit_length())
+    return -(-length // 128) * 128
 
 
 def generate(model: Llama, prompt_ids: Any, max_new_tokens: int, temperature: float = 0.0,
              key: jax.Array | None = None, eos_id: int | None = None,
-             cache_dtype: Any = None) -> np.ndarray:
+             cache_dtype: Any = None, timings: dict | None = None) -> np.ndarray:
     """Generates up to max_new_tokens after prompt_ids ([seq] or [batch, seq]) with a KV cache.
 
     temperature 0 is greedy (argmax); above 0 samples from softmax(logits / temperature) with
     the explicit PRNG key. Stops once every sequence has produced eos_id. Returns the new ids
-    ([n] or [batch, n]); a sequence that ended early is padded with eos_id.
+    ([n] or [batch, n]); a sequence that ended early is padded with eos_id. The prompt is
+    padded to prompt_bucket(seq) for prefill. timings, when given, receives time.perf_counter()
+    stamps "start", "first_token" (the first new token is on the host) and "end", and "bucket".
     """
     if not isinstance(model, Llama):
         raise ValueError(f"model must be a Llama, got {type(model).__name__}")
@@ -574,13 +592,21 @@ def generate(model: Llama, prompt_ids: Any, max_new_tokens: int, temperature: fl
     if max_new_tokens == 0:
         empty = np.zeros((batch, 0), np.int32)
         return empty[0] if squeeze else empty
-    # Round the cache up so that nearby lengths share one compiled step.
-    max_len = min(config.max_seq_len, -(-total // 128) * 128)
+    stamps = {} if timings is None else timings
+    stamps["start"] = time.perf_counter()
+    # Pad the prompt and round the cache up so that nearby lengths share compiled steps.
+    bucket = min(prompt_bucket(prompt_len), config.max_seq_len)
+    max_len = min(config.max_seq_len, -(-max(total, bucket) // 128) * 128)
     cache = KVCache.create(config, batch, max_len, cache_dtype or model.dtype)
     key = jax.random.key(0) if key is None else key
     temperature = jnp.float32(max(temperature, 1e-6))
     graphdef, state = nnx.split(model)
-    token, cache = _prefill_and_select(graphdef, state, tokens, cache, key, temperature, greedy)
+    padded = jnp.pad(tokens, ((0, 0), (0, bucket - prompt_len)))
+    token, cache = _prefill_and_select(graphdef, state, padded, cache, key, temperature, greedy,
+                                       jnp.int32(prompt_len))
+    stamps["bucket"] = bucket
+    token.block_until_ready()
+    stamps["first_token"] = time.perf_counter()
     out = [token]
     done = np.zeros(batch, bool)
     decode_and_select = _decode_jits()[1]
@@ -593,6 +619,7 @@ def generate(model: Llama, prompt_ids: Any, max_new_tokens: int, temperature: fl
                                          jnp.int32(step), temperature, greedy)
         out.append(token)
     ids = np.stack([np.asarray(t) for t in out], axis=1)
+    stamps["end"] = time.perf_counter()
     if eos_id is not None:
         ended = np.cumsum(ids == eos_id, axis=1) > 0
         after = np.concatenate([np.zeros((batch, 1), bool), ended[:, :-1]], axis=1)

@@ -15,7 +15,7 @@ import numpy as np
 
 from lowbit.checkpoint import load, read_info, save
 from lowbit.core.spec import QuantSpec
-from lowbit.data.corpus import PYDOC
+from lowbit.data.corpus import PYDOC, calibration_tokens
 from lowbit.ptq.methods import get_method, run_method
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")  # the registry's weight methods
@@ -72,21 +72,6 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="new directory for the checkpoint")
     _add(parser, "--json", action="store_true", help="print one JSON object instead of a table")
     _add(parser, "--quiet", action="store_true", help="no progress bars")
-
-
-def calibration_tokens(tokenizer, source: str, samples: int, length: int,
-                       seed: int = 0) -> np.ndarray:
-    """[samples, length] int32 windows at seeded offsets from the calibration half of a
-    corpus ('pydoc' or a file); the evaluation half is never touched."""
-    from lowbit.data.corpus import calibration_samples, load_text
-
-    for name, value in (("calibration samples", samples), ("calibration length", length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if length < 2:
-        raise ValueError(f"calibration length must be at least 2 tokens, got {length}")
-    tokens = np.asarray(tokenizer.encode(load_text(source)), np.int32)
-    return calibration_samples(tokens, samples, length, seed=seed)
 
 
 def _check_method_options(args) -> None:

@@ -5,20 +5,17 @@ scored on the pydoc evaluation split (bits per weight, perplexity, KL vs the ori
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
+from lowbit.data.corpus import calibration_tokens, evaluation_tokens
+from lowbit.eval.perplexity import ReferenceScorer
 from lowbit.ptq.methods import get_method, run_method
 
 DEMO_SPECS = ("int4:g64:asym", "int3:g64:asym")
@@ -30,72 +27,6 @@ DEMO_EVAL_WINDOWS = 4
 DEMO_CTX = 512
 DEMO_AWQ = {"search_sequences": 1, "search_tokens": 256, "clip_tokens": 128}
 COLUMNS = ["method", "weights", "label", "bits_per_weight", "ppl", "kl", "top1", "quantize_s"]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _reference_window(graphdef, state, tokens):
-    logits = nnx.merge(graphdef, state)(tokens).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs[:, :-1], tokens[:, 1:, None], axis=-1)
-    return log_probs.astype(jnp.float16), -picked.sum()
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _scored_window(graphdef, state, tokens, reference):
-    logits = nnx.merge(graphdef, state)(tokens).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    ref = reference.astype(jnp.float32)
-    ref = ref - jax.nn.logsumexp(ref, axis=-1, keepdims=True)  # renormalize after f16 storage
-    kl = jnp.sum(jnp.exp(ref) * (ref - log_probs), axis=-1)[:, :-1].sum()
-    picked = jnp.take_along_axis(log_probs[:, :-1], tokens[:, 1:, None], axis=-1)
-    agree = (jnp.argmax(log_probs, -1) == jnp.argmax(ref, -1))[:, :-1].sum()
-    return kl, -picked.sum(), agree
-
-
-class ReferenceScorer:
-    """Perplexity, KL(reference || model) and top-1 agreement on fixed windows, with the
-    reference's log-probabilities computed once and kept in f16 on the host
-    (windows * ctx * vocab * 2 bytes: 0.2 GB for 4 windows of 512 over 49152 tokens).
-
-    tokens: 1-D evaluation tokens; the first `windows` non-overlapping windows of ctx are used.
-    """
-
-    def __init__(self, reference_model, tokens, ctx: int = DEMO_CTX,
-                 windows: int = DEMO_EVAL_WINDOWS, progress: bool = False):
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1 or tokens.size < ctx * windows or windows < 1 or ctx < 2:
-            raise ValueError(f"need a 1-D token array of at least windows * ctx = "
-                             f"{windows} * {ctx} tokens, got shape {tokens.shape}")
-        self.windows = tokens[:windows * ctx].reshape(windows, ctx).astype(np.int32)
-        self.scored = windows * (ctx - 1)
-        graphdef, state = nnx.split(reference_model)
-        self.reference = []
-        total = 0.0
-        for window in tqdm(self.windows, desc="reference", disable=not progress, leave=False):
-            log_probs, nll = _reference_window(graphdef, state, jnp.asarray(window[None]))
-            self.reference.append(np.asarray(log_probs))
-            total += float(nll)
-        self.ref_ppl = math.exp(total / self.scored)
-
-    def score(self, model, progress: bool = False) -> dict[str, float]:
-        """{"ppl", "kl", "top1", "ref_ppl"} of model on the windows."""
-        graphdef, state = nnx.split(model)
-        totals = np.zeros(3)
-        for window, reference in tqdm(list(zip(self.windows, self.reference)), desc="score",
-                                      disable=not progress, leave=False):
-            parts = _scored_window(graphdef, state, jnp.asarray(window[None]),
-                                   jnp.asarray(reference))
-            totals += [float(p) for p in parts]
-        kl, nll, agree = totals / self.scored
-        return {"ppl": math.exp(nll), "kl": float(kl), "top1": float(agree),
-                "ref_ppl": self.ref_ppl}
-
-
-def evaluation_split(tokenizer, corpus: str = "pydoc") -> np.ndarray:
-    """The evaluation half of a corpus (never used for calibration)."""
-    from lowbit.data.corpus import load_text, split_tokens
-
-    return split_tokens(np.asarray(tokenizer.encode(load_text(corpus)), np.int32))[1]
 
 
 def demo_runs(methods: Sequence[str] = DEMO_METHODS, specs: Sequence[str] = DEMO_SPECS,
@@ -135,12 +66,11 @@ def run_ptq_table(runs: Sequence[dict[str, Any]], model: str = "smollm2-135m", *
     from lowbit.models.loader import load_gguf_model
     from lowbit.models.registry import resolve_model
     from lowbit.models.tokenizer import Tokenizer
-    from lowbit.ptq.cli import calibration_tokens
 
     path = resolve_model(model)
     tokenizer = Tokenizer.from_gguf(path)
     original, _ = load_gguf_model(path)
-    scorer = ReferenceScorer(original, evaluation_split(tokenizer, corpus), ctx, eval_windows,
+    scorer = ReferenceScorer(original, evaluation_tokens(tokenizer, corpus), ctx, eval_windows,
                              progress)
     calibration = calibration_tokens(tokenizer, corpus, calib_samples, calib_len)
     rows = [{"method": "original", "weights": "gguf Q4_1", "label": "", "bits_per_weight": 5.0,

@@ -5,7 +5,6 @@ linear to meet a bits-per-weight budget at the least summed sensitivity, applied
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
 import json
@@ -14,14 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from lowbit.core.packing import pack
 from lowbit.core.quantize import quantize
+from lowbit.eval.perplexity import ReferenceScorer
 from lowbit.files import write_text_atomic
 from lowbit.ptq.driver import check_calibration, linear_paths, module_at
 from lowbit.ptq.result import PTQResult, QuantizedLinear
@@ -29,17 +27,6 @@ from lowbit.ptq.rtn import parse_weight_spec, rtn_quantize_layer
 
 DEFAULT_CANDIDATES = ("int2:g64:asym", "int3:g64:asym", "int4:g64:asym")
 SENSITIVITY_TOKENS = 256  # tokens of the first calibration sequence scored per measurement
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _log_probs(graphdef, state, tokens):
-    return jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens).astype(jnp.float32), axis=-1)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _mean_kl(graphdef, state, tokens, reference):
-    log_probs = jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens).astype(jnp.float32), -1)
-    return jnp.mean(jnp.sum(jnp.exp(reference) * (reference - log_probs), axis=-1))
 
 
 def _candidate_specs(candidates: Sequence[str]) -> list[str]:
@@ -60,15 +47,15 @@ def layer_sensitivity(model, calibration, candidates: Sequence[str] = DEFAULT_CA
     scored (calibration text: the allocation must not be tuned on the evaluation split). Each
     linear is quantized (RTN) alone, scored and restored, so the model is unchanged afterwards.
     Returns {"candidates": [...], "tokens": n, "layers": {path: {"weights": n,
-    "bits": {spec: packed bits}, "kl": {spec: mean KL per token}}}}.
+    "bits": {spec: packed bits}, "kl": {spec: mean KL per token}}}}, the KL over the
+    positions that predict a token (lowbit.eval's "all" convention).
     """
     specs = _candidate_specs(candidates)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
         raise ValueError(f"tokens must be an integer >= 2, got {tokens!r}")
-    window = check_calibration(calibration, model.config)[:1, :tokens]
-    window = jnp.asarray(window)
-    graphdef, state = nnx.split(model)
-    reference = _log_probs(graphdef, state, window)
+    window = np.asarray(check_calibration(calibration, model.config)[:1, :tokens])
+    reference = ReferenceScorer(model, window[0], ctx=window.shape[1], windows=1,
+                                dtype=jnp.float32)
     layers: dict[str, Any] = {}
     paths = linear_paths(len(model.layers))
     for path in tqdm(paths, desc="sensitivity", unit="linear", disable=not progress,
@@ -81,8 +68,7 @@ def layer_sensitivity(model, calibration, candidates: Sequence[str] = DEFAULT_CA
             q = quantize(kernel, spec, axis=0)
             entry["bits"][spec] = int(8 * pack(q).nbytes)
             linear.kernel.set_value(q.dequantize().astype(original.dtype))
-            graphdef, state = nnx.split(model)
-            entry["kl"][spec] = float(_mean_kl(graphdef, state, window, reference))
+            entry["kl"][spec] = reference.score(model)["kl"]
         linear.kernel.set_value(original)
         layers[path] = entry
     return {"candidates": specs, "tokens": int(window.shape[1]),

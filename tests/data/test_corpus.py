@@ -80,3 +80,40 @@ def test_calibration_samples_stay_in_the_calibration_part():
         calibration_samples(np.arange(20), 4, 16)
     with pytest.raises(ValueError, match="n_samples must be a positive integer"):
         calibration_samples(tokens, 0, 16)
+
+
+class BytesAsIds:
+    def encode(self, text):
+        return list(text.encode())
+
+
+def test_corpus_tokens_split_and_first_token(tmp_path):
+    from lowbit.data.corpus import corpus_tokens, default_split, evaluation_tokens
+
+    path = tmp_path / "file.txt"
+    path.write_text("abcdefghij")
+    whole, first = corpus_tokens(BytesAsIds(), path)  # a file: all of it, from its first token
+    assert first == 0 and whole.tolist() == list(b"abcdefghij") and whole.dtype == np.int32
+    evaluation, first = corpus_tokens(BytesAsIds(), path, "evaluation")
+    assert first == 5 and evaluation.tolist() == list(b"fghij")
+    assert evaluation_tokens(BytesAsIds(), path).tolist() == list(b"fghij")
+    calibration, first = corpus_tokens(BytesAsIds(), path, "calibration")
+    assert first == 0 and calibration.tolist() == list(b"abcde")
+    assert (default_split("pydoc"), default_split(path)) == ("evaluation", "all")
+    with pytest.raises(ValueError, match="split must be one of all, calibration, evaluation"):
+        corpus_tokens(BytesAsIds(), path, "test")
+
+
+def test_calibration_tokens_come_from_the_calibration_half(tmp_path):
+    from lowbit.data.corpus import calibration_tokens
+
+    path = tmp_path / "file.txt"
+    path.write_text("".join(chr(65 + i % 26) for i in range(200)))
+    windows = calibration_tokens(BytesAsIds(), path, samples=6, length=8, seed=1)
+    stream = np.asarray(list(path.read_bytes()))
+    assert windows.shape == (6, 8)
+    for window in windows:  # each window is a run of the first 100 tokens
+        starts = [s for s in range(100 - 8 + 1) if (stream[s:s + 8] == window).all()]
+        assert starts
+    with pytest.raises(ValueError, match="calibration length must be at least 2"):
+        calibration_tokens(BytesAsIds(), path, samples=2, length=1)

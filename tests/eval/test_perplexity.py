@@ -89,3 +89,70 @@ def test_bad_tokens_are_rejected(model, tokens):
     with pytest.raises(ValueError, match="ref_model.config.vocab_size"):
         small = Llama(LlamaConfig.tiny(vocab_size=16), rngs=nnx.Rngs(0))
         kl_divergence(model, small, np.full(64, 20), ctx=32)
+
+
+# Values computed by the scorers as they were before they became one (tiny model, Rngs(7),
+# int2:g16:asym RTN copy; the first 5 * 32 + 7 tokens of default_rng(0) below 128). The default
+# convention's numbers must not move.
+SAVED = {"ppl": 211.688723828114, "kl": 0.45240213794092976, "top1": 0.12096774193548387,
+         "kl_ppl": 211.81130043452626, "ref_ppl": 197.01573581999526,
+         "scorer_kl": 0.4523901862482871, "scorer_ppl": 211.81127437014118}
+
+
+@pytest.fixture(scope="module")
+def saved_models():
+    from lowbit.ptq.rtn import rtn_quantize
+
+    reference = Llama(CONFIG, rngs=nnx.Rngs(7))
+    quantized = Llama(CONFIG, rngs=nnx.Rngs(7))
+    rtn_quantize(quantized, "int2:g16:asym")
+    return reference, quantized
+
+
+def test_default_convention_values_are_unchanged(saved_models, tokens):
+    from lowbit.eval import ReferenceScorer
+
+    reference, quantized = saved_models
+    tokens = np.asarray(tokens, np.int32)
+    assert perplexity(reference, tokens, ctx=32).ppl == pytest.approx(SAVED["ppl"], rel=1e-6)
+    r = kl_divergence(quantized, reference, tokens, ctx=32, windows=4, batch_size=3)
+    assert (r.kl, r.top1, r.ppl, r.ref_ppl) == pytest.approx(
+        (SAVED["kl"], SAVED["top1"], SAVED["kl_ppl"], SAVED["ref_ppl"]), rel=1e-5)
+    got = ReferenceScorer(reference, tokens, ctx=32, windows=4).score(quantized)
+    assert got["kl"] == pytest.approx(SAVED["scorer_kl"], rel=1e-5)  # f16-stored reference
+    assert got["ppl"] == pytest.approx(SAVED["scorer_ppl"], rel=1e-6)
+    assert got["ref_ppl"] == pytest.approx(SAVED["ref_ppl"], rel=1e-6)
+
+
+def test_second_half_scores_only_the_second_half_of_each_window(model, tokens):
+    """llama.cpp's convention: logits at positions ctx//2 .. ctx-2 predict tokens ctx//2+1 ..
+    ctx-1 of each window (15 positions of a 32-token window)."""
+    windows = np.asarray(tokens[: 3 * 32]).reshape(3, 32)
+    logits = np.asarray(jax.jit(model.__call__)(jnp.asarray(windows, jnp.int32)), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(log_probs[:, :-1], windows[:, 1:, None], -1)[..., 0]
+    second_half = -picked[:, 16:].mean()
+    result = perplexity(model, tokens, ctx=32, windows=3, batch_size=2, score="second-half")
+    assert (result.tokens_scored, result.score) == (3 * 15, "second-half")
+    assert result.nll == pytest.approx(second_half, rel=1e-5)
+    assert result.nll != pytest.approx(-picked.mean(), rel=1e-3)
+    kl = kl_divergence(model, model, tokens, ctx=32, windows=3, score="second-half")
+    assert kl.ppl == pytest.approx(result.ppl, rel=1e-5) and kl.tokens_scored == 3 * 15
+    with pytest.raises(ValueError, match="score must be one of all, second-half"):
+        perplexity(model, tokens, ctx=32, score="half")
+
+
+def test_position_sums_weights_and_reference():
+    from lowbit.eval import position_sums, summarize_sums
+
+    log_probs = jax.nn.log_softmax(jnp.asarray([[[0.0, 1.0, 2.0], [2.0, 0.0, 0.0]]]), -1)
+    uniform = jnp.full((1, 2, 3), -math.log(3.0))
+    targets = jnp.asarray([[2, 0]])
+    sums = position_sums(log_probs, targets, jnp.asarray([[1.0, 0.0]]), uniform)
+    expected_nll = -float(log_probs[0, 0, 2])
+    expected_kl = float(-math.log(3.0) - log_probs[0, 0].mean())
+    assert np.asarray(sums) == pytest.approx([expected_nll, math.log(3.0), expected_kl, 0.0, 1.0],
+                                             rel=1e-6)
+    summary = summarize_sums(sums)
+    assert summary["ppl"] == pytest.approx(math.exp(expected_nll), rel=1e-6)
+    assert summary["tokens"] == 1 and summary["ref_ppl"] == pytest.approx(3.0, rel=1e-6)

@@ -230,3 +230,49 @@ def test_triton_shape_limits():
     plan = plan_decode(2, 9, 3, 64, 16, 40, 1, 1, DecodeAttentionConfig(), interpret=False)
     assert plan.group_padded == 16 and plan.pages_per_block == 4 and plan.table_width == 40
     assert plan.num_splits * plan.blocks_per_split >= 10
+
+
+@pytest.mark.parametrize("kind, symmetric", [("int4", False), ("int4", True), ("int8", True)])
+def test_grouped_scales_reach_the_pallas_kernel(kind, symmetric):
+    """Pools with one scale per group of 16 channels (lowbit.kvcache's default int4 layout is
+    groups of 32): the Pallas kernel (interpret) equals dense attention over the dequantized pages."""
+    k_pages, v_pages, tables, lengths = _paged_cache(2, 64, seed=11)
+    k_pool = quantize_pages(k_pages, kind, symmetric=symmetric, group=16)
+    v_pool = quantize_pages(v_pages, kind, symmetric=symmetric, group=16)
+    assert k_pool.scale.shape == (*k_pool.codes.shape[:3], 4)
+    q = jnp.asarray(np.random.default_rng(12).standard_normal((len(lengths), 4, 64)), jnp.float32)
+    expected = _attention(np.asarray(q), _dense(k_pool.dequantize(), tables),
+                          _dense(v_pool.dequantize(), tables), lengths)
+    for impl in ("pallas", "xla"):
+        out = decode_attention(q, k_pool, v_pool, jnp.asarray(tables), jnp.asarray(lengths), impl=impl,
+                               interpret=True if impl == "pallas" else None, config=SMALL_BLOCKS)
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
+    # groups are finer than whole heads: closer to the float pages than one scale per head
+    whole = quantize_pages(k_pages, kind, symmetric=symmetric)
+    error = lambda pool: np.abs(np.asarray(pool.dequantize()) - k_pages).mean()
+    assert error(k_pool) < error(whole)
+    with pytest.raises(ValueError, match="group must divide head_dim"):
+        quantize_pages(k_pages, kind, group=24)
+
+
+def test_xla_path_reads_only_the_filled_pages():
+    """Under jit the XLA path picks, per step, the smallest bucket of table width that holds the
+    longest sequence; the result equals attention over the whole table."""
+    from lowbit.kernels.decode_attention.api import filled_pages_only, width_buckets
+
+    assert width_buckets(20) == [8, 16, 20] and width_buckets(8) == [8] and width_buckets(64) == [8, 16, 32, 64]
+    rng = np.random.default_rng(13)
+    pages, width, ps = 40, 20, 4
+    k_pages = rng.standard_normal((pages, ps, 2, 32)).astype(np.float32)
+    v_pages = rng.standard_normal((pages, ps, 2, 32)).astype(np.float32)
+    tables = rng.permutation(pages)[:2 * width].reshape(2, width).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((2, 4, 32)), jnp.float32)
+    step = jax.jit(lambda lengths: decode_attention(q, jnp.asarray(k_pages), jnp.asarray(v_pages),
+                                                    jnp.asarray(tables), lengths, impl="xla"))
+    seen = []
+    for lengths in ([3, 30], [33, 5], [80, 70]):  # buckets of 8, 16 and 20 pages
+        lengths = np.array(lengths, np.int32)
+        expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
+        np.testing.assert_allclose(np.asarray(step(jnp.asarray(lengths))), expected, rtol=1e-4, atol=1e-4)
+        filled_pages_only(lambda t: seen.append(t.shape[1]), jnp.asarray(tables), lengths, ps)
+    assert seen == [8, 16, 20] and step._cache_size() == 1

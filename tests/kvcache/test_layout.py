@@ -22,7 +22,8 @@ N_KV, HEAD_DIM = 3, 64  # SmolLM2-135M
 @pytest.mark.parametrize("name, expected", [
     ("f32", 2 * 3 * 64 * 4),             # 1536
     ("bf16", 2 * 3 * 64 * 2),            # 768
-    ("int8", 2 * 3 * (64 + 2)),          # codes + one f16 scale per token and head
+    ("int8", 2 * 3 * (64 + 4)),          # codes + an f16 scale per token, head and 32 channels
+    ("int8:g0", 2 * 3 * (64 + 2)),       # one scale per token and head
     ("int4", 2 * 3 * (32 + 2 * 2 * 2)),  # 2 groups of 32 channels, f16 scale + zero each
     ("int2", 2 * 3 * (16 + 2 * 2 * 2)),
     ("kivi2", 3 * (16 + 64 * 4 / 32) + 3 * (16 + 2 * 4)),  # K: per-channel stats over 32 tokens
@@ -128,3 +129,34 @@ def test_per_token_round_trip_error_is_within_half_a_step(name):
     group = HEAD_DIM // scale.shape[-1]
     step = np.repeat(np.asarray(scale, np.float32), group, axis=-1)
     assert (np.abs(np.asarray(back) - np.asarray(x)) <= step / 2 + 1e-2 * np.abs(np.asarray(x)) + 1e-3).all()
+
+
+@pytest.mark.parametrize("name", ["int4", "int4:g16:sym", "int8", "int8:g32", "int8:g32:asym"])
+def test_cache_and_kernel_share_one_codec(name):
+    """What the cache stores, read back by the cache and by the kernel's QuantizedPagePool, is
+    the same number (one int4/int8 encoding and decoding)."""
+    import jax.numpy as jnp
+
+    from lowbit.kernels.decode_attention import QuantizedPagePool
+    from lowbit.kvcache.layout import decode_tokens, encode_tokens
+
+    fmt = parse_layout(name).key
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((5, 4, 2, 64)), jnp.float32)
+    codes, scale, zero = encode_tokens(x, fmt)
+    pool = QuantizedPagePool(codes, scale, zero, f"int{fmt.bits}")
+    pool.validate()
+    np.testing.assert_array_equal(np.asarray(pool.dequantize()), np.asarray(decode_tokens(codes, scale, zero, fmt, 64)))
+
+
+def test_default_int4_and_grouped_int8_reach_the_decode_kernel():
+    from lowbit.kvcache.policy import parse_policy
+    from lowbit.kvcache.store import CacheSpec
+
+    def spec(layout, policy=None):
+        return CacheSpec(n_layers=1, n_kv_heads=2, head_dim=64, page_size=32, num_pages=4, slots=1,
+                         table_width=4, layout=parse_layout(layout), policy=parse_policy(policy).resolve(128))
+
+    for layout in ("int4", "int4:g32:sym", "int8", "int8:g32", "f32"):
+        assert spec(layout).kernel_compatible, layout
+    for layout in ("int2", "kivi2", "int4:g32:r16"):
+        assert not spec(layout).kernel_compatible, layout

@@ -375,3 +375,32 @@ def test_from_weights_reports_unknown_missing_and_misshapen(model):
         Llama.from_weights(CONFIG, bad)
     with pytest.raises(ValueError, match="given twice"):
         Llama.from_weights(CONFIG, weights[:2] + weights[1:])
+
+
+def test_prompt_buckets():
+    from lowbit.models.llama import prompt_bucket
+
+    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 128, 129, 514, 520, 640)] == \
+        [16, 16, 32, 128, 128, 256, 640, 640, 640]
+
+
+def test_prompts_of_one_bucket_share_one_compiled_prefill_and_stay_exact(model, forward):
+    """Prompts of 17..32 tokens pad to 32: one prefill executable; the padding never changes
+    the greedy tokens (against repeated full forwards of the unpadded sequence)."""
+    from lowbit.models import llama
+
+    sizes = []
+    graphdef, state = nnx.split(model)
+    for length, seed in ((19, 21), (30, 22)):
+        prompt = _tokens(seed, (1, length))
+        stamps = {}
+        new = generate(model, prompt, max_new_tokens=4, timings=stamps)
+        assert stamps["bucket"] == 32
+        assert stamps["start"] <= stamps["first_token"] <= stamps["end"]
+        sequence = jnp.zeros((1, length + 4), jnp.int32).at[:, :length].set(prompt)
+        for t in range(length, length + 4):
+            next_token = jnp.argmax(forward(graphdef, state, sequence)[:, t - 1], axis=-1)
+            sequence = sequence.at[:, t].set(next_token.astype(jnp.int32))
+        np.testing.assert_array_equal(new, np.asarray(sequence[:, length:]))
+        sizes.append(llama._prefill_and_select._cache_size())
+    assert sizes[1] == sizes[0]  # the second length compiled nothing new

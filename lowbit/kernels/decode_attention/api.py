@@ -22,6 +22,37 @@ QUERY_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _reference_jit = jax.jit(decode_attention_reference, static_argnames=("softmax_scale",))
 
 
+MIN_BUCKET_PAGES = 8
+
+
+def width_buckets(width: int, minimum: int = MIN_BUCKET_PAGES) -> list[int]:
+    """Table widths an XLA decode step is compiled for: minimum, 2 * minimum, ... below width,
+    then width itself."""
+    buckets = []
+    size = minimum
+    while size < width:
+        buckets.append(size)
+        size *= 2
+    return buckets + [width]
+
+
+def filled_pages_only(attend, tables, lengths, page_size: int):
+    """attend(tables[:, :n]) for the smallest bucket width n that holds every sequence's filled
+    pages, so that the XLA path reads the filled length (within 2x), not the whole table width.
+    Under jit every bucket is compiled once and lax.switch runs one of them; lengths: [B] int."""
+    width = tables.shape[1]
+    buckets = width_buckets(width)
+    if len(buckets) == 1:
+        return attend(tables)
+    needed = (jnp.max(lengths) + page_size - 1) // page_size
+    if is_concrete(needed):
+        n = next(b for b in buckets if b >= int(needed))
+        return attend(tables[:, :n])
+    index = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), needed.astype(jnp.int32))
+    branches = [lambda t, n=n: attend(t[:, :n]) for n in buckets]
+    return jax.lax.switch(jnp.minimum(index, len(buckets) - 1), branches, tables)
+
+
 def _pool_shape(pages, name: str) -> tuple[int, int, int, int]:
     if isinstance(pages, QuantizedPagePool):
         pages.validate(name)
@@ -113,7 +144,9 @@ def decode_attention(
                 raise
     if plan is None:
         tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
-        return _reference_jit(q, k_pages, v_pages, tables, lengths.astype(jnp.int32),
-                              softmax_scale=float(softmax_scale))
+        return filled_pages_only(
+            lambda t: _reference_jit(q, k_pages, v_pages, t, lengths.astype(jnp.int32),
+                                     softmax_scale=float(softmax_scale)),
+            tables, lengths, page_size)
     return decode_attention_pallas(q, k_pages, v_pages, block_tables, lengths, softmax_scale=float(softmax_scale),
                                    plan=plan, interpret=interpret)

@@ -87,10 +87,9 @@ def _pool_parts(pages):
     return None, [pages]
 
 
-def _part_spec(array, stat: bool):
+def _part_spec(array):
+    """Pages, codes or a stat ([P, ps, Hkv, n_groups]) of one kv head: the kernel sees [P, ps, last]."""
     p, s, _, d = array.shape
-    if stat:  # [P, ps, Hkv, 1] -> kernel sees [P, ps]
-        return pl.BlockSpec((p, s, None, None), lambda b, h, sp: (0, 0, h, 0))
     return pl.BlockSpec((p, s, None, d), lambda b, h, sp: (0, 0, h, 0))
 
 
@@ -101,8 +100,9 @@ def _load_fields(refs, kind, pages, block_tokens: int, dtype):
         return (tile.reshape(block_tokens, tile.shape[-1]).astype(dtype),)
     codes = refs[0][pages]
     codes = codes.reshape(block_tokens, codes.shape[-1])
-    scale = refs[1][pages].reshape(block_tokens, 1)
-    zero = refs[2][pages].reshape(block_tokens, 1) if len(refs) == 3 else None
+    groups = refs[1].shape[-1]
+    scale = refs[1][pages].reshape(block_tokens, groups)
+    zero = refs[2][pages].reshape(block_tokens, groups) if len(refs) == 3 else None
     return tuple(f.astype(dtype) for f in dequantize_page_fields(codes, scale, zero, kind))
 
 
@@ -189,8 +189,8 @@ def decode_attention_pallas(q, k_pages, v_pages, block_tables, lengths, *, softm
         pl.BlockSpec((None, plan.table_width), lambda i, h, s: (i, 0)),
         pl.BlockSpec((None, None, kf, gp, d // kf), lambda i, h, s: (i, h, 0, 0, 0)),
     ]
-    in_specs += [_part_spec(a, j > 0) for j, a in enumerate(k_parts)]
-    in_specs += [_part_spec(a, j > 0) for j, a in enumerate(v_parts)]
+    in_specs += [_part_spec(a) for a in k_parts]
+    in_specs += [_part_spec(a) for a in v_parts]
     out_shape = [
         jax.ShapeDtypeStruct((b, n_kv, splits, vf, gp, d // vf), jnp.float32),
         jax.ShapeDtypeStruct((b, n_kv, splits, gp), jnp.float32),

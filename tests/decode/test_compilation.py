@@ -1,0 +1,66 @@
+"""The persistent compilation cache (a second process loads what the first compiled) and the
+compile-seconds meter."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from lowbit.decode.compilation import CompileMeter, compilation_cache_dir
+
+SCRIPT = """
+import json, time, jax, jax.numpy as jnp
+from lowbit.decode.compilation import CompileMeter, enable_compilation_cache
+enable_compilation_cache()
+@jax.jit
+def twenty_matmuls(x):
+    for _ in range(20):
+        x = jnp.tanh(x @ x)
+    return x
+with CompileMeter() as meter:
+    twenty_matmuls(jnp.ones((32, 32))).block_until_ready()
+print(json.dumps({"compile_s": meter.seconds_of("twenty_matmuls")}))
+"""
+
+
+def _run(env):
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_reads_the_executable_from_the_cache(tmp_path):
+    env = dict(os.environ, LOWBIT_COMPILE_CACHE=str(tmp_path / "jax"), JAX_PLATFORMS="cpu")
+    first = _run(env)
+    entries = [p.name for p in (tmp_path / "jax").iterdir()]
+    assert any("twenty_matmuls" in name for name in entries), entries
+    second = _run(env)
+    assert second["compile_s"] < first["compile_s"], (first, second)
+
+
+def test_cache_directory_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "root"))
+    monkeypatch.delenv("LOWBIT_COMPILE_CACHE", raising=False)
+    assert compilation_cache_dir() == tmp_path / "root" / "jax"
+    monkeypatch.setenv("LOWBIT_COMPILE_CACHE", "off")
+    assert compilation_cache_dir() is None
+    monkeypatch.setenv("LOWBIT_COMPILE_CACHE", str(tmp_path / "elsewhere"))
+    assert compilation_cache_dir() == tmp_path / "elsewhere"
+
+
+def test_meter_counts_compilation_per_function():
+    @jax.jit
+    def prefill_like(x):
+        return jnp.sin(x) * 2
+
+    with CompileMeter() as meter:
+        prefill_like(jnp.ones(7)).block_until_ready()
+        compiled = meter.seconds_of("prefill_like")
+        prefill_like(jnp.ones(7)).block_until_ready()  # cached in memory: no new compilation
+    assert compiled > 0 and meter.seconds_of("prefill_like") == compiled
+    assert meter.seconds >= compiled and meter.seconds_of("no_such_function") == 0
+    prefill_like(jnp.ones(9)).block_until_ready()  # after exit: not counted
+    assert meter.seconds_of("prefill_like") == compiled

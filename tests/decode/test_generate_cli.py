@@ -1,0 +1,46 @@
+"""`lowbit generate --json` reports compilation, prefill and decode rates separately, on both the
+model's own cache and the KV-cache generator."""
+
+import json
+
+import pytest
+from flax import nnx
+
+import lowbit.cli
+from lowbit.cli import main
+from lowbit.models.llama import Llama, LlamaConfig
+
+
+class BytesAsIds:
+    eos_id = None
+
+    def encode(self, text):
+        return [b % 128 for b in text.encode()]
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+    monkeypatch.setattr(lowbit.cli, "load_model", lambda *args, **kwargs: (model, BytesAsIds()))
+    monkeypatch.setenv("LOWBIT_COMPILE_CACHE", "off")  # leave this process's JAX config alone
+    return model
+
+
+def test_generate_json_reports_compile_prefill_and_decode(tiny, capsys):
+    assert main(["generate", "--prompt", "a prompt of twenty-one", "--max-new-tokens", "5",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["prompt_tokens"] == 22 and info["prompt_bucket"] == 32 and len(info["tokens"]) == 5
+    assert info["compile_s"] > 0 and info["prefill_tok_s"] > 0 and info["decode_tok_s"] > 0
+    assert 0 < info["first_token_s"] <= info["seconds"]
+
+
+def test_generate_kv_json_reports_the_same_rates(tiny, capsys):
+    assert main(["generate", "--prompt", "another prompt", "--max-new-tokens", "4", "--kv", "int8",
+                 "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["compile_s"] > 0 and stats["prefill_tok_s"] > 0 and stats["decode_tok_s"] > 0
+    assert 0 < stats["first_token_s"] <= stats["seconds"]
