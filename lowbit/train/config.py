@@ -168,6 +168,29 @@ def _rule(table, index: int) -> QuantRule:
         raise ValueError(f"quant.rules[{index}]: {error}") from None
 
 
+def sections_from_dict(d: Any, sections: dict[str, type], kind: str,
+                       defaults: dict[str, dict] | None = None) -> dict[str, Any]:
+    """{section name: settings dataclass} from a config's nested tables (absent keys take
+    `defaults`, then the dataclass's own); unknown sections or keys raise ValueError naming them."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a {kind} config must be a table, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; allowed: {sorted(sections)}")
+    parts = {}
+    for name, section in sections.items():
+        table = d.get(name, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"config section [{name}] must be a table, got {table!r}")
+        allowed = [f.name for f in dataclasses.fields(section)]
+        bad = sorted(set(table) - set(allowed))
+        if bad:
+            raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; "
+                             f"allowed keys in [{name}]: {allowed}")
+        parts[name] = section(**{**(defaults or {}).get(name, {}), **table})
+    return parts
+
+
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "train": TrainSettings, "quant": QuantSettings}
 
 
@@ -183,23 +206,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """From nested tables; unknown sections or keys raise ValueError naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a training config must be a table, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; allowed: {sorted(SECTIONS)}")
-        parts = {}
-        for name, section in SECTIONS.items():
-            table = d.get(name, {})
-            if not isinstance(table, dict):
-                raise ValueError(f"config section [{name}] must be a table, got {table!r}")
-            allowed = [f.name for f in dataclasses.fields(section)]
-            bad = sorted(set(table) - set(allowed))
-            if bad:
-                raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; "
-                                 f"allowed keys in [{name}]: {allowed}")
-            parts[name] = section(**table)
-        return cls(**parts)
+        return cls(**sections_from_dict(d, SECTIONS, "training"))
 
     def to_dict(self) -> dict:
         """A JSON-able dict that from_dict reads back (rules as tables of strings)."""

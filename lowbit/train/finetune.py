@@ -21,7 +21,7 @@ from lowbit.core.spec import QuantSpec
 from lowbit.files import read_toml
 from lowbit.models.llama import Llama
 from lowbit.nn.lora import BLOCK_LINEARS, INITS, LoRAConfig, LoRAParam, add_lora, prepare_qlora
-from lowbit.train.config import DataSettings, TrainSettings
+from lowbit.train.config import DataSettings, TrainSettings, sections_from_dict
 from lowbit.train.loop import RESUME_NEVER, OptimizerKey, Trainer, make_optimizer, next_token_nll, optimizer_key
 
 METHODS = ("lora", "full")
@@ -105,24 +105,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
         """From nested tables; unknown sections or keys raise ValueError naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a fine-tuning config must be a table, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(FINETUNE_SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; allowed: {sorted(FINETUNE_SECTIONS)}")
-        parts = {}
-        for name, section in FINETUNE_SECTIONS.items():
-            table = d.get(name, {})
-            if not isinstance(table, dict):
-                raise ValueError(f"config section [{name}] must be a table, got {table!r}")
-            allowed = [f.name for f in dataclasses.fields(section)]
-            bad = sorted(set(table) - set(allowed))
-            if bad:
-                raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; "
-                                 f"allowed keys in [{name}]: {allowed}")
-            values = {**SECTION_DEFAULTS.get(name, {}), **table}
-            parts[name] = section(**values)
-        return cls(**parts)
+        return cls(**sections_from_dict(d, FINETUNE_SECTIONS, "fine-tuning", SECTION_DEFAULTS))
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in FINETUNE_SECTIONS}
@@ -260,19 +243,8 @@ class FineTuner(Trainer):
         optimizer state."""
         return {"trained": _nbytes(self.params), "frozen": _nbytes(self.rest), "optimizer": _nbytes(self.opt_state)}
 
-    def restore(self, step: int | None = None) -> int:
-        if self.store is None:
-            raise ValueError("train.checkpoint_dir is empty: no checkpoint directory to restore from")
-        step = self.store.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"no checkpoint in {self.store.directory}")
-        self._check_resume(step)
-        state, record = self.store.restore(step, self.state())
+    def _set_state(self, state) -> None:
         self.params, self.counts, self.opt_state = state["params"], state["counts"], state["opt_state"]
-        self.step = int(record["step"])
-        self.history = list(record.get("history", []))
-        self.train_losses = list(record.get("train_losses", []))
-        return self.step
 
     def model(self) -> nnx.Module:
         """The fine-tuned model with the current parameters (a fresh module, in eval mode)."""

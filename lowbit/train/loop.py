@@ -296,11 +296,15 @@ class Trainer:
             raise ValueError(f"no checkpoint in {self.store.directory}")
         self._check_resume(step)
         state, record = self.store.restore(step, self.state())
-        self.params, self.rest, self.opt_state = state["params"], state["rest"], state["opt_state"]
+        self._set_state(state)
         self.step = int(record["step"])
         self.history = list(record.get("history", []))
         self.train_losses = list(record.get("train_losses", []))
         return self.step
+
+    def _set_state(self, state) -> None:
+        """Takes a restored checkpoint's arrays (the layout `state()` saves)."""
+        self.params, self.rest, self.opt_state = state["params"], state["rest"], state["opt_state"]
 
     def _check_resume(self, step: int) -> None:
         """Refuse to resume from a checkpoint written with other settings (see the class)."""
