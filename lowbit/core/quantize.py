@@ -84,12 +84,6 @@ class QArray:
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return _dequantize(self, jnp.dtype(dtype))
 
-    def pack(self):
-        """Pack the codes into bytes (see `lowbit.core.packing`)."""
-        from lowbit.core.packing import pack
-
-        return pack(self)
-
 
 @partial(jax.jit, static_argnums=1)
 def _dequantize(q: QArray, dtype) -> jax.Array:

@@ -4,6 +4,7 @@ nnx.LinearGeneral, nnx.Einsum and nnx.Conv, so quantizers, PTQ and packed layers
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 import math
@@ -17,7 +18,7 @@ SUPPORTED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
 _PADDING_NAMES = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL", "SAME_LOWER")
 
 
-class Contraction:
+class Contraction(abc.ABC):
     """A layer's kernel contraction seen as y_rows = rows(x) @ matrix(kernel).
 
     matrix(kernel) -> [K, N]: K = the contracted (input) axes of the kernel flattened in the
@@ -34,9 +35,9 @@ class Contraction:
     kernel_shape: tuple
 
     @property
+    @abc.abstractmethod
     def in_features(self) -> int:
-        """K: the length of the contraction."""
-        raise NotImplementedError
+        """K: the length of the contraction (each kind of layer says how it counts it)."""
 
     @property
     def out_features(self) -> int:

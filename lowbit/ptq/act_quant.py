@@ -28,6 +28,14 @@ def check_act_granularity(granularity: str) -> str:
     return granularity
 
 
+def _check_options(act_bits, observer, granularity, percentile, sample_tokens):
+    """The checked (act_bits, granularity, percentile); ValueError naming a bad option."""
+    check_observer(observer)
+    if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 1:
+        raise ValueError(f"sample_tokens must be a positive integer, got {sample_tokens!r}")
+    return check_bits(act_bits), check_act_granularity(granularity), check_percentile(percentile)
+
+
 def act_quantize(model, calibration, act_bits: int, observer: str, *,
                  granularity: str = "tensor", sample_tokens: int = 2048, percentile: float = 99.99,
                  batch_size: int = 8, progress: bool = True) -> PTQResult:
@@ -43,12 +51,8 @@ def act_quantize(model, calibration, act_bits: int, observer: str, *,
     weight method that keeps float kernels) first to combine both. The result has no quantized
     weights (`linears` is empty); thresholds per group are in block_reports.
     """
-    act_bits = check_bits(act_bits)
-    check_observer(observer)
-    granularity = check_act_granularity(granularity)
-    percentile = check_percentile(percentile)
-    if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 1:
-        raise ValueError(f"sample_tokens must be a positive integer, got {sample_tokens!r}")
+    act_bits, granularity, percentile = _check_options(act_bits, observer, granularity, percentile,
+                                                       sample_tokens)
     check_batch_size(batch_size)
     tokens = check_calibration(calibration, model.config)
     stride = coprime_stride(tokens.size, sample_tokens, tokens.shape[1])
@@ -101,17 +105,13 @@ def act_apply(model, targets, calibration, act_bits: int, observer: str, *,
     per contracted feature for "channel"), as ActQuantLayers. Returns (path ->
     QuantizedLinear, block reports with the thresholds)."""
     from lowbit.nn.packed_layer import packed_layer
-    from lowbit.ptq.driver import BATCH_COUNTS, BlockInputs, rows_stride, run_blocks
+    from lowbit.ptq.driver import BATCH_COUNTS, BlockInputs, merge_blocks, rows_stride, run_blocks
     from lowbit.ptq.layers import ActQuantLayer
     from lowbit.ptq.rtn import rtn_quantize_matrix
     from lowbit.ptq.targets import check_runtime
 
-    act_bits = check_bits(act_bits)
-    check_observer(observer)
-    granularity = check_act_granularity(granularity)
-    percentile = check_percentile(percentile)
-    if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 1:
-        raise ValueError(f"sample_tokens must be a positive integer, got {sample_tokens!r}")
+    act_bits, granularity, percentile = _check_options(act_bits, observer, granularity, percentile,
+                                                       sample_tokens)
     check_runtime(runtime)
     axis = None if granularity == "tensor" else 1
 
@@ -142,11 +142,5 @@ def act_apply(model, targets, calibration, act_bits: int, observer: str, *,
                                                report={**errors, "clipped_fraction": clipped})
         return out, report
 
-    results = run_blocks(model, targets, calibration, process, blocks=blocks, progress=progress,
-                         desc=f"act{act_bits} {observer}")
-    linears: dict[str, QuantizedLinear] = {}
-    reports = []
-    for block_linears, report in results:
-        linears.update(block_linears)
-        reports.append(report)
-    return linears, reports
+    return merge_blocks(run_blocks(model, targets, calibration, process, blocks=blocks,
+                                   progress=progress, desc=f"act{act_bits} {observer}"))

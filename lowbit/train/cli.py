@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from lowbit.table import print_table
 from lowbit.train.config import load_config
 
 
@@ -64,8 +65,6 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps({"config": config.to_dict(), "resumed_from": resumed_from, "history": rows,
                           "layers": trainer.quantize_report.layers}))
     else:
-        from lowbit.cli import print_table
-
         print_table(rows)
     return 0
 
@@ -181,8 +180,6 @@ def run_finetune(args: argparse.Namespace) -> dict:
     if getattr(args, "json", False):
         print(json.dumps({"config": config.to_dict(), **summary, "history": rows}))
     else:
-        from lowbit.cli import print_table
-
         print_table([{k: "" if v is None else v for k, v in row.items()} for row in rows])
         print_table([{key: summary[key] for key in ("method", "base", "trainable_parameters", "trainable_fraction",
                                                      "step_seconds_median", "peak_rss_mb")}])
