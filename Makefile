@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/lowbit fetch smollm2-135m
-	$(BIN)/python -m lowbit.ptq.demo
+	$(BIN)/lowbit demo
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -23,7 +23,7 @@ from lowbit.models.loader import load_gguf_model  # noqa: E402
 from lowbit.models.registry import resolve_model  # noqa: E402
 from lowbit.models.tokenizer import Tokenizer  # noqa: E402
 from lowbit.ptq import driver, gptq  # noqa: E402
-from lowbit.ptq.cli import calibration_tokens  # noqa: E402
+from lowbit.data.corpus import calibration_tokens  # noqa: E402
 
 
 def peak_rss_gib() -> float:

@@ -313,3 +313,24 @@ def load(directory: str | Path, model: nnx.Module | None = None, *,
                              f"the checkpoint, {expected} in the model")
         variable.set_value(array)
     return skeleton
+
+
+def load_model_and_tokenizer(name_or_path: str | Path, runtime: str = "packed"):
+    """(model, tokenizer) for a registered model name, a GGUF path or a checkpoint directory
+    (loaded with `runtime`, see load); a checkpoint's tokenizer is its source model's."""
+    from lowbit.models.loader import load_gguf_model
+    from lowbit.models.registry import MODELS, resolve_model
+    from lowbit.models.tokenizer import Tokenizer
+
+    if Path(name_or_path).expanduser().is_dir():
+        model = load(name_or_path, runtime=runtime)
+        source = read_info(name_or_path).get("source") or {}
+        path = source.get("path")
+        if path is None or not Path(path).is_file():
+            if source.get("model") not in MODELS:
+                raise ValueError(f"checkpoint {name_or_path} names no source model to take the tokenizer from")
+            path = resolve_model(source["model"])
+        return model, Tokenizer.from_gguf(path)
+    path = resolve_model(str(name_or_path))
+    model, _ = load_gguf_model(path)
+    return model, Tokenizer.from_gguf(path)

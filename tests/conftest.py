@@ -1,6 +1,11 @@
-"""Shared pytest fixtures: the real SmolLM2 model file, fetched once into the default cache."""
+"""Shared pytest fixtures: the real SmolLM2 model file (fetched once into the default cache), and
+tiny random Llama models with token batches for the PTQ and command-line tests."""
 
+import numpy as np
 import pytest
+from flax import nnx
+
+from lowbit.models.llama import Llama, LlamaConfig
 
 
 @pytest.fixture(scope="session")
@@ -9,3 +14,24 @@ def smollm2_path():
     from lowbit.models.registry import fetch
 
     return fetch("smollm2-135m")
+
+
+@pytest.fixture
+def make_tiny():
+    """Builds the same tiny random model every call (2 blocks, d_model 64, GQA 4/2 heads)."""
+
+    def build(**overrides):
+        return Llama(LlamaConfig.tiny(**overrides), rngs=nnx.Rngs(7))
+
+    return build
+
+
+@pytest.fixture
+def calibration():
+    """[4, 32] int tokens inside the tiny vocabulary."""
+    return np.random.default_rng(3).integers(0, 128, (4, 32)).astype(np.int32)
+
+
+@pytest.fixture
+def test_tokens():
+    return np.random.default_rng(4).integers(0, 128, (2, 32)).astype(np.int32)

@@ -35,7 +35,7 @@ FINETUNE = ["--model", "smollm2-135m", "--lora-rank", "16", "--lora-alpha", "16"
 
 
 def _print_rows(rows: list[dict]) -> None:
-    from lowbit.cli import print_table
+    from lowbit.cli.output import print_table
 
     print_table(rows)
 

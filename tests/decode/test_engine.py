@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit.decode.cli import add_generate_kv_arguments, run_generate_kv, wants_kv_generation
+from lowbit.cli.generate import add_arguments as add_generate_arguments, run_generate_kv, wants_kv_generation
 from lowbit.decode.engine import BatchedGenerator, Request, generate_batch
 
 NEW = 8
@@ -117,10 +117,9 @@ def test_cli_serves_a_batch_file(tiny_model, tmp_path, capsys):
     batch = tmp_path / "prompts.txt"
     batch.write_text("hello there\n\nsecond prompt, longer\nthird\n")
     parser = argparse.ArgumentParser()
-    parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--json", action="store_true")
-    add_generate_kv_arguments(parser)
-    args = parser.parse_args(["--kv", "int8", "--kv-policy", "window:24", "--batch-file", str(batch),
+    add_generate_arguments(parser)
+    args = parser.parse_args(["--max-new-tokens", "4", "--kv", "int8", "--kv-policy", "window:24", "--batch-file", str(batch),
                               "--slots", "2", "--page-size", "4", "--json"])
     assert wants_kv_generation(args)
     info = run_generate_kv(args, tiny_model, _ByteTokenizer())

@@ -156,3 +156,25 @@ def test_position_sums_weights_and_reference():
     summary = summarize_sums(sums)
     assert summary["ppl"] == pytest.approx(math.exp(expected_nll), rel=1e-6)
     assert summary["tokens"] == 1 and summary["ref_ppl"] == pytest.approx(3.0, rel=1e-6)
+
+
+def test_reference_scorer_matches_perplexity_and_kl(make_tiny):
+    from lowbit.eval import ReferenceScorer
+    from lowbit.ptq.rtn import rtn_quantize
+
+    reference = make_tiny()
+    tokens = np.random.default_rng(0).integers(0, 128, 80).astype(np.int32)
+    scorer = ReferenceScorer(reference, tokens, ctx=16, windows=4)
+    assert scorer.ref_ppl == pytest.approx(perplexity(reference, tokens, ctx=16, windows=4).ppl,
+                                           rel=1e-5)
+    itself = scorer.score(reference)
+    assert itself["kl"] == pytest.approx(0.0, abs=1e-5) and itself["top1"] == 1.0
+    quantized = make_tiny()
+    rtn_quantize(quantized, "int2:g16:asym")
+    got = scorer.score(quantized)
+    expected = kl_divergence(quantized, reference, tokens, ctx=16, windows=4)
+    assert got["kl"] == pytest.approx(expected.kl, rel=1e-3)
+    assert got["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+    assert got["top1"] == pytest.approx(expected.top1)
+    with pytest.raises(ValueError, match="windows"):
+        ReferenceScorer(reference, tokens, ctx=16, windows=6)

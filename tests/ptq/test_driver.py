@@ -108,7 +108,7 @@ def test_module_paths(make_tiny):
 
 
 def test_a_file_of_nul_bytes_is_refused_as_calibration(make_tiny, tmp_path):
-    from lowbit.ptq.cli import calibration_tokens
+    from lowbit.data.corpus import calibration_tokens
 
     class BytesAsIds:  # the SmolLM2 tokenizer also maps every NUL byte to one id (190)
         def encode(self, text):

@@ -1,4 +1,3 @@
-import argparse
 import json
 import os
 import subprocess
@@ -12,7 +11,8 @@ import pytest
 
 from lowbit.nn import BinaryLinear, BitLinear, QuantLinear
 from lowbit.train import TrainConfig, Trainer
-from lowbit.train.cli import add_train_arguments, run_train
+from lowbit.cli import build_parser
+from lowbit.cli.train import run as run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -202,15 +202,15 @@ def test_cli_trains_from_a_toml_file_and_prints_json(tmp_path, capsys):
         [quant]
         preset = "int4-lsq"
         """))
-    parser = add_train_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--config", str(config), "--json", "--checkpoint-dir", str(tmp_path / "ck")])
+    parser = build_parser()
+    args = parser.parse_args(["train", "--config", str(config), "--json", "--checkpoint-dir", str(tmp_path / "ck")])
     assert run_train(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert [h["step"] for h in out["history"]] == [2, 4] and out["resumed_from"] == 0
     assert out["layers"]["layers.0.attn.wq"] == 0
     assert (tmp_path / "ck" / "4").is_dir()
     config.write_text(config.read_text().replace("steps = 4", "steps = 6\nlr = 2e-3"))
-    resume = ["--config", str(config), "--json", "--checkpoint-dir", str(tmp_path / "ck")]
+    resume = ["train", "--config", str(config), "--json", "--checkpoint-dir", str(tmp_path / "ck")]
     with pytest.raises(ValueError, match="train.lr: 0.001 -> 0.002.*--force"):
         run_train(parser.parse_args(resume))
     with pytest.raises(ValueError, match="exclude each other"):
@@ -220,10 +220,7 @@ def test_cli_trains_from_a_toml_file_and_prints_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["resumed_from"] == 4 and [h["step"] for h in out["history"]] == [2, 4, 6]
     with pytest.raises(SystemExit):  # --config is required
-        parser.parse_args([])
-    sub = argparse.ArgumentParser()
-    sub.add_argument("--json", action="store_true")
-    add_train_arguments(sub)  # does not add --json twice
+        parser.parse_args(["train"])
 
 
 def test_resume_names_every_changed_key_and_refuses_run_changes_without_force(tmp_path):

@@ -1,6 +1,5 @@
-"""`lowbit generate` options for the KV cache (--kv, --kv-policy, --batch-file, ...) and the command
-body that serves one prompt or a file of prompts through the batched, paged generator.
-"""
+"""`lowbit generate`: greedy or sampled text from a prompt; with KV-cache options (--kv, --kv-policy,
+--batch-file, ...) one prompt or a file of prompts served by the batched, paged generator."""
 
 from __future__ import annotations
 
@@ -10,13 +9,23 @@ from pathlib import Path
 
 import jax
 
+import time
+
+from lowbit import checkpoint
 from lowbit.decode.engine import BatchedGenerator, Request
 from lowbit.kvcache.layout import LAYOUT_NAMES, parse_layout
 from lowbit.kvcache.policy import parse_policy
 
+HELP = "generate text (greedy by default)"
 
-def add_generate_kv_arguments(parser) -> None:
-    """Add --kv, --kv-policy, --batch-file, --slots, --page-size and --num-pages to a parser."""
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompt", default=None)
+    parser.add_argument("--prompt-file", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
     group = parser.add_argument_group("KV cache")
     group.add_argument("--kv", default=None, metavar="LAYOUT",
                        help=f"KV cache storage: {', '.join(LAYOUT_NAMES)}; options :gN (group), :rN "
@@ -74,6 +83,46 @@ def read_prompts(args) -> list[str]:
     if not prompt:
         raise ValueError("give a prompt with --prompt TEXT, --prompt-file FILE or --batch-file FILE")
     return [prompt]
+
+
+def run(args) -> None:
+    from lowbit.decode.compilation import CompileMeter, enable_compilation_cache
+    from lowbit.models.llama import generate
+
+    check_generate_arguments(args)  # before the model loads
+    prompt = read_prompts(args)[0]
+    enable_compilation_cache()
+    start = time.perf_counter()
+    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model)
+    load_s = time.perf_counter() - start
+    with CompileMeter() as meter:
+        if wants_kv_generation(args):
+            run_generate_kv(args, model, tokenizer, meter=meter, load_s=load_s)
+            return
+        ids = tokenizer.encode(prompt)
+        key = jax.random.key(args.seed) if args.temperature > 0 else None
+        stamps = {}
+        new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, key=key,
+                       eos_id=tokenizer.eos_id, timings=stamps)
+    new = [int(t) for t in new.reshape(-1)]
+    seconds = stamps["end"] - stamps["start"]
+    prefill_s = stamps["first_token"] - stamps["start"]
+    decode_s = stamps["end"] - stamps["first_token"]
+    prefill_compile, decode_compile = meter.seconds_of("prefill"), meter.seconds_of("decode")
+    info = {"tokens": new, "text": tokenizer.decode(new), "prompt_tokens": len(ids),
+            "prompt_bucket": stamps["bucket"], "seconds": round(seconds, 3),
+            "tokens_per_s": round(len(new) / seconds, 2), "load_s": round(load_s, 3),
+            "first_token_s": round(prefill_s, 3), "compile_s": round(meter.seconds, 3),
+            "prefill_tok_s": round(len(ids) / max(prefill_s - prefill_compile, 1e-9), 1),
+            "decode_tok_s": (round((len(new) - 1) / max(decode_s - decode_compile, 1e-9), 2)
+                             if len(new) > 1 else None)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(prompt + info["text"])
+        print(f"[{len(new)} tokens in {seconds:.2f} s; first token after {prefill_s:.2f} s, compile "
+              f"{info['compile_s']} s, prefill {info['prefill_tok_s']} tok/s, decode {info['decode_tok_s']} "
+              "tok/s]", file=sys.stderr)
 
 
 def run_generate_kv(args, model, tokenizer, meter=None, load_s: float | None = None) -> dict:

@@ -1,13 +1,11 @@
 """Per-layer statistics of the inputs of every block linear of a Llama model (absmax,
 percentiles of |x|, kurtosis, LLM.int8()-style outlier feature dimensions), saved as JSON and
-plotted. Run as `lowbit activations` or `python -m lowbit.eval.activations`.
+plotted (`lowbit activations`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -164,57 +162,3 @@ def summary_table(stats: dict[str, Any]) -> str:
                          f" | {s['kurtosis']:.1f} | {len(s['outlier_features'])} | "
                          f"{100 * s['outlier_token_share']:.1f}% |")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="registry name or GGUF path")
-    parser.add_argument("--calib", default="pydoc", help="corpus name or text file")
-    parser.add_argument("--calib-samples", type=int, default=8)
-    parser.add_argument("--calib-len", type=int, default=512)
-    parser.add_argument("--out", default="results/activations",
-                        help="folder for activations.json and activations.png")
-
-
-def run(args) -> dict[str, Any]:
-    """The `lowbit activations` command: statistics on the calibration split, JSON and a plot."""
-    from lowbit.models.loader import load_gguf_model
-    from lowbit.models.registry import resolve_model
-    from lowbit.models.tokenizer import Tokenizer
-    from lowbit.ptq.cli import calibration_tokens
-
-    path = resolve_model(args.model)
-    model, _ = load_gguf_model(path)
-    tokens = calibration_tokens(Tokenizer.from_gguf(path), args.calib, args.calib_samples,
-                                args.calib_len)
-    stats = activation_statistics(model, tokens, progress=not args.quiet and sys.stderr.isatty())
-    stats["source"] = {"model": str(args.model), "calibration": list(tokens.shape)}
-    out = Path(args.out)
-    save_json(stats, out / "activations.json")
-    plot(stats, out / "activations.png")
-    return stats
-
-
-def report(args, stats: dict[str, Any]) -> None:
-    """Prints the statistics: the per-layer table and the outlier dimensions (or JSON)."""
-    if args.json:
-        print(json.dumps(stats))
-        return
-    print(summary_table(stats))
-    systematic = [d for d in stats["outlier_dimensions"] if d["systematic"]]
-    print(f"\n{len(stats['outlier_dimensions'])} feature dimensions reach |x| >= "
-          f"{OUTLIER_THRESHOLD} somewhere in the residual-stream inputs; systematic "
-          f"(>= 25% of layers, >= 6% of tokens): {[d['feature'] for d in systematic]}")
-    print(f"wrote {Path(args.out) / 'activations.json'} and {Path(args.out) / 'activations.png'}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the JSON instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    report(args, run(args))
-
-
-if __name__ == "__main__":
-    main()

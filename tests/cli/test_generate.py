@@ -6,7 +6,7 @@ import json
 import pytest
 from flax import nnx
 
-import lowbit.cli
+import lowbit.checkpoint
 from lowbit.cli import main
 from lowbit.models.llama import Llama, LlamaConfig
 
@@ -24,7 +24,7 @@ class BytesAsIds:
 @pytest.fixture
 def tiny(monkeypatch):
     model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
-    monkeypatch.setattr(lowbit.cli, "load_model", lambda *args, **kwargs: (model, BytesAsIds()))
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", lambda *args, **kwargs: (model, BytesAsIds()))
     monkeypatch.setenv("LOWBIT_COMPILE_CACHE", "off")  # leave this process's JAX config alone
     return model
 

@@ -48,9 +48,9 @@ def _raising(error):
 ])
 def test_library_and_system_errors_are_one_line_without_a_traceback(monkeypatch, capsys, error,
                                                                     code, expected):
-    import lowbit.cli
+    import lowbit.checkpoint
 
-    monkeypatch.setattr(lowbit.cli, "load_model", _raising(error))
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", _raising(error))
     assert main(["generate", "--prompt", "hi"]) == code
     captured = capsys.readouterr()
     assert captured.err == expected and captured.out == ""
@@ -59,21 +59,21 @@ def test_library_and_system_errors_are_one_line_without_a_traceback(monkeypatch,
 def test_out_of_blocks_and_device_out_of_memory_are_errors(monkeypatch, capsys):
     import jax
 
-    import lowbit.cli
+    import lowbit.checkpoint
     from lowbit.kvcache.allocator import OutOfBlocksError
 
-    monkeypatch.setattr(lowbit.cli, "load_model", _raising(OutOfBlocksError("need 3 free KV blocks")))
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", _raising(OutOfBlocksError("need 3 free KV blocks")))
     assert main(["generate", "--prompt", "hi", "--kv", "int8"]) == 2
     assert capsys.readouterr().err == "lowbit generate: error: need 3 free KV blocks\n"
     oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
                                      "23000000000000 bytes.\nmore detail")
-    monkeypatch.setattr(lowbit.cli, "load_model", _raising(oom))
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", _raising(oom))
     assert main(["generate", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lowbit generate: error: out of device memory: RESOURCE_EXHAUSTED")
     assert err.count("\n") == 1
     other = jax.errors.JaxRuntimeError("INTERNAL: a bug")
-    monkeypatch.setattr(lowbit.cli, "load_model", _raising(other))
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", _raising(other))
     with pytest.raises(jax.errors.JaxRuntimeError):  # not ours to explain: the traceback stays
         main(["generate", "--prompt", "hi"])
 
@@ -93,9 +93,9 @@ def test_out_of_blocks_and_device_out_of_memory_are_errors(monkeypatch, capsys):
 ])
 def test_generate_and_eval_arguments_are_checked_before_the_model_loads(monkeypatch, capsys,
                                                                        argv, fragment):
-    import lowbit.cli
+    import lowbit.checkpoint
 
-    monkeypatch.setattr(lowbit.cli, "load_model", _raising(AssertionError("model loaded")))
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", _raising(AssertionError("model loaded")))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lowbit {argv[0]}: error: ") and fragment in err
@@ -127,7 +127,7 @@ def test_eval_never_reports_a_non_finite_perplexity(monkeypatch, capsys):
     import numpy as np
     from flax import nnx
 
-    import lowbit.cli
+    import lowbit.checkpoint
     from lowbit.models.llama import Llama, LlamaConfig
 
     model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
@@ -137,7 +137,7 @@ def test_eval_never_reports_a_non_finite_perplexity(monkeypatch, capsys):
         def encode(self, text):
             return [b % 128 for b in text.encode()]
 
-    monkeypatch.setattr(lowbit.cli, "load_model", lambda name, runtime: (model, Tokens()))
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", lambda name, runtime: (model, Tokens()))
     assert main(["eval", "--model", "x", "--ctx", "32", "--windows", "1"]) == 2
     captured = capsys.readouterr()
     assert "is not finite ({'ppl': nan})" in captured.err and captured.out == ""

@@ -1,7 +1,5 @@
 """`lowbit quantize` arguments and runs on a tiny GGUF file written here."""
 
-import argparse
-
 import gguf
 import numpy as np
 import pytest
@@ -9,14 +7,15 @@ import pytest
 from lowbit.models.llama import LlamaConfig
 from lowbit.models.loader import load_gguf_model
 from lowbit.checkpoint import layer_bytes, quantized_layers, read_info
-from lowbit.ptq.cli import add_quantize_arguments, load_checkpoint, run_quantize
+from lowbit.checkpoint import load
+from lowbit.cli import build_parser
+from lowbit.cli.quantize import quantize_to_checkpoint as run_quantize
 from lowbit.ptq.rtn import rtn_quantize
 
 
-def _parser():
-    parser = argparse.ArgumentParser()
-    add_quantize_arguments(parser)
-    return parser
+def _parse(argv):
+    """`lowbit quantize ARGV`'s arguments, parsed by the lowbit parser."""
+    return build_parse(["quantize", *argv])
 
 
 def _tiny_gguf(path):
@@ -62,14 +61,14 @@ def _tiny_gguf(path):
 def test_rtn_run_writes_a_checkpoint_that_reloads(tmp_path, test_tokens):
     path = _tiny_gguf(tmp_path / "tiny.gguf")
     out = tmp_path / "q"
-    args = _parser().parse_args(["--model", str(path), "--method", "rtn", "--weights",
+    args = _parse(["--model", str(path), "--method", "rtn", "--weights",
                                  "int4:g16:asym", "--out", str(out), "--quiet"])
     summary = run_quantize(args)
     assert summary["bits_per_weight"] == pytest.approx(4 + 32 / 16)
     assert summary["out"] == str(out) and summary["method"] == "rtn"
-    loaded, tokenizer_source = load_checkpoint(out)
-    assert tokenizer_source == str(path.resolve())
+    loaded = load(out)
     info = read_info(out)
+    assert info["source"]["path"] == str(path.resolve())
     assert info["method"] == "rtn" and info["settings"]["weights"] == "int4:g16:asym"
     layers = quantized_layers(loaded)
     assert len(layers) == 14 and set(layer_bytes(out)) == set(layers)
@@ -77,7 +76,7 @@ def test_rtn_run_writes_a_checkpoint_that_reloads(tmp_path, test_tokens):
     rtn_quantize(expected, "int4:g16:asym")
     np.testing.assert_array_equal(np.asarray(loaded(test_tokens)),
                                   np.asarray(expected(test_tokens)))
-    dequantized, _ = load_checkpoint(out, runtime="dequant")  # float layers, same codes
+    dequantized = load(out, runtime="dequant")  # float layers, same codes
     assert not quantized_layers(dequantized)
     np.testing.assert_allclose(np.asarray(dequantized(test_tokens)),
                                np.asarray(expected(test_tokens)), rtol=1e-4, atol=1e-4)
@@ -86,11 +85,11 @@ def test_rtn_run_writes_a_checkpoint_that_reloads(tmp_path, test_tokens):
 
 
 def test_defaults_and_parsing():
-    args = _parser().parse_args(["--model", "m", "--method", "gptq", "--out", "o"])
+    args = _parse(["--model", "m", "--method", "gptq", "--out", "o"])
     assert (args.calib, args.calib_samples, args.calib_len) == ("pydoc", 128, 512)
     assert args.weights is None and not args.json
     with pytest.raises(SystemExit):
-        _parser().parse_args(["--model", "m", "--method", "int3", "--out", "o"])
+        _parse(["--model", "m", "--method", "int3", "--out", "o"])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -102,7 +101,7 @@ def test_defaults_and_parsing():
     (["--method", "gptq", "--smooth-down"], "--smooth-down"),
 ])
 def test_options_that_do_not_apply(tmp_path, extra, message):
-    args = _parser().parse_args(["--model", "m", "--out", str(tmp_path / "o"), *extra])
+    args = _parse(["--model", "m", "--out", str(tmp_path / "o"), *extra])
     with pytest.raises(ValueError, match=message):
         run_quantize(args)
 
@@ -119,7 +118,7 @@ def test_bad_weights_fail_before_the_model_loads(tmp_path, monkeypatch, weights,
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(lowbit.models.loader, "load_gguf_model", no_loading)
-    args = _parser().parse_args(["--model", "smollm2-135m", "--method", "rtn", "--weights", weights,
+    args = _parse(["--model", "smollm2-135m", "--method", "rtn", "--weights", weights,
                                  "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match=message):
         run_quantize(args)
@@ -144,10 +143,10 @@ def test_impossible_out_fails_before_the_model_loads(tmp_path, monkeypatch):
     if os.geteuid() != 0:  # root writes anywhere
         cases.append((locked / "ckpt", "cannot write"))
     for out, message in cases:
-        args = _parser().parse_args(["--model", "smollm2-135m", "--method", "rtn", "--out", str(out)])
+        args = _parse(["--model", "smollm2-135m", "--method", "rtn", "--out", str(out)])
         with pytest.raises(ValueError, match=message):
             run_quantize(args)
-    args = _parser().parse_args(["--model", "smollm2-135m", "--method", "gptq", "--calib",
+    args = _parse(["--model", "smollm2-135m", "--method", "gptq", "--calib",
                                  str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         run_quantize(args)

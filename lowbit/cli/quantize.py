@@ -1,19 +1,18 @@
-"""`lowbit quantize`: arguments and the run (quantize a GGUF model, write a packed checkpoint),
-plus `load_checkpoint` for `lowbit eval --model DIR`.
-"""
+"""`lowbit quantize`: quantize a GGUF model with one method of the PTQ registry and write a packed
+checkpoint directory."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lowbit.checkpoint import load, read_info, save
+from lowbit.checkpoint import save
+from lowbit.cli.output import emit, show_progress
 from lowbit.core.spec import QuantSpec
 from lowbit.data.corpus import PYDOC, calibration_tokens
 from lowbit.ptq.methods import get_method, run_method
@@ -23,19 +22,10 @@ DEFAULT_WEIGHTS = {name: get_method(name).default_weights for name in METHODS}
 DEFAULT_ACT = "int8:tensor:static"
 DEFAULT_SMOOTHQUANT_ALPHA = 0.85
 
-__all__ = ["METHODS", "add_quantize_arguments", "load_checkpoint", "run_quantize",
-           "calibration_tokens"]
+HELP = "post-training quantization into a checkpoint directory"
 
 
-def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
-    """Adds an option unless the parser already has it (lowbit.cli adds --json and --quiet)."""
-    try:
-        parser.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass
-
-
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `lowbit quantize`."""
     parser.add_argument("--model", required=True,
                         help="a registered model name (smollm2-135m) or a llama GGUF file")
@@ -70,8 +60,6 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="calibration sequences per compiled call")
     parser.add_argument("--out", required=True, help="new directory for the checkpoint")
-    _add(parser, "--json", action="store_true", help="print one JSON object instead of a table")
-    _add(parser, "--quiet", action="store_true", help="no progress bars")
 
 
 def _check_method_options(args) -> None:
@@ -151,7 +139,14 @@ def quantize_model(model, method: str, weights: str, calibration: np.ndarray | N
     return run_method(method, model, weights, calibration, **options)
 
 
-def run_quantize(args) -> dict[str, Any]:
+def run(args) -> None:
+    """Quantizes --model with --method, writes the checkpoint to --out and prints a summary."""
+    info = quantize_to_checkpoint(args)
+    columns = ["method", "weights", "bits_per_weight", "mean_layer_rel_error", "quantize_seconds", "out"]
+    emit(args, info, [info], columns)
+
+
+def quantize_to_checkpoint(args) -> dict[str, Any]:
     """Quantizes --model with --method and writes the checkpoint to --out; returns a summary
     (method, specs, bits per weight of the linear weights, time, mean per-layer errors)."""
     from lowbit.models.loader import load_gguf_model
@@ -163,8 +158,7 @@ def run_quantize(args) -> dict[str, Any]:
     _check_method_options(args)
     out = Path(args.out).expanduser()
     weights = _check_early_arguments(args, out)
-    quiet = getattr(args, "quiet", False)
-    progress = not quiet and sys.stderr.isatty()
+    progress = show_progress(args)
     start = time.perf_counter()
     path = resolve_model(args.model)
     model, _ = load_gguf_model(path)
@@ -200,24 +194,3 @@ def run_quantize(args) -> dict[str, Any]:
         "total_seconds": round(time.perf_counter() - start, 2),
         "out": str(out),
     }
-
-
-def describe_checkpoint(directory: str) -> dict[str, Any]:
-    """Method, settings and source of a checkpoint (for `lowbit eval` headers)."""
-    info = read_info(directory)
-    return {"method": info.get("method"), "settings": info.get("settings"),
-            "source": info.get("source")}
-
-
-def load_checkpoint(directory: str, runtime: str = "packed") -> tuple[Any, str | None]:
-    """(model, tokenizer source) of a checkpoint written by `lowbit quantize`: the model as
-    lowbit.load gives it (runtime "packed" or "dequant") and the source GGUF path its
-    tokenizer comes from (None when the checkpoint names none)."""
-    model = load(directory, runtime=runtime)
-    source = read_info(directory).get("source") or {}
-    path = source.get("path")
-    if path is not None and not Path(path).is_file():
-        from lowbit.models.registry import MODELS, resolve_model
-
-        path = str(resolve_model(source["model"])) if source.get("model") in MODELS else None
-    return model, path

@@ -1,7 +1,6 @@
 """PTQ on the real SmolLM2-135M: GPTQ and AWQ on real block-0 activations, LLM.int8()'s outlier
 path on real activations, and a `lowbit quantize` checkpoint that reloads to the same logits."""
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,10 @@ from lowbit.core.spec import QuantSpec
 from lowbit.models.loader import load_gguf_model
 from lowbit.models.tokenizer import Tokenizer
 from lowbit.ptq.awq import search_scales
-from lowbit.ptq.cli import add_quantize_arguments, calibration_tokens, load_checkpoint, run_quantize
+from lowbit.checkpoint import load_model_and_tokenizer, read_info
+from lowbit.cli import build_parser
+from lowbit.cli.quantize import quantize_to_checkpoint
+from lowbit.data.corpus import calibration_tokens
 from lowbit.ptq.driver import (ABS_SUM, COUNT, XTX, BlockCalibration, block_forward,
                                embed_calibration, module_at)
 from lowbit.ptq.gptq import gptq_quantize_weight
@@ -99,14 +101,13 @@ def test_llm_int8_outlier_path_on_real_activations(smollm2):
 
 def test_quantize_cli_checkpoint_reloads_to_the_same_logits(smollm2, smollm2_path, tmp_path):
     model, _ = smollm2
-    parser = argparse.ArgumentParser()
-    add_quantize_arguments(parser)
-    args = parser.parse_args(["--model", "smollm2-135m", "--method", "rtn", "--weights",
-                              "int4:g64:asym", "--out", str(tmp_path / "q"), "--quiet"])
-    summary = run_quantize(args)
+    args = build_parser().parse_args(["quantize", "--model", "smollm2-135m", "--method", "rtn", "--weights",
+                                      "int4:g64:asym", "--out", str(tmp_path / "q"), "--quiet"])
+    summary = quantize_to_checkpoint(args)
     assert summary["bits_per_weight"] == pytest.approx(4.5)
-    loaded, tokenizer_source = load_checkpoint(tmp_path / "q")
-    assert tokenizer_source == str(smollm2_path.resolve())
+    assert read_info(tmp_path / "q")["source"]["path"] == str(smollm2_path.resolve())
+    loaded, tokenizer = load_model_and_tokenizer(tmp_path / "q")
+    assert tokenizer.encode("def main():") == Tokenizer.from_gguf(smollm2_path).encode("def main():")
     expected = nnx.clone(model)
     rtn_quantize(expected, "int4:g64:asym")
     tokens = jnp.arange(1, 17, dtype=jnp.int32)[None] * 97

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lowbit.eval.activations import (activation_statistics, kurtosis_from_moments,
+from lowbit.ptq.activations import (activation_statistics, kurtosis_from_moments,
                                      outlier_dimensions, plot, save_json)
 from lowbit.models.llama import Llama, LlamaConfig
 

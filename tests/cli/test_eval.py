@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import lowbit.cli
+import lowbit.checkpoint
 from lowbit.cli import main
 from lowbit.eval import perplexity
 from lowbit.models.llama import Llama, LlamaConfig
@@ -21,7 +21,7 @@ class BytesAsIds:
 @pytest.fixture
 def tiny(monkeypatch):
     model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
-    monkeypatch.setattr(lowbit.cli, "load_model", lambda *args, **kwargs: (model, BytesAsIds()))
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", lambda *args, **kwargs: (model, BytesAsIds()))
     return model
 
 

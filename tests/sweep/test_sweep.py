@@ -9,8 +9,8 @@ import pytest
 
 from lowbit.cli import main
 from lowbit.core.spec import QuantSpec
-from lowbit.eval.sweep import (SweepConfig, expand_points, load_sweep_config, pareto_front,
-                               point_key, point_to_run, read_results, run_sweep)
+from lowbit.sweep import (SweepConfig, expand_points, load_sweep_config, pareto_front, point_key, point_to_run,
+                          read_results, run_sweep)
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -292,9 +292,9 @@ def test_a_failing_evaluator_setup_stops_the_sweep(tmp_path):
 
 def test_failed_points_make_the_command_exit_non_zero_saying_how_many(tmp_path, monkeypatch,
                                                                          capsys):
-    from lowbit.eval import sweep
+    from lowbit.sweep import runner
 
-    monkeypatch.setattr(sweep, "ModelEvaluator", lambda config, progress: FakeEvaluator())
+    monkeypatch.setattr(runner, "ModelEvaluator", lambda config, progress: FakeEvaluator())
     path = write(tmp_path, GOOD.replace("bits = [4]", "bits = [4, 2, 3]"), name="some.toml")
     assert main(["sweep", str(path), "--results", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
@@ -304,3 +304,39 @@ def test_failed_points_make_the_command_exit_non_zero_saying_how_many(tmp_path, 
     assert result.failed == 1 and result.ran == 1  # only the failed point runs again
     path = write(tmp_path, GOOD.replace('name = "t"', 'name = "fine"'), name="fine.toml")
     assert main(["sweep", str(path), "--results", str(tmp_path / "r")]) == 0
+
+
+def test_labelled_points_carry_their_own_options_into_the_run_and_the_csv(tmp_path):
+    config = SweepConfig.from_dict({
+        "name": "labels",
+        "options": {"awq": {"search_tokens": 256}},
+        "points": [
+            {"method": "awq", "bits": 3, "granularity": "g64", "asym": True},
+            {"method": "awq", "bits": 3, "granularity": "g64", "asym": True, "label": "no clipping",
+             "options": {"clip": False}},
+            {"method": "smoothquant", "bits": 8, "granularity": "tensor", "label": "naive",
+             "options": {"alpha": "none", "act": "int8:token"}},
+            {"method": "llm_int8", "label": "vector-wise", "options": {"threshold": "none"}}]})
+    points, skipped = expand_points(config)
+    assert len(points) == 4 and not skipped
+    runs = [point_to_run(p, config.options) for p in points]
+    assert runs[0]["options"] == {"search_tokens": 256}
+    assert runs[1]["options"] == {"search_tokens": 256, "clip": False} and runs[1]["label"] == "no clipping"
+    assert runs[2]["options"] == {"alpha": None, "act": "int8:token"} and runs[2]["weights"] == "int8:tensor"
+    assert runs[3]["options"] == {"threshold": None}
+    assert len({point_key(p) for p in points}) == 4
+    result = run_sweep(config, FakeEvaluator(), results_root=tmp_path, log=quiet)
+    assert [r["label"] for r in read_results(result.csv_path)] == [None, "no clipping", "naive", "vector-wise"]
+    assert json.loads(read_results(result.csv_path)[1]["options"]) == {"clip": False}
+
+
+@pytest.mark.parametrize("point, message", [
+    ({"method": "awq", "bits": 3, "granularity": "g64", "options": {"clip_tokens": "many"}}, "must be an integer"),
+    ({"method": "awq", "bits": 3, "granularity": "g64", "options": {"bits": 3}}, "unknown config key"),
+    ({"method": "smoothquant", "alpha": 0.5, "options": {"alpha": 0.4}}, "unknown config key"),
+    ({"method": "gptq", "bits": 3, "granularity": "g64", "options": {"damp": "none"}}, "must be a number"),
+    ({"method": "rtn", "bits": 3, "granularity": "g64", "label": ""}, "label must be a non-empty"),
+])
+def test_point_options_are_checked_against_the_method(point, message):
+    with pytest.raises(ValueError, match=message):
+        SweepConfig.from_dict({"name": "bad", "points": [point]})

@@ -1,0 +1,69 @@
+"""`lowbit eval`: perplexity (and KL / top-1 against --ref) of a model over non-overlapping windows
+of a text, under a named scoring convention."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+from lowbit import checkpoint
+from lowbit.cli.output import emit
+
+HELP = "perplexity (and KL against --ref) over non-overlapping windows of a text"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="registered name, GGUF path or quantized directory")
+    parser.add_argument("--text", default="pydoc", help="'pydoc' (the embedded corpus) or a text file")
+    parser.add_argument("--split", default=None, choices=("all", "calibration", "evaluation"),
+                        help="which tokens of the text: all (from its first token), or the calibration / "
+                             "evaluation half; default: evaluation for pydoc, all for a file")
+    parser.add_argument("--score", default="all", choices=("all", "second-half"),
+                        help="positions scored per window: all after the first (GPTQ convention, default) or "
+                             "the second half only (llama.cpp's llama-perplexity)")
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
+    parser.add_argument("--ref", default=None, help="reference model for KL divergence and top-1 agreement")
+    parser.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
+                        help="a quantized checkpoint's layers: packed (codes in memory, packed matmul; default) or "
+                             "dequant (weights dequantized once into float layers: fake-quant, for research)")
+
+
+def run(args) -> None:
+    from lowbit.data.corpus import corpus_tokens, default_split
+    from lowbit.eval import kl_divergence, perplexity
+
+    if args.ctx < 2:
+        raise ValueError(f"--ctx must be at least 2 tokens, got {args.ctx}")
+    if args.windows is not None and args.windows < 1:
+        raise ValueError(f"--windows must be a positive integer, got {args.windows}")
+    split = args.split or default_split(args.text)
+    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime)
+    tokens, first_token = corpus_tokens(tokenizer, args.text, split)
+    start = time.perf_counter()
+    scoring = {"ctx": args.ctx, "windows": args.windows, "progress": not args.quiet, "score": args.score}
+    if args.ref:
+        ref_model, _ = checkpoint.load_model_and_tokenizer(args.ref)
+        r = kl_divergence(model, ref_model, tokens, **scoring)
+        info = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "kl": r.kl, "top1": r.top1, "tokens": r.tokens_scored,
+                "windows": r.windows}
+    else:
+        r = perplexity(model, tokens, **scoring)
+        info = {"ppl": r.ppl, "tokens": r.tokens_scored, "windows": r.windows}
+    # What was scored: windows of ctx tokens back to back from token first_token of the text's
+    # token stream, each scored under the convention `score`.
+    info.update(score=args.score, split=split, first_token=first_token)
+    values = {key: info[key] for key in ("ppl", "ref_ppl", "kl") if key in info}
+    if not all(math.isfinite(value) for value in values.values()):
+        raise ValueError(f"the evaluation of {args.model} is not finite ({values}): the model "
+                         "computes NaN or inf, which is not reported as a result")
+    seconds = time.perf_counter() - start
+    info.update(model=args.model, runtime=args.runtime, text=args.text, ctx=args.ctx, seconds=round(seconds, 2),
+                tokens_per_s=round(info["windows"] * args.ctx / seconds, 1), peak_rss_mb=round(peak_rss_mb(), 1))
+    emit(args, info, [info])
