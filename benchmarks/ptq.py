@@ -17,13 +17,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowbit.models.loader import load_gguf_model  # noqa: E402
-from lowbit.models.registry import resolve_model  # noqa: E402
-from lowbit.models.tokenizer import Tokenizer  # noqa: E402
-from lowbit.ptq import driver, gptq  # noqa: E402
-from lowbit.data.corpus import calibration_tokens  # noqa: E402
+from lowbit.models.loader import load_gguf_model
+from lowbit.models.registry import resolve_model
+from lowbit.models.tokenizer import Tokenizer
+from lowbit.ptq import driver, gptq
+from lowbit.data.corpus import calibration_tokens
 
 
 def peak_rss_gib() -> float:

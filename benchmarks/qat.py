@@ -17,10 +17,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowbit.train import TrainConfig, Trainer, corpus_tokens  # noqa: E402
-from lowbit.train.loop import _train_step, optimizer_key  # noqa: E402
+from lowbit.train import TrainConfig, Trainer, corpus_tokens
+from lowbit.train.loop import _train_step, optimizer_key
 
 PRESETS = ["fp32", "ternary", "binary", "int4-lsq", "w4a8-lsq", "w4a4-lsq", "int4-g64", "w8a8"]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -15,10 +15,9 @@ import numpy as np
 from flax import nnx
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
-from lowbit.nn import BitLinear, PackedLinear, freeze, quantize_kernel  # noqa: E402
-from lowbit.train import TrainConfig, Trainer, corpus_tokens  # noqa: E402
+from lowbit.nn import BitLinear, PackedLinear, freeze, quantize_kernel
+from lowbit.train import TrainConfig, Trainer, corpus_tokens
 
 SPECS = {"fp32": "fp32", "ternary": "ternary", "binary": "binary", "int4": "w4a8-lsq"}
 SPEC_NOTES = {

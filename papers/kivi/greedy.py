@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
-from lowbit.data.corpus import load_text, split_tokens  # noqa: E402
-from lowbit.decode.engine import BatchedGenerator, Request  # noqa: E402
-from lowbit.models.loader import load_gguf_model  # noqa: E402
-from lowbit.models.registry import resolve_model  # noqa: E402
-from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+from lowbit.data.corpus import load_text, split_tokens
+from lowbit.decode.engine import BatchedGenerator, Request
+from lowbit.checkpoint import load_model_and_tokenizer
 
 
 def main(argv=None) -> int:
@@ -30,9 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layouts", default="int8,int4,kivi4,kivi2")
     parser.add_argument("--out", default=str(HERE / "greedy.json"))
     args = parser.parse_args(argv)
-    path = resolve_model("smollm2-135m")
-    model, _ = load_gguf_model(path)
-    tokenizer = Tokenizer.from_gguf(path)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     evaluation = split_tokens(np.asarray(tokenizer.encode(load_text("pydoc")), np.int32))[1]
     rng = np.random.default_rng(0)
     requests = []

@@ -14,14 +14,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
-from lowbit.data.corpus import load_text, split_tokens, token_windows  # noqa: E402
-from lowbit.decode.quality import compare_hidden, final_hidden, summarize, teacher_forced_decode_logits  # noqa: E402
-from lowbit.kvcache.layout import parse_layout  # noqa: E402
-from lowbit.models.loader import load_gguf_model  # noqa: E402
-from lowbit.models.registry import resolve_model  # noqa: E402
-from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+from lowbit.data.corpus import load_text, split_tokens, token_windows
+from lowbit.decode.quality import compare_hidden, final_hidden, summarize, teacher_forced_decode_logits
+from lowbit.kvcache.layout import parse_layout
+from lowbit.checkpoint import load_model_and_tokenizer
 
 CONFIGS = {  # name -> (layout string, what it is)
     "bf16": ("bf16", "bf16 storage"),
@@ -79,9 +76,9 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; known: {list(CONFIGS)}")
-    path = resolve_model("smollm2-135m")
-    model, config = load_gguf_model(path)
-    windows = corpus_windows(Tokenizer.from_gguf(path), args.ctx, args.windows)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    config = model.config
+    windows = corpus_windows(tokenizer, args.ctx, args.windows)
     results = {"ctx": args.ctx, "windows": args.windows, "model": "smollm2-135m", "configs": {}}
     start = time.time()
     references = [final_hidden(model, windows[w:w + 1]) for w in range(len(windows))]

@@ -15,10 +15,9 @@ import numpy as np
 from flax import nnx
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
-from lowbit.nn import QuantLinear  # noqa: E402
-from lowbit.train import TrainConfig, Trainer, corpus_tokens  # noqa: E402
+from lowbit.nn import QuantLinear
+from lowbit.train import TrainConfig, Trainer, corpus_tokens
 
 BLOCKS = r"layers\.\d+\..*"
 

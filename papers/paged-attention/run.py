@@ -15,12 +15,11 @@ import numpy as np
 from flax import nnx
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
-from lowbit.decode.engine import BatchedGenerator, Request  # noqa: E402
-from lowbit.kvcache.layout import parse_layout  # noqa: E402
-from lowbit.kvcache.memory import SCHEMES, simulate_serving, synthetic_requests  # noqa: E402
-from lowbit.models.llama import Llama, LlamaConfig  # noqa: E402
+from lowbit.decode.engine import BatchedGenerator, Request
+from lowbit.kvcache.layout import parse_layout
+from lowbit.kvcache.memory import SCHEMES, simulate_serving, synthetic_requests
+from lowbit.models.llama import Llama, LlamaConfig
 
 MIXES = {  # name -> (prompt mean, output mean): vLLM's ShareGPT and Alpaca averages
     "sharegpt-like": (161.0, 338.0),

@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
-from lowbit.data.corpus import load_text, split_tokens, token_windows  # noqa: E402
-from lowbit.decode.quality import score_logits, summarize, teacher_forced_decode_logits  # noqa: E402
-from lowbit.models.loader import load_gguf_model  # noqa: E402
-from lowbit.models.registry import resolve_model  # noqa: E402
-from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+from lowbit.data.corpus import load_text, split_tokens, token_windows
+from lowbit.decode.quality import score_logits, summarize, teacher_forced_decode_logits
+from lowbit.checkpoint import load_model_and_tokenizer
 
 
 def main(argv=None) -> int:
@@ -29,9 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=int, default=128)
     parser.add_argument("--out", default=str(HERE / "h2o.json"))
     args = parser.parse_args(argv)
-    path = resolve_model("smollm2-135m")
-    model, _ = load_gguf_model(path)
-    tokens = np.asarray(Tokenizer.from_gguf(path).encode(load_text("pydoc")), np.int32)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    tokens = np.asarray(tokenizer.encode(load_text("pydoc")), np.int32)
     row = token_windows(split_tokens(tokens)[1], args.ctx, 1)
     c = args.cache
     policies = {"full cache": None, f"H2O {c // 2} heavy + {c // 2} recent": f"heavy:{c // 2},recent:{c // 2}",

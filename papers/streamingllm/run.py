@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
-from lowbit.data.corpus import load_text, split_tokens, token_windows  # noqa: E402
-from lowbit.decode.quality import compare_hidden, final_hidden, recompute_logits, score_logits, summarize  # noqa: E402
-from lowbit.models.loader import load_gguf_model  # noqa: E402
-from lowbit.models.registry import resolve_model  # noqa: E402
-from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+from lowbit.data.corpus import load_text, split_tokens, token_windows
+from lowbit.decode.quality import compare_hidden, final_hidden, recompute_logits, score_logits, summarize
+from lowbit.checkpoint import load_model_and_tokenizer
 
 
 def main(argv=None) -> int:
@@ -33,9 +30,8 @@ def main(argv=None) -> int:
                         help="score every stride-th position beyond C for the re-computation baseline")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args(argv)
-    path = resolve_model("smollm2-135m")
-    model, _ = load_gguf_model(path)
-    tokens = np.asarray(Tokenizer.from_gguf(path).encode(load_text("pydoc")), np.int32)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    tokens = np.asarray(tokenizer.encode(load_text("pydoc")), np.int32)
     windows = token_windows(split_tokens(tokens)[1], args.ctx, args.windows)
     c = args.cache
     configs = {
