@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Four prompts of exactly 16 SmolLM2 tokens (as in tests/model/test_llamacpp_reference.py).
+# Four prompts of exactly 16 SmolLM2 tokens (as in tests/real_model/test_llamacpp_reference.py).
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "def is_prime(n):\n    if n < 2:\n        return",
