@@ -15,7 +15,7 @@ from lowbit.ptq.rtn import rtn_quantize
 
 def _parse(argv):
     """`lowbit quantize ARGV`'s arguments, parsed by the lowbit parser."""
-    return build_parse(["quantize", *argv])
+    return build_parser().parse_args(["quantize", *argv])
 
 
 def _tiny_gguf(path):

@@ -132,7 +132,6 @@ def test_cli_serves_a_batch_file(tiny_model, tmp_path, capsys):
                         tiny_model, _ByteTokenizer())
     long_prompt = tmp_path / "long.txt"
     long_prompt.write_text("x" * 300)  # 300 tokens, more than max_seq_len = 256
-    parser.add_argument("--prompt-file")
     with pytest.raises(ValueError, match="context length max_seq_len=256"):
         run_generate_kv(parser.parse_args(["--kv", "int8", "--prompt-file", str(long_prompt)]),
                         tiny_model, _ByteTokenizer())
