@@ -1,6 +1,6 @@
-"""Export a lowbit Llama (float, PTQ-packed or weight-only fake-quant) to a GGUF file that llama.cpp
-loads: packed weights whose grid maps onto the GGUF type are written without a second rounding,
-everything else is re-encoded and its added weight error reported.
+"""Export a lowbit Llama (float, PTQ-packed or weight-only fake-quant) to a GGUF file llama.cpp loads:
+packed grids that map onto the type are written as their codes, the rest re-encoded (error reported);
+layers are weight-only, or round their inputs as llama.cpp does for the type (TQ: int8 per 256).
 """
 
 from __future__ import annotations
