@@ -1,6 +1,6 @@
-"""Export a lowbit Llama (float, PTQ-packed or weight-only fake-quant) to a GGUF file that llama.cpp
-loads: packed weights whose grid maps onto the GGUF type are written without a second rounding,
-everything else is re-encoded and its added weight error reported.
+"""Export a lowbit Llama (float, PTQ-packed or weight-only fake-quant) to a GGUF file llama.cpp loads:
+packed grids that map onto the type are written as their codes, the rest re-encoded (error reported);
+layers are weight-only, or round their inputs as llama.cpp does for the type (TQ: int8 per 256).
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ EMBEDDING_TYPE = "Q8_0"
 # The ternary types need rows that are a multiple of 256; other rows fall back to Q4_0 (as
 # llama.cpp's quantizer does), which holds ternary codes exactly: levels -1, 0, 1 times d.
 TERNARY_FALLBACK = "Q4_0"
+# The input rounding ggml applies to a matmul with weights of a type (its vec_dot type), as a
+# lowbit act_spec: TQ1_0 / TQ2_0 multiply Q8_K inputs (int8, one float32 scale absmax / 127 per
+# 256 inputs). A layer that quantizes its inputs exactly this way exports to that type and runs
+# the same function in llama.cpp; any other input quantization cannot be written to GGUF.
+ACTIVATION_SPECS = {"TQ1_0": "int8:g256:f32", "TQ2_0": "int8:g256:f32"}
+_DYNAMIC_ESTIMATORS = ("identity", "clipped")
 _LINEAR_PARENTS = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn", "w_gate": "mlp",
                    "w_up": "mlp", "w_down": "mlp"}
 
@@ -97,17 +103,33 @@ def _linear(model: Llama, name: str):
     return getattr(getattr(model.layers[int(index)], _LINEAR_PARENTS[leaf]), leaf)
 
 
-def _layer_weight(layer, name: str, shape: tuple[int, int], compute: bool = True):
+def _check_input_quantization(layer, where: str, gguf_type: str) -> None:
+    """A layer may quantize its inputs only as llama.cpp does for `gguf_type` (ACTIVATION_SPECS)."""
+    if layer.input_norm:
+        raise ValueError(f"{where} RMS-normalizes its input at run time (BitNet's input_norm), "
+                         "which a llama GGUF file cannot express")
+    if layer.act_spec is None:
+        return
+    wanted = ACTIVATION_SPECS.get(gguf_type)
+    if str(layer.act_spec) != wanted or layer.act_estimator not in _DYNAMIC_ESTIMATORS:
+        allowed = "; ".join(f"{spec} for {t}" for t, spec in ACTIVATION_SPECS.items())
+        raise ValueError(f"{where} quantizes its input as {layer.act_spec} ({layer.act_estimator}), "
+                         f"which llama.cpp does not do for {gguf_type} weights; a GGUF file can "
+                         f"only hold weight-only layers, or layers whose input quantization is "
+                         f"the type's own ({allowed}, dynamic scales)")
+
+
+def _layer_weight(layer, name: str, shape: tuple[int, int], gguf_type: str,
+                  compute: bool = True):
     """(QArray or None, [K, N] float32 weight the layer multiplies by, description); with
-    compute=False only the checks run (a layer that cannot be exported is a ValueError)."""
+    compute=False only the checks run (a layer that cannot be exported to `gguf_type` is a
+    ValueError)."""
     from lowbit.nn.packed_layer import PackedLayer
     from lowbit.nn.quant_linear import QuantLayer
 
     where = f"layer {name!r} ({type(layer).__name__})"
     if isinstance(layer, (PackedLayer, QuantLayer)):
-        if layer.act_spec is not None or layer.input_norm:
-            raise ValueError(f"{where} quantizes or normalizes its input at run time, which a "
-                             "GGUF file cannot express; only weight-only quantized layers export")
+        _check_input_quantization(layer, where, gguf_type)
         if getattr(layer, "bias", None) is not None:
             raise ValueError(f"{where} has a bias; llama GGUF linears have none")
         if (layer.in_features, layer.out_features) != shape:
@@ -202,12 +224,12 @@ class _Tensor:
         role = ("embedding" if lowbit_name == "embed" else "norm" if len(shape) == 1
                 else "linear")
         self.role = role
-        if role == "linear":  # validate the layer before anything is written
-            layer = _linear(model, lowbit_name)
-            _layer_weight(layer, lowbit_name, tuple(shape), compute=False)
-            if lowbit_name == "lm_head" and type(layer) is nnx.Linear:
-                role = "float head"
+        if role == "linear" and lowbit_name == "lm_head" and type(model.lm_head) is nnx.Linear:
+            role = "float head"
         type_name, note = _tensor_type(role, gguf_type, self.stored_shape[-1], gguf_name)
+        if role != "norm" and role != "embedding":  # validate the layer before anything is written
+            _layer_weight(_linear(model, lowbit_name), lowbit_name, tuple(shape), type_name,
+                          compute=False)
         self.qtype = T[type_name]
         self.report = {"name": gguf_name, "lowbit_name": lowbit_name, "type": type_name,
                        "shape": list(self.stored_shape)}
@@ -225,7 +247,8 @@ class _Tensor:
         if self.role == "embedding":
             return None, _floats(self.model.embed.embedding.get_value()), "float"
         shape = self.stored_shape[::-1]
-        return _layer_weight(_linear(self.model, self.lowbit_name), self.lowbit_name, shape)
+        return _layer_weight(_linear(self.model, self.lowbit_name), self.lowbit_name, shape,
+                             self.qtype.name)
 
     def produce(self) -> np.ndarray:
         qarray, weight, description = self._source()
@@ -283,6 +306,9 @@ def export_gguf(model: nnx.Module | str | Path, path: str | Path, type: str = "Q
       weight is re-encoded from the weight the model multiplies by, and the report gives the
       added error. Norms are F32; a float token embedding is Q8_0 in quantized exports; ternary
       types fall back to Q4_0 (with a warning) on rows that are not a multiple of 256.
+      Layers must be weight-only, except that TQ1_0 / TQ2_0 take layers whose inputs are
+      quantized as llama.cpp quantizes them for those types (act_spec int8:g256:f32, Q8_K;
+      ACTIVATION_SPECS), e.g. a ternary model trained with 8-bit activations.
     source: the GGUF whose tokenizer and general.* metadata are copied (default: the model's
       own source for a checkpoint / name / path; none for a module: the file then has no
       tokenizer, which llama.cpp needs).

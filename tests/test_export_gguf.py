@@ -295,8 +295,39 @@ def test_bad_requests_are_clear_errors(tmp_path):
     rtn_quantize(model, "int4:g32")
     layer = model.layers[0].attn.wq
     model.layers[0].attn.wq = PackedLayer(layer.contraction, layer.packed, act_spec="int8:token")
-    with pytest.raises(ValueError, match="quantizes or normalizes its input at run time"):
+    with pytest.raises(ValueError, match="quantizes its input as int8:token .*not do for Q4_0"):
         export_gguf(model, tmp_path / "m.gguf", "Q4_0")
+    model.layers[0].attn.wq = PackedLayer(layer.contraction, layer.packed, input_norm=True)
+    with pytest.raises(ValueError, match="RMS-normalizes its input at run time"):
+        export_gguf(model, tmp_path / "m.gguf", "Q4_0")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_ternary_layers_with_q8_k_inputs_export_to_tq_types_only(tmp_path):
+    """int8 inputs with one scale per 256 (llama.cpp's Q8_K, what TQ1_0 / TQ2_0 multiply) are the
+    types' own input rounding: such layers export to them exactly, and to no other type."""
+    model = _model(seed=16)
+    rtn_quantize(model, "ternary")
+    for block in model.layers:
+        for leaf in LINEARS:
+            parent = block.attn if leaf in ("wq", "wk", "wv", "wo") else block.mlp
+            layer = getattr(parent, leaf)
+            setattr(parent, leaf, PackedLayer(layer.contraction, layer.packed,
+                                              act_spec="int8:g256:f32"))
+    for gguf_type in ("TQ1_0", "TQ2_0"):
+        report = export_gguf(model, tmp_path / f"{gguf_type}.gguf", gguf_type)
+        linears = [r for r in report["tensors"] if r["name"].startswith("blk.")
+                   and not r["name"].endswith("norm.weight")]
+        assert {r["type"] for r in linears} == {gguf_type}
+        assert all(r["exact"] and r["from_codes"] for r in linears)
+    for gguf_type in ("F32", "Q4_0"):
+        with pytest.raises(ValueError, match=f"int8:g256:f32 .*not do for {gguf_type} weights"):
+            export_gguf(model, tmp_path / "m.gguf", gguf_type)
+    layer = model.layers[0].mlp.w_down
+    model.layers[0].mlp.w_down = PackedLayer(layer.contraction, layer.packed,
+                                             act_spec="int8:token:f32")
+    with pytest.raises(ValueError, match="int8:token:f32 .*not do for TQ2_0"):
+        export_gguf(model, tmp_path / "m.gguf", "TQ2_0")
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -21,7 +21,7 @@ from lowbit.core.quantize import quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.contraction import Contraction, contraction_of, supported_base
 from lowbit.nn.packed_layer import PackedLayer
-from lowbit.nn.packed_linear import module_at, set_child
+from lowbit.nn.packed_linear import get_child, module_at, set_child
 
 LoRAParam = nnx.LoRAParam  # the trainable adapter matrices (a Param subclass: nnx filters select it)
 
@@ -223,6 +223,17 @@ def loftq_factors(matrix: jax.Array, spec: QuantSpec, rank: int, scaling: float,
     return q, a, b
 
 
+def _float_target_paths(model: nnx.Module, config: LoRAConfig) -> list[tuple]:
+    """Module paths of the float layers prepare_qlora quantizes (a packed one is a ValueError)."""
+    paths = []
+    for path, node in _targets(model, config):
+        if isinstance(node, PackedLayer):
+            raise ValueError(f"{'.'.join(map(str, path))} is already packed; prepare_qlora quantizes float layers "
+                             "(use add_lora on a packed model)")
+        paths.append(path)
+    return paths
+
+
 def prepare_qlora(model: nnx.Module, spec: QuantSpec | str = QLORA_SPEC, config: LoRAConfig | None = None, *,
                   rngs: nnx.Rngs, runtime: str = "dequant") -> list[str]:
     """QLoRA in place: each float layer matching config.path is quantized with `spec` (default
@@ -235,12 +246,10 @@ def prepare_qlora(model: nnx.Module, spec: QuantSpec | str = QLORA_SPEC, config:
     spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
     if not isinstance(spec, QuantSpec) or spec.granularity == "token":
         raise ValueError(f"spec must be a weight QuantSpec or its string (e.g. {QLORA_SPEC!r}), got {spec!r}")
-    targets = _targets(model, config)
-    for path, node in targets:
-        if isinstance(node, PackedLayer):
-            raise ValueError(f"{'.'.join(map(str, path))} is already packed; prepare_qlora quantizes float layers "
-                             "(use add_lora on a packed model)")
-    for path, node in targets:
+    paths = _float_target_paths(model, config)  # paths only: each float layer is freed once replaced
+    for path in paths:
+        parent = module_at(model, path[:-1])
+        node = get_child(parent, path[-1])
         contraction = contraction_of(node)
         matrix = contraction.matrix(jnp.asarray(node.kernel.get_value(), jnp.float32))
         if config.init == "loftq":
@@ -250,9 +259,8 @@ def prepare_qlora(model: nnx.Module, spec: QuantSpec | str = QLORA_SPEC, config:
         bias = None if getattr(node, "bias", None) is None else node.bias.get_value()
         base = PackedLayer(contraction, pack(q), bias=bias, dtype=node.dtype, runtime=runtime)
         wrapped = LoRA(base, rank=config.rank, alpha=config.alpha, dropout=config.dropout, a=a, b=b, rngs=rngs)
-        set_child(module_at(model, path[:-1]), path[-1], wrapped)
-        del matrix, q
-    return [".".join(str(k) for k in path) for path, _ in targets]
+        set_child(parent, path[-1], wrapped)
+    return [".".join(str(k) for k in path) for path in paths]
 
 
 def merge_lora(model: nnx.Module, spec: QuantSpec | str | None = None, *, runtime: str = "packed") -> list[str]:

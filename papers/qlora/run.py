@@ -71,6 +71,39 @@ def run_formats() -> list[dict]:
     return rows
 
 
+def run_formats_trained(config_path: str) -> list[dict]:
+    """The same RTN formats on the float Llama trained here (experiments/qat/float_smollm2_vocab.toml,
+    near-Gaussian weights), restored from its newest checkpoint; perplexity over all its held-out
+    windows (the last 10% of the pydoc tokens, windows of its training length)."""
+    from lowbit import ptq
+    from lowbit.eval import perplexity
+    from lowbit.nn import QuantRule
+    from lowbit.train.config import load_config
+    from lowbit.train.loop import Trainer
+
+    config = load_config(config_path)
+    seq = config.train.seq_len
+    rows = []
+    for spec in FORMATS:
+        trainer = Trainer(config, resume=True)  # a fresh copy of the trained model each time
+        if trainer.step == 0:
+            raise SystemExit(f"no checkpoint in {config.train.checkpoint_dir}: train first")
+        model, step, tokens = trainer.model(), trainer.step, trainer.eval_tokens
+        trainer.close()
+        del trainer
+        bits = 32.0
+        if spec != "float":
+            result = ptq.quantize(model, QuantRule(path=BLOCK_LINEARS, weight_spec=spec), method="rtn")
+            bits = result.bits_per_weight
+        r = perplexity(model, tokens, ctx=seq, windows=tokens.size // seq)
+        rows.append({"weights": spec, "bits_per_weight": round(bits, 4), "ppl": round(r.ppl, 4),
+                     "tokens_scored": r.tokens_scored, "trained_steps": step})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    _write("formats_trained", rows)
+    return rows
+
+
 def run_domain() -> list[dict]:
     """Score every pydoc topic's first TOPIC_TOKENS tokens with the float model; the worst-scored
     topics (highest mean loss), in that order, until DOMAIN_TOKENS tokens, become domain.txt."""
@@ -152,6 +185,61 @@ def run_finetune(names: list[str], parallel: bool = False) -> list[dict]:
     return rows
 
 
+MEMORY_PROBE = """
+import json, sys
+from lowbit.train.finetune import FinetuneConfig, FineTuner, load_source_model
+
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+base, steps, data = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+config = FinetuneConfig.from_dict({"data": {"corpus": data}, "lora": {"base": base},
+                                   "train": {"steps": steps, "batch_size": 4, "seq_len": 64,
+                                             "warmup_steps": 1, "eval_windows": 4}})
+phases = {}
+model = load_source_model("smollm2-135m")
+phases["loaded"] = (rss_mb(), peak_mb())
+tuner = FineTuner(config, model=model, resume=False)
+del model
+phases["adapters_added"] = (rss_mb(), peak_mb())
+tuner.train_step()
+phases["first_step"] = (rss_mb(), peak_mb())
+for _ in range(steps - 1):
+    tuner.train_step()
+phases["last_step"] = (rss_mb(), peak_mb())
+print(json.dumps({"base": base, "steps": steps, "frozen_mb": tuner.memory_bytes()["frozen"] / 2**20,
+                  "phases": {k: {"rss_mb": round(a, 1), "peak_mb": round(b, 1)} for k, (a, b) in phases.items()}}))
+"""
+
+
+def run_memory(steps: int = 3) -> list[dict]:
+    """Peak and current RSS of QLoRA (nf4:g64:dq) and LoRA on the float base, each in its own
+    process, after loading the float model, after adding the adapters (QLoRA: quantizing), after
+    the first (compiling) step and after the last."""
+    rows = []
+    for base in ("nf4:g64:dq", "float"):
+        done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, base, str(steps), str(DOMAIN)],
+                              cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"memory probe for {base} failed ({done.returncode})")
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        row = {"base": base, "frozen_mb": round(info["frozen_mb"], 1)}
+        for phase, values in info["phases"].items():
+            row[f"{phase}_rss_mb"], row[f"{phase}_peak_mb"] = values["rss_mb"], values["peak_mb"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    _write("memory", rows, append=True)
+    return rows
+
+
 def _write(name: str, rows: list[dict], append: bool = False) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{name}.jsonl", "a" if append else "w", encoding="utf-8") as f:
@@ -161,16 +249,23 @@ def _write(name: str, rows: list[dict], append: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", nargs="?", default="all", choices=("formats", "domain", "finetune", "all"))
+    parser.add_argument("part", nargs="?", default="all", choices=("formats", "formats-trained", "domain", "finetune", "memory", "all"))
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="fine-tunes to run")
     parser.add_argument("--parallel", action="store_true", help="run the fine-tunes at the same time")
+    parser.add_argument("--trained-config", default=str(ROOT / "experiments/qat/float_smollm2_vocab.toml"),
+                        help="formats-trained: the training config of the float model")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory probe")
     args = parser.parse_args()
     if args.part in ("formats", "all"):
         _print_rows(run_formats())
+    if args.part == "formats-trained":  # needs the trained model: not part of "all"
+        _print_rows(run_formats_trained(args.trained_config))
     if args.part in ("domain", "all"):
         run_domain()
     if args.part in ("finetune", "all"):
         _print_rows(run_finetune(args.runs, args.parallel))
+    if args.part in ("memory", "all"):
+        _print_rows(run_memory(args.memory_steps))
 
 
 if __name__ == "__main__":
