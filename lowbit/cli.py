@@ -50,8 +50,8 @@ def peak_rss_mb() -> float:
 
 
 def load_model(name_or_path: str, runtime: str = "packed"):
-    """(model, tokenizer) for a registered name, a GGUF path or a quantized checkpoint directory
-    (loaded with `runtime` "packed" or "dequant")."""
+    """(model, tokenizer) for a registered name, a GGUF path or a quantized checkpoint directory,
+    loaded with `runtime` "packed" (a GGUF on its own Q4_0/Q4_1/Q8_0 blocks) or "dequant" (float)."""
     from pathlib import Path
 
     from lowbit.models.loader import load_gguf_model
@@ -66,7 +66,7 @@ def load_model(name_or_path: str, runtime: str = "packed"):
             raise ValueError(f"checkpoint {name_or_path} names no source model to take the tokenizer from")
         return model, Tokenizer.from_gguf(resolve_model(tokenizer_source))
     path = resolve_model(name_or_path)
-    model, _ = load_gguf_model(path)
+    model, _ = load_gguf_model(path, runtime=runtime)
     return model, Tokenizer.from_gguf(path)
 
 
@@ -120,7 +120,7 @@ def cmd_generate(args) -> None:
     prompt = read_prompts(args)[0]
     enable_compilation_cache()
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.runtime)
     load_s = time.perf_counter() - start
     with CompileMeter() as meter:
         if wants_kv_generation(args):
@@ -248,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
     p.add_argument("--ref", default=None, help="reference model for KL divergence and top-1 agreement")
     p.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
-                   help="a quantized checkpoint's layers: packed (codes in memory, packed matmul; default) or "
-                        "dequant (weights dequantized once into float layers: fake-quant, for research)")
+                   help="a quantized checkpoint's layers, or a GGUF's Q4_0/Q4_1/Q8_0 tensors: packed (codes or the "
+                        "file's blocks in memory, packed matmul; default) or dequant (weights dequantized "
+                        "once into float layers: fake-quant, for research)")
 
     p = add("generate", cmd_generate, "generate text (greedy by default)")
     p.add_argument("--model", default="smollm2-135m")
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
+                   help="packed (a GGUF's own blocks or a checkpoint's codes; default) or dequant (float weights)")
     from lowbit.decode.cli import add_generate_kv_arguments
 
     add_generate_kv_arguments(p)
