@@ -84,6 +84,22 @@ class TestGgufMatmulNative(GgufMatmulBase, NativeImpl):
             y = self.matmul(jnp.asarray(x), jnp.asarray(blocks), ggml_type)
         assert _relative_error(y, x.astype(np.float64) @ dense.T) < self.float32_tolerance
 
+    @pytest.mark.parametrize("ggml_type", TYPES)
+    def test_native_dequantize_is_exact_and_serves_prefill(self, ggml_type):
+        """The prefill path ("auto" above NATIVE_MAX_ROWS rows) dequantizes natively, bit for bit as
+        the gguf package does, then calls XLA's dot."""
+        from lowbit.kernels.dispatch import NATIVE_MAX_ROWS
+        from lowbit.kernels.gguf_matmul.native import gguf_dequantize_native
+
+        blocks, dense = _blocks(ggml_type, 45, 192, seed=10)
+        got = jax.jit(gguf_dequantize_native, static_argnames="ggml_type")(jnp.asarray(blocks), ggml_type)
+        np.testing.assert_array_equal(np.asarray(got), dense)
+        x = np.random.default_rng(11).standard_normal((NATIVE_MAX_ROWS + 7, 192)).astype(np.float32)
+        lowered = jax.jit(lambda x, b: gguf_matmul(x, b, ggml_type)).lower(jnp.asarray(x), jnp.asarray(blocks))
+        assert "lowbit_gguf_dequantize" in lowered.as_text()
+        y = gguf_matmul(jnp.asarray(x), jnp.asarray(blocks), ggml_type)
+        assert _relative_error(y, x.astype(np.float64) @ dense.T) < self.float32_tolerance
+
     def test_two_threads_at_once_inside_jit(self):
         problems = [_blocks("Q4_1", 576, 1536, seed=6), _blocks("Q8_0", 1536, 576, seed=7)]
         types = ["Q4_1", "Q8_0"]

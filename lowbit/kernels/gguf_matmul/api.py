@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
-from lowbit.kernels.gguf_matmul.native import gguf_matmul_native
+from lowbit.kernels.gguf_matmul.native import gguf_dequantize_native, gguf_matmul_native
 from lowbit.kernels.gguf_matmul.reference import check_blocks, gguf_matmul_reference
 
 ACTIVATION_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -21,13 +21,19 @@ def _native_jit(x, blocks, ggml_type):
     return gguf_matmul_native(x, blocks, ggml_type).astype(x.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("ggml_type",))
+def _native_dequantize_then_dot(x, blocks, ggml_type):
+    w = gguf_dequantize_native(blocks, ggml_type)
+    return jnp.dot(x.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+
+
 def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto"):
     """y = x @ W.T for a GGUF weight W [N, K] given as its raw blocks: [..., N] in x's dtype.
 
     x: [..., K] float32/bfloat16/float16. blocks: uint8 [N, K/32 * block bytes], the tensor's bytes
     from the file with one weight row (output feature) per row. ggml_type: "Q4_0", "Q4_1" or "Q8_0".
-    impl: "auto" (the native CPU kernel where built for up to NATIVE_MAX_ROWS rows of x, else XLA),
-    "native" or "xla".
+    impl: "auto" (where the native CPU kernels are built: their GEMV for up to NATIVE_MAX_ROWS rows
+    of x, above that their block dequantization then XLA's dot; else XLA), "native" or "xla".
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -43,6 +49,8 @@ def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto"):
         return jnp.zeros((*lead, n), x.dtype)
     if resolved == "native" and (impl == "native" or x2.shape[0] <= NATIVE_MAX_ROWS):
         y = _native_jit(x2, blocks, ggml_type)
+    elif resolved == "native":  # prefill under "auto": dequantize once (natively), then XLA's GEMM
+        y = _native_dequantize_then_dot(x2, blocks, ggml_type)
     else:  # "xla", prefill under "auto", or Pallas chosen by "auto" on a GPU (this op has no Pallas kernel)
         y = _reference_jit(x2, blocks, ggml_type)
     return y.reshape(*lead, n)

@@ -684,6 +684,55 @@ LOWBIT_AVX2 void gguf_rows_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
 }
 #endif
 
+// GGUF blocks [N, K/32 * block bytes] -> f32 weights [N, K] by ggml's formulas (the prefill path:
+// dequantize once, then XLA's GEMM), rows split over the threads.
+void gguf_dequantize_rows(int64_t type, const uint8_t* blocks, int64_t block_bytes, int64_t k, int64_t r0,
+                          int64_t r1, float* out) {
+  const int64_t nb = k / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = blocks + (r * nb + b) * block_bytes;
+      float* w = out + r * k + b * 32;
+      const float d = half_to_float(read_u16(blk));
+      if (type == kQ8_0) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+        for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(q[j]) * d;
+      } else if (type == kQ4_1) {
+        const float m = half_to_float(read_u16(blk + 2));
+        for (int j = 0; j < 16; ++j) {
+          w[j] = static_cast<float>(blk[4 + j] & 0x0f) * d + m;
+          w[j + 16] = static_cast<float>(blk[4 + j] >> 4) * d + m;
+        }
+      } else {
+        for (int j = 0; j < 16; ++j) {
+          w[j] = (static_cast<float>(blk[2 + j] & 0x0f) - 8.0f) * d;
+          w[j + 16] = (static_cast<float>(blk[2 + j] >> 4) - 8.0f) * d;
+        }
+      }
+    }
+  }
+}
+
+ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks, ffi::ResultBuffer<ffi::F32> w,
+                              int64_t type) {
+  auto bd = blocks.dimensions();
+  auto wd = w->dimensions();
+  if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_dequantize: type must be 0, 1 or 2");
+  const int64_t block_bytes = type == kQ8_0 ? 34 : (type == kQ4_1 ? 20 : 18);
+  if (bd.size() != 2 || wd.size() != 2 || bd[0] != wd[0] || wd[1] % 32 || bd[1] != wd[1] / 32 * block_bytes) {
+    return invalid("gguf_dequantize: blocks [N, K/32 * block bytes] and w [N, K] expected");
+  }
+  const int64_t n = wd[0], k = wd[1];
+  if (n == 0 || k == 0) return ffi::Error::Success();
+  const int64_t tasks = task_count(pool, n * bd[1], n);
+  const uint8_t* data = blocks.typed_data();
+  float* out = w->typed_data();
+  parallel_for(pool, tasks, [&](int64_t t) {
+    gguf_dequantize_rows(type, data, block_bytes, k, n * t / tasks, n * (t + 1) / tasks, out);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
                           ffi::ResultBuffer<ffi::F32> y, int64_t type) {
   auto xd = x.dimensions();
@@ -849,6 +898,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufMatmul, GgufMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("type"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufDequantize, GgufDequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("type"));
