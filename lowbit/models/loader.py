@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from gguf import GGMLQuantizationType
 
+from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS
 from lowbit.models.gguf.blocks import check_decodable, dequantize_ggml
 from lowbit.models.gguf.llama_names import iter_llama_weights, llama_config, llama_tensor_plan, unpermute_rope_rows
 from lowbit.models.gguf.packed import GgufEmbed, GgufLinear, GgufLlama
@@ -29,14 +30,17 @@ _BLOCK_LINEARS = {"wq": ("attn", "wq"), "wk": ("attn", "wk"), "wv": ("attn", "wv
 
 
 def load_gguf_model(path: str | Path, *, runtime: str = "dequant", dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32, impl: str = "auto") -> tuple[Llama, LlamaConfig]:
+                    param_dtype: Any = jnp.float32, impl: str = "auto",
+                    activations: str = "f32") -> tuple[Llama, LlamaConfig]:
     """(model, config) from a llama GGUF file.
 
     runtime "dequant" (the default, what PTQ, training and export start from): every weight is
     dequantized to param_dtype in an nnx.Llama. runtime "packed": every Q4_0 / Q4_1 / Q8_0 matrix
     stays as the file's blocks (no re-quantization, no float copy) in a GgufLinear, the embedding
     in a GgufEmbed that is also the tied head (a GgufLlama), computed through gguf_matmul (impl:
-    its "auto", "native" or "xla"); other tensor types are dequantized to param_dtype as before.
+    its "auto", "native" or "xla"; activations: "f32", the default, which equals the "dequant" model
+    within float rounding, or "int8", rounded per 32-block as ggml does); other tensor types are
+    dequantized to param_dtype as before.
     The Q/K rows come back in Hugging Face order, so the model uses rope_layout="half".
     """
     if runtime not in RUNTIMES:
@@ -47,10 +51,12 @@ def load_gguf_model(path: str | Path, *, runtime: str = "dequant", dtype: Any = 
         model = Llama.from_weights(config, iter_llama_weights(reader), dtype=dtype,
                                    param_dtype=param_dtype)
         return model, config
-    return _load_on_blocks(reader, config, dtype, param_dtype, impl), config
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    return _load_on_blocks(reader, config, dtype, param_dtype, dict(impl=impl, activations=activations)), config
 
 
-def _load_on_blocks(reader, config: LlamaConfig, dtype, param_dtype, impl: str) -> GgufLlama:
+def _load_on_blocks(reader, config: LlamaConfig, dtype, param_dtype, options: dict) -> GgufLlama:
     """The GgufLlama of a checked reader: built abstractly, then each tensor placed as it is read."""
     where = reader.data.filename
     file_config = llama_config(reader)
@@ -72,7 +78,7 @@ def _load_on_blocks(reader, config: LlamaConfig, dtype, param_dtype, impl: str) 
             raise ValueError(f"{where}: tensor {gguf_name!r} has shape {stored}, expected {wanted}")
         if tensor.tensor_type in BLOCK_TYPES and len(stored) == 2:
             blocks = _file_blocks(tensor, stored, conversion, file_config, where)
-            _place_blocks(model, name, blocks, tensor.tensor_type.name, dtype, impl)
+            _place_blocks(model, name, blocks, tensor.tensor_type.name, dtype, options)
         else:
             values = dequantize_ggml(tensor.data, tensor.tensor_type, stored)
             require_finite(where, gguf_name, values)
@@ -100,16 +106,16 @@ def _file_blocks(tensor, stored: tuple[int, int], conversion: str, config: dict,
     return blocks
 
 
-def _place_blocks(model: GgufLlama, name: str, blocks: np.ndarray, ggml_type: str, dtype, impl: str) -> None:
+def _place_blocks(model: GgufLlama, name: str, blocks: np.ndarray, ggml_type: str, dtype, options: dict) -> None:
     data = jnp.asarray(blocks)
     if name == "embed":
-        model.embed = GgufEmbed(data, ggml_type, dtype=dtype, impl=impl)
+        model.embed = GgufEmbed(data, ggml_type, dtype=dtype, **options)
     elif name == "lm_head":
-        model.lm_head = GgufLinear(data, ggml_type, impl=impl)
+        model.lm_head = GgufLinear(data, ggml_type, **options)
     else:
         _, layer, weight = name.split(".")
         module, attribute = _BLOCK_LINEARS[weight]
-        setattr(getattr(model.layers[int(layer)], module), attribute, GgufLinear(data, ggml_type, impl=impl))
+        setattr(getattr(model.layers[int(layer)], module), attribute, GgufLinear(data, ggml_type, **options))
 
 
 def _place_float(model: GgufLlama, name: str, values: np.ndarray, conversion: str, config: dict,

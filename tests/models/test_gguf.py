@@ -797,6 +797,23 @@ def test_packed_runtime_dequantizes_other_types_and_rejects_bad_runtime(tmp_path
     np.testing.assert_array_equal(np.asarray(packed(tokens)), np.asarray(floats(tokens)))
     with pytest.raises(ValueError, match="runtime must be one of"):
         load_gguf_model(path, runtime="blocks")
+    with pytest.raises(ValueError, match="activations must be one of"):
+        load_gguf_model(path, runtime="packed", activations="int4")
+
+
+def test_packed_runtime_with_int8_activations(tmp_path):
+    """activations="int8" (ggml's rounding of x per 32-block) runs every block layer, and the tied
+    head, on int8 activations: logits move by the rounding of x only."""
+    from lowbit.models.loader import load_gguf_model
+
+    path = _write_tiny_llama(tmp_path / "tiny.gguf", _hf_weights(seed=6), linear_type=T.Q4_1, embed_type=T.Q8_0)
+    int8, _ = load_gguf_model(path, runtime="packed", activations="int8")
+    f32, _ = load_gguf_model(path, runtime="packed")
+    assert int8.embed.activations == "int8" and int8.layers[0].mlp.w_up.activations == "int8"
+    tokens = jnp.arange(3, 9, dtype=jnp.int32)[None]
+    got, want = np.asarray(int8(tokens)), np.asarray(f32(tokens))
+    gap = np.abs(got - want).max() / np.abs(want).max()
+    assert 1e-5 < gap < 3e-2, gap
 
 
 @pytest.mark.model

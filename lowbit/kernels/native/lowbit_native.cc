@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
@@ -562,18 +563,76 @@ ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 
 enum GgufType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
 
+inline uint16_t read_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 struct GgufProblem {
   const float* x;     // [M, K]
   const float* xsum;  // [M, K/32]
+  // int8 activations (as ggml's q8_0): per row and 32-block, x ~ xd * xq with xq = round(x / xd) in
+  // [-127, 127], xd = max|x| / 127; xqsum = the block's sum of xq.
+  const int8_t* xq;   // [M, K]
+  const float* xd;    // [M, K/32]
+  const int32_t* xqsum;
   const uint8_t* blocks;
   int64_t type, m, n, k, block_bytes;
   float* y;
 };
 
-inline uint16_t read_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+// x [M, K] -> xq, xd, xqsum of GgufProblem (ggml's q8 quantization of activations).
+void quantize_activation_blocks(const float* x, int64_t count, int8_t* xq, float* xd, int32_t* xqsum) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float* xb = x + i * 32;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.0f;
+    const float inverse = d > 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int q = static_cast<int>(std::nearbyint(xb[j] * inverse));
+      xq[i * 32 + j] = static_cast<int8_t>(std::min(127, std::max(-127, q)));
+      sum += xq[i * 32 + j];
+    }
+    xd[i] = d;
+    xqsum[i] = sum;
+  }
+}
+
+// One block's integer dot of the weight codes (unsigned nibbles u for Q4_0/Q4_1, signed q for Q8_0)
+// with the int8 activations, then its float contribution:
+//   Q8_0: dw dx sum(q xq); Q4_0: dw dx (sum(u xq) - 8 xqsum); Q4_1: dw dx sum(u xq) + mw dx xqsum.
+inline float gguf_q8_block(int64_t type, const uint8_t* blk, int32_t dot, float dx, int32_t xqsum) {
+  const float dw = half_to_float(read_u16(blk));
+  if (type == kQ8_0) return dw * dx * static_cast<float>(dot);
+  if (type == kQ4_0) return dw * dx * static_cast<float>(dot - 8 * xqsum);
+  return dw * dx * static_cast<float>(dot) + half_to_float(read_u16(blk + 2)) * dx * static_cast<float>(xqsum);
+}
+
+void gguf_rows_q8_scalar(const GgufProblem& p, int64_t r0, int64_t r1) {
+  const int64_t nb = p.k / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * nb * p.block_bytes;
+    for (int64_t m = 0; m < p.m; ++m) {
+      float total = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * p.block_bytes;
+        const int8_t* xb = p.xq + m * p.k + b * 32;
+        int32_t dot = 0;
+        if (p.type == kQ8_0) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+          for (int j = 0; j < 32; ++j) dot += static_cast<int32_t>(q[j]) * xb[j];
+        } else {
+          const uint8_t* q = blk + (p.type == kQ4_1 ? 4 : 2);
+          for (int j = 0; j < 16; ++j) dot += static_cast<int32_t>(q[j] & 0x0f) * xb[j] + static_cast<int32_t>(q[j] >> 4) * xb[j + 16];
+        }
+        total += gguf_q8_block(p.type, blk, dot, p.xd[m * nb + b], p.xqsum[m * nb + b]);
+      }
+      p.y[m * p.n + r] = total;
+    }
+  }
 }
 
 // Per block: the dot of the 32 signed codes (q - 8 for Q4_0) with x, and the block's (scale, bias) so
@@ -670,6 +729,53 @@ LOWBIT_AVX2 void gguf_row_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
   for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.n + r] = hsum(acc[m]) + bias_total[m];
 }
 
+// int8 activations: _mm256_maddubs_epi16 of unsigned codes (Q8_0: |q|, with xq carrying q's sign) and
+// signed xq, pairs summed to int32 by _mm256_madd_epi16; exact integer block dots.
+template <int MT>
+LOWBIT_AVX2 void gguf_row_q8_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
+  const int64_t nb = p.k / 32;
+  const uint8_t* row = p.blocks + r * nb * p.block_bytes;
+  const __m128i low = _mm_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  float total[MT] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * p.block_bytes;
+    __m256i w;
+    if (p.type == kQ8_0) {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    } else {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (p.type == kQ4_1 ? 4 : 2)));
+      w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+    }
+    const __m256i w_unsigned = p.type == kQ8_0 ? _mm256_sign_epi8(w, w) : w;
+    for (int m = 0; m < MT; ++m) {
+      const int64_t xb = (m0 + m) * p.k + b * 32;
+      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + xb));
+      if (p.type == kQ8_0) x = _mm256_sign_epi8(x, w);
+      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, x), ones);
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+      const int64_t block = (m0 + m) * nb + b;
+      total[m] += gguf_q8_block(p.type, blk, _mm_cvtsi128_si32(s4), p.xd[block], p.xqsum[block]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.n + r] = total[m];
+}
+
+LOWBIT_AVX2 void gguf_rows_q8_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t m0 = 0;
+    for (; m0 + kRowTile <= p.m; m0 += kRowTile) gguf_row_q8_avx2<kRowTile>(p, r, m0);
+    switch (p.m - m0) {
+      case 3: gguf_row_q8_avx2<3>(p, r, m0); break;
+      case 2: gguf_row_q8_avx2<2>(p, r, m0); break;
+      case 1: gguf_row_q8_avx2<1>(p, r, m0); break;
+      default: break;
+    }
+  }
+}
+
 LOWBIT_AVX2 void gguf_rows_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     int64_t m0 = 0;
@@ -734,7 +840,7 @@ ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks,
 }
 
 ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t type) {
+                          ffi::ResultBuffer<ffi::F32> y, int64_t type, int64_t activations) {
   auto xd = x.dimensions();
   auto bd = blocks.dimensions();
   if (xd.size() != 2 || bd.size() != 2) return invalid("gguf_matmul: x and blocks must be 2-D");
@@ -746,16 +852,30 @@ ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   p.k = xd[1];
   p.n = bd[0];
   if (p.k % 32 || bd[1] != p.k / 32 * p.block_bytes) return invalid("gguf_matmul: blocks must be [N, K/32 * block bytes]");
+  if (activations != 0 && activations != 1) return invalid("gguf_matmul: activations must be 0 (f32) or 1 (int8)");
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
   const int64_t nb = p.k / 32;
-  std::vector<float> xsum(static_cast<size_t>(p.m * nb));
-  for (int64_t i = 0; i < p.m * nb; ++i) {
-    float sum = 0.0f;
-    for (int j = 0; j < 32; ++j) sum += x.typed_data()[i * 32 + j];
-    xsum[i] = sum;
+  std::vector<float> xsum, xscale;
+  std::vector<int8_t> xq;
+  std::vector<int32_t> xqsum;
+  if (activations == 1) {
+    xq.resize(static_cast<size_t>(p.m * p.k));
+    xscale.resize(static_cast<size_t>(p.m * nb));
+    xqsum.resize(static_cast<size_t>(p.m * nb));
+    quantize_activation_blocks(x.typed_data(), p.m * nb, xq.data(), xscale.data(), xqsum.data());
+  } else {
+    xsum.resize(static_cast<size_t>(p.m * nb));
+    for (int64_t i = 0; i < p.m * nb; ++i) {
+      float sum = 0.0f;
+      for (int j = 0; j < 32; ++j) sum += x.typed_data()[i * 32 + j];
+      xsum[i] = sum;
+    }
   }
   p.x = x.typed_data();
   p.xsum = xsum.data();
+  p.xq = xq.data();
+  p.xd = xscale.data();
+  p.xqsum = xqsum.data();
   p.blocks = blocks.typed_data();
   p.y = y->typed_data();
   const bool simd = has_avx2();
@@ -765,11 +885,19 @@ ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     const int64_t r0 = t * rows_per_task, r1 = std::min(p.n, r0 + rows_per_task);
 #ifdef LOWBIT_X86
     if (simd) {
-      gguf_rows_avx2(p, r0, r1);
+      if (activations == 1) {
+        gguf_rows_q8_avx2(p, r0, r1);
+      } else {
+        gguf_rows_avx2(p, r0, r1);
+      }
       return;
     }
 #endif
-    gguf_rows_scalar(p, r0, r1);
+    if (activations == 1) {
+      gguf_rows_q8_scalar(p, r0, r1);
+    } else {
+      gguf_rows_scalar(p, r0, r1);
+    }
   });
   return ffi::Error::Success();
 }
@@ -900,7 +1028,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufMatmul, GgufMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("type"));
+                                  .Attr<int64_t>("type")
+                                  .Attr<int64_t>("activations"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufDequantize, GgufDequantizeImpl,
                               ffi::Ffi::Bind()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lowbit.kernels.gguf_matmul import GGUF_BLOCKS, dequantize_blocks, gguf_matmul
-from lowbit.kernels.gguf_matmul.reference import check_blocks
+from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS, check_blocks
 from lowbit.models.llama import Llama
 from lowbit.nn.packed_layer import PackedWeight
 
@@ -22,16 +22,23 @@ def _check_type(ggml_type: str) -> str:
     return ggml_type
 
 
+def _check_activations(activations: str) -> str:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    return activations
+
+
 class GgufLinear(nnx.Module):
     """y = x @ W.T for W [out, in] held as its GGUF blocks (uint8 [out, in/32 * block bytes], one
     output feature per row, exactly the file's bytes): the nnx.Linear it replaces, without a bias.
-    impl: gguf_matmul's ("auto": the native CPU kernel for decode, XLA for prefill)."""
+    impl, activations: gguf_matmul's ("auto": the native CPU kernel for decode, XLA's dot for
+    prefill; "f32" activations, or "int8" rounded per 32-block as ggml does)."""
 
-    def __init__(self, blocks, ggml_type: str, *, impl: str = "auto"):
+    def __init__(self, blocks, ggml_type: str, *, impl: str = "auto", activations: str = "f32"):
         self.ggml_type = _check_type(ggml_type)
         self.out_features, self.in_features = check_blocks(blocks, ggml_type)
         self.blocks = PackedWeight(blocks)
-        self.impl = impl
+        self.impl, self.activations = impl, _check_activations(activations)
 
     @property
     def nbytes(self) -> int:
@@ -45,18 +52,19 @@ class GgufLinear(nnx.Module):
         """x: [..., in] -> [..., out] in x's dtype."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        return gguf_matmul(x, self.blocks[...], self.ggml_type, impl=self.impl)
+        return gguf_matmul(x, self.blocks[...], self.ggml_type, impl=self.impl, activations=self.activations)
 
 
 class GgufEmbed(nnx.Module):
     """A token embedding [vocab, d] held as GGUF blocks (uint8 [vocab, d/32 * block bytes]): a lookup
     dequantizes only the rows it gathers; `attend(h)` = h @ table.T, the tied output head."""
 
-    def __init__(self, blocks, ggml_type: str, *, dtype: Any = jnp.float32, impl: str = "auto"):
+    def __init__(self, blocks, ggml_type: str, *, dtype: Any = jnp.float32, impl: str = "auto",
+                 activations: str = "f32"):
         self.ggml_type = _check_type(ggml_type)
         self.num_embeddings, self.features = check_blocks(blocks, ggml_type)
         self.blocks = PackedWeight(blocks)
-        self.dtype, self.impl = jnp.dtype(dtype), impl
+        self.dtype, self.impl, self.activations = jnp.dtype(dtype), impl, _check_activations(activations)
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +78,8 @@ class GgufEmbed(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:
         """h: [..., d] -> [..., vocab] f32 logits against every embedding row."""
-        return gguf_matmul(h.astype(jnp.float32), self.blocks[...], self.ggml_type, impl=self.impl)
+        return gguf_matmul(h.astype(jnp.float32), self.blocks[...], self.ggml_type, impl=self.impl,
+                           activations=self.activations)
 
 
 class GgufLlama(Llama):
