@@ -730,16 +730,25 @@ LOWBIT_AVX2 void gguf_row_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
 }
 
 // int8 activations: _mm256_maddubs_epi16 of unsigned codes (Q8_0: |q|, with xq carrying q's sign) and
-// signed xq, pairs summed to int32 by _mm256_madd_epi16; exact integer block dots.
+// signed xq, pairs summed to int32 by _mm256_madd_epi16 (exact), then one FMA per block into 8 float
+// lanes scaled by dw dx (no horizontal sum per block).
 template <int MT>
 LOWBIT_AVX2 void gguf_row_q8_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
   const int64_t nb = p.k / 32;
   const uint8_t* row = p.blocks + r * nb * p.block_bytes;
   const __m128i low = _mm_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
-  float total[MT] = {};
+  __m256 acc[MT];
+  float bias_total[MT];
+  for (int m = 0; m < MT; ++m) {
+    acc[m] = _mm256_setzero_ps();
+    bias_total[m] = 0.0f;
+  }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * p.block_bytes;
+    const float dw = half_to_float_f16c(blk);
+    // Q4_0's codes are u - 8 and Q4_1 adds mw: both become a per-block multiple of xqsum.
+    const float bias = p.type == kQ4_1 ? half_to_float_f16c(blk + 2) : (p.type == kQ4_0 ? -8.0f * dw : 0.0f);
     __m256i w;
     if (p.type == kQ8_0) {
       w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
@@ -753,14 +762,13 @@ LOWBIT_AVX2 void gguf_row_q8_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
       __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + xb));
       if (p.type == kQ8_0) x = _mm256_sign_epi8(x, w);
       const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, x), ones);
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
       const int64_t block = (m0 + m) * nb + b;
-      total[m] += gguf_q8_block(p.type, blk, _mm_cvtsi128_si32(s4), p.xd[block], p.xqsum[block]);
+      const float dx = p.xd[block];
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dw * dx), acc[m]);
+      bias_total[m] += bias * dx * static_cast<float>(p.xqsum[block]);
     }
   }
-  for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.n + r] = total[m];
+  for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.n + r] = hsum(acc[m]) + bias_total[m];
 }
 
 LOWBIT_AVX2 void gguf_rows_q8_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
