@@ -40,10 +40,6 @@ class GgufLinear(nnx.Module):
         self.blocks = PackedWeight(blocks)
         self.impl, self.activations = impl, _check_activations(activations)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.blocks.get_value().size)
-
     def dequantized_matrix(self) -> jax.Array:
         """The [in, out] f32 matrix this layer multiplies by (the nnx.Linear kernel layout)."""
         return dequantize_blocks(self.blocks[...], self.ggml_type).T
@@ -65,10 +61,6 @@ class GgufEmbed(nnx.Module):
         self.num_embeddings, self.features = check_blocks(blocks, ggml_type)
         self.blocks = PackedWeight(blocks)
         self.dtype, self.impl, self.activations = jnp.dtype(dtype), impl, _check_activations(activations)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.blocks.get_value().size)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens: [...] int -> [..., d] in the layer's dtype."""
