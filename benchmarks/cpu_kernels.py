@@ -111,6 +111,9 @@ def bench(args):
                 blocks = jnp.asarray(quants.quantize(np.ascontiguousarray(w.T), GGMLQuantizationType[name]))
                 for impl in args.impls:
                     cases.append((name, impl, functools.partial(gguf_matmul, ggml_type=name, impl=impl), blocks))
+                if "native" in args.impls:  # activations rounded to int8 per 32-block, integer dots (as ggml)
+                    cases.append((f"{name} a8", "native", functools.partial(
+                        gguf_matmul, ggml_type=name, impl="native", activations="int8"), blocks))
             codes = jnp.asarray(np.clip(np.round(w / np.abs(w).max(0) * 127), -127, 127).astype(np.int8))
             wscale = jnp.asarray(np.abs(w).max(0, keepdims=True) / 127)
             for impl in args.impls:

@@ -1,4 +1,5 @@
-"""Real-model speed and memory: lowbit's f32 SmolLM2-135M (jit) against llama.cpp on the Q4_1 GGUF.
+"""Real-model speed and memory: lowbit's SmolLM2-135M (f32, on the GGUF's own Q4_1/Q8_0 blocks, and
+packed checkpoints such as GPTQ int4 or ternary) against llama.cpp on the same Q4_1 GGUF.
 
 Each engine runs in its own subprocess (peak RSS is separable) and rounds interleave; `--help`.
 """
@@ -25,13 +26,18 @@ from lowbit.data.corpus import load_text, split_tokens  # noqa: E402
 from lowbit.models.registry import resolve_model  # noqa: E402
 from lowbit.models.tokenizer import Tokenizer  # noqa: E402
 
-# (metric, label, target ratio lowbit / llama.cpp from the issue)
+# (metric, label, target ratio lowbit / llama.cpp, target ratio lowbit / lowbit f32) from issue 15
 METRICS = [
-    ("eval_tps", "evaluation: all logits of a 512-token window (tokens/s)", 1.5),
-    ("prefill_tps", "prefill: 512-token prompt, last logits only (tokens/s)", 1.2),
-    ("decode_short_tps", "greedy decode after a 16-token prompt (tokens/s)", 0.7),
-    ("decode_long_tps", "greedy decode after a 512-token prompt (tokens/s)", 0.7),
+    ("eval_tps", "evaluation: all logits of a 512-token window (tokens/s)", 1.5, None),
+    ("prefill_tps", "prefill: 512-token prompt, last logits only (tokens/s)", 1.5, None),
+    ("decode_short_tps", "greedy decode after a 16-token prompt (tokens/s)", 1.0, 2.0),
+    ("decode_long_tps", "greedy decode after a 512-token prompt (tokens/s)", 1.0, 2.0),
 ]
+# RSS after load: lowbit at most this multiple of llama.cpp's.
+RSS_TARGET = 1.3
+# lowbit variants: "f32" (the GGUF dequantized to f32), "gguf" (the file's own blocks through
+# gguf_matmul), or a packed checkpoint directory given with --checkpoint NAME=DIR.
+LOWBIT_VARIANTS = ("f32", "gguf")
 
 
 def _rss_mib() -> float:
@@ -63,18 +69,30 @@ def _inputs(model_path: str, ctx: int, short: int) -> tuple[np.ndarray, np.ndarr
     return evaluation[:ctx], evaluation[ctx:ctx + short]
 
 
-def run_lowbit(model_path: str, ctx: int, short: int, new_tokens: int, repeats: int) -> dict:
+def _load_lowbit(model_path: str, variant: str):
+    from lowbit.checkpoint import load
+    from lowbit.models.loader import load_gguf_model
+
+    if variant in LOWBIT_VARIANTS:
+        return load_gguf_model(model_path, runtime="packed" if variant == "gguf" else "dequant")
+    model = load(variant, runtime="packed")
+    return model, model.config
+
+
+def run_lowbit(model_path: str, variant: str, ctx: int, short: int, new_tokens: int, repeats: int) -> dict:
+    from lowbit.kernels.dispatch import schedule_cpu_for_memory
+
+    schedule_cpu_for_memory()  # as the lowbit CLI does, before JAX's first computation
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from lowbit.models.llama import KVCache, generate
-    from lowbit.models.loader import load_gguf_model
 
     window, prompt = _inputs(model_path, ctx, short)
     rss_start = _rss_mib()
     start = time.perf_counter()
-    model, config = load_gguf_model(model_path)
+    model, config = _load_lowbit(model_path, variant)
     load_s = time.perf_counter() - start
     rss_loaded = _rss_mib()
     graphdef, state = nnx.split(model)
@@ -168,8 +186,9 @@ def run_llamacpp(model_path: str, ctx: int, short: int, new_tokens: int, repeats
 
 
 def _worker(args) -> None:
-    if args.worker == "lowbit":
-        result = run_lowbit(args.model, args.ctx, args.short, args.new_tokens, args.repeats)
+    if args.worker.startswith("lowbit:"):
+        result = run_lowbit(args.model, args.worker.split(":", 1)[1], args.ctx, args.short, args.new_tokens,
+                            args.repeats)
     else:
         result = run_llamacpp(args.model, args.ctx, args.short, args.new_tokens, args.repeats,
                               int(args.worker.split(":")[1]))
@@ -200,9 +219,9 @@ def _versions() -> str:
     return f"jax {jax.__version__}, llama-cpp-python {llama}"
 
 
-def _label(config: str) -> str:
-    if config == "lowbit":
-        return "lowbit"
+def _label(config: str, names: dict[str, str]) -> str:
+    if config.startswith("lowbit:"):
+        return f"lowbit {names.get(config, config.split(':', 1)[1])}"
     threads = int(config.split(":")[1])
     return f"llama.cpp {threads} thread{'s' if threads > 1 else ''}"
 
@@ -219,6 +238,10 @@ def main() -> None:
         sorted({"1", str(os.cpu_count() or 1)})),
         help="llama.cpp thread counts to run, comma separated; ratios use the fastest "
              "(XLA always uses every core)")
+    parser.add_argument("--lowbit", default="f32,gguf",
+                        help="lowbit variants, comma separated: f32 (the GGUF dequantized), gguf (its own blocks)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
+                        help="also run a packed lowbit checkpoint (lowbit quantize --out DIR), e.g. gptq=/tmp/gptq")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,43 +249,67 @@ def main() -> None:
         _worker(args)
         return
     args.model = str(resolve_model(args.model))
-    configs = ["lowbit"] + [f"llamacpp:{int(t)}" for t in args.llamacpp_threads.split(",")]
+    variants = [v for v in args.lowbit.split(",") if v]
+    if any(v not in LOWBIT_VARIANTS for v in variants):
+        raise SystemExit(f"--lowbit takes {', '.join(LOWBIT_VARIANTS)}, got {args.lowbit!r}")
+    names = {f"lowbit:{v}": v for v in variants}
+    for entry in args.checkpoint:
+        name, _, directory = entry.partition("=")
+        if not directory or not Path(directory).is_dir():
+            raise SystemExit(f"--checkpoint must be NAME=DIR with an existing DIR, got {entry!r}")
+        names[f"lowbit:{Path(directory).resolve()}"] = name
+    configs = list(names) + [f"llamacpp:{int(t)}" for t in args.llamacpp_threads.split(",")]
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {config: [] for config in configs}
+    loads: list[float] = []
     for round_index in range(args.rounds):
         order = configs if round_index % 2 == 0 else configs[::-1]
         for config in order:
+            loads.append(os.getloadavg()[0])
             runs[config].append(_spawn(config, args))
-            print(f"round {round_index + 1}/{args.rounds} {config}: "
+            print(f"round {round_index + 1}/{args.rounds} {_label(config, names)} (load {loads[-1]:.1f}): "
                   + ", ".join(f"{k}={v:.1f}" for k, v in runs[config][-1].items()), flush=True)
     load_after = os.getloadavg()
     med = {config: {key: statistics.median(r[key] for r in runs[config]) for key in runs[config][0]}
            for config in configs}
-    references = configs[1:]
+    lowbits = [c for c in configs if c.startswith("lowbit:")]
+    references = [c for c in configs if c.startswith("llamacpp:")]
+    f32 = "lowbit:f32" if "lowbit:f32" in med else None
 
-    print(f"\n{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
-          f"{_versions()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
-          f"(1 min); medians of {args.rounds} rounds x {args.repeats} repeats\n")
-    header = ["measure"] + [_label(c) for c in configs] + ["lowbit / best llama.cpp", "target",
-                                                           "met"]
+    print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
+          f"{os.cpu_count()} cores, {_versions()}; 1-minute load average before {load_before[0]:.2f}, "
+          f"after {load_after[0]:.2f}, {min(loads):.1f}-{max(loads):.1f} at the worker starts; medians of "
+          f"{args.rounds} rounds x {args.repeats} repeats\n")
+    header = ["measure"] + [_label(c, names) for c in configs]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for key, label, target in METRICS:
-        best = max(med[c][key] for c in references)
-        ratio = med["lowbit"][key] / best
-        cells = [f"{med[c][key]:.1f}" for c in configs]
-        print(f"| {label} | " + " | ".join(cells) + f" | {ratio:.2f}x | >= {target}x | "
-              f"{'yes' if ratio >= target else 'no'} |")
-    for key, label in (("peak_rss_mib", "peak RSS (MiB)"),
-                       ("rss_loaded_mib", "RSS after loading the model (MiB)"),
-                       ("load_s", "model load (s)"), ("compile_s", "first forward incl. compile (s)")):
-        best = min(med[c][key] for c in references)
-        ratio = f"{med['lowbit'][key] / best:.2f}x" if best else "-"
-        cells = [f"{med[c][key]:.1f}" for c in configs]
-        print(f"| {label} | " + " | ".join(cells) + f" | {ratio} | | |")
+    for key, label in [(key, label) for key, label, _, _ in METRICS] + [
+            ("rss_loaded_mib", "RSS after loading the model (MiB)"), ("peak_rss_mib", "peak RSS (MiB)"),
+            ("load_s", "model load (s)"), ("compile_s", "first forward incl. compile (s)")]:
+        print(f"| {label} | " + " | ".join(f"{med[c][key]:.1f}" for c in configs) + " |")
+
+    print("\nRatios against the best llama.cpp thread count (and lowbit f32 for decode), targets of issue 15:\n")
+    header = ["lowbit variant"] + [f"{key} / llama.cpp (>= {t}x)" for key, _, t, _ in METRICS] + [
+        f"{key} / lowbit f32 (>= {t}x)" for key, _, _, t in METRICS if t] + [f"RSS after load / llama.cpp (<= {RSS_TARGET}x)"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for config in lowbits:
+        cells = []
+        for key, _, target, _ in METRICS:
+            ratio = med[config][key] / max(med[c][key] for c in references)
+            cells.append(f"{ratio:.2f}x {'met' if ratio >= target else 'not met'}")
+        for key, _, _, target in METRICS:
+            if target and f32:
+                ratio = med[config][key] / med[f32][key]
+                cells.append(f"{ratio:.2f}x {'met' if ratio >= target else 'not met'}")
+            elif target:
+                cells.append("-")
+        ratio = med[config]["rss_loaded_mib"] / min(med[c]["rss_loaded_mib"] for c in references)
+        cells.append(f"{ratio:.2f}x {'met' if ratio <= RSS_TARGET else 'not met'}")
+        print(f"| {_label(config, names)} | " + " | ".join(cells) + " |")
     if args.json:
-        args.json.write_text(json.dumps(dict(runs=runs, load_before=load_before,
-                                             load_after=load_after), indent=2))
+        args.json.write_text(json.dumps(dict(runs=runs, names=names, load_before=load_before,
+                                             load_after=load_after, loads=loads), indent=2))
 
 
 if __name__ == "__main__":

@@ -316,8 +316,9 @@ def load(directory: str | Path, model: nnx.Module | None = None, *,
 
 
 def load_model_and_tokenizer(name_or_path: str | Path, runtime: str = "packed"):
-    """(model, tokenizer) for a registered model name, a GGUF path or a checkpoint directory
-    (loaded with `runtime`, see load); a checkpoint's tokenizer is its source model's."""
+    """(model, tokenizer) for a registered model name, a GGUF path or a checkpoint directory,
+    loaded with `runtime`: "packed" (a checkpoint's codes, or a GGUF on its own Q4_0/Q4_1/Q8_0
+    blocks) or "dequant" (float weights); a checkpoint's tokenizer is its source model's."""
     from lowbit.models.loader import load_gguf_model
     from lowbit.models.registry import MODELS, resolve_model
     from lowbit.models.tokenizer import Tokenizer
@@ -332,5 +333,5 @@ def load_model_and_tokenizer(name_or_path: str | Path, runtime: str = "packed"):
             path = resolve_model(source["model"])
         return model, Tokenizer.from_gguf(path)
     path = resolve_model(str(name_or_path))
-    model, _ = load_gguf_model(path)
+    model, _ = load_gguf_model(path, runtime=runtime)
     return model, Tokenizer.from_gguf(path)

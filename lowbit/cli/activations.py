@@ -32,7 +32,7 @@ def measure(args) -> dict[str, Any]:
     from lowbit.data.corpus import calibration_tokens
     from lowbit.ptq.activations import activation_statistics, plot, save_json
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, runtime="dequant")  # the float layers the driver hooks
     tokens = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_len)
     stats = activation_statistics(model, tokens, progress=show_progress(args))
     stats["source"] = {"model": str(args.model), "calibration": list(tokens.shape)}

@@ -31,8 +31,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
     parser.add_argument("--ref", default=None, help="reference model for KL divergence and top-1 agreement")
     parser.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
-                        help="a quantized checkpoint's layers: packed (codes in memory, packed matmul; default) or "
-                             "dequant (weights dequantized once into float layers: fake-quant, for research)")
+                        help="a quantized checkpoint's layers, or a GGUF's Q4_0/Q4_1/Q8_0 tensors: packed (codes or "
+                             "the file's blocks in memory, packed matmul; default) or dequant (weights dequantized "
+                             "once into float layers: fake-quant, for research)")
 
 
 def run(args) -> None:

@@ -26,6 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
+                        help="packed (a GGUF's own blocks or a checkpoint's codes; default) or dequant (float weights)")
     group = parser.add_argument_group("KV cache")
     group.add_argument("--kv", default=None, metavar="LAYOUT",
                        help=f"KV cache storage: {', '.join(LAYOUT_NAMES)}; options :gN (group), :rN "
@@ -93,7 +95,7 @@ def run(args) -> None:
     prompt = read_prompts(args)[0]
     enable_compilation_cache()
     start = time.perf_counter()
-    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model)
+    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime)
     load_s = time.perf_counter() - start
     with CompileMeter() as meter:
         if wants_kv_generation(args):

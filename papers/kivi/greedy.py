@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layouts", default="int8,int4,kivi4,kivi2")
     parser.add_argument("--out", default=str(HERE / "greedy.json"))
     args = parser.parse_args(argv)
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", runtime="dequant")
     evaluation = split_tokens(np.asarray(tokenizer.encode(load_text("pydoc")), np.int32))[1]
     rng = np.random.default_rng(0)
     requests = []

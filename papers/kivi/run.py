@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; known: {list(CONFIGS)}")
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", runtime="dequant")
     config = model.config
     windows = corpus_windows(tokenizer, args.ctx, args.windows)
     results = {"ctx": args.ctx, "windows": args.windows, "model": "smollm2-135m", "configs": {}}

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=int, default=128)
     parser.add_argument("--out", default=str(HERE / "h2o.json"))
     args = parser.parse_args(argv)
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", runtime="dequant")
     tokens = np.asarray(tokenizer.encode(load_text("pydoc")), np.int32)
     row = token_windows(split_tokens(tokens)[1], args.ctx, 1)
     c = args.cache

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                         help="score every stride-th position beyond C for the re-computation baseline")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args(argv)
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", runtime="dequant")
     tokens = np.asarray(tokenizer.encode(load_text("pydoc")), np.int32)
     windows = token_windows(split_tokens(tokens)[1], args.ctx, args.windows)
     c = args.cache

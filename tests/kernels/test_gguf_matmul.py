@@ -30,8 +30,8 @@ def _relative_error(y, expected):
 
 
 class GgufMatmulBase(KernelTestBase):
-    def matmul(self, x, blocks, ggml_type):
-        return gguf_matmul(x, blocks, ggml_type, impl=self.impl)
+    def matmul(self, x, blocks, ggml_type, **options):
+        return gguf_matmul(x, blocks, ggml_type, impl=self.impl, **options)
 
     @pytest.mark.parametrize("ggml_type", TYPES)
     @pytest.mark.parametrize("n, k", [(1, 32), (37, 96), (16, 576), (50, 1536)])
@@ -83,6 +83,43 @@ class TestGgufMatmulNative(GgufMatmulBase, NativeImpl):
         with portable_code_only():
             y = self.matmul(jnp.asarray(x), jnp.asarray(blocks), ggml_type)
         assert _relative_error(y, x.astype(np.float64) @ dense.T) < self.float32_tolerance
+
+    @pytest.mark.parametrize("ggml_type", TYPES)
+    def test_native_dequantize_is_exact_and_serves_prefill(self, ggml_type):
+        """The prefill path ("auto" above NATIVE_MAX_ROWS rows) dequantizes natively, bit for bit as
+        the gguf package does, then calls XLA's dot."""
+        from lowbit.kernels.dispatch import NATIVE_MAX_ROWS
+        from lowbit.kernels.gguf_matmul.native import gguf_dequantize_native
+
+        blocks, dense = _blocks(ggml_type, 45, 192, seed=10)
+        got = jax.jit(gguf_dequantize_native, static_argnames="ggml_type")(jnp.asarray(blocks), ggml_type)
+        np.testing.assert_array_equal(np.asarray(got), dense)
+        x = np.random.default_rng(11).standard_normal((NATIVE_MAX_ROWS + 7, 192)).astype(np.float32)
+        lowered = jax.jit(lambda x, b: gguf_matmul(x, b, ggml_type)).lower(jnp.asarray(x), jnp.asarray(blocks))
+        assert "lowbit_gguf_dequantize" in lowered.as_text()
+        y = gguf_matmul(jnp.asarray(x), jnp.asarray(blocks), ggml_type)
+        assert _relative_error(y, x.astype(np.float64) @ dense.T) < self.float32_tolerance
+
+    @pytest.mark.parametrize("ggml_type", TYPES)
+    def test_int8_activations_match_the_reference_rounding(self, ggml_type):
+        """activations="int8": x rounded per row and 32-block as ggml does, integer block dots; equals
+        the XLA reference of the same rounding (SIMD and portable code, M up to 64), and differs
+        from the f32 product by the rounding of x only."""
+        blocks, dense = _blocks(ggml_type, 37, 160, seed=12)
+        x = np.random.default_rng(13).standard_normal((64, 160)).astype(np.float32)
+        x[1, :32] = 0.0  # an all-zero activation block
+        reference = np.asarray(gguf_matmul(jnp.asarray(x), jnp.asarray(blocks), ggml_type, impl="xla",
+                                           activations="int8"), np.float64)
+        for m in (1, 2, 5, 64):
+            y = self.matmul(jnp.asarray(x[:m]), jnp.asarray(blocks), ggml_type, activations="int8")
+            assert _relative_error(y, reference[:m]) < 1e-5, (ggml_type, m)
+        with portable_code_only():
+            y = self.matmul(jnp.asarray(x[:3]), jnp.asarray(blocks), ggml_type, activations="int8")
+        assert _relative_error(y, reference[:3]) < 1e-5
+        gap = _relative_error(reference, x.astype(np.float64) @ dense.T)
+        assert 1e-4 < gap < 1e-2, gap
+        with pytest.raises(ValueError, match="activations must be one of"):
+            self.matmul(jnp.asarray(x[:1]), jnp.asarray(blocks), ggml_type, activations="int4")
 
     def test_two_threads_at_once_inside_jit(self):
         problems = [_blocks("Q4_1", 576, 1536, seed=6), _blocks("Q8_0", 1536, 576, seed=7)]

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -743,3 +744,90 @@ def test_smollm2_with_its_embedding_type_flipped_is_refused(tmp_path, smollm2_pa
     path = _patched(tmp_path, source, "type", int(T.F16), tensor="token_embd.weight")
     with pytest.raises(ValueError, match="tensor 'token_embd.weight' \\(F16.*overlaps"):
         open_gguf(path)
+
+
+# ---- runtime "packed": the model computes from the file's own blocks -------------------------
+def _linears(model):
+    from flax import nnx
+
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
+
+
+@pytest.mark.parametrize("linear_type, tied", [(T.Q4_1, True), (T.Q4_0, False), (T.Q8_0, True)],
+                         ids=["Q4_1-tied", "Q4_0-untied", "Q8_0-tied"])
+def test_packed_runtime_keeps_the_file_blocks_and_matches_the_float_load(tmp_path, linear_type, tied):
+    from lowbit.models.gguf.packed import GgufEmbed, GgufLinear, GgufLlama
+    from lowbit.models.llama import generate
+    from lowbit.models.loader import load_gguf_model
+
+    hf = _hf_weights(seed=4, tied=tied)
+    path = _write_tiny_llama(tmp_path / "tiny.gguf", hf, linear_type=linear_type, embed_type=T.Q8_0)
+    packed, config = load_gguf_model(path, runtime="packed")
+    floats, _ = load_gguf_model(path, runtime="dequant")
+    assert isinstance(packed, GgufLlama) and isinstance(packed.embed, GgufEmbed)
+    assert not _linears(packed)  # no float copy of any quantized matrix
+    reader = open_gguf(path)
+    file_bytes = {t.name: np.asarray(t.data).reshape(-1) for t in reader.tensors}
+    layer = packed.layers[1]
+    # wv / w_down hold the file's bytes as they are; wq / wk the same rows in HF order
+    assert np.array_equal(np.asarray(layer.attn.wv.blocks[...]).reshape(-1), file_bytes["blk.1.attn_v.weight"])
+    assert np.array_equal(np.asarray(layer.mlp.w_down.blocks[...]).reshape(-1), file_bytes["blk.1.ffn_down.weight"])
+    assert isinstance(layer.attn.wq, GgufLinear) and layer.attn.wq.ggml_type == linear_type.name
+    for ours, theirs in ((packed.layers[0].attn.wq, floats.layers[0].attn.wq),
+                         (packed.layers[0].attn.wk, floats.layers[0].attn.wk)):
+        np.testing.assert_array_equal(np.asarray(ours.dequantized_matrix()), np.asarray(theirs.kernel[...]))
+    assert isinstance(packed.lm_head, GgufLinear) if not tied else not hasattr(packed, "lm_head")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40)), jnp.int32)
+    for rows in (tokens[:, :5], tokens):  # native GEMV rows (<= 32) and the XLA prefill path
+        got, want = np.asarray(packed(rows)), np.asarray(floats(rows))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    prompt = [int(t) for t in tokens[0, :6]]
+    assert generate(packed, prompt, 6).tolist() == generate(floats, prompt, 6).tolist()
+
+
+def test_packed_runtime_dequantizes_other_types_and_rejects_bad_runtime(tmp_path):
+    from lowbit.models.loader import load_gguf_model
+
+    hf = _hf_weights(seed=5, tied=True)
+    path = _write_tiny_llama(tmp_path / "tiny.gguf", hf, linear_type=T.F16, embed_type=T.F32)
+    packed, _ = load_gguf_model(path, runtime="packed")
+    floats, _ = load_gguf_model(path)
+    assert len(_linears(packed)) == 7 * TINY["n_layers"]  # F16 matrices: float layers as before
+    tokens = jnp.arange(12, dtype=jnp.int32)[None]
+    np.testing.assert_array_equal(np.asarray(packed(tokens)), np.asarray(floats(tokens)))
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        load_gguf_model(path, runtime="blocks")
+    with pytest.raises(ValueError, match="activations must be one of"):
+        load_gguf_model(path, runtime="packed", activations="int4")
+
+
+def test_packed_runtime_with_int8_activations(tmp_path):
+    """activations="int8" (ggml's rounding of x per 32-block) runs every block layer, and the tied
+    head, on int8 activations: logits move by the rounding of x only."""
+    from lowbit.models.loader import load_gguf_model
+
+    path = _write_tiny_llama(tmp_path / "tiny.gguf", _hf_weights(seed=6), linear_type=T.Q4_1, embed_type=T.Q8_0)
+    int8, _ = load_gguf_model(path, runtime="packed", activations="int8")
+    f32, _ = load_gguf_model(path, runtime="packed")
+    assert int8.embed.activations == "int8" and int8.layers[0].mlp.w_up.activations == "int8"
+    tokens = jnp.arange(3, 9, dtype=jnp.int32)[None]
+    got, want = np.asarray(int8(tokens)), np.asarray(f32(tokens))
+    gap = np.abs(got - want).max() / np.abs(want).max()
+    assert 1e-5 < gap < 3e-2, gap
+
+
+@pytest.mark.model
+def test_smollm2_packed_runtime_holds_the_blocks_and_matches_the_float_load(smollm2_path):
+    from flax import nnx
+
+    from lowbit.models.loader import load_gguf_model
+
+    packed, _ = load_gguf_model(smollm2_path, runtime="packed")
+    held = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(nnx.state(packed)))
+    assert held < 100 * 2**20  # the file is 93.8 MiB; f32 weights would be 513 MiB
+    tokens = jnp.asarray([[1, 504, 3458, 314, 2830, 28, 260, 1000, 7, 33]], jnp.int32)
+    got = np.asarray(packed(tokens))
+    del packed
+    floats, _ = load_gguf_model(smollm2_path)
+    want = np.asarray(floats(tokens))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

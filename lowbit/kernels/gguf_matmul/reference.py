@@ -7,6 +7,9 @@ import jax.numpy as jnp
 
 # ggml type name -> (type id of the native kernel, bytes per block of 32 weights)
 GGUF_BLOCKS = {"Q4_0": (0, 18), "Q4_1": (1, 20), "Q8_0": (2, 34)}
+# How activations meet the blocks: "f32" as they are; "int8" rounded per row and 32-block to
+# round(x / d) * d with d = max|x| / 127 (ggml's q8_0), the integer dot products of ggml's CPU kernels.
+ACTIVATIONS = ("f32", "int8")
 
 
 def check_blocks(blocks, ggml_type: str, k: int | None = None) -> tuple[int, int]:
@@ -48,8 +51,20 @@ def dequantize_blocks(blocks, ggml_type: str):
     return w.reshape(n, k)
 
 
-def gguf_matmul_reference(x, blocks, ggml_type: str):
-    """x: [M, K] float; blocks: [N, K/32 * block bytes] -> x @ dequant(blocks).T: [M, N] in x's dtype."""
+def quantize_activation_blocks(x):
+    """x: [M, K] -> the int8-rounded activations [M, K] f32 (ACTIVATIONS' "int8": per row and 32-block)."""
+    m, k = x.shape
+    blocks = x.astype(jnp.float32).reshape(m, k // 32, 32)
+    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127.0
+    inverse = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+    q = jnp.clip(jnp.round(blocks * inverse), -127, 127)
+    return (q * d).reshape(m, k)
+
+
+def gguf_matmul_reference(x, blocks, ggml_type: str, activations: str = "f32"):
+    """x: [M, K] float; blocks: [N, K/32 * block bytes] -> x @ dequant(blocks).T: [M, N] in x's dtype
+    (x first rounded per 32-block to int8 when activations is "int8")."""
     w = dequantize_blocks(blocks, ggml_type)
-    y = jnp.dot(x.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST)
+    xf = quantize_activation_blocks(x) if activations == "int8" else x.astype(jnp.float32)
+    y = jnp.dot(xf, w.T, precision=jax.lax.Precision.HIGHEST)
     return y.astype(x.dtype)

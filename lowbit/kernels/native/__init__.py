@@ -25,7 +25,9 @@ CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 # FFI target name -> symbol exported by the library.
 TARGETS = {
     "lowbit_packed_matmul": "LowbitPackedMatmul",
+    "lowbit_packed_matmul_transposed": "LowbitPackedMatmulTransposed",
     "lowbit_gguf_matmul": "LowbitGgufMatmul",
+    "lowbit_gguf_dequantize": "LowbitGgufDequantize",
     "lowbit_int8_matmul": "LowbitInt8Matmul",
 }
 

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
@@ -405,6 +406,155 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 }
 
 // ---------------------------------------------------------------------------------------------
+// The transposed product of a packed weight, for the gradient w.r.t. the activations:
+//   xbar[m, k] = sum_n g[m, n] W[k, n] = sum_n (g[m, n] scale[G, n]) q[k, n] + sum_n g[m, n] zero[G, n]
+// for k in group G. Per group: the products gs = g * scale and the zero term, then one pass over each
+// packed row's bytes serves all its F K-rows; tasks take ranges of packed rows. Lanes of kLanes
+// independent sums let the compiler vectorize (the AVX2 instance gets 8-wide FMAs) without
+// reassociating a single sum.
+
+constexpr int kLanes = 8;
+
+struct TransposedProblem {
+  const float* g;      // [M, N] cotangent of y
+  const uint8_t* data; // [rows, N]
+  FloatTable scale, zero;
+  bool has_zero;
+  float multiplier, offset;
+  int64_t m, n, k, groups, group_size;
+  float* xbar;         // [M, K]
+};
+
+template <int BITS>
+inline __attribute__((always_inline)) void transposed_rows_body(const TransposedProblem& p, int64_t r0,
+                                                                int64_t r1) {
+  constexpr int F = 8 / BITS;
+  constexpr unsigned mask = (1u << BITS) - 1u;
+  const int64_t rows_per_group = p.group_size / F;
+  std::vector<float> gs(static_cast<size_t>(p.m * p.n));
+  std::vector<float> gz(static_cast<size_t>(p.m));
+  int64_t current = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t grp = r / rows_per_group;
+    if (grp != current) {
+      current = grp;
+      for (int64_t m = 0; m < p.m; ++m) {
+        const float* grow = p.g + m * p.n;
+        float zsum = 0.0f;
+        for (int64_t n = 0; n < p.n; ++n) {
+          gs[m * p.n + n] = grow[n] * p.scale.at(grp * p.n + n);
+          if (p.has_zero) zsum += grow[n] * p.zero.at(grp * p.n + n);
+        }
+        gz[m] = zsum;
+      }
+    }
+    {
+      const uint8_t* w = p.data + r * p.n;
+      for (int64_t m = 0; m < p.m; ++m) {
+        const float* gsr = gs.data() + m * p.n;
+        float acc[F][kLanes] = {};
+        int64_t n = 0;
+        for (; n + kLanes <= p.n; n += kLanes) {
+          for (int f = 0; f < F; ++f) {
+            for (int l = 0; l < kLanes; ++l) {
+              const float q = p.multiplier * static_cast<float>((w[n + l] >> (f * BITS)) & mask) + p.offset;
+              acc[f][l] += gsr[n + l] * q;
+            }
+          }
+        }
+        float tail[F] = {};
+        for (; n < p.n; ++n) {
+          for (int f = 0; f < F; ++f) {
+            tail[f] += gsr[n] * (p.multiplier * static_cast<float>((w[n] >> (f * BITS)) & mask) + p.offset);
+          }
+        }
+        for (int f = 0; f < F; ++f) {
+          const int64_t k = r * F + f;
+          if (k >= p.k) break;
+          float total = tail[f];
+          for (int l = 0; l < kLanes; ++l) total += acc[f][l];
+          p.xbar[m * p.k + k] = total + gz[m];
+        }
+      }
+    }
+  }
+}
+
+template <int BITS>
+void transposed_rows_scalar(const TransposedProblem& p, int64_t r0, int64_t r1) {
+  transposed_rows_body<BITS>(p, r0, r1);
+}
+
+#ifdef LOWBIT_X86
+template <int BITS>
+LOWBIT_AVX2 void transposed_rows_avx2(const TransposedProblem& p, int64_t r0, int64_t r1) {
+  transposed_rows_body<BITS>(p, r0, r1);
+}
+#endif
+
+template <int BITS>
+void transposed_run(ffi::ThreadPool& pool, const TransposedProblem& p) {
+  const int64_t rows = p.groups * p.group_size / (8 / BITS);
+  const int64_t tasks = task_count(pool, rows * p.n, rows);
+  parallel_for(pool, tasks, [&](int64_t t) {
+    const int64_t r0 = rows * t / tasks, r1 = rows * (t + 1) / tasks;
+#ifdef LOWBIT_X86
+    if (has_avx2()) {
+      transposed_rows_avx2<BITS>(p, r0, r1);
+      return;
+    }
+#endif
+    transposed_rows_scalar<BITS>(p, r0, r1);
+  });
+}
+
+ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> data,
+                                      ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::ResultBuffer<ffi::F32> xbar,
+                                      int64_t bits, int64_t multiplier, int64_t offset, int64_t group_size,
+                                      int64_t has_zero) {
+  auto gd = g.dimensions();
+  auto wd = data.dimensions();
+  auto xd = xbar->dimensions();
+  if (gd.size() != 2 || wd.size() != 2 || xd.size() != 2) return invalid("packed_matmul_transposed: 2-D arrays expected");
+  if (bits != 1 && bits != 2 && bits != 4) return invalid("packed_matmul_transposed: bits must be 1, 2 or 4");
+  const int64_t fields = 8 / bits;
+  const int64_t m = gd[0], n = gd[1], rows = wd[0], k = xd[1];
+  if (wd[1] != n || xd[0] != m) return invalid("packed_matmul_transposed: g [M, N], data [rows, N], xbar [M, K]");
+  if (rows * fields < k || rows * fields - k >= fields || group_size <= 0 || group_size % fields ||
+      (rows * fields) % group_size) {
+    return invalid("packed_matmul_transposed: group_size must be a positive multiple of the codes per byte dividing the rows");
+  }
+  TransposedProblem p{};
+  p.groups = rows * fields / group_size;
+  if (!float_kind(scale.element_type(), &p.scale.kind) || !float_kind(zero.element_type(), &p.zero.kind)) {
+    return invalid("packed_matmul_transposed: scale and zero must be f32, f16 or bf16");
+  }
+  if (static_cast<int64_t>(scale.element_count()) != p.groups * n ||
+      (has_zero && static_cast<int64_t>(zero.element_count()) != p.groups * n)) {
+    return invalid("packed_matmul_transposed: scale/zero must have shape [groups, N]");
+  }
+  if (m == 0 || k == 0) return ffi::Error::Success();
+  p.g = g.typed_data();
+  p.data = data.typed_data();
+  p.scale.data = scale.untyped_data();
+  p.zero.data = zero.untyped_data();
+  p.has_zero = has_zero != 0;
+  p.multiplier = static_cast<float>(multiplier);
+  p.offset = static_cast<float>(offset);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  p.xbar = xbar->typed_data();
+  switch (bits) {
+    case 4: transposed_run<4>(pool, p); break;
+    case 2: transposed_run<2>(pool, p); break;
+    default: transposed_run<1>(pool, p); break;
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
 // GGUF blocks as stored in the file: blocks uint8 [N, K/32 * block_bytes], one output row per
 // weight row, 32 consecutive K elements per block.
 //   Q4_0 (18 B): f16 d, 16 B nibbles; element j = low nibble of byte j, j+16 = high; w = (q - 8) d
@@ -413,18 +563,76 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 
 enum GgufType : int64_t { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
 
+inline uint16_t read_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 struct GgufProblem {
   const float* x;     // [M, K]
   const float* xsum;  // [M, K/32]
+  // int8 activations (as ggml's q8_0): per row and 32-block, x ~ xd * xq with xq = round(x / xd) in
+  // [-127, 127], xd = max|x| / 127; xqsum = the block's sum of xq.
+  const int8_t* xq;   // [M, K]
+  const float* xd;    // [M, K/32]
+  const int32_t* xqsum;
   const uint8_t* blocks;
   int64_t type, m, n, k, block_bytes;
   float* y;
 };
 
-inline uint16_t read_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+// x [M, K] -> xq, xd, xqsum of GgufProblem (ggml's q8 quantization of activations).
+void quantize_activation_blocks(const float* x, int64_t count, int8_t* xq, float* xd, int32_t* xqsum) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float* xb = x + i * 32;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.0f;
+    const float inverse = d > 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int q = static_cast<int>(std::nearbyint(xb[j] * inverse));
+      xq[i * 32 + j] = static_cast<int8_t>(std::min(127, std::max(-127, q)));
+      sum += xq[i * 32 + j];
+    }
+    xd[i] = d;
+    xqsum[i] = sum;
+  }
+}
+
+// One block's integer dot of the weight codes (unsigned nibbles u for Q4_0/Q4_1, signed q for Q8_0)
+// with the int8 activations, then its float contribution:
+//   Q8_0: dw dx sum(q xq); Q4_0: dw dx (sum(u xq) - 8 xqsum); Q4_1: dw dx sum(u xq) + mw dx xqsum.
+inline float gguf_q8_block(int64_t type, const uint8_t* blk, int32_t dot, float dx, int32_t xqsum) {
+  const float dw = half_to_float(read_u16(blk));
+  if (type == kQ8_0) return dw * dx * static_cast<float>(dot);
+  if (type == kQ4_0) return dw * dx * static_cast<float>(dot - 8 * xqsum);
+  return dw * dx * static_cast<float>(dot) + half_to_float(read_u16(blk + 2)) * dx * static_cast<float>(xqsum);
+}
+
+void gguf_rows_q8_scalar(const GgufProblem& p, int64_t r0, int64_t r1) {
+  const int64_t nb = p.k / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * nb * p.block_bytes;
+    for (int64_t m = 0; m < p.m; ++m) {
+      float total = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * p.block_bytes;
+        const int8_t* xb = p.xq + m * p.k + b * 32;
+        int32_t dot = 0;
+        if (p.type == kQ8_0) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+          for (int j = 0; j < 32; ++j) dot += static_cast<int32_t>(q[j]) * xb[j];
+        } else {
+          const uint8_t* q = blk + (p.type == kQ4_1 ? 4 : 2);
+          for (int j = 0; j < 16; ++j) dot += static_cast<int32_t>(q[j] & 0x0f) * xb[j] + static_cast<int32_t>(q[j] >> 4) * xb[j + 16];
+        }
+        total += gguf_q8_block(p.type, blk, dot, p.xd[m * nb + b], p.xqsum[m * nb + b]);
+      }
+      p.y[m * p.n + r] = total;
+    }
+  }
 }
 
 // Per block: the dot of the 32 signed codes (q - 8 for Q4_0) with x, and the block's (scale, bias) so
@@ -521,6 +729,61 @@ LOWBIT_AVX2 void gguf_row_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
   for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.n + r] = hsum(acc[m]) + bias_total[m];
 }
 
+// int8 activations: _mm256_maddubs_epi16 of unsigned codes (Q8_0: |q|, with xq carrying q's sign) and
+// signed xq, pairs summed to int32 by _mm256_madd_epi16 (exact), then one FMA per block into 8 float
+// lanes scaled by dw dx (no horizontal sum per block).
+template <int MT>
+LOWBIT_AVX2 void gguf_row_q8_avx2(const GgufProblem& p, int64_t r, int64_t m0) {
+  const int64_t nb = p.k / 32;
+  const uint8_t* row = p.blocks + r * nb * p.block_bytes;
+  const __m128i low = _mm_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MT];
+  float bias_total[MT];
+  for (int m = 0; m < MT; ++m) {
+    acc[m] = _mm256_setzero_ps();
+    bias_total[m] = 0.0f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * p.block_bytes;
+    const float dw = half_to_float_f16c(blk);
+    // Q4_0's codes are u - 8 and Q4_1 adds mw: both become a per-block multiple of xqsum.
+    const float bias = p.type == kQ4_1 ? half_to_float_f16c(blk + 2) : (p.type == kQ4_0 ? -8.0f * dw : 0.0f);
+    __m256i w;
+    if (p.type == kQ8_0) {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    } else {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (p.type == kQ4_1 ? 4 : 2)));
+      w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+    }
+    const __m256i w_unsigned = p.type == kQ8_0 ? _mm256_sign_epi8(w, w) : w;
+    for (int m = 0; m < MT; ++m) {
+      const int64_t xb = (m0 + m) * p.k + b * 32;
+      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + xb));
+      if (p.type == kQ8_0) x = _mm256_sign_epi8(x, w);
+      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, x), ones);
+      const int64_t block = (m0 + m) * nb + b;
+      const float dx = p.xd[block];
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dw * dx), acc[m]);
+      bias_total[m] += bias * dx * static_cast<float>(p.xqsum[block]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) p.y[(m0 + m) * p.n + r] = hsum(acc[m]) + bias_total[m];
+}
+
+LOWBIT_AVX2 void gguf_rows_q8_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t m0 = 0;
+    for (; m0 + kRowTile <= p.m; m0 += kRowTile) gguf_row_q8_avx2<kRowTile>(p, r, m0);
+    switch (p.m - m0) {
+      case 3: gguf_row_q8_avx2<3>(p, r, m0); break;
+      case 2: gguf_row_q8_avx2<2>(p, r, m0); break;
+      case 1: gguf_row_q8_avx2<1>(p, r, m0); break;
+      default: break;
+    }
+  }
+}
+
 LOWBIT_AVX2 void gguf_rows_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     int64_t m0 = 0;
@@ -535,8 +798,57 @@ LOWBIT_AVX2 void gguf_rows_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
 }
 #endif
 
+// GGUF blocks [N, K/32 * block bytes] -> f32 weights [N, K] by ggml's formulas (the prefill path:
+// dequantize once, then XLA's GEMM), rows split over the threads.
+void gguf_dequantize_rows(int64_t type, const uint8_t* blocks, int64_t block_bytes, int64_t k, int64_t r0,
+                          int64_t r1, float* out) {
+  const int64_t nb = k / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = blocks + (r * nb + b) * block_bytes;
+      float* w = out + r * k + b * 32;
+      const float d = half_to_float(read_u16(blk));
+      if (type == kQ8_0) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+        for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(q[j]) * d;
+      } else if (type == kQ4_1) {
+        const float m = half_to_float(read_u16(blk + 2));
+        for (int j = 0; j < 16; ++j) {
+          w[j] = static_cast<float>(blk[4 + j] & 0x0f) * d + m;
+          w[j + 16] = static_cast<float>(blk[4 + j] >> 4) * d + m;
+        }
+      } else {
+        for (int j = 0; j < 16; ++j) {
+          w[j] = (static_cast<float>(blk[2 + j] & 0x0f) - 8.0f) * d;
+          w[j + 16] = (static_cast<float>(blk[2 + j] >> 4) - 8.0f) * d;
+        }
+      }
+    }
+  }
+}
+
+ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks, ffi::ResultBuffer<ffi::F32> w,
+                              int64_t type) {
+  auto bd = blocks.dimensions();
+  auto wd = w->dimensions();
+  if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_dequantize: type must be 0, 1 or 2");
+  const int64_t block_bytes = type == kQ8_0 ? 34 : (type == kQ4_1 ? 20 : 18);
+  if (bd.size() != 2 || wd.size() != 2 || bd[0] != wd[0] || wd[1] % 32 || bd[1] != wd[1] / 32 * block_bytes) {
+    return invalid("gguf_dequantize: blocks [N, K/32 * block bytes] and w [N, K] expected");
+  }
+  const int64_t n = wd[0], k = wd[1];
+  if (n == 0 || k == 0) return ffi::Error::Success();
+  const int64_t tasks = task_count(pool, n * bd[1], n);
+  const uint8_t* data = blocks.typed_data();
+  float* out = w->typed_data();
+  parallel_for(pool, tasks, [&](int64_t t) {
+    gguf_dequantize_rows(type, data, block_bytes, k, n * t / tasks, n * (t + 1) / tasks, out);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t type) {
+                          ffi::ResultBuffer<ffi::F32> y, int64_t type, int64_t activations) {
   auto xd = x.dimensions();
   auto bd = blocks.dimensions();
   if (xd.size() != 2 || bd.size() != 2) return invalid("gguf_matmul: x and blocks must be 2-D");
@@ -548,16 +860,30 @@ ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   p.k = xd[1];
   p.n = bd[0];
   if (p.k % 32 || bd[1] != p.k / 32 * p.block_bytes) return invalid("gguf_matmul: blocks must be [N, K/32 * block bytes]");
+  if (activations != 0 && activations != 1) return invalid("gguf_matmul: activations must be 0 (f32) or 1 (int8)");
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
   const int64_t nb = p.k / 32;
-  std::vector<float> xsum(static_cast<size_t>(p.m * nb));
-  for (int64_t i = 0; i < p.m * nb; ++i) {
-    float sum = 0.0f;
-    for (int j = 0; j < 32; ++j) sum += x.typed_data()[i * 32 + j];
-    xsum[i] = sum;
+  std::vector<float> xsum, xscale;
+  std::vector<int8_t> xq;
+  std::vector<int32_t> xqsum;
+  if (activations == 1) {
+    xq.resize(static_cast<size_t>(p.m * p.k));
+    xscale.resize(static_cast<size_t>(p.m * nb));
+    xqsum.resize(static_cast<size_t>(p.m * nb));
+    quantize_activation_blocks(x.typed_data(), p.m * nb, xq.data(), xscale.data(), xqsum.data());
+  } else {
+    xsum.resize(static_cast<size_t>(p.m * nb));
+    for (int64_t i = 0; i < p.m * nb; ++i) {
+      float sum = 0.0f;
+      for (int j = 0; j < 32; ++j) sum += x.typed_data()[i * 32 + j];
+      xsum[i] = sum;
+    }
   }
   p.x = x.typed_data();
   p.xsum = xsum.data();
+  p.xq = xq.data();
+  p.xd = xscale.data();
+  p.xqsum = xqsum.data();
   p.blocks = blocks.typed_data();
   p.y = y->typed_data();
   const bool simd = has_avx2();
@@ -567,11 +893,19 @@ ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     const int64_t r0 = t * rows_per_task, r1 = std::min(p.n, r0 + rows_per_task);
 #ifdef LOWBIT_X86
     if (simd) {
-      gguf_rows_avx2(p, r0, r1);
+      if (activations == 1) {
+        gguf_rows_q8_avx2(p, r0, r1);
+      } else {
+        gguf_rows_avx2(p, r0, r1);
+      }
       return;
     }
 #endif
-    gguf_rows_scalar(p, r0, r1);
+    if (activations == 1) {
+      gguf_rows_q8_scalar(p, r0, r1);
+    } else {
+      gguf_rows_scalar(p, r0, r1);
+    }
   });
   return ffi::Error::Success();
 }
@@ -682,10 +1016,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmul, PackedMatmulImpl,
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("has_zero"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmulTransposed, PackedMatmulTransposedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("multiplier")
+                                  .Attr<int64_t>("offset")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("has_zero"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufMatmul, GgufMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("type")
+                                  .Attr<int64_t>("activations"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufDequantize, GgufDequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("type"));

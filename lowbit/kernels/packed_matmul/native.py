@@ -1,6 +1,9 @@
-"""Native CPU packed matmul: the packed bytes go to the C++ kernel through the XLA FFI, unconverted."""
+"""Native CPU packed matmul: the packed bytes go to the C++ kernel through the XLA FFI, unconverted.
+Differentiable in x (the gradient g @ W.T runs on the packed bytes too); the packed weight is frozen."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +30,42 @@ def _stat(table, groups: int, n: int):
     return jnp.broadcast_to(table, (groups, n))
 
 
+def _attributes(fmt: WeightFormat, group_size: int) -> dict:
+    return dict(bits=np.int64(fmt.bits), multiplier=np.int64(fmt.code_multiplier),
+                offset=np.int64(fmt.code_offset), group_size=np.int64(group_size),
+                has_zero=np.int64(fmt.asymmetric))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _product(x, data, scale, zero, fmt: WeightFormat, group_size: int):
+    """x: f32 [M, K] times the packed [K, N] weight (data, scale and zero as the kernel reads them)."""
+    call = jax.ffi.ffi_call("lowbit_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], data.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, data, scale, zero, **_attributes(fmt, group_size))
+
+
+def _product_forward(x, data, scale, zero, fmt, group_size):
+    return _product(x, data, scale, zero, fmt, group_size), (x.shape, data, scale, zero)
+
+
+def _product_backward(fmt, group_size, residuals, g):
+    """x-bar = g @ W.T from the packed bytes (`lowbit_packed_matmul_transposed`); no gradient for the
+    frozen weight (its codes are integers, its scales and zeros are not trained here)."""
+    x_shape, data, scale, zero = residuals
+    call = jax.ffi.ffi_call("lowbit_packed_matmul_transposed", jax.ShapeDtypeStruct(x_shape, jnp.float32),
+                            vmap_method="sequential")
+    x_bar = call(g.astype(jnp.float32), data, scale, zero, **_attributes(fmt, group_size))
+    return x_bar, None, None, None
+
+
+_product.defvjp(_product_forward, _product_backward)
+
+
 def packed_matmul_native(x, w: PackedArray, fmt: WeightFormat):
     """x: float32 [M, K]; w: packed [K, N] -> float32 [M, N], on the CPU through `lowbit_packed_matmul`."""
-    m = x.shape[0]
     rows, n = w.data.shape
     group_size = fmt.group_size or rows * fmt.fields  # channel/tensor scales: one group of padded K
     groups = rows * fmt.fields // group_size
     scale = _stat(w.scale, groups, n)
     zero = _stat(w.zero, groups, n) if fmt.asymmetric else jnp.zeros((1, 1), jnp.float32)
-    call = jax.ffi.ffi_call("lowbit_packed_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32),
-                            vmap_method="sequential")
-    return call(x.astype(jnp.float32), w.data, scale, zero, bits=np.int64(fmt.bits),
-                multiplier=np.int64(fmt.code_multiplier), offset=np.int64(fmt.code_offset),
-                group_size=np.int64(group_size), has_zero=np.int64(fmt.asymmetric))
+    return _product(x.astype(jnp.float32), w.data, scale, zero, fmt, group_size)

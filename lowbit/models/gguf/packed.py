@@ -1,0 +1,84 @@
+"""Layers that compute from a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (through gguf_matmul): a linear
+layer, a token embedding that is also the tied output head, and the Llama that uses that head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lowbit.kernels.gguf_matmul import GGUF_BLOCKS, dequantize_blocks, gguf_matmul
+from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS, check_blocks
+from lowbit.models.llama import Llama
+from lowbit.nn.packed_layer import PackedWeight
+
+
+def _check_type(ggml_type: str) -> str:
+    if ggml_type not in GGUF_BLOCKS:
+        raise ValueError(f"ggml_type must be one of {sorted(GGUF_BLOCKS)}, got {ggml_type!r}")
+    return ggml_type
+
+
+def _check_activations(activations: str) -> str:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    return activations
+
+
+class GgufLinear(nnx.Module):
+    """y = x @ W.T for W [out, in] held as its GGUF blocks (uint8 [out, in/32 * block bytes], one
+    output feature per row, exactly the file's bytes): the nnx.Linear it replaces, without a bias.
+    impl, activations: gguf_matmul's ("auto": the native CPU kernel for decode, XLA's dot for
+    prefill; "f32" activations, or "int8" rounded per 32-block as ggml does)."""
+
+    def __init__(self, blocks, ggml_type: str, *, impl: str = "auto", activations: str = "f32"):
+        self.ggml_type = _check_type(ggml_type)
+        self.out_features, self.in_features = check_blocks(blocks, ggml_type)
+        self.blocks = PackedWeight(blocks)
+        self.impl, self.activations = impl, _check_activations(activations)
+
+    def dequantized_matrix(self) -> jax.Array:
+        """The [in, out] f32 matrix this layer multiplies by (the nnx.Linear kernel layout)."""
+        return dequantize_blocks(self.blocks[...], self.ggml_type).T
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., out] in x's dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
+        return gguf_matmul(x, self.blocks[...], self.ggml_type, impl=self.impl, activations=self.activations)
+
+
+class GgufEmbed(nnx.Module):
+    """A token embedding [vocab, d] held as GGUF blocks (uint8 [vocab, d/32 * block bytes]): a lookup
+    dequantizes only the rows it gathers; `attend(h)` = h @ table.T, the tied output head."""
+
+    def __init__(self, blocks, ggml_type: str, *, dtype: Any = jnp.float32, impl: str = "auto",
+                 activations: str = "f32"):
+        self.ggml_type = _check_type(ggml_type)
+        self.num_embeddings, self.features = check_blocks(blocks, ggml_type)
+        self.blocks = PackedWeight(blocks)
+        self.dtype, self.impl, self.activations = jnp.dtype(dtype), impl, _check_activations(activations)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens: [...] int -> [..., d] in the layer's dtype."""
+        rows = jnp.take(self.blocks[...], tokens.reshape(-1), axis=0)
+        table = dequantize_blocks(rows, self.ggml_type)
+        return table.reshape(*tokens.shape, self.features).astype(self.dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """h: [..., d] -> [..., vocab] f32 logits against every embedding row."""
+        return gguf_matmul(h.astype(jnp.float32), self.blocks[...], self.ggml_type, impl=self.impl,
+                           activations=self.activations)
+
+
+class GgufLlama(Llama):
+    """A Llama whose tied output head multiplies by the GGUF blocks of its embedding (`embed` is a
+    GgufEmbed); everything else is Llama's. Built by lowbit.models.loader.load_gguf_model."""
+
+    def head(self, x: jax.Array) -> jax.Array:
+        if not (self.config.tied_embeddings and isinstance(self.embed, GgufEmbed)):
+            return super().head(x)
+        return self.embed.attend(self.final_norm(x).astype(self.dtype)).astype(jnp.float32)
