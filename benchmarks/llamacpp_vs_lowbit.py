@@ -68,7 +68,7 @@ def run_lowbit(model_path: str, ctx: int, short: int, new_tokens: int, repeats: 
     import jax.numpy as jnp
     from flax import nnx
 
-    from lowbit.models.llama import KVCache, generate
+    from lowbit.decode import generate
     from lowbit.models.loader import load_gguf_model
 
     window, prompt = _inputs(model_path, ctx, short)
@@ -85,12 +85,9 @@ def run_lowbit(model_path: str, ctx: int, short: int, new_tokens: int, repeats: 
     compile_s = time.perf_counter() - compile_start
     eval_s = _median_time(lambda: jax.block_until_ready(forward(state, tokens)), repeats)
 
-    def prefill():
-        cache = KVCache.create(config, 1, ctx)
-        jax.block_until_ready(cache)
+    def prefill():  # the prompt through the cache to the first token
         begin = time.perf_counter()
-        logits, cache = model.prefill(tokens, cache, last_only=True)
-        jax.block_until_ready(logits)
+        generate(model, window, 1)
         return time.perf_counter() - begin
 
     prefill()

@@ -114,7 +114,7 @@ def cmd_generate(args) -> None:
 
     from lowbit.decode.cli import check_generate_arguments, read_prompts, run_generate_kv, wants_kv_generation
     from lowbit.decode.compilation import CompileMeter, enable_compilation_cache
-    from lowbit.models.llama import generate
+    from lowbit.decode import generate
 
     check_generate_arguments(args)  # before the model loads
     prompt = read_prompts(args)[0]

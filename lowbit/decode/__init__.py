@@ -2,12 +2,13 @@
 batching from one paged pool, cache-quality evaluation, and the `lowbit generate` KV options."""
 
 from lowbit.decode.cli import add_generate_kv_arguments, run_generate_kv, wants_kv_generation
-from lowbit.decode.engine import BatchedGenerator, Completion, GenerationStats, Request, generate_batch
+from lowbit.decode.engine import (BatchedGenerator, Completion, GenerationStats, Request, generate, generate_batch,
+                                  prompt_bucket)
 from lowbit.decode.quality import CacheQuality, cache_quality, final_hidden, teacher_forced_decode_logits
 from lowbit.decode.step import decode_step, prefill_step
 
 __all__ = [
     "BatchedGenerator", "CacheQuality", "Completion", "GenerationStats", "Request",
-    "add_generate_kv_arguments", "cache_quality", "decode_step", "final_hidden", "generate_batch",
-    "prefill_step", "run_generate_kv", "teacher_forced_decode_logits", "wants_kv_generation",
+    "add_generate_kv_arguments", "cache_quality", "decode_step", "final_hidden", "generate",
+    "generate_batch", "prefill_step", "prompt_bucket", "run_generate_kv", "teacher_forced_decode_logits", "wants_kv_generation",
 ]

@@ -149,7 +149,7 @@ def test_continuous_batching_equals_single_sequence_greedy(tiny_model, prompts, 
     gets alone (one slot; for f32 also the model's own single-sequence generate()), with one
     compiled decode step for the whole batch run."""
     from lowbit.decode.step import decode_step
-    from lowbit.models.llama import generate
+    from lowbit.decode import generate
 
     alone = [BatchedGenerator(tiny_model, layout, slots=1, max_len=32, page_size=4)
              .generate([Request(p, NEW)])[0].tokens for p in prompts]

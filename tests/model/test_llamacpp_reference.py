@@ -13,7 +13,7 @@ import gguf  # noqa: E402
 
 from lowbit.data.corpus import load_text, split_tokens, token_windows  # noqa: E402
 from lowbit.eval import perplexity  # noqa: E402
-from lowbit.models.llama import generate  # noqa: E402
+from lowbit.decode import generate  # noqa: E402
 from lowbit.models.loader import load_gguf_model  # noqa: E402
 from lowbit.models.tokenizer import Tokenizer  # noqa: E402
 
