@@ -5,12 +5,11 @@ each compiles once per cache spec).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lowbit.decode.compilation import StoredJit
 from lowbit.kvcache.attention import DecodeView, PrefillView
 from lowbit.kvcache.store import CacheSpec
 
@@ -45,9 +44,8 @@ def select_tokens(logits, temperature, key_data, counters):
     return jax.vmap(one)(logits, temperature, key_data, counters)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "return_logits"), donate_argnames=("cache_state",))
-def decode_step(graphdef, params, cache_state, spec, tokens, positions, active, tables, temperature,
-                key_data, counters, return_logits=False):
+def _decode_step(graphdef, params, cache_state, spec, tokens, positions, active, tables, temperature,
+                 key_data, counters, return_logits=False):
     """Jitted decode of one token for every slot, then token selection. Returns (next tokens [S],
     logits [S, V] or None, cache_state); the input cache_state is donated."""
     model = nnx.merge(graphdef, params)
@@ -56,10 +54,8 @@ def decode_step(graphdef, params, cache_state, spec, tokens, positions, active, 
     return chosen, (logits if return_logits else None), cache_state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "has_prefix", "return_logits"),
-                   donate_argnames=("cache_state",))
-def prefill_step(graphdef, params, cache_state, spec, tokens, start, real_len, slot, table_row,
-                 temperature, key_data, counter, has_prefix=False, return_logits=False):
+def _prefill_step(graphdef, params, cache_state, spec, tokens, start, real_len, slot, table_row,
+                  temperature, key_data, counter, has_prefix=False, return_logits=False):
     """Jitted prefill of one chunk into one slot, then selection of the next token. Returns
     (token, logits [V] or None, cache_state); the input cache_state is donated."""
     model = nnx.merge(graphdef, params)
@@ -67,3 +63,7 @@ def prefill_step(graphdef, params, cache_state, spec, tokens, start, real_len, s
                                           table_row, has_prefix)
     chosen = select_tokens(logits[None], temperature[None], key_data[None], counter[None])[0]
     return chosen, (logits if return_logits else None), cache_state
+
+
+decode_step = StoredJit(_decode_step, ("graphdef", "spec", "return_logits"), ("cache_state",))
+prefill_step = StoredJit(_prefill_step, ("graphdef", "spec", "has_prefix", "return_logits"), ("cache_state",))

@@ -90,5 +90,5 @@ def test_prompts_of_one_bucket_share_one_compiled_prefill_and_stay_exact(model):
         assert stamps["bucket"] == 32
         assert stamps["start"] <= stamps["first_token"] <= stamps["end"]
         np.testing.assert_array_equal(new, _greedy_by_full_forwards(model, prompt, 4))
-        sizes.append(prefill_step._cache_size())
+        sizes.append(prefill_step.compiled_count())
     assert sizes[1] == sizes[0]  # the second length compiled nothing new
