@@ -1,5 +1,5 @@
-"""SmolLM2-135M greedy tokens (float, int8, int4 and KIVI-2 caches, and the single-sequence
-generate) and cache-quality numbers, against values saved before generation moved onto the model's
+"""SmolLM2-135M greedy tokens (float and int8 caches, and the single-sequence generate) and
+cache-quality numbers (int8, int4, KIVI-2, sinks), against values saved before generation moved onto the model's
 own attention over a cache (fixtures/smollm2_reference.json; run this file to rewrite it)."""
 
 import json
@@ -22,18 +22,18 @@ except ImportError:  # before the move (how the fixture was first written)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
-NEW = 16
+NEW = 12
 
 
 def compute(path) -> dict:
     model = load_gguf_model(path)[0]
     tokens = np.asarray(Tokenizer.from_gguf(path).encode(load_text()[:8000]), np.int32)
-    prompts = [tokens[s:s + n].tolist() for s, n in ((0, 40), (300, 25), (900, 70))]
+    prompts = [tokens[s:s + n].tolist() for s, n in ((0, 40), (300, 25))]
     out = {"generate": [np.asarray(generate(model, p, NEW)).tolist() for p in prompts]}
-    for layout in ("f32", "int8", "int4", "kivi2"):
-        generator = BatchedGenerator(model, layout, slots=3, max_len=96)
+    for layout in ("f32", "int8"):
+        generator = BatchedGenerator(model, layout, slots=2, max_len=64)
         out[f"engine/{layout}"] = [c.tokens for c in generator.generate([Request(p, NEW) for p in prompts])]
-    windows = tokens[1000:1000 + 2 * 64].reshape(2, 64)
+    windows = tokens[1000:1000 + 64].reshape(1, 64)
     quality = cache_quality(model, windows, {"int8": ("int8", None), "int4": ("int4", None),
                                              "kivi2": ("kivi2", None), "sinks": ("f32", "sinks:4,window:28")})
     out["cache_quality"] = {name: [round(q.ppl, 5), round(q.ref_ppl, 5), round(q.kl, 7), q.top1, q.tokens]
