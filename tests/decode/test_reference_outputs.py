@@ -20,6 +20,7 @@ try:
 except ImportError:  # before the move (how the fixture was first written)
     from lowbit.models.llama import generate
 
+pytestmark = pytest.mark.slow  # about 2.5 min: a dozen cache configurations each compile their steps
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_reference.json"
 LAYOUTS = ("f32", "bf16", "int8", "int8:g32", "int4", "kivi2", "kivi4")
 POLICIES = ("window:24", "sinks:4,window:20", "h2o:0.5")
