@@ -1,5 +1,6 @@
-"""Generation over KV caches: jit-compiled prefill/decode steps, batched generation with continuous
-batching from one paged pool, cache-quality evaluation, and the `lowbit generate` KV options."""
+"""Generation through the model's own blocks over KV caches: generate (one prompt or an equal-length
+batch), batched generation with continuous batching from one paged pool, the compiled prefill/decode
+steps, cache-quality evaluation, and the `lowbit generate` KV options."""
 
 from lowbit.decode.cli import add_generate_kv_arguments, run_generate_kv, wants_kv_generation
 from lowbit.decode.engine import (BatchedGenerator, Completion, GenerationStats, Request, generate, generate_batch,
@@ -10,5 +11,6 @@ from lowbit.decode.step import decode_step, prefill_step
 __all__ = [
     "BatchedGenerator", "CacheQuality", "Completion", "GenerationStats", "Request",
     "add_generate_kv_arguments", "cache_quality", "decode_step", "final_hidden", "generate",
-    "generate_batch", "prefill_step", "prompt_bucket", "run_generate_kv", "teacher_forced_decode_logits", "wants_kv_generation",
+    "generate_batch", "prefill_step", "prompt_bucket", "run_generate_kv", "teacher_forced_decode_logits",
+    "wants_kv_generation",
 ]
