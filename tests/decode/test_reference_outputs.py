@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lowbit.decode import generate
 from lowbit.decode.engine import BatchedGenerator, Request
 from lowbit.decode.quality import cache_quality, final_hidden, teacher_forced_decode_logits
 from lowbit.models.llama import Llama, LlamaConfig
-
-try:
-    from lowbit.decode import generate
-except ImportError:  # before the move (how the fixture was first written)
-    from lowbit.models.llama import generate
 
 pytestmark = pytest.mark.slow  # about 2.5 min: a dozen cache configurations each compile their steps
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_reference.json"

@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 
 from lowbit.data.corpus import load_text
+from lowbit.decode import generate
 from lowbit.decode.engine import BatchedGenerator, Request
 from lowbit.decode.quality import cache_quality
 from lowbit.models.loader import load_gguf_model
 from lowbit.models.tokenizer import Tokenizer
-
-try:
-    from lowbit.decode import generate
-except ImportError:  # before the move (how the fixture was first written)
-    from lowbit.models.llama import generate
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.json"
