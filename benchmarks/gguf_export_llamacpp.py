@@ -105,7 +105,7 @@ def lowbit_side(args, workdir: Path) -> dict:
     from lowbit.data.corpus import load_text, split_tokens, token_windows
     from lowbit.eval import perplexity
     from lowbit.export import model_and_source
-    from lowbit.models.llama import generate
+    from lowbit.decode import generate
     from lowbit.models.tokenizer import Tokenizer
 
     model, source = model_and_source(args.checkpoint)

@@ -87,7 +87,7 @@ def run_lowbit(model_path: str, variant: str, ctx: int, short: int, new_tokens: 
     import jax.numpy as jnp
     from flax import nnx
 
-    from lowbit.models.llama import KVCache, generate
+    from lowbit.decode import generate
 
     window, prompt = _inputs(model_path, ctx, short)
     rss_start = _rss_mib()
@@ -103,12 +103,9 @@ def run_lowbit(model_path: str, variant: str, ctx: int, short: int, new_tokens: 
     compile_s = time.perf_counter() - compile_start
     eval_s = _median_time(lambda: jax.block_until_ready(forward(state, tokens)), repeats)
 
-    def prefill():
-        cache = KVCache.create(config, 1, ctx)
-        jax.block_until_ready(cache)
+    def prefill():  # the prompt through the cache to the first token
         begin = time.perf_counter()
-        logits, cache = model.prefill(tokens, cache, last_only=True)
-        jax.block_until_ready(logits)
+        generate(model, window, 1)
         return time.perf_counter() - begin
 
     prefill()

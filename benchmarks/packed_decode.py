@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowbit.models.llama import generate  # noqa: E402
+from lowbit.decode import generate  # noqa: E402
 from lowbit.models.loader import load_gguf_model  # noqa: E402
 from lowbit.models.registry import fetch  # noqa: E402
 from lowbit.nn.packed_linear import freeze  # noqa: E402

@@ -89,7 +89,7 @@ def read_prompts(args) -> list[str]:
 
 def run(args) -> None:
     from lowbit.decode.compilation import CompileMeter, enable_compilation_cache
-    from lowbit.models.llama import generate
+    from lowbit.decode import generate
 
     check_generate_arguments(args)  # before the model loads
     prompt = read_prompts(args)[0]

@@ -1,21 +1,33 @@
 """Compilation: JAX's persistent compilation cache under the lowbit cache directory (on by default
-for the commands), and a meter of the seconds spent tracing, lowering and compiling per function.
+for the commands), compiled decode steps stored whole so that a later process skips tracing and
+lowering too, and a meter of the seconds spent tracing, lowering, compiling or loading per function.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
+import inspect
 import os
+import pickle
+import re
 import threading
+import time
 from pathlib import Path
 
 import jax
+from jax.experimental.serialize_executable import deserialize_and_load, serialize
+
+from lowbit.files import atomic_path
 
 # The events around one jit compilation: tracing, lowering to MLIR, and the backend compile
-# (which, on a persistent-cache hit, is the time to read the executable back).
+# (which, on a persistent-cache hit, is the time to read the executable back), and the time to
+# load a stored executable (StoredJit).
+LOAD_EVENT = "/lowbit/decode/executable_load_duration"
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
+                  "/jax/core/compile/backend_compile_duration", LOAD_EVENT)
 OFF = ("0", "off", "false", "no")
 
 
@@ -33,16 +45,101 @@ def compilation_cache_dir() -> Path | None:
 def enable_compilation_cache(directory: str | Path | None = None) -> Path | None:
     """Points JAX's persistent compilation cache at `directory` (default compilation_cache_dir())
     and caches every executable, however fast it compiled, so that a later process (a new prompt
-    of a similar length) loads its prefill and decode steps instead of compiling them.
-    Returns the directory, or None when the cache is turned off."""
+    of a similar length) loads its prefill and decode steps instead of compiling them; StoredJit
+    keeps whole executables under <directory>/lowbit-executables. Returns the directory, or None when the cache is turned off."""
     path = Path(directory) if directory is not None else compilation_cache_dir()
     if path is None:
+        StoredJit.directory = None
         return None
     path.mkdir(parents=True, exist_ok=True)
+    StoredJit.directory = path / "lowbit-executables"
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+@functools.cache
+def source_fingerprint() -> str:
+    """sha256 of every lowbit source file and the JAX/jaxlib/Flax versions: a stored executable
+    is only reused by the same code on the same libraries."""
+    import flax
+
+    digest = hashlib.sha256(f"{jax.__version__} {jax.lib.__version__} {flax.__version__}".encode())
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _signature(tree) -> tuple:
+    """The pytree structure and (shape, dtype, weak type) of every leaf of the dynamic arguments."""
+    leaves, treedef = jax.tree.flatten(tree)
+    avals = tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))
+                  for x in map(jax.typeof, leaves))
+    return treedef, avals
+
+
+class StoredJit:
+    """jax.jit(function, static_argnames, donate_argnames) whose executables are kept in memory and,
+    when enable_compilation_cache() has set StoredJit.directory, on disk: a later process with the
+    same lowbit source, JAX version, device, static arguments and argument shapes loads the
+    executable without tracing or lowering (JAX's own persistent cache still traces and lowers the
+    whole model to compute its key). Static arguments must have a deterministic repr."""
+
+    directory: Path | None = None
+
+    def __init__(self, function, static_argnames: tuple[str, ...], donate_argnames: tuple[str, ...] = ()):
+        self.jitted = jax.jit(function, static_argnames=static_argnames, donate_argnames=donate_argnames)
+        self.signature = inspect.signature(function)
+        self.static_argnames = tuple(static_argnames)
+        self.name = function.__name__
+        self.executables: dict = {}
+        functools.update_wrapper(self, function)
+
+    def compiled_count(self) -> int:
+        """How many executables (static arguments and shapes) this process holds."""
+        return len(self.executables)
+
+    def _path(self, static: dict, signature: tuple) -> Path:
+        device = jax.devices()[0]
+        text = repr((self.name, source_fingerprint(), device.platform, device.device_kind,
+                     jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+                     sorted(static.items()), signature))
+        text = re.sub(r" at 0x[0-9a-f]+", "", text)  # functions in a graphdef print their address
+        return self.directory / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()}.pkl"
+
+    def _load_or_compile(self, bound, static: dict, signature: tuple):
+        path = None if self.directory is None else self._path(static, signature)
+        if path is not None and path.is_file():
+            start = time.perf_counter()
+            try:
+                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+                executable = deserialize_and_load(payload, in_tree, out_tree)
+            except Exception:  # written by another jaxlib build, or truncated: compile again
+                executable = None
+            if executable is not None:
+                jax.monitoring.record_event_duration_secs(LOAD_EVENT, time.perf_counter() - start,
+                                                          fun_name=self.name)
+                return executable
+        executable = self.jitted.lower(**bound.arguments).compile()  # called by keyword
+        if path is not None:
+            with atomic_path(path) as partial:
+                partial.write_bytes(pickle.dumps(serialize(executable)))
+        return executable
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        static = {name: bound.arguments[name] for name in self.static_argnames}
+        dynamic = {name: value for name, value in bound.arguments.items() if name not in static}
+        signature = _signature(dynamic)
+        key = (tuple(static.items()), signature)
+        executable = self.executables.get(key)
+        if executable is None:
+            executable = self.executables[key] = self._load_or_compile(bound, static, signature)
+        return executable(**dynamic)
 
 
 def _function_name(name: str | None) -> str:

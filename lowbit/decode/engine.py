@@ -21,7 +21,14 @@ from lowbit.decode.step import decode_step, prefill_step
 from lowbit.kvcache.allocator import OutOfBlocksError
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.policy import FullPolicy
-from lowbit.models.llama import prompt_bucket
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length that prefill compiles for: the next power of two up to 128,
+    then the next multiple of 128, so that prompts of similar length share one executable."""
+    if length <= 128:
+        return max(16, 1 << (length - 1).bit_length())
+    return -(-length // 128) * 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +117,7 @@ class BatchedGenerator:
     share_prefixes: a new prompt that starts with at least one page of a running sequence's tokens
     reuses those pages (float or per-token layouts without a residual, full policy).
     The decode step is jit-compiled once (slots and block tables padded to fixed shapes); prompts
-    are prefilled one at a time, padded to lowbit.models.llama.prompt_bucket lengths.
+    are prefilled one at a time, padded to prompt_bucket lengths.
     """
 
     def __init__(self, model, layout="f32", policy=None, *, slots: int = 8, max_len: int | None = None,
@@ -348,3 +355,55 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
                 for i, p in enumerate(prompts)]
     generator = BatchedGenerator(model, layout, policy, slots=slots, **cache_options)
     return [c.tokens for c in generator.generate(requests)]
+
+
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, key=None,
+             eos_id: int | None = None, layout=None, policy=None,
+             timings: dict | None = None) -> np.ndarray:
+    """Continue prompt_ids ([seq] or [batch, seq]) by up to max_new_tokens through the model's own
+    blocks over a contiguous KV cache (layout: default the model's compute dtype; policy: full).
+
+    temperature 0 is greedy; above 0 samples, row i with fold_in(key, i) for a batch and with key
+    itself for one prompt. Returns the new ids ([n] or [batch, n]): a batch stops once every row
+    has produced eos_id and pads the rows that ended with eos_id; one prompt ends at its eos_id.
+    timings, when given, receives time.perf_counter() stamps "start", "first_token" (the first new
+    token is on the host) and "end", and the prefill "bucket" length.
+    """
+    prompt = np.asarray(prompt_ids)
+    squeeze = prompt.ndim == 1
+    if squeeze:
+        prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0 or not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(f"prompt_ids must be a non-empty integer [seq] or [batch, seq] array, "
+                         f"got {prompt.dtype} {np.shape(prompt_ids)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    config = model.config
+    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+        raise ValueError(f"eos_id must be None or in [0, vocab_size={config.vocab_size})")
+    batch, prompt_len = prompt.shape
+    if prompt_len + max_new_tokens > config.max_seq_len:
+        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"config.max_seq_len ({config.max_seq_len})")
+    if max_new_tokens == 0:
+        empty = np.zeros((batch, 0), np.int32)
+        return empty[0] if squeeze else empty
+    if temperature > 0 and key is None:
+        raise ValueError("key must be a jax PRNG key when temperature > 0")
+    keys = [None if key is None else key if squeeze else jax.random.fold_in(key, i) for i in range(batch)]
+    requests = [Request(row, max_new_tokens, temperature, k, eos_id) for row, k in zip(prompt, keys)]
+    # Round the cache up so that nearby lengths share the compiled steps.
+    max_len = min(config.max_seq_len, -(-(prompt_len + max_new_tokens) // 128) * 128)
+    layout = layout or {"bfloat16": "bf16", "float16": "f16"}.get(jnp.dtype(model.dtype).name, "f32")
+    generator = BatchedGenerator(model, layout, policy, slots=batch, max_len=max_len, contiguous=True)
+    completions = generator.generate(requests)
+    if timings is not None:
+        timings["start"] = generator._start
+        timings["first_token"] = generator._start + generator.stats.first_token_seconds
+        timings["end"] = generator._start + generator.stats.seconds
+        timings["bucket"] = generator._bucket(prompt_len)
+    rows = [c.tokens for c in completions]
+    if squeeze:
+        return np.asarray(rows[0], np.int32)
+    width = max(len(r) for r in rows)
+    return np.asarray([r + [eos_id] * (width - len(r)) for r in rows], np.int32)

@@ -19,7 +19,6 @@ from lowbit.eval.perplexity import position_sums, summarize_sums
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.layout import KVLayout, TensorFormat, parse_layout, round_trip, running_group_round_trip
 from lowbit.kvcache.policy import FullPolicy, Policy, WindowPolicy, parse_policy
-from lowbit.models.llama import apply_rope, rope_angles
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -135,25 +134,29 @@ def _check_emulable(layout: KVLayout, policy: Policy, t: int) -> None:
         raise ValueError("a layout with a residual window needs the full policy")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout", "policy"))
-def _emulated_block(graphdef, params, x, config, layout, policy):
+@dataclasses.dataclass(frozen=True)
+class EmulatedCache:
+    """The model's AttentionCache for a whole sequence at once from position 0, where each query
+    sees every key/value as `layout` and `policy` hold it when that token is decoded."""
+
+    layout: KVLayout
+    policy: Policy
+
+    def attend(self, layer: int, q, k, v, rotate_query):
+        """q: [B, T, H, hd], k, v: [B, T, n_kv, hd] (after RoPE) -> ([B, T, H, hd] f32, self)."""
+        q_sink = None
+        if isinstance(self.policy, WindowPolicy) and self.policy.sinks:
+            b, t = q.shape[:2]
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            q_sink = rotate_query(jnp.minimum(positions, self.policy.capacity - 1))
+        return emulated_attention(q, q_sink, k, v, self.layout, self.policy), self
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "policy"))
+def _emulated_block(graphdef, params, x, layout, policy):
     block = nnx.merge(graphdef, params)
-    b, t, _ = x.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden = block.attn_norm(x)
-    q = block.attn.wq(hidden).reshape(b, t, config.n_heads, config.head_dim)
-    k = block.attn.wk(hidden).reshape(b, t, config.n_kv_heads, config.head_dim)
-    v = block.attn.wv(hidden).reshape(b, t, config.n_kv_heads, config.head_dim)
-    cos, sin = rope_angles(positions, config.head_dim, config.rope_base)
-    q_rot = apply_rope(q, cos, sin, config.rope_layout)
-    k_rot = apply_rope(k, cos, sin, config.rope_layout)
-    q_sink = None
-    if isinstance(policy, WindowPolicy) and policy.sinks:
-        cos, sin = rope_angles(jnp.minimum(positions, policy.capacity - 1), config.head_dim, config.rope_base)
-        q_sink = apply_rope(q, cos, sin, config.rope_layout)
-    attended = emulated_attention(q_rot, q_sink, k_rot, v, layout, policy)
-    h = x + block.attn.wo(attended.reshape(b, t, -1).astype(x.dtype))
-    return h + block.mlp(block.ffn_norm(h))
+    positions = jnp.arange(x.shape[1], dtype=jnp.int32)[None]
+    return block(x, positions, EmulatedCache(layout, policy))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -182,7 +185,7 @@ def final_hidden(model, tokens, layout: str | KVLayout | None = None, policy: st
         if layout is None:
             x = _exact_block(block_def, block_params, x)
         else:
-            x = _emulated_block(block_def, block_params, x, model.config, layout, policy)
+            x = _emulated_block(block_def, block_params, x, layout, policy)
     return x
 
 
@@ -305,6 +308,6 @@ def teacher_forced_decode_logits(model, tokens, layout="f32", policy=None, *, pa
 
 
 __all__ = [
-    "CacheQuality", "cache_quality", "compare_hidden", "emulated_attention", "final_hidden",
+    "CacheQuality", "EmulatedCache", "cache_quality", "compare_hidden", "emulated_attention", "final_hidden",
     "recompute_logits", "score_logits", "summarize", "teacher_forced_decode_logits",
 ]

@@ -1,8 +1,11 @@
 """Attention through a KV cache for one layer: store the new keys/values where the layout and the
-policy put them, then attend (via the decode_attention kernel API when it can read the cache).
+policy put them, then attend (via the decode_attention kernel API when it can read the cache); and
+the cache views (decode step, prefill chunk) that the model's attention calls layer by layer.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -260,3 +263,47 @@ def _h2o_prefill_place(state, spec: CacheSpec, layer, slot, positions, real, end
     state["score"] = state["score"].at[layer, slot].set(slot_score)
     return logical, state
 
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeView:
+    """A cache's storage for one decode step of every sequence slot, as the model's attention takes
+    it (lowbit.models.llama.AttentionCache): one new token per slot at `positions` [S]; active [S]
+    (inactive slots write nothing); tables [S, W] page ids. Any layout and policy of `spec`."""
+
+    state: dict
+    spec: CacheSpec
+    positions: jax.Array
+    active: jax.Array
+    tables: jax.Array
+
+    def attend(self, layer: int, q, k, v, rotate_query):
+        """q: [S, 1, H, hd], k, v: [S, 1, n_kv, hd] -> ([S, 1, H, hd] f32, the updated view)."""
+        policy = self.spec.policy
+        q_sink = None
+        if isinstance(policy, WindowPolicy) and policy.sinks:
+            q_sink = rotate_query(jnp.minimum(self.positions, policy.capacity - 1)[:, None])[:, 0]
+        out, state = decode_layer(self.state, self.spec, layer, q[:, 0], k[:, 0], v[:, 0], self.positions,
+                                  self.active, self.tables, q_sink)
+        return out[:, None], dataclasses.replace(self, state=state)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillView:
+    """A cache's storage for one prompt chunk of the sequence in `slot` (the model's
+    AttentionCache): chunk tokens at positions start.., of which the first real_len are real;
+    table_row [W]; has_prefix: the slot already holds positions < start (attended as stored)."""
+
+    state: dict
+    spec: CacheSpec
+    start: jax.Array
+    real_len: jax.Array
+    slot: jax.Array
+    table_row: jax.Array
+    has_prefix: bool
+
+    def attend(self, layer: int, q, k, v, rotate_query):
+        """q: [1, n, H, hd], k, v: [1, n, n_kv, hd] -> ([1, n, H, hd] f32, the updated view)."""
+        out, state = prefill_layer(self.state, self.spec, layer, self.slot, self.table_row, q[0], k[0], v[0],
+                                   self.start, self.real_len, self.has_prefix)
+        return out[None], dataclasses.replace(self, state=state)

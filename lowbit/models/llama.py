@@ -1,20 +1,16 @@
-"""Llama-family decoder in Flax NNX (RMSNorm, RoPE attention with grouped KV heads, SwiGLU MLP).
-
-Also a dense KV cache with a jit-compiled decode step, greedy/sampled generation, and a
-streaming weight loader that never holds two copies of the weights.
+"""Llama-family decoder in Flax NNX (RMSNorm, RoPE attention with grouped KV heads, SwiGLU MLP),
+whose attention runs causally or over any KV cache through one small interface (AttentionCache),
+and a streaming weight loader that never holds two copies of the weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import operator
-import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,37 +163,22 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
     return out.transpose(0, 2, 1, 3, 4)
 
 
-@flax.struct.dataclass
-class KVCache:
-    """Dense KV cache for every block.
+class AttentionCache(Protocol):
+    """What a block's attention needs from a KV cache (kvcache/ and decode/ implement it: dense,
+    paged, quantized, windowed, H2O, and the one-pass emulation of decode/quality.py).
 
-    k, v: [n_layers, batch, max_len, n_kv_heads, head_dim] (keys after RoPE);
-    length: int32 scalar, how many positions (the same for every sequence) are filled.
+    attend(layer, q, k, v, rotate_query) stores block `layer`'s keys/values of the new tokens
+    where the cache puts them, and attends for their queries over what the cache holds;
+    q: [batch, seq, n_heads, head_dim] and k: [batch, seq, n_kv_heads, head_dim] after RoPE
+    (q unscaled), v like k; rotate_query(positions [batch, seq]) -> q rotated at other
+    positions (for caches that re-assign positions, e.g. attention sinks). Returns the attention
+    output [batch, seq, n_heads, head_dim] and the updated cache. Without a cache (None),
+    attention is causal over the tokens themselves (training, scoring, calibration).
     """
 
-    k: jax.Array
-    v: jax.Array
-    length: jax.Array
-
-    @classmethod
-    def create(cls, config: LlamaConfig, batch: int, max_len: int,
-               dtype: Any = jnp.float32) -> KVCache:
-        if batch <= 0:
-            raise ValueError(f"batch must be a positive integer, got {batch}")
-        if not 0 < max_len <= config.max_seq_len:
-            raise ValueError(
-                f"max_len must be in [1, config.max_seq_len={config.max_seq_len}], got {max_len}")
-        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   length=jnp.zeros((), jnp.int32))
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
+    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array,
+               rotate_query: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, AttentionCache]:
+        ...
 
 
 class RMSNorm(nnx.Module):
@@ -230,57 +211,34 @@ class Attention(nnx.Module):
         self.wv = _linear(c.d_model, c.n_kv_heads * c.head_dim, dtype, param_dtype, rngs)
         self.wo = _linear(c.n_heads * c.head_dim, c.d_model, dtype, param_dtype, rngs)
 
-    def _project(self, x: jax.Array, positions: jax.Array):
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: AttentionCache | None = None,
+                 layer: int = 0) -> jax.Array | tuple[jax.Array, AttentionCache]:
+        """x: [batch, seq, d_model] at RoPE positions [batch, seq] or [seq].
+
+        Without a cache: causal attention in sequence order over x itself; returns
+        [batch, seq, d_model]. With a cache: block `layer`'s keys/values go through
+        cache.attend; returns ([batch, seq, d_model], the updated cache).
+        """
         c = self.config
         b, s, _ = x.shape
         q = self.wq(x).reshape(b, s, c.n_heads, c.head_dim)
         k = self.wk(x).reshape(b, s, c.n_kv_heads, c.head_dim)
         v = self.wv(x).reshape(b, s, c.n_kv_heads, c.head_dim)
         cos, sin = rope_angles(jnp.broadcast_to(positions, (b, s)), c.head_dim, c.rope_base)
-        q = apply_rope(q, cos, sin, c.rope_layout) * jnp.asarray(c.head_dim ** -0.5, q.dtype)
+        q_rotated = apply_rope(q, cos, sin, c.rope_layout)
         k = apply_rope(k, cos, sin, c.rope_layout)
-        q = q.reshape(b, s, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
-        return q, k, v
+        if cache is None:
+            scaled = q_rotated * jnp.asarray(c.head_dim ** -0.5, q.dtype)
+            grouped = scaled.reshape(b, s, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
+            mask = jnp.tril(jnp.ones((s, s), dtype=bool))[None]
+            return self.wo(_attend(grouped, k, v, mask).reshape(b, s, -1))
 
-    def _output(self, attended: jax.Array) -> jax.Array:
-        b, s = attended.shape[:2]
-        return self.wo(attended.reshape(b, s, -1))
+        def rotate_query(at: jax.Array) -> jax.Array:
+            cos_at, sin_at = rope_angles(at, c.head_dim, c.rope_base)
+            return apply_rope(q, cos_at, sin_at, c.rope_layout)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [batch, seq, d_model], positions: [batch, seq] or [seq] -> [batch, seq, d_model].
-
-        The mask is causal in sequence order; positions only set the RoPE angles.
-        """
-        q, k, v = self._project(x, positions)
-        s = x.shape[1]
-        mask = jnp.tril(jnp.ones((s, s), dtype=bool))[None]
-        return self._output(_attend(q, k, v, mask))
-
-    def with_cache(self, x: jax.Array, cache: KVCache, layer: int,
-                   fresh: bool = False) -> tuple[jax.Array, KVCache]:
-        """Attention for x: [batch, seq, d_model] at positions [cache.length, cache.length + seq)
-        over block `layer`'s cached keys/values and itself, causally.
-
-        Writes this block's new keys (after RoPE) and values into the cache first, then attends
-        to the whole buffer with a mask; returns the output [batch, seq, d_model] and the cache
-        (cache.length is advanced by the caller once all blocks have run). Writing each block's
-        slice in place before reading it keeps XLA from copying the whole cache buffer.
-        fresh=True promises cache.length == 0: attention then covers only the new tokens.
-        """
-        s = x.shape[1]
-        start = cache.length
-        positions = start + jnp.arange(s, dtype=jnp.int32)[None, :]
-        q, k, v = self._project(x, positions)
-        index = (layer, 0, start, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), index)
-        cache_v = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), index)
-        cache = cache.replace(k=cache_k, v=cache_v)
-        if fresh:
-            return self._output(_attend(q, k, v, jnp.tril(jnp.ones((s, s), bool))[None])), cache
-        keys = jnp.arange(cache.max_len, dtype=jnp.int32)
-        mask = (keys[None, :] <= positions[0][:, None])[None]
-        attended = _attend(q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype), mask)
-        return self._output(attended), cache
+        attended, cache = cache.attend(layer, q_rotated, k, v, rotate_query)
+        return self.wo(attended.reshape(b, s, -1).astype(x.dtype)), cache
 
 
 class MLP(nnx.Module):
@@ -306,16 +264,14 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [batch, seq, d_model], positions: [batch, seq] or [seq] -> [batch, seq, d_model]."""
-        h = x + self.attn(self.attn_norm(x), positions)
-        return h + self.mlp(self.ffn_norm(h))
-
-    def with_cache(self, x: jax.Array, cache: KVCache, layer: int,
-                   fresh: bool = False) -> tuple[jax.Array, KVCache]:
-        """The block at positions [cache.length, cache.length + seq), reading and writing
-        block `layer`'s part of the cache; returns (output [batch, seq, d_model], cache)."""
-        attended, cache = self.attn.with_cache(self.attn_norm(x), cache, layer, fresh)
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: AttentionCache | None = None,
+                 layer: int = 0) -> jax.Array | tuple[jax.Array, AttentionCache]:
+        """x: [batch, seq, d_model], positions: [batch, seq] or [seq] -> [batch, seq, d_model];
+        with a cache (see Attention), returns (that, the updated cache)."""
+        if cache is None:
+            h = x + self.attn(self.attn_norm(x), positions)
+            return h + self.mlp(self.ffn_norm(h))
+        attended, cache = self.attn(self.attn_norm(x), positions, cache, layer)
         h = x + attended
         return h + self.mlp(self.ffn_norm(h)), cache
 
@@ -366,44 +322,19 @@ class Llama(nnx.Module):
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
         if positions is None:
             positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-        x = self.embed_tokens(tokens)
-        for block in self.layers:
-            x = block(x, positions)
-        return self.head(x)
+        return self.head(self.run_blocks(self.embed_tokens(tokens), positions))
 
-    def forward_with_cache(self, tokens: jax.Array, cache: KVCache, last_only: bool = False,
-                           fresh: bool = False,
-                           real_len: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        """Runs tokens: [batch, seq] at cache positions [length, length + seq) (traceable; no
-        bounds check). Returns logits [batch, seq or 1, vocab] f32 and the advanced cache.
-
-        fresh=True promises an empty cache (length 0), so attention skips the cache buffer.
-        real_len (traced int): only the first real_len tokens are real, the rest padding (a
-        prompt padded to a bucket length): the cache advances by real_len and last_only picks
-        the last real token. Padding keys sit beyond the cache length, where attention never
-        looks, and the next tokens overwrite them.
-        """
-        x = self.embed_tokens(tokens)
-        for i, block in enumerate(self.layers):
-            x, cache = block.with_cache(x, cache, i, fresh)
-        advance = tokens.shape[1] if real_len is None else real_len
-        if last_only:
-            x = x[:, -1:] if real_len is None else jax.lax.dynamic_slice_in_dim(x, real_len - 1, 1, 1)
-        cache = cache.replace(length=cache.length + advance)
-        return self.head(x), cache
-
-    def prefill(self, tokens: jax.Array, cache: KVCache,
-                last_only: bool = False) -> tuple[jax.Array, KVCache]:
-        """Jit-compiled forward_with_cache with a bounds check. The input cache is donated:
-        use only the returned one."""
-        tokens = _check_tokens(tokens, self.config.vocab_size)
-        _check_cache(cache, self.config, tokens.shape)
-        length = int(cache.length)
-        if length + tokens.shape[1] > cache.max_len:
-            raise ValueError(f"tokens ({tokens.shape[1]}) do not fit in the cache: length "
-                             f"{length} of max_len {cache.max_len}")
-        graphdef, state = nnx.split(self)
-        return _cached_forward(graphdef, state, tokens, cache, last_only, length == 0)
+    def run_blocks(self, x: jax.Array, positions: jax.Array, cache: AttentionCache | None = None
+                   ) -> jax.Array | tuple[jax.Array, AttentionCache]:
+        """Every block in turn on hidden states x: [batch, seq, d_model] at RoPE positions
+        [batch, seq] or [seq]. Without a cache: causal, returns [batch, seq, d_model]; with one
+        (block i is its layer i): returns (that, the updated cache)."""
+        for layer, block in enumerate(self.layers):
+            if cache is None:
+                x = block(x, positions)
+            else:
+                x, cache = block(x, positions, cache, layer)
+        return x if cache is None else (x, cache)
 
     @classmethod
     def from_weights(cls, config: LlamaConfig | Mapping[str, Any],
@@ -464,168 +395,3 @@ class Llama(nnx.Module):
         if not self.config.tied_embeddings:
             table["lm_head"] = self.lm_head.kernel
         return table
-
-
-def _check_tokens(tokens: Any, vocab_size: int) -> jax.Array:
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype} "
-                         f"{tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"tokens must lie in [0, vocab_size={vocab_size})")
-    return jnp.asarray(tokens, jnp.int32)
-
-
-def _check_cache(cache: KVCache, config: LlamaConfig, tokens_shape: tuple[int, ...]) -> None:
-    expected = (config.n_layers, tokens_shape[0], config.n_kv_heads, config.head_dim)
-    got = (cache.k.shape[0], cache.k.shape[1], cache.k.shape[3], cache.k.shape[4])
-    if got != expected:
-        raise ValueError(f"cache has (n_layers, batch, n_kv_heads, head_dim) = {got}, "
-                         f"expected {expected}")
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=(3,))
-def _cached_forward(graphdef, state, tokens, cache, last_only, fresh):
-    model = nnx.merge(graphdef, state)
-    return model.forward_with_cache(tokens, cache, last_only, fresh)
-
-
-def _select(logits: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.Array,
-            greedy: bool) -> jax.Array:
-    """Next tokens [batch] from logits [batch, vocab]: argmax, or a sample at temperature."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / temperature
-    return jax.random.categorical(jax.random.fold_in(key, step), scaled, axis=-1).astype(jnp.int32)
-
-
-def _one_token_step(graphdef, state, token, cache):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.forward_with_cache(token[:, None], cache)
-    return logits[:, 0], cache
-
-
-def _one_token_decode_and_select(graphdef, state, token, cache, key, step, temperature, greedy):
-    logits, cache = _one_token_step(graphdef, state, token, cache)
-    return _select(logits, key, step, temperature, greedy), cache
-
-
-@functools.cache
-def _decode_jits() -> tuple[Any, Any]:
-    """The jitted one-token steps, built on first use. On CPU they compile at LLVM -O1: a
-    one-token step is bound by memory traffic, and -O1 measured the same per token on
-    SmolLM2-135M while compiling about a third faster (its 210 matrix-vector products are
-    each code-generated)."""
-    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
-    step = jax.jit(_one_token_step, static_argnums=(0,), donate_argnums=(3,),
-                   compiler_options=options)
-    select = jax.jit(_one_token_decode_and_select, static_argnums=(0, 7), donate_argnums=(3,),
-                     compiler_options=options)
-    return step, select
-
-
-def decode_step(model_state: tuple[Any, Any], token: jax.Array,
-                cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One jit-compiled decode step. model_state = nnx.split(model); token: [batch] int32.
-
-    Returns logits [batch, vocab] f32 and the cache advanced by one. The input cache is donated
-    (its buffers are reused): use only the returned one. No bounds check: the caller keeps
-    cache.length < cache.max_len.
-    """
-    graphdef, state = model_state
-    return _decode_jits()[0](graphdef, state, token, cache)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(3,))
-def _prefill_and_select(graphdef, state, tokens, cache, key, temperature, greedy, real_len):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.forward_with_cache(tokens, cache, last_only=True, fresh=True,
-                                             real_len=real_len)
-    return _select(logits[:, 0], key, jnp.int32(0), temperature, greedy), cache
-
-
-def prompt_bucket(length: int) -> int:
-    """The padded prompt length that prefill compiles for: the next power of two up to 128,
-    then the next multiple of 128, so that prompts of similar length share one executable."""
-    if length <= 128:
-        return max(16, 1 << (length - 1).bit_length())
-    return -(-length // 128) * 128
-
-
-def generate(model: Llama, prompt_ids: Any, max_new_tokens: int, temperature: float = 0.0,
-             key: jax.Array | None = None, eos_id: int | None = None,
-             cache_dtype: Any = None, timings: dict | None = None) -> np.ndarray:
-    """Generates up to max_new_tokens after prompt_ids ([seq] or [batch, seq]) with a KV cache.
-
-    temperature 0 is greedy (argmax); above 0 samples from softmax(logits / temperature) with
-    the explicit PRNG key. Stops once every sequence has produced eos_id. Returns the new ids
-    ([n] or [batch, n]); a sequence that ended early is padded with eos_id. The prompt is
-    padded to prompt_bucket(seq) for prefill. timings, when given, receives time.perf_counter()
-    stamps "start", "first_token" (the first new token is on the host) and "end", and "bucket".
-    """
-    if not isinstance(model, Llama):
-        raise ValueError(f"model must be a Llama, got {type(model).__name__}")
-    config = model.config
-    prompt = np.asarray(prompt_ids)
-    squeeze = prompt.ndim == 1
-    if squeeze:
-        prompt = prompt[None]
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be a non-empty [seq] or [batch, seq] array, "
-                         f"got shape {np.shape(prompt_ids)}")
-    tokens = _check_tokens(prompt, config.vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    greedy = temperature == 0
-    if not greedy and key is None:
-        raise ValueError("key must be a jax PRNG key when temperature > 0")
-    if eos_id is not None and not 0 <= eos_id < config.vocab_size:
-        raise ValueError(f"eos_id must be None or in [0, vocab_size={config.vocab_size})")
-    batch, prompt_len = tokens.shape
-    total = prompt_len + max_new_tokens
-    if total > config.max_seq_len:
-        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"config.max_seq_len ({config.max_seq_len})")
-    if max_new_tokens == 0:
-        empty = np.zeros((batch, 0), np.int32)
-        return empty[0] if squeeze else empty
-    stamps = {} if timings is None else timings
-    stamps["start"] = time.perf_counter()
-    # Pad the prompt and round the cache up so that nearby lengths share compiled steps.
-    bucket = min(prompt_bucket(prompt_len), config.max_seq_len)
-    max_len = min(config.max_seq_len, -(-max(total, bucket) // 128) * 128)
-    cache = KVCache.create(config, batch, max_len, cache_dtype or model.dtype)
-    key = jax.random.key(0) if key is None else key
-    temperature = jnp.float32(max(temperature, 1e-6))
-    graphdef, state = nnx.split(model)
-    padded = jnp.pad(tokens, ((0, 0), (0, bucket - prompt_len)))
-    token, cache = _prefill_and_select(graphdef, state, padded, cache, key, temperature, greedy,
-                                       jnp.int32(prompt_len))
-    stamps["bucket"] = bucket
-    token.block_until_ready()
-    stamps["first_token"] = time.perf_counter()
-    out = [token]
-    done = np.zeros(batch, bool)
-    decode_and_select = _decode_jits()[1]
-    for step in range(1, max_new_tokens):
-        if eos_id is not None:
-            done |= np.asarray(token) == eos_id
-            if done.all():
-                break
-        token, cache = decode_and_select(graphdef, state, token, cache, key,
-                                         jnp.int32(step), temperature, greedy)
-        out.append(token)
-    ids = np.stack([np.asarray(t) for t in out], axis=1)
-    stamps["end"] = time.perf_counter()
-    if eos_id is not None:
-        ended = np.cumsum(ids == eos_id, axis=1) > 0
-        after = np.concatenate([np.zeros((batch, 1), bool), ended[:, :-1]], axis=1)
-        ids = np.where(after, eos_id, ids)
-        if squeeze:
-            ids = ids[0]
-            hit = np.flatnonzero(ids == eos_id)
-            return ids[: hit[0] + 1] if hit.size else ids
-    return ids[0] if squeeze else ids

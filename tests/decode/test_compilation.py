@@ -41,6 +41,37 @@ def test_a_second_process_reads_the_executable_from_the_cache(tmp_path):
     assert second["compile_s"] < first["compile_s"], (first, second)
 
 
+STEPS_SCRIPT = """
+import collections, json, jax
+from flax import nnx
+from lowbit.decode import generate
+from lowbit.decode.compilation import enable_compilation_cache
+from lowbit.models.llama import Llama, LlamaConfig
+enable_compilation_cache()
+events = collections.Counter()
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kw: events.update([event.rsplit("/", 1)[-1]] if "step" in str(kw.get("fun_name")) else []))
+model = Llama(LlamaConfig.tiny(ffn_dim=80), rngs=nnx.Rngs(0))
+tokens = generate(model, [5, 6, 7, 8, 9], 4).tolist()
+print(json.dumps({"tokens": tokens, "events": events}))
+"""
+
+
+def test_a_second_process_loads_the_stored_steps_without_tracing(tmp_path):
+    env = dict(os.environ, LOWBIT_COMPILE_CACHE=str(tmp_path / "jax"), JAX_PLATFORMS="cpu")
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", STEPS_SCRIPT], env=env, capture_output=True, text=True,
+                             check=True, timeout=300)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["events"]["jaxpr_trace_duration"] == 2  # the prefill and the decode step
+    assert second["events"] == {"executable_load_duration": 2}, second
+    assert second["tokens"] == first["tokens"]
+    stored = sorted(p.name.split("-")[0] for p in (tmp_path / "jax" / "lowbit-executables").iterdir())
+    assert stored == ["_decode_step", "_prefill_step"]
+
+
 def test_cache_directory_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "root"))
     monkeypatch.delenv("LOWBIT_COMPILE_CACHE", raising=False)

@@ -147,14 +147,14 @@ def test_continuous_batching_equals_single_sequence_greedy(tiny_model, prompts, 
     gets alone (one slot; for f32 also the model's own single-sequence generate()), with one
     compiled decode step for the whole batch run."""
     from lowbit.decode.step import decode_step
-    from lowbit.models.llama import generate
+    from lowbit.decode import generate
 
     alone = [BatchedGenerator(tiny_model, layout, slots=1, max_len=32, page_size=4)
              .generate([Request(p, NEW)])[0].tokens for p in prompts]
     if layout == "f32":
         assert alone == [generate(tiny_model, p, NEW).tolist() for p in prompts]
     generator = BatchedGenerator(tiny_model, layout, num_pages=24, **OPTIONS)
-    before = decode_step._cache_size()
+    before = decode_step.compiled_count()
     together = generator.generate([Request(p, NEW) for p in prompts])
     assert [c.tokens for c in together] == alone
-    assert generator.stats.mean_batch > 1.5 and decode_step._cache_size() - before <= 1
+    assert generator.stats.mean_batch > 1.5 and decode_step.compiled_count() - before <= 1

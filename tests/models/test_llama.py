@@ -1,4 +1,4 @@
-"""Tests of the Llama decoder: masking, attention, RoPE layouts, KV-cache decoding, loading."""
+"""Tests of the Llama decoder: masking, attention, RoPE layouts, attention over a cache, loading."""
 
 import dataclasses
 
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lowbit.models.llama import (KVCache, Llama, LlamaConfig, apply_rope, decode_step, generate,
-                                 rope_angles)
+from lowbit.models.llama import Llama, LlamaConfig, apply_rope, rope_angles
 
 CONFIG = LlamaConfig.tiny()
 
@@ -124,9 +123,6 @@ def test_bfloat16_compute_tracks_float32(model):
     assert logits.dtype == jnp.float32
     assert float(jnp.abs(logits - reference).max()) < 0.1 * float(jnp.abs(reference).max())
     assert np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)) >= 0.75
-    cache = KVCache.create(CONFIG, batch=1, max_len=16, dtype=jnp.bfloat16)
-    cached, _ = fast.prefill(tokens, cache)
-    np.testing.assert_allclose(cached, logits, atol=0.05 * float(jnp.abs(logits).max()))
 
 
 # ---- attention ----------------------------------------------------------------------------
@@ -241,100 +237,62 @@ def test_rope_dot_product_depends_only_on_position_difference(layout):
     assert score(0, 0) == pytest.approx(float(jnp.sum(q * k)), rel=1e-5)
 
 
-# ---- KV cache and generation -----------------------------------------------------------------
-def test_prefill_then_decode_matches_the_full_forward(model, forward):
+# ---- attention over a cache --------------------------------------------------------------
+class _ConcatCache:
+    """The simplest AttentionCache: per layer, every key/value so far, concatenated (one sequence
+    batch, positions given in order)."""
+
+    def __init__(self, n_layers):
+        self.keys = [None] * n_layers
+        self.values = [None] * n_layers
+        self.calls = []
+
+    def attend(self, layer, q, k, v, rotate_query):
+        self.calls.append((layer, q.shape, k.shape))
+        if self.keys[layer] is not None:
+            k = jnp.concatenate([self.keys[layer], k], axis=1)
+            v = jnp.concatenate([self.values[layer], v], axis=1)
+        self.keys[layer], self.values[layer] = k, v
+        b, s, h, d = q.shape
+        t, n_kv = k.shape[1], k.shape[2]
+        scores = jnp.einsum("bskgd,btkd->bkgst", q.reshape(b, s, n_kv, h // n_kv, d), k) * d ** -0.5
+        mask = jnp.arange(t)[None, :] <= (t - s + jnp.arange(s))[:, None]
+        probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+        return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h, d), self
+
+
+def test_blocks_over_a_cache_equal_the_causal_forward_chunk_by_chunk(model, forward):
+    """The model's own blocks take a cache through attend(layer, q, k, v, rotate_query): a prompt
+    in two chunks and then one token at a time give the logits of the causal forward."""
     tokens = _tokens(11, (2, 14))
     full = forward(*nnx.split(model), tokens)
-    cache = KVCache.create(CONFIG, batch=2, max_len=32)
-    logits, cache = model.prefill(tokens[:, :5], cache)  # empty cache: attends to itself only
-    np.testing.assert_allclose(logits, full[:, :5], rtol=1e-4, atol=1e-4)
-    logits, cache = model.prefill(tokens[:, 5:8], cache)  # a second chunk reads the cache
-    np.testing.assert_allclose(logits, full[:, 5:8], rtol=1e-4, atol=1e-4)
-    model_state = nnx.split(model)
-    for t in range(8, 14):
-        logits, cache = decode_step(model_state, tokens[:, t], cache)
-        np.testing.assert_allclose(logits, full[:, t], rtol=1e-4, atol=1e-4)
-    assert int(cache.length) == 14
+    cache = _ConcatCache(CONFIG.n_layers)
+    for start, stop in ((0, 5), (5, 8)) + tuple((t, t + 1) for t in range(8, 14)):
+        positions = jnp.arange(start, stop, dtype=jnp.int32)[None]
+        hidden, cache = model.run_blocks(model.embed_tokens(tokens[:, start:stop]), positions, cache)
+        np.testing.assert_allclose(model.head(hidden), full[:, start:stop], rtol=1e-4, atol=1e-4)
+    assert [c[0] for c in cache.calls[:CONFIG.n_layers]] == list(range(CONFIG.n_layers))
+    assert cache.calls[0][1:] == ((2, 5, CONFIG.n_heads, CONFIG.head_dim),
+                                  (2, 5, CONFIG.n_kv_heads, CONFIG.head_dim))
 
 
-def test_decode_step_compiles_once():
-    model = Llama(CONFIG, rngs=nnx.Rngs(12))
-    model_state = nnx.split(model)
-    cache = KVCache.create(CONFIG, batch=1, max_len=16)
-    _, cache = model.prefill(_tokens(13, (1, 3)), cache)
-    from lowbit.models import llama
-    before = llama._decode_jits()[0]._cache_size()
-    for t in range(5):
-        _, cache = decode_step(model_state, jnp.array([t], jnp.int32), cache)
-    assert llama._decode_jits()[0]._cache_size() - before <= 1
+def test_rotate_query_rotates_the_unrotated_query_at_other_positions(model):
+    """rotate_query(p) gives the query that attention would have used at positions p."""
+    x = jax.random.normal(jax.random.key(3), (1, 4, CONFIG.d_model))
+    seen = {}
 
+    class Probe:
+        def attend(self, layer, q, k, v, rotate_query):
+            seen["q"], seen["again"] = q, rotate_query(jnp.arange(4)[None] + 6)
+            return jnp.zeros_like(q), self
 
-def test_decode_step_updates_the_cache_in_place():
-    """The compiled step aliases the donated cache to its output and never copies the whole
-    buffer (a copy per block would make decoding cost O(n_layers * max_len) per token)."""
-    from lowbit.models import llama
-    config = LlamaConfig.tiny(n_layers=3)
-    graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
-    cache = KVCache.create(config, batch=1, max_len=64)
-    hlo = llama._decode_jits()[0].lower(graphdef, state, jnp.zeros((1,), jnp.int32),
-                                        cache).compile().as_text()
-    assert "input_output_alias" in hlo.splitlines()[0]
-    full = "f32[3,1,64,2,16]"
-    entry = hlo[hlo.index("ENTRY"):]
-    copies = [line for line in entry.splitlines() if f"= {full}" in line and " copy(" in line]
-    assert copies == []
+    def probe(positions):
+        model.layers[0](x, positions, Probe())
+        return dict(seen)
 
-
-def test_prefill_rejects_overflow_and_wrong_cache(model):
-    cache = KVCache.create(CONFIG, batch=1, max_len=8)
-    with pytest.raises(ValueError, match="do not fit in the cache"):
-        model.prefill(_tokens(14, (1, 9)), cache)
-    with pytest.raises(ValueError, match="cache has"):
-        model.prefill(_tokens(14, (2, 4)), cache)
-    with pytest.raises(ValueError, match="max_len must be in"):
-        KVCache.create(CONFIG, batch=1, max_len=CONFIG.max_seq_len + 1)
-
-
-def test_greedy_generate_equals_argmax_of_repeated_full_forwards(model, forward):
-    prompt = _tokens(15, (2, 5))
-    new = generate(model, prompt, max_new_tokens=7)
-    # Causality lets one fixed-length (zero-padded) forward stand for each prefix.
-    sequence = jnp.zeros((2, 12), jnp.int32).at[:, :5].set(prompt)
-    graphdef, state = nnx.split(model)
-    for t in range(5, 12):
-        next_token = jnp.argmax(forward(graphdef, state, sequence)[:, t - 1], axis=-1)
-        sequence = sequence.at[:, t].set(next_token.astype(jnp.int32))
-    np.testing.assert_array_equal(new, np.asarray(sequence[:, 5:]))
-    single = generate(model, prompt[0], max_new_tokens=7)
-    np.testing.assert_array_equal(single, new[0])
-
-
-def test_generate_stops_at_eos_and_sampling_follows_the_key(model):
-    prompt = _tokens(16, (6,))
-    greedy = generate(model, prompt, max_new_tokens=6)
-    stopped = generate(model, prompt, max_new_tokens=6, eos_id=int(greedy[2]))
-    first = int(np.flatnonzero(greedy == greedy[2])[0])
-    np.testing.assert_array_equal(stopped, greedy[: first + 1])
-    a = generate(model, prompt, 8, temperature=1.0, key=jax.random.key(0))
-    b = generate(model, prompt, 8, temperature=1.0, key=jax.random.key(0))
-    c = generate(model, prompt, 8, temperature=1.0, key=jax.random.key(1))
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    # A tiny temperature samples the argmax.
-    cold = generate(model, prompt, 6, temperature=1e-4, key=jax.random.key(2))
-    np.testing.assert_array_equal(cold, greedy)
-
-
-def test_generate_rejects_bad_arguments(model):
-    prompt = _tokens(17, (4,))
-    with pytest.raises(ValueError, match="key must be"):
-        generate(model, prompt, 3, temperature=0.5)
-    with pytest.raises(ValueError, match="temperature must be"):
-        generate(model, prompt, 3, temperature=-1.0)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        generate(model, prompt, CONFIG.max_seq_len)
-    with pytest.raises(ValueError, match="tokens must lie in"):
-        generate(model, np.array([CONFIG.vocab_size]), 2)
+    at_0, at_6 = probe(jnp.arange(4)[None]), probe(jnp.arange(4)[None] + 6)
+    np.testing.assert_allclose(at_0["again"], at_6["q"], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(at_0["again"], at_0["q"], atol=1e-3)
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -375,32 +333,3 @@ def test_from_weights_reports_unknown_missing_and_misshapen(model):
         Llama.from_weights(CONFIG, bad)
     with pytest.raises(ValueError, match="given twice"):
         Llama.from_weights(CONFIG, weights[:2] + weights[1:])
-
-
-def test_prompt_buckets():
-    from lowbit.models.llama import prompt_bucket
-
-    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 128, 129, 514, 520, 640)] == \
-        [16, 16, 32, 128, 128, 256, 640, 640, 640]
-
-
-def test_prompts_of_one_bucket_share_one_compiled_prefill_and_stay_exact(model, forward):
-    """Prompts of 17..32 tokens pad to 32: one prefill executable; the padding never changes
-    the greedy tokens (against repeated full forwards of the unpadded sequence)."""
-    from lowbit.models import llama
-
-    sizes = []
-    graphdef, state = nnx.split(model)
-    for length, seed in ((19, 21), (30, 22)):
-        prompt = _tokens(seed, (1, length))
-        stamps = {}
-        new = generate(model, prompt, max_new_tokens=4, timings=stamps)
-        assert stamps["bucket"] == 32
-        assert stamps["start"] <= stamps["first_token"] <= stamps["end"]
-        sequence = jnp.zeros((1, length + 4), jnp.int32).at[:, :length].set(prompt)
-        for t in range(length, length + 4):
-            next_token = jnp.argmax(forward(graphdef, state, sequence)[:, t - 1], axis=-1)
-            sequence = sequence.at[:, t].set(next_token.astype(jnp.int32))
-        np.testing.assert_array_equal(new, np.asarray(sequence[:, length:]))
-        sizes.append(llama._prefill_and_select._cache_size())
-    assert sizes[1] == sizes[0]  # the second length compiled nothing new

@@ -16,7 +16,7 @@ from lowbit.data.corpus import load_text, split_tokens, token_windows
 from lowbit.eval import perplexity
 from lowbit.models.gguf.llama_names import iter_llama_weights
 from lowbit.models.gguf.reader import metadata_value, open_gguf
-from lowbit.models.llama import generate
+from lowbit.decode import generate
 from lowbit.models.loader import load_gguf_model
 from lowbit.models.tokenizer import Tokenizer
 from lowbit.nn.packed_layer import PackedLayer

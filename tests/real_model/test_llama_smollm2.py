@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from lowbit.data.corpus import load_text
+from lowbit.decode import generate
 from lowbit.eval import perplexity
 from lowbit.models.gguf.llama_names import iter_llama_weights
-from lowbit.models.llama import Llama, LlamaConfig, generate
+from lowbit.models.llama import Llama, LlamaConfig
 from lowbit.models.loader import load_gguf_model
 from lowbit.models.tokenizer import Tokenizer
 

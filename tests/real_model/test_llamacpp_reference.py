@@ -1,7 +1,9 @@
 """lowbit against llama.cpp (llama-cpp-python, the optional `ref` extra) on the real SmolLM2-135M:
-identical token ids, perplexity on the same windows within 0.5%, identical greedy tokens (F32 copy).
+identical token ids, perplexity on the same windows within 0.5%, identical greedy tokens (F32 copy),
+also from `lowbit generate --kv int8` on a held-apart 514-token prompt.
 """
 
+import json
 import math
 
 import numpy as np
@@ -11,9 +13,10 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 import gguf  # noqa: E402
 
+from lowbit.cli import main  # noqa: E402
 from lowbit.data.corpus import load_text, split_tokens, token_windows  # noqa: E402
 from lowbit.eval import perplexity  # noqa: E402
-from lowbit.models.llama import generate  # noqa: E402
+from lowbit.decode import generate  # noqa: E402
 from lowbit.models.loader import load_gguf_model  # noqa: E402
 from lowbit.models.tokenizer import Tokenizer  # noqa: E402
 
@@ -215,3 +218,34 @@ def test_greedy_generation_matches_llamacpp_with_f32_weights(f32_reference, lowb
             pytest.fail(f"greedy step {i} after {tokenizer.decode(prompt)!r} "
                         f"+ {tokenizer.decode(row[:i])!r}: lowbit chose {row[i]}, llama.cpp "
                         f"{theirs[i]} (its top-2 logit margin {top2[1] - top2[0]:.4g})")
+
+
+@pytest.mark.slow
+def test_int8_kv_generate_matches_llamacpp_f32_greedy(smollm2_path, tokenizer, corpus_text, tmp_path, capsys):
+    """`lowbit generate --kv int8 --json` (groups of 32, like llama.cpp's q8_0) on the held-apart
+    prompt of pydoc tokens 100000..100513 gives llama.cpp's first 24 greedy tokens (F32 copy, F32
+    KV cache)."""
+    held_apart = tokenizer.encode(corpus_text)[100_000:100_514]
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(tokenizer.decode(held_apart), encoding="utf-8")
+    prompt = tokenizer.encode(prompt_file.read_text(encoding="utf-8"))
+    assert prompt == held_apart
+    main(["generate", "--model", "smollm2-135m", "--kv", "int8", "--json", "--quiet",
+          "--prompt-file", str(prompt_file), "--max-new-tokens", "24"])
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours = info["results"][0]["tokens"]
+    assert info["kv"] == "int8" and info["results"][0]["prompt_tokens"] == 514 and len(ours) == 24
+    path = tmp_path / "smollm2-f32.gguf"
+    _write_f32_copy(smollm2_path, path)
+    llm = llama_cpp.Llama(str(path), n_ctx=640, logits_all=True, n_threads=THREADS, n_threads_batch=THREADS,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    try:
+        theirs, logits = _reference_next_tokens(llm, prompt, ours)
+    finally:
+        llm.close()
+    print(f"lowbit --kv int8: {ours}\nllama.cpp F32:    {theirs.tolist()}")
+    i = _first_difference(ours, theirs.tolist())
+    if i is not None:
+        top2 = np.sort(logits[i])[-2:]
+        pytest.fail(f"greedy step {i}: lowbit --kv int8 chose {ours[i]}, llama.cpp F32 {theirs[i]} "
+                    f"(its top-2 logit margin {top2[1] - top2[0]:.4g})")
