@@ -15,7 +15,7 @@ import numpy as np
 
 from lowbit.checkpoint import load, read_info, save
 from lowbit.core.spec import QuantSpec
-from lowbit.data.corpus import PYDOC, calibration_tokens
+from lowbit.data.corpus import CORPORA, calibration_tokens
 from lowbit.ptq.methods import get_method, run_method
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")  # the registry's weight methods
@@ -119,8 +119,8 @@ def _check_early_arguments(args, out: Path) -> str:
         for name, value in (("--calib-samples", args.calib_samples), ("--calib-len", args.calib_len)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        if args.calib != PYDOC and not Path(args.calib).expanduser().is_file():
-            raise FileNotFoundError(f"--calib file not found: {args.calib} (or use {PYDOC!r})")
+        if args.calib not in CORPORA and not Path(args.calib).expanduser().is_file():
+            raise FileNotFoundError(f"--calib file not found: {args.calib} (or use one of {CORPORA})")
     return weights
 
 
