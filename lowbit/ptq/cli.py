@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from lowbit.checkpoint import load, read_info, save
 from lowbit.core.spec import QuantSpec
 from lowbit.data.corpus import CORPORA, calibration_tokens
-from lowbit.ptq.methods import get_method, run_method
+from lowbit.ptq.methods import ROTATABLE_METHODS, get_method, run_method
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")  # the registry's weight methods
 DEFAULT_WEIGHTS = {name: get_method(name).default_weights for name in METHODS}
@@ -62,6 +63,11 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gptq: quantize inputs by descending Hessian diagonal")
     parser.add_argument("--static-groups", action="store_true",
                         help="gptq: compute every group's scale from the original weights")
+    parser.add_argument("--rotate", action="store_true",
+                        help="rtn, gptq, awq: rotate the model first (lowbit.ptq.rotation: norm "
+                             "gains folded, randomized Hadamard residual and value-head "
+                             "rotations, an online Hadamard before each down projection; the "
+                             "head is untied), then quantize through lowbit.ptq.quantize")
     parser.add_argument("--calib", default="pydoc",
                         help="calibration text: 'pydoc' (the stdlib topics) or a UTF-8 file")
     parser.add_argument("--calib-samples", type=int, default=128)
@@ -88,6 +94,9 @@ def _check_method_options(args) -> None:
         raise ValueError("--no-smoothing and --alpha exclude each other")
     if (args.act_order or args.static_groups) and method != "gptq":
         raise ValueError("--act-order and --static-groups only apply to --method gptq")
+    if getattr(args, "rotate", False) and method not in ROTATABLE_METHODS:
+        raise ValueError(f"--rotate applies to --method {' / '.join(ROTATABLE_METHODS)}, "
+                         f"got {method!r}")
 
 
 def _check_out(out: Path) -> None:
@@ -151,6 +160,29 @@ def quantize_model(model, method: str, weights: str, calibration: np.ndarray | N
     return run_method(method, model, weights, calibration, **options)
 
 
+def rotate_and_quantize(model, method: str, weights: str, calibration: np.ndarray | None, *,
+                        alpha: float | None = None, act_order: bool = False,
+                        static_groups: bool = False, batch_size: int = 8, progress: bool = True):
+    """`--rotate`: lowbit.ptq.quantize(..., rotate=True) on every block linear of the Llama with
+    one weight spec (rtn, gptq or awq; calibration [samples, len] in batches of batch_size)."""
+    from lowbit.nn import QuantRule
+    from lowbit.ptq.awq import AWQ_GRID
+    from lowbit.ptq.driver import LLAMA_BLOCK_LINEARS
+    from lowbit.ptq.methods import quantize
+
+    options: dict[str, Any] = {}
+    if method == "gptq":
+        options.update(act_order=act_order, static_groups=static_groups)
+    elif method == "awq":
+        options["grid"] = AWQ_GRID if alpha is None else (alpha,)
+    batches = None if calibration is None else [calibration[i:i + batch_size]
+                                                for i in range(0, len(calibration), batch_size)]
+    rule = QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=weights)
+    with warnings.catch_warnings():  # the untied float head matches no rule, by design
+        warnings.filterwarnings("ignore", message=".*match no rule and stay float.*")
+        return quantize(model, rule, method, batches, rotate=True, progress=progress, **options)
+
+
 def run_quantize(args) -> dict[str, Any]:
     """Quantizes --model with --method and writes the checkpoint to --out; returns a summary
     (method, specs, bits per weight of the linear weights, time, mean per-layer errors)."""
@@ -174,7 +206,12 @@ def run_quantize(args) -> dict[str, Any]:
         calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples,
                                          args.calib_len, args.seed)
     threshold = None if args.threshold == float("inf") else args.threshold
-    result = quantize_model(model, args.method, weights, calibration, act=args.act,
+    if getattr(args, "rotate", False):
+        result = rotate_and_quantize(model, args.method, weights, calibration, alpha=args.alpha,
+                                     act_order=args.act_order, static_groups=args.static_groups,
+                                     batch_size=args.batch_size, progress=progress)
+    else:
+        result = quantize_model(model, args.method, weights, calibration, act=args.act,
                             alpha=args.alpha, smoothing=not args.no_smoothing,
                             smooth_down=args.smooth_down, threshold=threshold,
                             act_order=args.act_order, static_groups=args.static_groups,
