@@ -29,7 +29,7 @@ class NormReaders:
 
 @dataclasses.dataclass(frozen=True)
 class HeadPair:
-    """A value projection whose output columns are `heads` heads of `head_dim` features and the
+    """A value projection whose output columns are value heads of `head_dim` features and the
     output projection that reads all attention heads (rows: query heads x head_dim; the
     attention output of each query head is a softmax-weighted sum of one value head's rows)."""
 
@@ -209,10 +209,10 @@ def rotate_model(model, *, seed: int = 0, plan: RotationPlan | None = None) -> R
     if not isinstance(embed, nnx.Embed):
         raise ValueError(f"rotation plan: {plan.embedding!r} must be an nnx.Embed, got "
                          f"{type(embed).__name__}")
-    if plan.prepare is not None:
-        plan.prepare(model)
     d = embed.embedding.get_value().shape[1]
     hadamard_factors(d)  # a clear error before anything changes
+    if plan.prepare is not None:
+        plan.prepare(model)
     readers = [r for entry in plan.norms for r in entry.readers]
     for path in readers:
         _check_width(path, _linear(model, path).kernel.get_value().shape[0], d, "input")

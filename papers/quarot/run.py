@@ -43,6 +43,21 @@ def evaluate(model: str, windows: int) -> dict:
     return scores
 
 
+def table(results: Path) -> str:
+    """The markdown table of a results file: one row per (method, weights), without and with
+    rotation side by side, ppl on both texts and the out-of-domain gap (licenses / pydoc)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    lines = ["| method | weights | rotate | bits/weight | ppl pydoc | ppl licenses | licenses / pydoc |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        pydoc, licenses = row["eval"]["pydoc"]["ppl"], row["eval"]["licenses"]["ppl"]
+        bits = "f32 (Q4_1 source)" if row["method"] == "base" else f"{row['bits_per_weight']:.4f}"
+        lines.append(f"| {row['method']} | {row['weights'] or '-'} | "
+                     f"{'yes' if row['rotate'] else 'no'} | {bits} | {pydoc:.2f} | "
+                     f"{licenses:.2f} | {licenses / pydoc:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--methods", nargs="+", default=["base", "rtn"])
@@ -53,8 +68,12 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--workdir", default="/tmp/quarot")
     parser.add_argument("--results", default="results/quarot/table.jsonl")
+    parser.add_argument("--table", action="store_true", help="print the results as markdown")
     args = parser.parse_args()
     results = Path(args.results)
+    if args.table:
+        print(table(results))
+        return
     results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         grid = [(None, None)] if method == "base" else [

@@ -85,6 +85,7 @@ def test_rotation_seed_and_errors(make_tiny):
     with pytest.raises(ValueError, match="no Hadamard matrix of order 36"):
         rotate_model(odd)
     np.testing.assert_array_equal(np.asarray(odd.embed.embedding.get_value()), before)
+    assert odd.config.tied_embeddings  # nothing changed
 
 
 def test_a_model_declares_its_own_plan():
