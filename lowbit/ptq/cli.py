@@ -212,10 +212,10 @@ def run_quantize(args) -> dict[str, Any]:
                                      batch_size=args.batch_size, progress=progress)
     else:
         result = quantize_model(model, args.method, weights, calibration, act=args.act,
-                            alpha=args.alpha, smoothing=not args.no_smoothing,
-                            smooth_down=args.smooth_down, threshold=threshold,
-                            act_order=args.act_order, static_groups=args.static_groups,
-                            batch_size=args.batch_size, progress=progress)
+                                alpha=args.alpha, smoothing=not args.no_smoothing,
+                                smooth_down=args.smooth_down, threshold=threshold,
+                                act_order=args.act_order, static_groups=args.static_groups,
+                                batch_size=args.batch_size, progress=progress)
     source = {"model": str(args.model), "path": str(Path(path).resolve()),
               "sha256": sha256_of(path)}
     if calibration is not None:
