@@ -281,15 +281,17 @@ def load(directory: str | Path, model: nnx.Module | None = None, *,
             raise ValueError(f"{directory}: layer {path!r} has class {layer_meta.get('class')!r}; "
                              f"known: {sorted(classes)}")
         arrays = {name: read(f"layers/{path}/{name}") for name in entry["arrays"]}
-        if runtime == "packed" and "runtime" in layer_meta:
-            layer_meta["runtime"] = "packed"
+        # A layer that transforms or scales its input rows keeps them (a float layer would not).
+        own_input = layer_meta.get("input_transform") is not None or "input_scale" in arrays
+        if "runtime" in layer_meta and (runtime == "packed" or own_input):
+            layer_meta["runtime"] = runtime
         layer = cls.from_state(layer_meta, arrays)
         try:
             original = module_at(skeleton, path)
         except ValueError:
             raise ValueError(f"{directory}: the model has no layer at {path!r}; was it built "
                              "like the saved one?") from None
-        if runtime == "dequant" and hasattr(layer, "dequantized_kernel") \
+        if runtime == "dequant" and hasattr(layer, "dequantized_kernel") and not own_input \
                 and isinstance(getattr(original, "kernel", None), nnx.Variable):
             _dequantized_into(original, layer, path)
             written |= {f"{path}.kernel", f"{path}.bias"}

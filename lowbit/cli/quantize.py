@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ import numpy as np
 from lowbit.checkpoint import save
 from lowbit.cli.output import emit, show_progress
 from lowbit.core.spec import QuantSpec
-from lowbit.data.corpus import PYDOC, calibration_tokens
-from lowbit.ptq.methods import get_method, run_method
+from lowbit.data.corpus import CORPORA, calibration_tokens
+from lowbit.ptq.methods import ROTATABLE_METHODS, get_method, run_method
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")  # the registry's weight methods
 DEFAULT_WEIGHTS = {name: get_method(name).default_weights for name in METHODS}
@@ -52,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gptq: quantize inputs by descending Hessian diagonal")
     parser.add_argument("--static-groups", action="store_true",
                         help="gptq: compute every group's scale from the original weights")
+    parser.add_argument("--rotate", action="store_true",
+                        help="rtn, gptq, awq: rotate the model first (lowbit.ptq.rotation: norm "
+                             "gains folded, randomized Hadamard residual and value-head "
+                             "rotations, an online Hadamard before each down projection; the "
+                             "head is untied), then quantize through lowbit.ptq.quantize")
     parser.add_argument("--calib", default="pydoc",
                         help="calibration text: 'pydoc' (the stdlib topics) or a UTF-8 file")
     parser.add_argument("--calib-samples", type=int, default=128)
@@ -76,6 +82,9 @@ def _check_method_options(args) -> None:
         raise ValueError("--no-smoothing and --alpha exclude each other")
     if (args.act_order or args.static_groups) and method != "gptq":
         raise ValueError("--act-order and --static-groups only apply to --method gptq")
+    if getattr(args, "rotate", False) and method not in ROTATABLE_METHODS:
+        raise ValueError(f"--rotate applies to --method {' / '.join(ROTATABLE_METHODS)}, "
+                         f"got {method!r}")
 
 
 def _check_out(out: Path) -> None:
@@ -107,8 +116,8 @@ def _check_early_arguments(args, out: Path) -> str:
         for name, value in (("--calib-samples", args.calib_samples), ("--calib-len", args.calib_len)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        if args.calib != PYDOC and not Path(args.calib).expanduser().is_file():
-            raise FileNotFoundError(f"--calib file not found: {args.calib} (or use {PYDOC!r})")
+        if args.calib not in CORPORA and not Path(args.calib).expanduser().is_file():
+            raise FileNotFoundError(f"--calib file not found: {args.calib} (or use one of {CORPORA})")
     return weights
 
 
@@ -137,6 +146,29 @@ def quantize_model(model, method: str, weights: str, calibration: np.ndarray | N
     elif method == "llm_int8":
         options["threshold"] = threshold
     return run_method(method, model, weights, calibration, **options)
+
+
+def rotate_and_quantize(model, method: str, weights: str, calibration: np.ndarray | None, *,
+                        alpha: float | None = None, act_order: bool = False,
+                        static_groups: bool = False, batch_size: int = 8, progress: bool = True):
+    """`--rotate`: lowbit.ptq.quantize(..., rotate=True) on every block linear of the Llama with
+    one weight spec (rtn, gptq or awq; calibration [samples, len] in batches of batch_size)."""
+    from lowbit.nn import QuantRule
+    from lowbit.ptq.awq import AWQ_GRID
+    from lowbit.ptq.driver import LLAMA_BLOCK_LINEARS
+    from lowbit.ptq.methods import quantize
+
+    options: dict[str, Any] = {}
+    if method == "gptq":
+        options.update(act_order=act_order, static_groups=static_groups)
+    elif method == "awq":
+        options["grid"] = AWQ_GRID if alpha is None else (alpha,)
+    batches = None if calibration is None else [calibration[i:i + batch_size]
+                                                for i in range(0, len(calibration), batch_size)]
+    rule = QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=weights)
+    with warnings.catch_warnings():  # the untied float head matches no rule, by design
+        warnings.filterwarnings("ignore", message=".*match no rule and stay float.*")
+        return quantize(model, rule, method, batches, rotate=True, progress=progress, **options)
 
 
 def run(args) -> None:
@@ -168,11 +200,16 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
         calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples,
                                          args.calib_len, args.seed)
     threshold = None if args.threshold == float("inf") else args.threshold
-    result = quantize_model(model, args.method, weights, calibration, act=args.act,
-                            alpha=args.alpha, smoothing=not args.no_smoothing,
-                            smooth_down=args.smooth_down, threshold=threshold,
-                            act_order=args.act_order, static_groups=args.static_groups,
-                            batch_size=args.batch_size, progress=progress)
+    if getattr(args, "rotate", False):
+        result = rotate_and_quantize(model, args.method, weights, calibration, alpha=args.alpha,
+                                     act_order=args.act_order, static_groups=args.static_groups,
+                                     batch_size=args.batch_size, progress=progress)
+    else:
+        result = quantize_model(model, args.method, weights, calibration, act=args.act,
+                                alpha=args.alpha, smoothing=not args.no_smoothing,
+                                smooth_down=args.smooth_down, threshold=threshold,
+                                act_order=args.act_order, static_groups=args.static_groups,
+                                batch_size=args.batch_size, progress=progress)
     source = {"model": str(args.model), "path": str(Path(path).resolve()),
               "sha256": sha256_of(path)}
     if calibration is not None:

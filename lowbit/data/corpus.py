@@ -1,31 +1,75 @@
-"""Text corpora and token windows: the always-present stdlib pydoc topics (or any text file),
-a deterministic calibration / evaluation split of the token stream, and fixed-length windows.
-The one place that turns a corpus into calibration or evaluation tokens.
+"""Text corpora and token windows: the always-present stdlib pydoc topics, the licence texts bundled
+with jaxlib (an out-of-domain evaluation text) or any text file, a deterministic calibration /
+evaluation split of the token stream, and fixed-length windows.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import numpy as np
 
 PYDOC = "pydoc"
+LICENSES = "licenses"
+CORPORA = (PYDOC, LICENSES)
 SPLITS = ("all", "calibration", "evaluation")
+LICENSES_PACKAGE = "jaxlib"
+
+
+def _is_rule(paragraph: str) -> bool:
+    """A paragraph of separator lines only (----, ====)."""
+    return not re.sub(r"[-=_*~\s]", "", paragraph)
+
+
+def licenses_text() -> str:
+    """The third-party licence texts bundled in jaxlib's wheel (its dist-info LICENSE.txt):
+    English legal prose, unlike pydoc's Python reference. Paragraphs (split at blank lines)
+    are kept once, in order, by their whitespace-normalized text, and separator-only
+    paragraphs are dropped, so the many verbatim copies of the Apache licence count once;
+    joined by a blank line. Always present offline (jax needs jaxlib); about 29.6K SmolLM2
+    tokens for jaxlib 0.10.2."""
+    import importlib.metadata
+
+    try:
+        distribution = importlib.metadata.distribution(LICENSES_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the {LICENSES!r} corpus needs the {LICENSES_PACKAGE} package "
+                                "installed (it comes with jax)") from None
+    files = [f for f in distribution.files or () if f.name == "LICENSE.txt" and
+             "dist-info" in str(f)]
+    if not files:
+        raise FileNotFoundError(f"{LICENSES_PACKAGE} {distribution.version} ships no "
+                                "dist-info LICENSE.txt; the licenses corpus cannot be built")
+    text = Path(files[0].locate()).read_text(encoding="utf-8")
+    seen, kept = set(), []
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        paragraph = paragraph.strip("\n")
+        key = " ".join(paragraph.split())
+        if not key or key in seen or _is_rule(paragraph):
+            continue
+        seen.add(key)
+        kept.append(paragraph)
+    return "\n\n".join(kept)
 
 
 def load_text(source: str | Path = PYDOC) -> str:
     """The text of a corpus.
 
     "pydoc": the values of `pydoc_data.topics.topics` joined in sorted key order, separated
-    by a blank line ("\\n\\n"). Anything else is read as a UTF-8 text file.
+    by a blank line ("\\n\\n"). "licenses": `licenses_text()`. Anything else is read as a
+    UTF-8 text file.
     """
     if str(source) == PYDOC:
         from pydoc_data.topics import topics
 
         return "\n\n".join(topics[key] for key in sorted(topics))
+    if str(source) == LICENSES:
+        return licenses_text()
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path} (or use {PYDOC!r})")
+        raise FileNotFoundError(f"corpus file not found: {path} (or use one of {CORPORA})")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -104,8 +148,9 @@ def calibration_samples(tokens, n_samples: int, length: int, seed: int = 0,
 
 
 def default_split(source: str | Path) -> str:
-    """The split scored by default: the evaluation half of the embedded corpus (its other half
-    calibrates the PTQ methods), and the whole of any other text from its first token."""
+    """The split scored by default: the evaluation half of the embedded pydoc corpus (its other
+    half calibrates the PTQ methods), and the whole of any other text ("licenses", a file) from
+    its first token."""
     return "evaluation" if str(source) == PYDOC else "all"
 
 

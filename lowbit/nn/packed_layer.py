@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lowbit.core.hadamard import hadamard_factors, hadamard_transform
 from lowbit.core.packing import PackedArray, pack
 from lowbit.core.quantize import QArray
 from lowbit.core.spec import QuantSpec
@@ -20,6 +21,7 @@ from lowbit.nn.contraction import Contraction, contraction_from_description, con
 from lowbit.nn.quant_linear import show_signature, ACT_ESTIMATORS, as_spec, check_act_spec, quantize_input, rms_normalize
 
 RUNTIMES = ("packed", "dequant")
+INPUT_TRANSFORMS = ("hadamard",)  # x -> x @ H / sqrt(K) over the contracted features (core.hadamard)
 
 
 class PackedWeight(nnx.Variable):
@@ -51,6 +53,19 @@ def check_input_scale(input_scale, in_features: int) -> jax.Array:
     return scale
 
 
+def check_input_transform(input_transform, in_features: int) -> str | None:
+    """None or a name of INPUT_TRANSFORMS that applies to K = in_features input features."""
+    if input_transform is None:
+        return None
+    if input_transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"input_transform must be None or one of {INPUT_TRANSFORMS}, got {input_transform!r}")
+    try:
+        hadamard_factors(in_features)
+    except ValueError as error:
+        raise ValueError(f"input_transform 'hadamard' over K = {in_features} features: {error}") from None
+    return input_transform
+
+
 def _dtype_name(dtype) -> str | None:
     return None if dtype is None else jnp.dtype(dtype).name
 
@@ -59,6 +74,9 @@ def _dtype_name(dtype) -> str | None:
 class PackedLayer(nnx.Module):
     """y = output(quantize_input(rows(x)) @ dequant(W) + bias) with W, the layer's [K, N] matrix
     (see lowbit.nn.contraction), held packed along K.
+
+    input_transform "hadamard" multiplies the rows by the orthogonal H / sqrt(K) first (an online
+    rotation, QuaRot's before the down projection: W then holds H^T / sqrt(K) times the original).
 
     The input quantizer (optional RMS norm, then act_spec) sees the [M, K] rows: 'token'
     granularity means one scale per row (for Conv: per patch). runtime "packed" multiplies through
@@ -71,7 +89,7 @@ class PackedLayer(nnx.Module):
     def __init__(self, contraction: Contraction, packed: PackedArray, *, act_spec=None,
                  act_estimator: str = "identity", act_param=None, input_norm: bool = False,
                  norm_eps: float = 1e-5, bias=None, dtype: Any = None, runtime: str = "packed",
-                 impl: str = "auto", input_scale=None):
+                 impl: str = "auto", input_scale=None, input_transform: str | None = None):
         if not isinstance(contraction, Contraction):
             raise ValueError(f"contraction must be a lowbit.nn.contraction.Contraction, got {type(contraction).__name__}")
         shape = (contraction.in_features, contraction.out_features)
@@ -103,6 +121,7 @@ class PackedLayer(nnx.Module):
         self.bias = nnx.data(None if bias is None else PackedWeight(contraction.bias_row(jnp.asarray(bias))))
         self.input_scale = nnx.data(None if input_scale is None else
                                     PackedWeight(check_input_scale(input_scale, contraction.in_features)))
+        self.input_transform = check_input_transform(input_transform, contraction.in_features)
         self.dtype, self.runtime, self.impl = dtype, runtime, impl
         self.uses_kernel = runtime == "packed" and kernel_supports(packed)
 
@@ -137,11 +156,19 @@ class PackedLayer(nnx.Module):
         """The dequantized weight in the original module's kernel shape, f32."""
         return self.contraction.kernel_from_matrix(self.dequantized_matrix())
 
+    def set_input_transform(self, input_transform: str | None) -> None:
+        """Makes the layer apply (or, with None, stop applying) an online input transform: for a
+        caller that applied it outside the layer until now (see lowbit.ptq.rotation)."""
+        self.input_transform = check_input_transform(input_transform, self.in_features)
+
     def prepare_rows(self, rows) -> jax.Array:
-        """RMS normalization (if input_norm), the input scale (if any: rows * input_scale, per K),
-        then input fake quantization (if act_spec) of [M, K] rows."""
+        """RMS normalization (if input_norm), the input transform (if any), the input scale (if
+        any: rows * input_scale, per K), then input fake quantization (if act_spec) of [M, K]
+        rows."""
         if self.input_norm:
             rows = rms_normalize(rows, self.norm_eps)
+        if self.input_transform is not None:
+            rows = hadamard_transform(rows)
         if self.input_scale is not None:
             rows = rows * self.input_scale[...].astype(rows.dtype)
         if self.act_spec is None:
@@ -175,6 +202,7 @@ class PackedLayer(nnx.Module):
                 "scale_spec": None if self.scale_spec is None else str(self.scale_spec),
                 "act_spec": None if self.act_spec is None else str(self.act_spec),
                 "act_estimator": self.act_estimator, "input_norm": self.input_norm, "norm_eps": self.norm_eps,
+                "input_transform": self.input_transform,
                 "dtype": _dtype_name(self.dtype), "runtime": self.runtime, "impl": self.impl}
         arrays = {"data": self.data.get_value(), "scale": self.scale.get_value()}
         for name in ("scale_scale", "scale_zero", "zero", "bias", "act_param", "input_scale"):
@@ -197,7 +225,9 @@ class PackedLayer(nnx.Module):
                           act_param=arrays.get("act_param"), input_norm=meta["input_norm"],
                           norm_eps=meta["norm_eps"], bias=arrays.get("bias"), dtype=dtype,
                           runtime=meta["runtime"], impl=meta["impl"],
-                          **({"input_scale": arrays["input_scale"]} if "input_scale" in arrays else {}))
+                          **({"input_scale": arrays["input_scale"]} if "input_scale" in arrays else {}),
+                          **({"input_transform": meta["input_transform"]}
+                             if meta.get("input_transform") is not None else {}))
 
     @classmethod
     def _build(cls, contraction: Contraction, packed: PackedArray, **options) -> "PackedLayer":
@@ -232,13 +262,14 @@ def layer_from_state(meta: dict, arrays: dict):
 
 
 def packed_layer(module, weight: QArray, *, act_spec=None, runtime: str = "packed",
-                 impl: str = "auto", input_scale=None) -> PackedLayer:
+                 impl: str = "auto", input_scale=None, input_transform: str | None = None) -> PackedLayer:
     """A PackedLayer computing `module`'s function (nnx.Linear, LinearGeneral, Einsum or Conv)
     with `weight`, a QArray of the module's [K, N] matrix (contraction_of(module).matrix(kernel)),
     groups along axis 0. Ternary weights are packed in 2-bit fields (the kernel's format). The
     bias stays float; act_spec (optional) quantizes the input rows with dynamic scales;
     input_scale (optional, [K]) multiplies the input rows first (a per-channel scale that AWQ /
-    SmoothQuant could fold nowhere: exact, K multiplies per row)."""
+    SmoothQuant could fold nowhere: exact, K multiplies per row); input_transform (optional,
+    "hadamard") rotates the input rows before that (the weight must be given in the rotated basis)."""
     contraction = contraction_of(module)
     shape = (contraction.in_features, contraction.out_features)
     if not isinstance(weight, QArray) or weight.shape != shape or weight.axis != 0:
@@ -246,4 +277,5 @@ def packed_layer(module, weight: QArray, *, act_spec=None, runtime: str = "packe
                          f"got {weight!r}")
     bias = None if module.bias is None else module.bias.get_value()
     return PackedLayer(contraction, pack(weight), act_spec=act_spec, bias=bias,
-                       dtype=module.dtype, runtime=runtime, impl=impl, input_scale=input_scale)
+                       dtype=module.dtype, runtime=runtime, impl=impl, input_scale=input_scale,
+                       input_transform=input_transform)

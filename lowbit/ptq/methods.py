@@ -189,8 +189,12 @@ def _llama_spec(model, targets, method: str):
     return specs.pop()
 
 
+ROTATABLE_METHODS = ("rtn", "gptq", "awq")  # their packed layers carry the online transform
+
+
 def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: str = "packed",
-             blocks=None, progress: bool = False, **options) -> PTQResult:
+             blocks=None, progress: bool = False, rotate: bool = False, rotation_seed: int = 0,
+             **options) -> PTQResult:
     """Post-training quantization of any Flax NNX model in place; the quantized layers become
     packed layers (codes, scales; no float copy).
 
@@ -218,6 +222,11 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
     runtime: "packed" (default: packed matmul over the codes) or "dequant" (fake-quant float
       execution of the same codes, for research).
     options: the method's options (get_method(method).options()), e.g. act_order=True.
+    rotate: first rotate the float model (lowbit.ptq.rotation.rotate_model: norm gains folded,
+      randomized Hadamard residual / value-head rotations, an online Hadamard before each MLP
+      down projection; the model's rotation_plan() or the Llama's; seed rotation_seed), then
+      quantize; methods in ROTATABLE_METHODS. AWQ then keeps no scale fold into an online
+      transform's producer. The down projections' packed layers carry the online transform.
     Returns a PTQResult (per-layer QArrays and errors, bits per weight, time).
     """
     from lowbit.ptq.targets import check_rules, check_runtime, resolve_targets
@@ -225,9 +234,26 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
     entry = get_method(method)
     check_runtime(runtime)
     start = time.perf_counter()
+    plan = None
+    if not isinstance(rotate, bool):
+        raise ValueError(f"rotate must be True or False, got {rotate!r}")
+    if rotate:
+        from lowbit.ptq.rotation import rotate_model, rotated_scale_groups
+
+        if method not in ROTATABLE_METHODS:
+            raise ValueError(f"rotate=True needs a method of {list(ROTATABLE_METHODS)}, got "
+                             f"{method!r}")
+        _only(options, _ANY_MODEL_OPTIONS[method], method)
+        resolve_targets(model, rules, warn_unmatched=False)  # bad rules fail before rotating
+        plan = rotate_model(model, seed=rotation_seed)
+        if method == "awq":
+            options["scale_groups"] = rotated_scale_groups(model, plan,
+                                                           options.get("scale_groups"))
     targets = resolve_targets(model, rules)
     settings = {"rules": [repr(r) for r in check_rules(rules)], "runtime": runtime,
                 **options}
+    if rotate:
+        settings["rotate"] = {"seed": rotation_seed}
     reports: list = []
     if method not in _ANY_MODEL_OPTIONS:
         return _llama_only(model, targets, method, calibration, blocks, runtime, progress,
@@ -267,6 +293,10 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
                                      progress=progress, **kwargs)
     settings = {key: (repr(value) if key == "scale_groups" else value)
                 for key, value in settings.items()}
+    if plan is not None:
+        from lowbit.ptq.rotation import carry_online_transforms
+
+        carry_online_transforms(model, plan)
     return PTQResult(method=method, linears=linears, seconds=time.perf_counter() - start,
                      settings=settings, block_reports=reports)
 

@@ -9,7 +9,11 @@ from lowbit.models.loader import load_gguf_model
 from lowbit.checkpoint import layer_bytes, quantized_layers, read_info
 from lowbit.checkpoint import load
 from lowbit.cli import build_parser
+from lowbit.cli.quantize import _check_method_options, rotate_and_quantize
 from lowbit.cli.quantize import quantize_to_checkpoint as run_quantize
+from lowbit.nn import QuantRule
+from lowbit.ptq import quantize
+from lowbit.ptq.driver import LLAMA_BLOCK_LINEARS
 from lowbit.ptq.rtn import rtn_quantize
 
 
@@ -150,3 +154,18 @@ def test_impossible_out_fails_before_the_model_loads(tmp_path, monkeypatch):
                                  str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         run_quantize(args)
+
+
+def test_rotate_option_is_checked_and_runs_the_rotated_quantization(make_tiny, calibration, test_tokens):
+    args = _parse(["--model", "m", "--method", "gptq", "--rotate", "--out", "o"])
+    assert args.rotate
+    _check_method_options(args)
+    with pytest.raises(ValueError, match="--rotate applies to --method rtn / gptq / awq"):
+        _check_method_options(_parse(["--model", "m", "--method", "smoothquant", "--rotate", "--out", "o"]))
+    model, expected = make_tiny(), make_tiny()
+    result = rotate_and_quantize(model, "gptq", "int4:g16:asym", calibration, batch_size=2, progress=False)
+    batches = [calibration[i:i + 2] for i in range(0, len(calibration), 2)]
+    quantize(expected, QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec="int4:g16:asym"), "gptq", batches,
+             rotate=True)
+    assert result.settings["rotate"] == {"seed": 0} and result.method == "gptq"
+    np.testing.assert_array_equal(np.asarray(model(test_tokens)), np.asarray(expected(test_tokens)))

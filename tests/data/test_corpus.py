@@ -117,3 +117,17 @@ def test_calibration_tokens_come_from_the_calibration_half(tmp_path):
         assert starts
     with pytest.raises(ValueError, match="calibration length must be at least 2"):
         calibration_tokens(BytesAsIds(), path, samples=2, length=1)
+
+
+def test_licenses_corpus_is_deduplicated_legal_prose():
+    from lowbit.data.corpus import LICENSES, default_split, licenses_text
+
+    text = load_text(LICENSES)
+    assert text == licenses_text() == load_text("licenses")  # deterministic
+    paragraphs = text.split("\n\n")
+    keys = [" ".join(p.split()) for p in paragraphs]
+    assert len(keys) == len(set(keys)) and all(keys)  # each paragraph once, none empty
+    assert text.count("TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION") == 1
+    assert "Apache License" in text and "Mozilla Public License" in text
+    assert len(text) > 80_000 and topics["if"][:200] not in text  # not pydoc's text
+    assert default_split(LICENSES) == "all" and default_split("pydoc") == "evaluation"

@@ -757,7 +757,7 @@ def _linears(model):
                          ids=["Q4_1-tied", "Q4_0-untied", "Q8_0-tied"])
 def test_packed_runtime_keeps_the_file_blocks_and_matches_the_float_load(tmp_path, linear_type, tied):
     from lowbit.models.gguf.packed import GgufEmbed, GgufLinear, GgufLlama
-    from lowbit.models.llama import generate
+    from lowbit.decode import generate
     from lowbit.models.loader import load_gguf_model
 
     hf = _hf_weights(seed=4, tied=tied)

@@ -1,0 +1,111 @@
+"""The QuaRot table: `lowbit quantize` (with and without --rotate) then `lowbit eval` of the saved
+packed checkpoint on the pydoc evaluation split and on the out-of-domain 'licenses' text.
+
+Each row runs the two CLI commands it prints, in this process, and appends one JSON line to
+results/quarot/table.jsonl (git-ignored): method, weights, rotate, bits_per_weight, ppl per text.
+    PYTHONPATH=. .venv/bin/python papers/quarot/run.py [--windows 4] [--rows rtn gptq awq] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lowbit.cli import main as lowbit_main
+
+TEXTS = ("pydoc", "licenses")
+
+
+def run_cli(argv: list[str]) -> dict:
+    """Runs `lowbit ARGV --json` in this process; returns its JSON object."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = lowbit_main([*argv, "--json", "--quiet"])
+    if status:
+        raise RuntimeError(f"lowbit {shlex.join(argv)} exited with status {status}")
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def evaluate(model: str, windows: int) -> dict:
+    scores = {}
+    for text in TEXTS:
+        argv = ["eval", "--model", model, "--text", text, "--ctx", "512", "--windows", str(windows)]
+        result = run_cli(argv)
+        scores[text] = {"ppl": round(result["ppl"], 4), "split": result["split"],
+                        "windows": result["windows"], "command": "lowbit " + shlex.join(argv)}
+    return scores
+
+
+def table(results: Path) -> str:
+    """The markdown table of a results file: one row per (method, weights), without and with
+    rotation side by side, ppl on both texts and the out-of-domain gap (licenses / pydoc)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    lines = ["| method | weights | rotate | bits/weight | ppl pydoc | ppl licenses | licenses / pydoc |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        pydoc, licenses = row["eval"]["pydoc"]["ppl"], row["eval"]["licenses"]["ppl"]
+        bits = "f32 (Q4_1 source)" if row["method"] == "base" else f"{row['bits_per_weight']:.4f}"
+        lines.append(f"| {row['method']} | {row['weights'] or '-'} | "
+                     f"{'yes' if row['rotate'] else 'no'} | {bits} | {pydoc:.2f} | "
+                     f"{licenses:.2f} | {licenses / pydoc:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--methods", nargs="+", default=["base", "rtn"])
+    parser.add_argument("--weights", nargs="+", default=["int4:g64", "int3:g64", "int2:g64"])
+    parser.add_argument("--rotate", nargs="+", default=["no", "yes"])
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-len", type=int, default=256)
+    parser.add_argument("--workdir", default="/tmp/quarot")
+    parser.add_argument("--results", default="results/quarot/table.jsonl")
+    parser.add_argument("--table", action="store_true", help="print the results as markdown")
+    args = parser.parse_args()
+    results = Path(args.results)
+    if args.table:
+        print(table(results))
+        return
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        grid = [(None, None)] if method == "base" else [
+            (w, r) for w in args.weights for r in args.rotate]
+        for weights, rotate in grid:
+            start = time.perf_counter()
+            row = {"method": method, "weights": weights, "rotate": rotate == "yes",
+                   "date": time.strftime("%Y-%m-%d"), "machine": "2-core x86_64 CPU, shared"}
+            model = "smollm2-135m"
+            if method != "base":
+                out = Path(args.workdir) / f"{method}-{weights.replace(':', '_')}-{rotate}"
+                shutil.rmtree(out, ignore_errors=True)
+                argv = ["quantize", "--model", model, "--method", method, "--weights", weights,
+                        "--out", str(out)]
+                if method in ("gptq", "awq"):
+                    argv += ["--calib-samples", str(args.calib_samples),
+                             "--calib-len", str(args.calib_len)]
+                if rotate == "yes":
+                    argv.append("--rotate")
+                summary = run_cli(argv)
+                row.update(bits_per_weight=summary["bits_per_weight"],
+                           quantize_seconds=summary["quantize_seconds"],
+                           quantize_command="lowbit " + shlex.join(argv))
+                model = str(out)
+            row["eval"] = evaluate(model, args.windows)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            with results.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            if method != "base":
+                shutil.rmtree(model, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
