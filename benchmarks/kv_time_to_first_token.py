@@ -16,7 +16,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowbit.cli import load_model  # noqa: E402
+from lowbit.checkpoint import load_model_and_tokenizer  # noqa: E402
 from lowbit.data.corpus import load_text  # noqa: E402
 from lowbit.decode import generate  # noqa: E402
 from lowbit.decode.compilation import COMPILE_EVENTS, enable_compilation_cache  # noqa: E402
@@ -37,7 +37,7 @@ def main(argv=None):
 
     jax.monitoring.register_event_duration_secs_listener(record)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model)
     load_s = time.perf_counter() - start
     ids = tokenizer.encode(load_text())[args.start:args.start + args.length]
     stamps = {}

@@ -103,11 +103,40 @@ def _linear(model: Llama, name: str):
     return getattr(getattr(model.layers[int(index)], _LINEAR_PARENTS[leaf]), leaf)
 
 
+def _check_llama_blocks(model: Llama) -> None:
+    """Every block computes the llama GGUF graph: the Llama's own Attention and MLP modules (a
+    rotated model's HadamardMLP adds an online transform that llama.cpp does not run)."""
+    from lowbit.models.llama import MLP, Attention
+
+    for i, block in enumerate(model.layers):
+        for name, cls in (("attn", Attention), ("mlp", MLP)):
+            module = getattr(block, name)
+            if type(module) is not cls:
+                online = " (an online Hadamard transform before w_down, lowbit.ptq.rotation)" \
+                    if type(module).__name__ == "HadamardMLP" else ""
+                raise ValueError(
+                    f"layers.{i}.{name} is a {type(module).__name__}{online}, not the Llama's own "
+                    f"{cls.__name__}; a llama GGUF file holds only the Llama's graph. A rotated "
+                    "model exports when its rotations are all folded: rotate with a plan without "
+                    "online entries (rotate_model(model, plan=dataclasses.replace("
+                    "rotation_plan(model), online=()))) before quantizing")
+
+
 def _check_input_quantization(layer, where: str, gguf_type: str) -> None:
     """A layer may quantize its inputs only as llama.cpp does for `gguf_type` (ACTIVATION_SPECS)."""
     if layer.input_norm:
         raise ValueError(f"{where} RMS-normalizes its input at run time (BitNet's input_norm), "
                          "which a llama GGUF file cannot express")
+    if getattr(layer, "input_transform", None) is not None:
+        raise ValueError(f"{where} applies an online {layer.input_transform} transform to its input "
+                         "(a rotated model's MLP, lowbit.ptq.rotation), which llama.cpp's llama graph "
+                         "does not have; the folded rotations export, the online one cannot: rotate "
+                         "with a plan without online entries (rotate_model(model, plan=dataclasses."
+                         "replace(rotation_plan(model), online=()))) before quantizing to export")
+    if getattr(layer, "input_scale", None) is not None:
+        raise ValueError(f"{where} multiplies its input by a per-feature scale (an AWQ/SmoothQuant "
+                         "scale with no norm or layer to fold into), which a llama GGUF file cannot "
+                         "express")
     if layer.act_spec is None:
         return
     wanted = ACTIVATION_SPECS.get(gguf_type)
@@ -331,6 +360,7 @@ def export_gguf(model: nnx.Module | str | Path, path: str | Path, type: str = "Q
                          f"architecture, the only one GGUF export supports), a checkpoint "
                          f"directory, a registered name or a GGUF path; got "
                          f"{builtins.type(model).__name__}")
+    _check_llama_blocks(model)
     config = model.config.to_dict()
     permute = config["rope_layout"] == "half"
     metadata = {} if source is None else _source_metadata(source, config)

@@ -3,6 +3,7 @@ the gguf package's, packed grids written without a second rounding, the re-encod
 reported, the ternary fallback, atomic writes, --force, the CLI and clear errors.
 """
 
+import dataclasses
 import json
 import warnings
 
@@ -24,7 +25,8 @@ from lowbit.models.gguf.llama_names import iter_llama_weights, llama_config
 from lowbit.models.gguf.reader import metadata_value, open_gguf
 from lowbit.models.llama import Llama, LlamaConfig
 from lowbit.models.loader import load_gguf_model
-from lowbit.nn.packed_layer import PackedLayer
+from lowbit.nn.packed_layer import PackedLayer, layer_from_state, layer_state
+from lowbit.ptq.rotation import rotate_model, rotation_plan
 from lowbit.ptq.rtn import rtn_quantize
 
 # Rows of 256 (q, k, v, gate, up) and 512 (down) fit every block type, the ternary ones too.
@@ -385,3 +387,40 @@ def test_ternary_rows_that_fit_no_block_are_refused(tmp_path):
     with pytest.raises(ValueError, match="rows of 48, not a multiple of .*block size 32"):
         export_gguf(model, tmp_path / "m.gguf", "TQ1_0")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_rotated_model_exports_its_folded_rotations_and_refuses_an_online_one(tmp_path):
+    tokens = jnp.arange(12)[None]
+    folded = _model(seed=16)
+    rotate_model(folded, plan=dataclasses.replace(rotation_plan(folded), online=()))
+    rtn_quantize(folded, "int4:g32")
+    report = export_gguf(folded, tmp_path / "folded.gguf", "Q4_0")
+    linears = [r for r in report["tensors"] if r["lowbit_name"].split(".")[-1] in LINEARS]
+    assert len(linears) == 14 and all(r["from_codes"] and r["mse"] == 0 for r in linears)
+    # The rotated embedding and the untied head are float, written as Q8_0: the logits move by
+    # that rounding only.
+    reloaded, _ = load_gguf_model(tmp_path / "folded.gguf", runtime="dequant")
+    got, want = np.asarray(reloaded(tokens)), np.asarray(folded(tokens))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+    online = _model(seed=16)
+    rotate_model(online)
+    rtn_quantize(online, "int4:g32")
+    with pytest.raises(ValueError, match="layers.0.mlp is a HadamardMLP .an online Hadamard"):
+        export_gguf(online, tmp_path / "online.gguf", "Q4_0")
+    # A rotated checkpoint loads into a plain Llama whose packed w_down carries the transform.
+    loaded = _model(seed=16)
+    rtn_quantize(loaded, "int4:g32")
+    loaded.layers[1].mlp.w_down.set_input_transform("hadamard")
+    with pytest.raises(ValueError, match="layers.1.w_down.*online hadamard transform"):
+        export_gguf(loaded, tmp_path / "online.gguf", "Q4_0")
+    assert not (tmp_path / "online.gguf").exists()
+
+
+def test_an_unfolded_input_scale_is_refused(tmp_path):
+    model = _model(seed=17)
+    rtn_quantize(model, "int4:g32")
+    meta, arrays = layer_state(model.layers[0].mlp.w_down)
+    arrays["input_scale"] = np.full(WIDE["ffn_dim"], 2.0, np.float32)
+    model.layers[0].mlp.w_down = layer_from_state(meta, arrays)
+    with pytest.raises(ValueError, match="w_down.*per-feature scale"):
+        export_gguf(model, tmp_path / "m.gguf", "Q4_0")

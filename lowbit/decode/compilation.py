@@ -28,6 +28,7 @@ LOAD_EVENT = "/lowbit/decode/executable_load_duration"
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration", LOAD_EVENT)
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 OFF = ("0", "off", "false", "no")
 
 
@@ -91,12 +92,26 @@ class StoredJit:
     directory: Path | None = None
 
     def __init__(self, function, static_argnames: tuple[str, ...], donate_argnames: tuple[str, ...] = ()):
-        self.jitted = jax.jit(function, static_argnames=static_argnames, donate_argnames=donate_argnames)
+        self.function = function
+        self.donate_argnames = tuple(donate_argnames)
         self.signature = inspect.signature(function)
         self.static_argnames = tuple(static_argnames)
         self.name = function.__name__
         self.executables: dict = {}
         functools.update_wrapper(self, function)
+
+    @functools.cached_property
+    def jitted(self):
+        """jax.jit of the function under a name that carries the source fingerprint: JAX's own
+        persistent cache then never serves it after a code change (a re-serialized executable read
+        from that cache lacks its compiled functions on CPU, jax 0.10.2, so it must not be stored)."""
+
+        def function(*args, **kwargs):
+            return self.function(*args, **kwargs)
+
+        functools.update_wrapper(function, self.function)
+        function.__name__ = f"{self.name}_{source_fingerprint()[:12]}"
+        return jax.jit(function, static_argnames=self.static_argnames, donate_argnames=self.donate_argnames)
 
     def compiled_count(self) -> int:
         """How many executables (static arguments and shapes) this process holds."""
@@ -123,8 +138,14 @@ class StoredJit:
                 jax.monitoring.record_event_duration_secs(LOAD_EVENT, time.perf_counter() - start,
                                                           fun_name=self.name)
                 return executable
-        executable = self.jitted.lower(**bound.arguments).compile()  # called by keyword
-        if path is not None:
+        hits = []
+        listener = lambda event, **kwargs: hits.append(event) if event == CACHE_HIT_EVENT else None  # noqa: E731
+        jax.monitoring.register_event_listener(listener)
+        try:
+            executable = self.jitted.lower(**bound.arguments).compile()  # called by keyword
+        finally:
+            jax.monitoring.unregister_event_listener(listener)
+        if path is not None and not hits:  # never re-serialize an executable JAX's cache read back
             with atomic_path(path) as partial:
                 partial.write_bytes(pickle.dumps(serialize(executable)))
         return executable
