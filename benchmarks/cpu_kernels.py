@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lowbit.core.packing import pack  # noqa: E402
-from lowbit.core.quantize import quantize  # noqa: E402
-from lowbit.kernels import gguf_matmul, int8_matmul, packed_matmul  # noqa: E402
-from lowbit.kernels.native import native_available, native_error, simd_level  # noqa: E402
+from lowbit.core.packing import pack
+from lowbit.core.quantize import quantize
+from lowbit.kernels import gguf_matmul, int8_matmul, packed_matmul
+from lowbit.kernels.native import native_available, native_error, simd_level
 
 # (K, N) of SmolLM2-135M's linears: q/o, k/v, gate/up, down, and the tied output head.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]

@@ -11,7 +11,6 @@ import functools
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lowbit.core.packing import pack  # noqa: E402
-from lowbit.core.quantize import quantize  # noqa: E402
-from lowbit.kernels import decode_attention, int8_matmul, packed_matmul, quantize_pages  # noqa: E402
-from lowbit.kernels.dispatch import resolve_impl  # noqa: E402
+from lowbit.core.packing import pack
+from lowbit.core.quantize import quantize
+from lowbit.kernels import decode_attention, int8_matmul, packed_matmul, quantize_pages
+from lowbit.kernels.dispatch import resolve_impl
 
 MATMUL_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576), (576, 576)]  # (K, N)
 BATCHES = [1, 8, 64]

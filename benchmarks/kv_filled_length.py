@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lowbit.kvcache.attention import decode_layer  # noqa: E402
-from lowbit.kvcache.cache import PagedKVCache  # noqa: E402
-from lowbit.models.llama import LlamaConfig  # noqa: E402
+from lowbit.kvcache.attention import decode_layer
+from lowbit.kvcache.cache import PagedKVCache
+from lowbit.models.llama import LlamaConfig
 
 
 def main(argv=None):

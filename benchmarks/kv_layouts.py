@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lowbit.data.corpus import evaluation_tokens, token_windows  # noqa: E402
-from lowbit.decode.compilation import enable_compilation_cache  # noqa: E402
-from lowbit.decode.engine import generate_batch  # noqa: E402
-from lowbit.decode.quality import cache_quality  # noqa: E402
-from lowbit.kvcache.layout import parse_layout  # noqa: E402
-from lowbit.models.loader import load_gguf_model  # noqa: E402
-from lowbit.models.registry import resolve_model  # noqa: E402
-from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+from lowbit.data.corpus import evaluation_tokens, token_windows
+from lowbit.decode.compilation import enable_compilation_cache
+from lowbit.decode.engine import generate_batch
+from lowbit.decode.quality import cache_quality
+from lowbit.kvcache.layout import parse_layout
+from lowbit.models.loader import load_gguf_model
+from lowbit.models.registry import resolve_model
+from lowbit.models.tokenizer import Tokenizer
 
 
 def prompts_from(tokens: np.ndarray, count: int, lengths: list[int], gap: int = 4096) -> list[list[int]]:

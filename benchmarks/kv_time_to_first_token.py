@@ -8,18 +8,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import time
-from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lowbit.checkpoint import load_model_and_tokenizer  # noqa: E402
-from lowbit.data.corpus import load_text  # noqa: E402
-from lowbit.decode import generate  # noqa: E402
-from lowbit.decode.compilation import COMPILE_EVENTS, enable_compilation_cache  # noqa: E402
+from lowbit.checkpoint import load_model_and_tokenizer
+from lowbit.data.corpus import load_text
+from lowbit.decode import generate
+from lowbit.decode.compilation import COMPILE_EVENTS, enable_compilation_cache
 
 
 def main(argv=None):

@@ -19,15 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lowbit.data.corpus import load_text  # noqa: E402
-from lowbit.decode.engine import BatchedGenerator, Request  # noqa: E402
-from lowbit.decode.step import decode_step  # noqa: E402
-from lowbit.kvcache.cache import PagedKVCache  # noqa: E402
-from lowbit.models.loader import load_gguf_model  # noqa: E402
-from lowbit.models.registry import resolve_model  # noqa: E402
-from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+from lowbit.data.corpus import load_text
+from lowbit.decode.engine import BatchedGenerator, Request
+from lowbit.decode.step import decode_step
+from lowbit.kvcache.cache import PagedKVCache
+from lowbit.models.loader import load_gguf_model
+from lowbit.models.registry import resolve_model
+from lowbit.models.tokenizer import Tokenizer
 
 
 class _DecodeRun:

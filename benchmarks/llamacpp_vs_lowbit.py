@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lowbit.data.corpus import load_text, split_tokens  # noqa: E402
-from lowbit.models.registry import resolve_model  # noqa: E402
-from lowbit.models.tokenizer import Tokenizer  # noqa: E402
+from lowbit.data.corpus import load_text, split_tokens
+from lowbit.models.registry import resolve_model
+from lowbit.models.tokenizer import Tokenizer
 
 # (metric, label, target ratio lowbit / llama.cpp, target ratio lowbit / lowbit f32) from issue 15
 METRICS = [

@@ -6,19 +6,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lowbit.decode import generate  # noqa: E402
-from lowbit.models.loader import load_gguf_model  # noqa: E402
-from lowbit.models.registry import fetch  # noqa: E402
-from lowbit.nn.packed_linear import freeze  # noqa: E402
-from lowbit.nn.rules import preset_rules, quantize_model  # noqa: E402
+from lowbit.decode import generate
+from lowbit.models.loader import load_gguf_model
+from lowbit.models.registry import fetch
+from lowbit.nn.packed_linear import freeze
+from lowbit.nn.rules import preset_rules, quantize_model
 
 
 def tokens_per_second(model, prompt, new_tokens: int, repeats: int) -> tuple[float, np.ndarray]:

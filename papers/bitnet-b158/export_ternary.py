@@ -10,19 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import lowbit  # noqa: E402
-from lowbit.models.gguf.blocks import dequantize_ggml  # noqa: E402
-from lowbit.models.gguf.encode import encode_values  # noqa: E402
-from lowbit.nn import freeze  # noqa: E402
-from lowbit.train.config import load_config  # noqa: E402
-from lowbit.train.loop import Trainer  # noqa: E402
+import lowbit
+from lowbit.models.gguf.blocks import dequantize_ggml
+from lowbit.models.gguf.encode import encode_values
+from lowbit.nn import freeze
+from lowbit.train.config import load_config
+from lowbit.train.loop import Trainer
 
 
 def main() -> int:
