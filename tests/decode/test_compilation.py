@@ -58,39 +58,27 @@ print(json.dumps({"tokens": tokens, "events": events}))
 """
 
 
+def _steps_run(env) -> dict:
+    out = subprocess.run([sys.executable, "-c", STEPS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_a_second_process_loads_the_stored_steps_without_tracing(tmp_path):
     env = dict(os.environ, LOWBIT_COMPILE_CACHE=str(tmp_path / "jax"), JAX_PLATFORMS="cpu")
-    runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", STEPS_SCRIPT], env=env, capture_output=True, text=True,
-                             check=True, timeout=300)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    first, second = runs
+    first, second = _steps_run(env), _steps_run(env)
     assert first["events"]["jaxpr_trace_duration"] == 2  # the prefill and the decode step
     assert second["events"] == {"executable_load_duration": 2}, second
     assert second["tokens"] == first["tokens"]
-    stored = sorted(p.name.split("-")[0] for p in (tmp_path / "jax" / "lowbit-executables").iterdir())
-    assert stored == ["_decode_step", "_prefill_step"]
-
-
-def test_an_executable_read_from_jax_cache_is_not_stored_again(tmp_path):
-    """Re-serializing an executable that JAX's persistent cache read back loses its compiled
-    functions (jax 0.10.2, CPU): a process whose stored executables are gone but whose JAX cache
-    entries remain must not write them, so that the next process still runs."""
-    env = dict(os.environ, LOWBIT_COMPILE_CACHE=str(tmp_path / "jax"), JAX_PLATFORMS="cpu")
     stored = tmp_path / "jax" / "lowbit-executables"
-
-    def run():
-        out = subprocess.run([sys.executable, "-c", STEPS_SCRIPT], env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    first = run()
+    assert sorted(p.name.split("-")[0] for p in stored.iterdir()) == ["_decode_step", "_prefill_step"]
+    # Re-serializing an executable that JAX's persistent cache read back loses its compiled
+    # functions (jax 0.10.2, CPU): a process whose stored executables are gone but whose JAX cache
+    # entries remain must not write them, so that the next process still runs.
     shutil.rmtree(stored)
-    second = run()  # served by JAX's cache
-    assert "jaxpr_trace_duration" in second["events"] and not (stored.exists() and any(stored.iterdir()))
-    assert run()["tokens"] == second["tokens"] == first["tokens"]
+    third = _steps_run(env)
+    assert third["events"]["jaxpr_trace_duration"] == 2 and not (stored.exists() and any(stored.iterdir()))
+    assert _steps_run(env)["tokens"] == third["tokens"] == first["tokens"]
 
 
 def test_cache_directory_setting(monkeypatch, tmp_path):

@@ -262,6 +262,7 @@ def test_cli_dry_run_lists_points_and_runs_nothing(tmp_path, capsys):
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_real_rtn_sweep_int4_beats_int3(smollm2_path, tmp_path):
     config = SweepConfig.from_dict({
         "name": "real",
