@@ -240,6 +240,65 @@ def run_memory(steps: int = 3) -> list[dict]:
     return rows
 
 
+STEP_TEMP_PROBE = """
+import json, sys
+from lowbit.kernels.dispatch import schedule_cpu_for_memory
+schedule_cpu_for_memory()  # as the lowbit CLI does
+import jax
+from flax import nnx
+from lowbit.models.llama import Llama, LlamaConfig
+import functools
+import lowbit.train.finetune as finetune
+from lowbit.nn.lora import prepare_qlora
+from lowbit.train.finetune import FinetuneConfig, FineTuner, _finetune_step, load_source_model
+from lowbit.train.loop import optimizer_key
+
+model_name, base, method, data, impl = sys.argv[1:6]
+if model_name == "small":  # d_model 512, 4 blocks: 52 MB of f32 block linears
+    model = Llama(LlamaConfig(vocab_size=49152, d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=64,
+                              ffn_dim=1408, max_seq_len=512), rngs=nnx.Rngs(0))
+else:
+    model = load_source_model(model_name)
+lora = {"base": base, "method": method}
+if impl == "dequant":  # the packed base forms each float W per call (prepare_qlora's former default)
+    finetune.prepare_qlora = functools.partial(prepare_qlora, runtime="dequant")
+elif impl != "default":  # the packed base through packed_matmul with this impl
+    finetune.prepare_qlora = functools.partial(prepare_qlora, impl=impl)
+config = FinetuneConfig.from_dict({"data": {"corpus": data}, "lora": lora,
+                                   "train": {"steps": 2, "batch_size": 4, "seq_len": 64, "warmup_steps": 1,
+                                             "eval_windows": 4}})
+tuner = FineTuner(config, model=model, resume=False)
+del model
+args = (tuner.graphdef, optimizer_key(tuner.config.train), tuner._trained, tuner.params, tuner.counts, tuner.rest,
+        tuner.opt_state, tuner._put(tuner._batch(0)), jax.numpy.float32(1e-3))
+stats = _finetune_step.lower(*args).compile().memory_analysis()
+print(json.dumps({"model": model_name, "base": base, "method": method, "impl": impl,
+                  "temp_mb": stats.temp_size_in_bytes / 1e6, "argument_mb": stats.argument_size_in_bytes / 1e6,
+                  "output_mb": stats.output_size_in_bytes / 1e6, "frozen_mb": tuner.memory_bytes()["frozen"] / 1e6}))
+"""
+
+
+def run_step_temp(model_name: str, impls: list[str]) -> list[dict]:
+    """XLA's own accounting of the compiled fine-tuning step (compile only, no step runs): temporary
+    bytes of QLoRA (nf4:g64:dq; impls: "default" = prepare_qlora's, "dequant" = a float W formed per
+    call, or a packed_matmul impl), LoRA on the float base and full fine-tuning, each compiled in its
+    own process."""
+    runs = [("nf4:g64:dq", "lora", impl) for impl in impls] + [("float", "lora", "default"),
+                                                               ("float", "full", "default")]
+    rows = []
+    for base, method, impl in runs:
+        done = subprocess.run([sys.executable, "-c", STEP_TEMP_PROBE, model_name, base, method, str(DOMAIN), impl],
+                              cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"step-temp probe for {base} {method} {impl} failed ({done.returncode})")
+        rows.append({k: round(v, 1) if isinstance(v, float) else v
+                     for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()})
+        print(json.dumps(rows[-1]), flush=True)
+    _write("step_temp", rows, append=True)
+    return rows
+
+
 def _write(name: str, rows: list[dict], append: bool = False) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{name}.jsonl", "a" if append else "w", encoding="utf-8") as f:
@@ -249,12 +308,14 @@ def _write(name: str, rows: list[dict], append: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", nargs="?", default="all", choices=("formats", "formats-trained", "domain", "finetune", "memory", "all"))
+    parser.add_argument("part", nargs="?", default="all", choices=("formats", "formats-trained", "domain", "finetune", "memory", "step-temp", "all"))
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="fine-tunes to run")
     parser.add_argument("--parallel", action="store_true", help="run the fine-tunes at the same time")
     parser.add_argument("--trained-config", default=str(ROOT / "experiments/qat/float_smollm2_vocab.toml"),
                         help="formats-trained: the training config of the float model")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory probe")
+    parser.add_argument("--model", default="small", help="step-temp: 'small' (a 4-block Llama) or a model name")
+    parser.add_argument("--impls", nargs="*", default=["default"], help="step-temp: QLoRA base impls to compile")
     args = parser.parse_args()
     if args.part in ("formats", "all"):
         _print_rows(run_formats())
@@ -264,6 +325,8 @@ def main() -> None:
         run_domain()
     if args.part in ("finetune", "all"):
         _print_rows(run_finetune(args.runs, args.parallel))
+    if args.part == "step-temp":
+        _print_rows(run_step_temp(args.model, args.impls))
     if args.part in ("memory", "all"):
         _print_rows(run_memory(args.memory_steps))
 
