@@ -430,126 +430,103 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 
 // ---------------------------------------------------------------------------------------------
 // The transposed product of a packed weight, for the gradient w.r.t. the activations:
-//   xbar[m, k] = sum_n g[m, n] W[k, n] = sum_n (g[m, n] scale[G, n]) q[k, n] + sum_n g[m, n] zero[G, n]
-// for k in group G. Per group: the products gs = g * scale and the zero term, then one pass over each
-// packed row's bytes serves all its F K-rows; tasks take ranges of packed rows. Lanes of kLanes
-// independent sums let the compiler vectorize (the AVX2 instance gets 8-wide FMAs) without
-// reassociating a single sum.
+//   xbar[m, k] = sum_n g[m, n] W[k, n],  W[k, n] = levels[u[k, n]] scale[G, n] + zero[G, n] (k in group G).
+// Tasks take ranges of packed rows; each dequantizes kTileRows K-rows at a time into a small f32 tile
+// (kTileRows x N floats, in L1/L2; never the whole matrix), then every row of g meets the tile:
+// kTileRows dot products over N with kLanes independent sums each, which the compiler vectorizes
+// (8-wide FMAs in the AVX2 instance) without reassociating a single sum. The decoding is paid once
+// per tile, not once per row of g.
 
 constexpr int kLanes = 8;
+constexpr int kTileRows = 8;
 
 struct TransposedProblem {
   const float* g;      // [M, N] cotangent of y
   const uint8_t* data; // [rows, N]
   FloatTable scale, zero;
   bool has_zero;
-  float multiplier, offset; // q = multiplier * u + offset when !LUT
-  const float* levels;      // q = levels[u] when LUT
+  const float* levels; // [1 << bits] value of each code
   int64_t m, n, k, groups, group_size;
   float* xbar;         // [M, K]
 };
 
-template <int BITS, bool LUT>
-inline __attribute__((always_inline)) float transposed_code(const TransposedProblem& p, unsigned u) {
-  if constexpr (LUT) return p.levels[u];
-  return p.multiplier * static_cast<float>(u) + p.offset;
-}
-
-template <int BITS, bool LUT>
+template <int BITS>
 inline __attribute__((always_inline)) void transposed_rows_body(const TransposedProblem& p, int64_t r0,
                                                                 int64_t r1) {
   constexpr int F = 8 / BITS;
+  constexpr int RB = kTileRows / F > 0 ? kTileRows / F : 1;  // packed rows per tile
+  constexpr int KT = RB * F;                                  // K-rows per tile
   constexpr unsigned mask = (1u << BITS) - 1u;
   const int64_t rows_per_group = p.group_size / F;
-  std::vector<float> gs(static_cast<size_t>(p.m * p.n));
-  std::vector<float> gz(static_cast<size_t>(p.m));
-  int64_t current = -1;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t grp = r / rows_per_group;
-    if (grp != current) {
-      current = grp;
-      for (int64_t m = 0; m < p.m; ++m) {
-        const float* grow = p.g + m * p.n;
-        float zsum = 0.0f;
-        for (int64_t n = 0; n < p.n; ++n) {
-          gs[m * p.n + n] = grow[n] * p.scale.at(grp * p.n + n);
-          if (p.has_zero) zsum += grow[n] * p.zero.at(grp * p.n + n);
-        }
-        gz[m] = zsum;
+  std::vector<float> tile(static_cast<size_t>(KT * p.n));
+  for (int64_t rb = r0; rb < r1; rb += RB) {
+    const int64_t k0 = rb * F;
+    const int64_t kt = std::min<int64_t>({KT, (r1 - rb) * F, p.k - k0});
+    if (kt <= 0) break;
+    for (int64_t j = 0; j < kt; ++j) {  // dequantize K-rows k0 .. k0 + kt of W
+      const int64_t r = rb + j / F;
+      const int shift = static_cast<int>(j % F) * BITS;
+      const int64_t grp = r / rows_per_group;
+      const uint8_t* w = p.data + r * p.n;
+      float* out = tile.data() + j * p.n;
+      for (int64_t n = 0; n < p.n; ++n) {
+        float value = p.levels[(w[n] >> shift) & mask] * p.scale.at(grp * p.n + n);
+        if (p.has_zero) value += p.zero.at(grp * p.n + n);
+        out[n] = value;
       }
     }
-    {
-      const uint8_t* w = p.data + r * p.n;
-      for (int64_t m = 0; m < p.m; ++m) {
-        const float* gsr = gs.data() + m * p.n;
-        float acc[F][kLanes] = {};
-        int64_t n = 0;
-        for (; n + kLanes <= p.n; n += kLanes) {
-          for (int f = 0; f < F; ++f) {
-            for (int l = 0; l < kLanes; ++l) {
-              const float q = transposed_code<BITS, LUT>(p, (w[n + l] >> (f * BITS)) & mask);
-              acc[f][l] += gsr[n + l] * q;
-            }
-          }
+    for (int64_t m = 0; m < p.m; ++m) {
+      const float* grow = p.g + m * p.n;
+      float acc[KT][kLanes] = {};
+      int64_t n = 0;
+      for (; n + kLanes <= p.n; n += kLanes) {
+        for (int j = 0; j < KT; ++j) {
+          const float* wt = tile.data() + j * p.n + n;
+          for (int l = 0; l < kLanes; ++l) acc[j][l] += grow[n + l] * wt[l];
         }
-        float tail[F] = {};
-        for (; n < p.n; ++n) {
-          for (int f = 0; f < F; ++f) {
-            tail[f] += gsr[n] * transposed_code<BITS, LUT>(p, (w[n] >> (f * BITS)) & mask);
-          }
-        }
-        for (int f = 0; f < F; ++f) {
-          const int64_t k = r * F + f;
-          if (k >= p.k) break;
-          float total = tail[f];
-          for (int l = 0; l < kLanes; ++l) total += acc[f][l];
-          p.xbar[m * p.k + k] = total + gz[m];
-        }
+      }
+      float tail[KT] = {};
+      for (; n < p.n; ++n) {
+        for (int j = 0; j < KT; ++j) tail[j] += grow[n] * tile[j * p.n + n];
+      }
+      for (int64_t j = 0; j < kt; ++j) {
+        float total = tail[j];
+        for (int l = 0; l < kLanes; ++l) total += acc[j][l];
+        p.xbar[m * p.k + k0 + j] = total;
       }
     }
   }
 }
 
-template <int BITS, bool LUT>
+template <int BITS>
 void transposed_rows_scalar(const TransposedProblem& p, int64_t r0, int64_t r1) {
-  transposed_rows_body<BITS, LUT>(p, r0, r1);
+  transposed_rows_body<BITS>(p, r0, r1);
 }
 
 #ifdef LOWBIT_X86
-template <int BITS, bool LUT>
+template <int BITS>
 LOWBIT_AVX2 void transposed_rows_avx2(const TransposedProblem& p, int64_t r0, int64_t r1) {
-  transposed_rows_body<BITS, LUT>(p, r0, r1);
+  transposed_rows_body<BITS>(p, r0, r1);
 }
 #endif
 
-template <int BITS, bool LUT>
-void transposed_run_with(ffi::ThreadPool& pool, const TransposedProblem& p) {
-  const int64_t rows = p.groups * p.group_size / (8 / BITS);
-  const int64_t tasks = task_count(pool, rows * p.n, rows);
-  parallel_for(pool, tasks, [&](int64_t t) {
-    const int64_t r0 = rows * t / tasks, r1 = rows * (t + 1) / tasks;
+template <int BITS>
+void transposed_run(ffi::ThreadPool& pool, const TransposedProblem& p) {
+  constexpr int F = 8 / BITS;
+  constexpr int RB = kTileRows / F > 0 ? kTileRows / F : 1;
+  const int64_t rows = p.groups * p.group_size / F;
+  const int64_t tiles = (rows + RB - 1) / RB;
+  const int64_t tasks = task_count(pool, rows * p.n, tiles);
+  parallel_for(pool, tasks, [&](int64_t t) {  // whole tiles per task
+    const int64_t r0 = tiles * t / tasks * RB, r1 = std::min(rows, tiles * (t + 1) / tasks * RB);
 #ifdef LOWBIT_X86
     if (has_avx2()) {
-      transposed_rows_avx2<BITS, LUT>(p, r0, r1);
+      transposed_rows_avx2<BITS>(p, r0, r1);
       return;
     }
 #endif
-    transposed_rows_scalar<BITS, LUT>(p, r0, r1);
+    transposed_rows_scalar<BITS>(p, r0, r1);
   });
-}
-
-// Code books (levels not of the form multiplier * u + offset) read a table; integer codes do not.
-template <int BITS>
-void transposed_run(ffi::ThreadPool& pool, const TransposedProblem& p) {
-  bool arithmetic = true;
-  for (int u = 0; u < (1 << BITS); ++u) {
-    arithmetic = arithmetic && p.levels[u] == p.multiplier * static_cast<float>(u) + p.offset;
-  }
-  if (arithmetic) {
-    transposed_run_with<BITS, false>(pool, p);
-  } else {
-    transposed_run_with<BITS, true>(pool, p);
-  }
 }
 
 ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> data,
@@ -587,8 +564,6 @@ ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   p.scale.data = scale.untyped_data();
   p.zero.data = zero.untyped_data();
   p.has_zero = has_zero != 0;
-  p.multiplier = static_cast<float>(multiplier);
-  p.offset = static_cast<float>(offset);
   p.levels = levels.typed_data();
   p.m = m;
   p.n = n;
