@@ -6,6 +6,7 @@ Also holds what the kernel shares with it: the format checks and the strided spl
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -165,16 +166,77 @@ def _field_stats(stat, fmt: WeightFormat, field: int, rows: int):
     return stat[group]
 
 
+# Bytes of float weight one step of the gradient's loop dequantizes (a tile of packed rows).
+GRADIENT_TILE_BYTES = 1 << 18
+
+
+def _product(x, data, scale, zero, fmt: WeightFormat):
+    """f32 [M, K] @ dequant(W) by fields: each field's [rows, N] weights are formed, then contracted."""
+    rows = data.shape[0]
+    xf = split_fields(x, fmt.fields, rows)
+    y = jnp.zeros((x.shape[0], data.shape[1]), jnp.float32)
+    for f in range(fmt.fields):
+        stat_zero = None if zero is None else _field_stats(zero, fmt, f, rows)
+        wf = dequantize_codes(unpack_field(data, f, fmt.bits), fmt, _field_stats(scale, fmt, f, rows), stat_zero)
+        y = y + jnp.dot(xf[f], wf, precision=jax.lax.Precision.HIGHEST)
+    return y
+
+
+def _tile_stats(stat, fmt: WeightFormat, field: int, first_row, rows: int):
+    """The scale (or zero) of K-rows field, field + F, ... of packed rows [first_row, first_row + rows)."""
+    stat = stat.astype(jnp.float32)
+    if fmt.group_size is None:
+        return stat
+    k_index = (first_row + jnp.arange(rows)) * fmt.fields + field
+    return stat[jnp.minimum(k_index // fmt.group_size, stat.shape[0] - 1)]
+
+
+def _transposed_tiled(g, data, scale, zero, fmt: WeightFormat, k: int):
+    """g [M, N] @ dequant(W).T -> [M, K], one tile of packed rows dequantized per loop step, so
+    that no float [K, N] matrix is formed (lax.map runs the tiles one after another)."""
+    rows, n = data.shape
+    tile = max(1, min(rows, GRADIENT_TILE_BYTES // (4 * n * fmt.fields)))
+    tiles = -(-rows // tile)
+    padded = jnp.pad(data, ((0, tiles * tile - rows), (0, 0)))
+
+    def one_tile(t):
+        first = t * tile
+        codes = jax.lax.dynamic_slice_in_dim(padded, first, tile, 0)
+        parts = []
+        for f in range(fmt.fields):
+            stat_zero = None if zero is None else _tile_stats(zero, fmt, f, first, tile)
+            wf = dequantize_codes(unpack_field(codes, f, fmt.bits), fmt, _tile_stats(scale, fmt, f, first, tile),
+                                  stat_zero)
+            parts.append(jnp.dot(g, wf.T, precision=jax.lax.Precision.HIGHEST))  # [M, tile]
+        return jnp.stack(parts, axis=-1).reshape(g.shape[0], tile * fmt.fields)
+
+    out = jax.lax.map(one_tile, jnp.arange(tiles))  # [tiles, M, tile * F]
+    return jnp.transpose(out, (1, 0, 2)).reshape(g.shape[0], tiles * tile * fmt.fields)[:, :k]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _frozen_product(x, data, scale, zero, fmt: WeightFormat):
+    return _product(x, data, scale, zero, fmt)
+
+
+def _frozen_product_forward(x, data, scale, zero, fmt):
+    return _product(x, data, scale, zero, fmt), (x.shape[1], data, scale, zero)
+
+
+def _frozen_product_backward(fmt, residuals, g):
+    """x-bar = g @ W.T tile by tile; the packed weight is frozen (no cotangent for its scales)."""
+    k, data, scale, zero = residuals
+    return _transposed_tiled(g, data, scale, zero, fmt, k), None, None, None
+
+
+_frozen_product.defvjp(_frozen_product_forward, _frozen_product_backward)
+
+
 def packed_matmul_reference(x, w: PackedArray):
-    """x: [M, K] float; w: packed [K, N] -> y = x @ dequant(W): [M, N] in x's dtype (f32 math)."""
+    """x: [M, K] float; w: packed [K, N] -> y = x @ dequant(W): [M, N] in x's dtype (f32 math).
+
+    Differentiable in x only (the packed weight is frozen): the gradient dequantizes W again one
+    tile of rows at a time, so a training step keeps no float W alive for its backward pass."""
     fmt = weight_format(w)
     w = float_scales(w)
-    rows = w.data.shape[0]
-    xf = split_fields(x.astype(jnp.float32), fmt.fields, rows)
-    y = jnp.zeros((x.shape[0], w.shape[1]), jnp.float32)
-    for f in range(fmt.fields):
-        scale = _field_stats(w.scale, fmt, f, rows)
-        zero = None if w.zero is None else _field_stats(w.zero, fmt, f, rows)
-        wf = dequantize_codes(unpack_field(w.data, f, fmt.bits), fmt, scale, zero)
-        y = y + jnp.dot(xf[f], wf, precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
+    return _frozen_product(x.astype(jnp.float32), w.data, w.scale, w.zero, fmt).astype(x.dtype)
