@@ -19,6 +19,8 @@ from flax import nnx
 from lowbit.core.packing import pack
 from lowbit.core.quantize import quantize
 from lowbit.core.spec import QuantSpec
+from lowbit.kernels.dispatch import IMPLS
+from lowbit.kernels.native import native_available
 from lowbit.nn.contraction import Contraction, contraction_of, supported_base
 from lowbit.nn.packed_layer import PackedLayer
 from lowbit.nn.packed_linear import get_child, module_at, set_child
@@ -102,7 +104,8 @@ class LoRA(nnx.Module):
     (nnx.Linear / LinearGeneral / Einsum / Conv, or a PackedLayer of one); rows / output are the
     base's [K, N] contraction (lowbit.nn.contraction), so A: [K, rank], B: [rank, N] (LoRAParam).
 
-    A packed base dequantizes inside its forward (QLoRA): memory follows the packed codes.
+    A packed base multiplies from its packed codes (QLoRA; see `prepare_qlora` for the kernel that
+    keeps the training step's memory with the packed base).
     `merge()` / `unmerge()` add / subtract the adapter product to a float base's kernel in place
     (the adapter is then skipped / used again); a packed base merges only by `merge_lora`.
     """
@@ -234,12 +237,23 @@ def _float_target_paths(model: nnx.Module, config: LoRAConfig) -> list[tuple]:
     return paths
 
 
+def training_impl() -> str:
+    """The packed-matmul impl for a frozen base under training: "native" where the C++ kernels run
+    (CPU backend, built), whose forward x W and input gradient dy W.T read the packed codes for any
+    number of rows, so no float W exists in the step; else "auto"."""
+    return "native" if jax.default_backend() == "cpu" and native_available() else "auto"
+
+
 def prepare_qlora(model: nnx.Module, spec: QuantSpec | str = QLORA_SPEC, config: LoRAConfig | None = None, *,
-                  rngs: nnx.Rngs, runtime: str = "dequant") -> list[str]:
+                  rngs: nnx.Rngs, runtime: str = "packed", impl: str | None = None) -> list[str]:
     """QLoRA in place: each float layer matching config.path is quantized with `spec` (default
     NF4, blocks of 64, double-quantized scales) into a frozen PackedLayer, one layer at a time (its
     float kernel is dropped as it goes), and wrapped in a LoRA adapter (init "zero", or "loftq").
-    Returns the adapted paths."""
+    runtime / impl: the PackedLayer's (impl None: `training_impl()`; runtime "dequant" forms each
+    float W per call, as a float base would hold it). Returns the adapted paths."""
+    impl = training_impl() if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be None or one of {IMPLS}, got {impl!r}")
     config = LoRAConfig() if config is None else config
     if not isinstance(config, LoRAConfig):
         raise ValueError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -257,7 +271,7 @@ def prepare_qlora(model: nnx.Module, spec: QuantSpec | str = QLORA_SPEC, config:
         else:
             q, a, b = quantize(matrix, spec, axis=0), None, None
         bias = None if getattr(node, "bias", None) is None else node.bias.get_value()
-        base = PackedLayer(contraction, pack(q), bias=bias, dtype=node.dtype, runtime=runtime)
+        base = PackedLayer(contraction, pack(q), bias=bias, dtype=node.dtype, runtime=runtime, impl=impl)
         wrapped = LoRA(base, rank=config.rank, alpha=config.alpha, dropout=config.dropout, a=a, b=b, rngs=rngs)
         set_child(parent, path[-1], wrapped)
     return [".".join(str(k) for k in path) for path in paths]

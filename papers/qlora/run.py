@@ -186,7 +186,11 @@ def run_finetune(names: list[str], parallel: bool = False) -> list[dict]:
 
 
 MEMORY_PROBE = """
-import json, sys
+import functools, json, statistics, sys
+from lowbit.kernels.dispatch import schedule_cpu_for_memory
+schedule_cpu_for_memory()  # as the lowbit CLI does
+import lowbit.train.finetune as finetune
+from lowbit.nn.lora import prepare_qlora
 from lowbit.train.finetune import FinetuneConfig, FineTuner, load_source_model
 
 def peak_mb():
@@ -199,8 +203,10 @@ def rss_mb():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 
-base, steps, data = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-config = FinetuneConfig.from_dict({"data": {"corpus": data}, "lora": {"base": base},
+base, method, impl, steps, data = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+if impl == "dequant":  # the packed base forms each float W per call (prepare_qlora's former default)
+    finetune.prepare_qlora = functools.partial(prepare_qlora, runtime="dequant")
+config = FinetuneConfig.from_dict({"data": {"corpus": data}, "lora": {"base": base, "method": method},
                                    "train": {"steps": steps, "batch_size": 4, "seq_len": 64,
                                              "warmup_steps": 1, "eval_windows": 4}})
 phases = {}
@@ -214,29 +220,97 @@ phases["first_step"] = (rss_mb(), peak_mb())
 for _ in range(steps - 1):
     tuner.train_step()
 phases["last_step"] = (rss_mb(), peak_mb())
-print(json.dumps({"base": base, "steps": steps, "frozen_mb": tuner.memory_bytes()["frozen"] / 2**20,
+print(json.dumps({"base": base, "method": method, "impl": impl, "steps": steps,
+                  "frozen_mb": tuner.memory_bytes()["frozen"] / 2**20,
+                  "step_s_median": statistics.median(tuner.step_seconds[1:]),
+                  "step_cpu_s_median": statistics.median(tuner.step_cpu_seconds[1:]),
                   "phases": {k: {"rss_mb": round(a, 1), "peak_mb": round(b, 1)} for k, (a, b) in phases.items()}}))
 """
 
+MEMORY_RUNS = (("nf4:g64:dq", "lora", "default"), ("nf4:g64:dq", "lora", "dequant"), ("float", "lora", "default"),
+               ("float", "full", "default"))
 
-def run_memory(steps: int = 3) -> list[dict]:
-    """Peak and current RSS of QLoRA (nf4:g64:dq) and LoRA on the float base, each in its own
-    process, after loading the float model, after adding the adapters (QLoRA: quantizing), after
-    the first (compiling) step and after the last."""
+
+def run_memory(steps: int = 4) -> list[dict]:
+    """Peak and current RSS and step times of QLoRA (nf4:g64:dq through prepare_qlora's default
+    packed matmul, and with a float W formed per call), LoRA on the float base and full fine-tuning,
+    each in its own process: after loading the float model, after adding the adapters (QLoRA:
+    quantizing), after the first (compiling) step and after the last; step times are medians over
+    the steps after the first."""
     rows = []
-    for base in ("nf4:g64:dq", "float"):
-        done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, base, str(steps), str(DOMAIN)],
+    for base, method, impl in MEMORY_RUNS:
+        done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, base, method, impl, str(steps), str(DOMAIN)],
                               cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"memory probe for {base} failed ({done.returncode})")
+            raise SystemExit(f"memory probe for {base} {method} {impl} failed ({done.returncode})")
         info = json.loads(done.stdout.strip().splitlines()[-1])
-        row = {"base": base, "frozen_mb": round(info["frozen_mb"], 1)}
+        row = {"base": base, "method": method, "impl": impl, "frozen_mb": round(info["frozen_mb"], 1),
+               "step_s": round(info["step_s_median"], 2), "step_cpu_s": round(info["step_cpu_s_median"], 2)}
         for phase, values in info["phases"].items():
             row[f"{phase}_rss_mb"], row[f"{phase}_peak_mb"] = values["rss_mb"], values["peak_mb"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     _write("memory", rows, append=True)
+    return rows
+
+
+STEP_TEMP_PROBE = """
+import json, sys
+from lowbit.kernels.dispatch import schedule_cpu_for_memory
+schedule_cpu_for_memory()  # as the lowbit CLI does
+import jax
+from flax import nnx
+from lowbit.models.llama import Llama, LlamaConfig
+import functools
+import lowbit.train.finetune as finetune
+from lowbit.nn.lora import prepare_qlora
+from lowbit.train.finetune import FinetuneConfig, FineTuner, _finetune_step, load_source_model
+from lowbit.train.loop import optimizer_key
+
+model_name, base, method, data, impl = sys.argv[1:6]
+if model_name == "small":  # d_model 512, 4 blocks: 52 MB of f32 block linears
+    model = Llama(LlamaConfig(vocab_size=49152, d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=64,
+                              ffn_dim=1408, max_seq_len=512), rngs=nnx.Rngs(0))
+else:
+    model = load_source_model(model_name)
+lora = {"base": base, "method": method}
+if impl == "dequant":  # the packed base forms each float W per call (prepare_qlora's former default)
+    finetune.prepare_qlora = functools.partial(prepare_qlora, runtime="dequant")
+elif impl != "default":  # the packed base through packed_matmul with this impl
+    finetune.prepare_qlora = functools.partial(prepare_qlora, impl=impl)
+config = FinetuneConfig.from_dict({"data": {"corpus": data}, "lora": lora,
+                                   "train": {"steps": 2, "batch_size": 4, "seq_len": 64, "warmup_steps": 1,
+                                             "eval_windows": 4}})
+tuner = FineTuner(config, model=model, resume=False)
+del model
+args = (tuner.graphdef, optimizer_key(tuner.config.train), tuner._trained, tuner.params, tuner.counts, tuner.rest,
+        tuner.opt_state, tuner._put(tuner._batch(0)), jax.numpy.float32(1e-3))
+stats = _finetune_step.lower(*args).compile().memory_analysis()
+print(json.dumps({"model": model_name, "base": base, "method": method, "impl": impl,
+                  "temp_mb": stats.temp_size_in_bytes / 1e6, "argument_mb": stats.argument_size_in_bytes / 1e6,
+                  "output_mb": stats.output_size_in_bytes / 1e6, "frozen_mb": tuner.memory_bytes()["frozen"] / 1e6}))
+"""
+
+
+def run_step_temp(model_name: str, impls: list[str]) -> list[dict]:
+    """XLA's own accounting of the compiled fine-tuning step (compile only, no step runs): temporary
+    bytes of QLoRA (nf4:g64:dq; impls: "default" = prepare_qlora's, "dequant" = a float W formed per
+    call, or a packed_matmul impl), LoRA on the float base and full fine-tuning, each compiled in its
+    own process."""
+    runs = [("nf4:g64:dq", "lora", impl) for impl in impls] + [("float", "lora", "default"),
+                                                               ("float", "full", "default")]
+    rows = []
+    for base, method, impl in runs:
+        done = subprocess.run([sys.executable, "-c", STEP_TEMP_PROBE, model_name, base, method, str(DOMAIN), impl],
+                              cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"step-temp probe for {base} {method} {impl} failed ({done.returncode})")
+        rows.append({k: round(v, 1) if isinstance(v, float) else v
+                     for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()})
+        print(json.dumps(rows[-1]), flush=True)
+    _write("step_temp", rows, append=True)
     return rows
 
 
@@ -249,12 +323,14 @@ def _write(name: str, rows: list[dict], append: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", nargs="?", default="all", choices=("formats", "formats-trained", "domain", "finetune", "memory", "all"))
+    parser.add_argument("part", nargs="?", default="all", choices=("formats", "formats-trained", "domain", "finetune", "memory", "step-temp", "all"))
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="fine-tunes to run")
     parser.add_argument("--parallel", action="store_true", help="run the fine-tunes at the same time")
     parser.add_argument("--trained-config", default=str(ROOT / "experiments/qat/float_smollm2_vocab.toml"),
                         help="formats-trained: the training config of the float model")
-    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory probe")
+    parser.add_argument("--memory-steps", type=int, default=4, help="steps of each memory probe")
+    parser.add_argument("--model", default="small", help="step-temp: 'small' (a 4-block Llama) or a model name")
+    parser.add_argument("--impls", nargs="*", default=["default"], help="step-temp: QLoRA base impls to compile")
     args = parser.parse_args()
     if args.part in ("formats", "all"):
         _print_rows(run_formats())
@@ -264,6 +340,8 @@ def main() -> None:
         run_domain()
     if args.part in ("finetune", "all"):
         _print_rows(run_finetune(args.runs, args.parallel))
+    if args.part == "step-temp":
+        _print_rows(run_step_temp(args.model, args.impls))
     if args.part in ("memory", "all"):
         _print_rows(run_memory(args.memory_steps))
 

@@ -161,8 +161,9 @@ bool float_kind(ffi::DataType type, FloatKind* kind) {
 
 // ---------------------------------------------------------------------------------------------
 // Packed low-bit weights (lowbit.core.packing): data uint8 [rows, N], K-row k of column n in byte
-// row k / F at bit offset (k % F) * bits, F = 8 / bits codes per byte. A code u means the integer
-// q = multiplier * u + offset and the weight q * scale[g, n] + zero[g, n] for the group g = k / group_size:
+// row k / F at bit offset (k % F) * bits, F = 8 / bits codes per byte. A code u means the value
+// q = levels[u] (for integer formats levels[u] = multiplier * u + offset; for the nf4/fp4 code books
+// the book's level) and the weight q * scale[g, n] + zero[g, n] for the group g = k / group_size:
 //   y[m, n] = sum_g scale[g, n] * sum_{k in g} x[m, k] q[k, n] + zero[g, n] * sum_{k in g} x[m, k].
 // Signed q (not u) meets x, so no large sums cancel (as s * (sum x u) + offset * s * sum x would).
 
@@ -172,7 +173,8 @@ struct PackedProblem {
   const uint8_t* data; // [rows, N]
   FloatTable scale, zero;
   bool has_zero;
-  float multiplier, offset;
+  float offset;        // levels[0]: with unit steps (integer formats) q = u + offset
+  const float* levels; // [1 << bits] value of each code
   int64_t m, n, kp, groups, group_size;
   float* y;            // [M, N]
 };
@@ -195,9 +197,7 @@ void packed_columns_scalar(const PackedProblem& p, int64_t n0, int64_t n1) {
         const float* xg = xrow + g * p.group_size;
         for (int64_t r = 0; r < rows_per_group; ++r) {
           unsigned byte = w[r * p.n];
-          for (int f = 0; f < F; ++f) {
-            dot += xg[r * F + f] * (p.multiplier * static_cast<float>((byte >> (f * BITS)) & mask) + p.offset);
-          }
+          for (int f = 0; f < F; ++f) dot += xg[r * F + f] * p.levels[(byte >> (f * BITS)) & mask];
         }
         total += p.scale.at(g * p.n + n) * dot;
         if (p.has_zero) total += p.zero.at(g * p.n + n) * p.xsum[m * p.groups + g];
@@ -225,19 +225,25 @@ LOWBIT_AVX2 inline __m256 load8(const FloatTable& table, int64_t index) {
 // Rows [m0, m0 + MT) times the strips [s0, s1), W adjacent strips (16 * W columns, W * 16 bytes of
 // each packed row) per pass: 2 * W * MT independent accumulators. Groups outer, so the bytes of one
 // group for all strips stay in L1/L2 while the row tile walks across them.
-template <int BITS, int MT, int W>
+template <int BITS, bool LUT, int MT, int W>
 LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0, int64_t s1) {
   constexpr int F = 8 / BITS;
   const __m128i mask = _mm_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const int64_t rows_per_group = p.group_size / F;
-  // code -> q as a float: 4-bit codes are offset as integers; 1- and 2-bit codes index a table.
+  // code -> q as a float: 4-bit integer codes are offset as integers; 4-bit code books take levels
+  // 0-7 or 8-15 by two table permutes and a blend on bit 3; 1- and 2-bit codes index one table.
   const __m256i offset = _mm256_set1_epi32(static_cast<int32_t>(p.offset));
-  alignas(32) float values[8];
-  for (int i = 0; i < 8; ++i) values[i] = p.multiplier * static_cast<float>(i) + p.offset;
+  alignas(32) float values[16] = {};
+  for (int i = 0; i < (1 << BITS); ++i) values[i] = p.levels[i];
   const __m256 table = _mm256_load_ps(values);
+  const __m256 table_high = _mm256_load_ps(values + 8);
   auto to_q = [&](__m128i u) LOWBIT_AVX2 {
     const __m256i wide = _mm256_cvtepu8_epi32(u);
-    if constexpr (BITS == 4) return _mm256_cvtepi32_ps(_mm256_add_epi32(wide, offset));
+    if constexpr (BITS == 4 && !LUT) return _mm256_cvtepi32_ps(_mm256_add_epi32(wide, offset));
+    if constexpr (BITS == 4 && LUT) {
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(table, wide), _mm256_permutevar8x32_ps(table_high, wide),
+                              _mm256_castsi256_ps(_mm256_slli_epi32(wide, 28)));
+    }
     return _mm256_permutevar8x32_ps(table, wide);
   };
   for (int64_t g = 0; g < p.groups; ++g) {
@@ -287,27 +293,35 @@ LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0
 }
 
 // One row tile over strips [s0, s1): W-strip passes, then single strips for the rest.
-template <int BITS, int MT, int W>
+template <int BITS, bool LUT, int MT, int W>
 LOWBIT_AVX2 void packed_rows_avx2(const PackedProblem& p, int64_t m0, int64_t s0, int64_t s1) {
   const int64_t wide_end = s0 + (s1 - s0) / W * W;
-  if (wide_end > s0) packed_tile_avx2<BITS, MT, W>(p, m0, s0, wide_end);
+  if (wide_end > s0) packed_tile_avx2<BITS, LUT, MT, W>(p, m0, s0, wide_end);
   if constexpr (W > 1) {
-    if (wide_end < s1) packed_tile_avx2<BITS, MT, 1>(p, m0, wide_end, s1);
+    if (wide_end < s1) packed_tile_avx2<BITS, LUT, MT, 1>(p, m0, wide_end, s1);
   }
 }
 
-template <int BITS>
+template <int BITS, bool LUT>
 LOWBIT_AVX2 void packed_strips_avx2(const PackedProblem& p, int64_t s0, int64_t s1) {
   int64_t m0 = 0;
-  for (; m0 + kRowTile <= p.m; m0 += kRowTile) packed_rows_avx2<BITS, kRowTile, 1>(p, m0, s0, s1);
+  for (; m0 + kRowTile <= p.m; m0 += kRowTile) packed_rows_avx2<BITS, LUT, kRowTile, 1>(p, m0, s0, s1);
   switch (p.m - m0) {  // fewer rows: wider passes keep 8 or more accumulators busy
-    case 3: packed_rows_avx2<BITS, 3, 1>(p, m0, s0, s1); break;
-    case 2: packed_rows_avx2<BITS, 2, 2>(p, m0, s0, s1); break;
-    case 1: packed_rows_avx2<BITS, 1, 4>(p, m0, s0, s1); break;
+    case 3: packed_rows_avx2<BITS, LUT, 3, 1>(p, m0, s0, s1); break;
+    case 2: packed_rows_avx2<BITS, LUT, 2, 2>(p, m0, s0, s1); break;
+    case 1: packed_rows_avx2<BITS, LUT, 1, 4>(p, m0, s0, s1); break;
     default: break;
   }
 }
 #endif
+
+// Whether the levels are levels[0] + u (integer formats): then 4-bit codes need no table.
+bool unit_steps(const float* levels, int bits) {
+  for (int i = 1; i < (1 << bits); ++i) {
+    if (levels[i] != levels[0] + static_cast<float>(i)) return false;
+  }
+  return true;
+}
 
 // Splits the columns over tasks: 16-column strips for the AVX2 code (the last N % 16 columns go
 // to the scalar code in one more task), single columns for the scalar code.
@@ -336,24 +350,33 @@ void split_columns(ffi::ThreadPool& pool, int64_t n, int64_t weight_bytes, const
 
 template <int BITS>
 void packed_matmul_run(ffi::ThreadPool& pool, const PackedProblem& p) {
+  const bool lut = BITS == 4 && !unit_steps(p.levels, BITS);
   split_columns(
       pool, p.n, p.groups * p.group_size / (8 / BITS) * p.n,
       [&](int64_t s0, int64_t s1) {
 #ifdef LOWBIT_X86
-        packed_strips_avx2<BITS>(p, s0, s1);
+        if (lut) {
+          packed_strips_avx2<BITS, true>(p, s0, s1);
+        } else {
+          packed_strips_avx2<BITS, false>(p, s0, s1);
+        }
 #endif
       },
       [&](int64_t n0, int64_t n1) { packed_columns_scalar<BITS>(p, n0, n1); });
 }
 
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data,
-                            ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::ResultBuffer<ffi::F32> y,
+                            ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> levels,
+                            ffi::ResultBuffer<ffi::F32> y,
                             int64_t bits, int64_t multiplier, int64_t offset, int64_t group_size,
                             int64_t has_zero) {
   auto xd = x.dimensions();
   auto wd = data.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return invalid("packed_matmul: x and data must be 2-D");
   if (bits != 1 && bits != 2 && bits != 4) return invalid("packed_matmul: bits must be 1, 2 or 4");
+  if (static_cast<int64_t>(levels.element_count()) != (int64_t{1} << bits)) {
+    return invalid("packed_matmul: levels must hold 2**bits values");
+  }
   const int64_t fields = 8 / bits;
   const int64_t m = xd[0], k = xd[1], rows = wd[0], n = wd[1];
   if (rows * fields < k || rows * fields - k >= fields || group_size <= 0 || group_size % fields ||
@@ -389,8 +412,8 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   p.scale.data = scale.untyped_data();
   p.zero.data = zero.untyped_data();
   p.has_zero = has_zero != 0;
-  p.multiplier = static_cast<float>(multiplier);
-  p.offset = static_cast<float>(offset);
+  p.levels = levels.typed_data();
+  p.offset = p.levels[0];
   p.m = m;
   p.n = n;
   p.kp = kp;
@@ -407,20 +430,22 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 
 // ---------------------------------------------------------------------------------------------
 // The transposed product of a packed weight, for the gradient w.r.t. the activations:
-//   xbar[m, k] = sum_n g[m, n] W[k, n] = sum_n (g[m, n] scale[G, n]) q[k, n] + sum_n g[m, n] zero[G, n]
-// for k in group G. Per group: the products gs = g * scale and the zero term, then one pass over each
-// packed row's bytes serves all its F K-rows; tasks take ranges of packed rows. Lanes of kLanes
-// independent sums let the compiler vectorize (the AVX2 instance gets 8-wide FMAs) without
-// reassociating a single sum.
+//   xbar[m, k] = sum_n g[m, n] W[k, n],  W[k, n] = levels[u[k, n]] scale[G, n] + zero[G, n] (k in group G).
+// Tasks take ranges of packed rows; each dequantizes kTileRows K-rows at a time into a small f32 tile
+// (kTileRows x N floats, in L1/L2; never the whole matrix), then every row of g meets the tile:
+// kTileRows dot products over N with kLanes independent sums each, which the compiler vectorizes
+// (8-wide FMAs in the AVX2 instance) without reassociating a single sum. The decoding is paid once
+// per tile, not once per row of g.
 
 constexpr int kLanes = 8;
+constexpr int kTileRows = 8;
 
 struct TransposedProblem {
   const float* g;      // [M, N] cotangent of y
   const uint8_t* data; // [rows, N]
   FloatTable scale, zero;
   bool has_zero;
-  float multiplier, offset;
+  const float* levels; // [1 << bits] value of each code
   int64_t m, n, k, groups, group_size;
   float* xbar;         // [M, K]
 };
@@ -429,52 +454,45 @@ template <int BITS>
 inline __attribute__((always_inline)) void transposed_rows_body(const TransposedProblem& p, int64_t r0,
                                                                 int64_t r1) {
   constexpr int F = 8 / BITS;
+  constexpr int RB = kTileRows / F > 0 ? kTileRows / F : 1;  // packed rows per tile
+  constexpr int KT = RB * F;                                  // K-rows per tile
   constexpr unsigned mask = (1u << BITS) - 1u;
   const int64_t rows_per_group = p.group_size / F;
-  std::vector<float> gs(static_cast<size_t>(p.m * p.n));
-  std::vector<float> gz(static_cast<size_t>(p.m));
-  int64_t current = -1;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t grp = r / rows_per_group;
-    if (grp != current) {
-      current = grp;
-      for (int64_t m = 0; m < p.m; ++m) {
-        const float* grow = p.g + m * p.n;
-        float zsum = 0.0f;
-        for (int64_t n = 0; n < p.n; ++n) {
-          gs[m * p.n + n] = grow[n] * p.scale.at(grp * p.n + n);
-          if (p.has_zero) zsum += grow[n] * p.zero.at(grp * p.n + n);
-        }
-        gz[m] = zsum;
+  std::vector<float> tile(static_cast<size_t>(KT * p.n));
+  for (int64_t rb = r0; rb < r1; rb += RB) {
+    const int64_t k0 = rb * F;
+    const int64_t kt = std::min<int64_t>({KT, (r1 - rb) * F, p.k - k0});
+    if (kt <= 0) break;
+    for (int64_t j = 0; j < kt; ++j) {  // dequantize K-rows k0 .. k0 + kt of W
+      const int64_t r = rb + j / F;
+      const int shift = static_cast<int>(j % F) * BITS;
+      const int64_t grp = r / rows_per_group;
+      const uint8_t* w = p.data + r * p.n;
+      float* out = tile.data() + j * p.n;
+      for (int64_t n = 0; n < p.n; ++n) {
+        float value = p.levels[(w[n] >> shift) & mask] * p.scale.at(grp * p.n + n);
+        if (p.has_zero) value += p.zero.at(grp * p.n + n);
+        out[n] = value;
       }
     }
-    {
-      const uint8_t* w = p.data + r * p.n;
-      for (int64_t m = 0; m < p.m; ++m) {
-        const float* gsr = gs.data() + m * p.n;
-        float acc[F][kLanes] = {};
-        int64_t n = 0;
-        for (; n + kLanes <= p.n; n += kLanes) {
-          for (int f = 0; f < F; ++f) {
-            for (int l = 0; l < kLanes; ++l) {
-              const float q = p.multiplier * static_cast<float>((w[n + l] >> (f * BITS)) & mask) + p.offset;
-              acc[f][l] += gsr[n + l] * q;
-            }
-          }
+    for (int64_t m = 0; m < p.m; ++m) {
+      const float* grow = p.g + m * p.n;
+      float acc[KT][kLanes] = {};
+      int64_t n = 0;
+      for (; n + kLanes <= p.n; n += kLanes) {
+        for (int j = 0; j < KT; ++j) {
+          const float* wt = tile.data() + j * p.n + n;
+          for (int l = 0; l < kLanes; ++l) acc[j][l] += grow[n + l] * wt[l];
         }
-        float tail[F] = {};
-        for (; n < p.n; ++n) {
-          for (int f = 0; f < F; ++f) {
-            tail[f] += gsr[n] * (p.multiplier * static_cast<float>((w[n] >> (f * BITS)) & mask) + p.offset);
-          }
-        }
-        for (int f = 0; f < F; ++f) {
-          const int64_t k = r * F + f;
-          if (k >= p.k) break;
-          float total = tail[f];
-          for (int l = 0; l < kLanes; ++l) total += acc[f][l];
-          p.xbar[m * p.k + k] = total + gz[m];
-        }
+      }
+      float tail[KT] = {};
+      for (; n < p.n; ++n) {
+        for (int j = 0; j < KT; ++j) tail[j] += grow[n] * tile[j * p.n + n];
+      }
+      for (int64_t j = 0; j < kt; ++j) {
+        float total = tail[j];
+        for (int l = 0; l < kLanes; ++l) total += acc[j][l];
+        p.xbar[m * p.k + k0 + j] = total;
       }
     }
   }
@@ -494,10 +512,13 @@ LOWBIT_AVX2 void transposed_rows_avx2(const TransposedProblem& p, int64_t r0, in
 
 template <int BITS>
 void transposed_run(ffi::ThreadPool& pool, const TransposedProblem& p) {
-  const int64_t rows = p.groups * p.group_size / (8 / BITS);
-  const int64_t tasks = task_count(pool, rows * p.n, rows);
-  parallel_for(pool, tasks, [&](int64_t t) {
-    const int64_t r0 = rows * t / tasks, r1 = rows * (t + 1) / tasks;
+  constexpr int F = 8 / BITS;
+  constexpr int RB = kTileRows / F > 0 ? kTileRows / F : 1;
+  const int64_t rows = p.groups * p.group_size / F;
+  const int64_t tiles = (rows + RB - 1) / RB;
+  const int64_t tasks = task_count(pool, rows * p.n, tiles);
+  parallel_for(pool, tasks, [&](int64_t t) {  // whole tiles per task
+    const int64_t r0 = tiles * t / tasks * RB, r1 = std::min(rows, tiles * (t + 1) / tasks * RB);
 #ifdef LOWBIT_X86
     if (has_avx2()) {
       transposed_rows_avx2<BITS>(p, r0, r1);
@@ -509,7 +530,8 @@ void transposed_run(ffi::ThreadPool& pool, const TransposedProblem& p) {
 }
 
 ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> data,
-                                      ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::ResultBuffer<ffi::F32> xbar,
+                                      ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> levels,
+                                      ffi::ResultBuffer<ffi::F32> xbar,
                                       int64_t bits, int64_t multiplier, int64_t offset, int64_t group_size,
                                       int64_t has_zero) {
   auto gd = g.dimensions();
@@ -517,6 +539,9 @@ ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   auto xd = xbar->dimensions();
   if (gd.size() != 2 || wd.size() != 2 || xd.size() != 2) return invalid("packed_matmul_transposed: 2-D arrays expected");
   if (bits != 1 && bits != 2 && bits != 4) return invalid("packed_matmul_transposed: bits must be 1, 2 or 4");
+  if (static_cast<int64_t>(levels.element_count()) != (int64_t{1} << bits)) {
+    return invalid("packed_matmul_transposed: levels must hold 2**bits values");
+  }
   const int64_t fields = 8 / bits;
   const int64_t m = gd[0], n = gd[1], rows = wd[0], k = xd[1];
   if (wd[1] != n || xd[0] != m) return invalid("packed_matmul_transposed: g [M, N], data [rows, N], xbar [M, K]");
@@ -539,8 +564,7 @@ ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   p.scale.data = scale.untyped_data();
   p.zero.data = zero.untyped_data();
   p.has_zero = has_zero != 0;
-  p.multiplier = static_cast<float>(multiplier);
-  p.offset = static_cast<float>(offset);
+  p.levels = levels.typed_data();
   p.m = m;
   p.n = n;
   p.k = k;
@@ -1009,6 +1033,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmul, PackedMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("multiplier")
@@ -1023,6 +1048,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmulTransposed, PackedMatmulTranspos
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("multiplier")

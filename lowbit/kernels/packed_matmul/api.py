@@ -9,7 +9,7 @@ from lowbit.core.packing import PackedArray
 from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
 from lowbit.kernels.packed_matmul.native import native_supports, packed_matmul_native
 from lowbit.kernels.packed_matmul.pallas import PackedMatmulConfig, packed_matmul_pallas, plan_tiles, select_config
-from lowbit.kernels.packed_matmul.reference import packed_matmul_reference, weight_format
+from lowbit.kernels.packed_matmul.reference import float_scales, packed_matmul_reference, weight_format
 
 _reference_jit = jax.jit(packed_matmul_reference)
 _native_jit = jax.jit(packed_matmul_native, static_argnames=("fmt",))
@@ -29,11 +29,13 @@ def packed_matmul(
 
     x: [..., K] float32/bfloat16/float16 activations. w: PackedArray of a [K, N] weight packed
     along K (`pack(quantize(w, spec))`): int4 or int2 (symmetric or asymmetric) with group,
-    channel or tensor scales, ternary packed with `ternary="int2"`, or binary. Returns [..., N].
+    channel or tensor scales, nf4/fp4 code books (scales double-quantized or not), ternary packed
+    with `ternary="int2"`, or binary. Returns [..., N]. Differentiable in x on every path; with
+    impl "native" the gradient dy @ W.T also runs on the packed bytes (no float W is formed).
     impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built for up to NATIVE_MAX_ROWS
-    rows of x, else XLA), "pallas",
-    "native" or "xla"; "auto" falls back to XLA for layouts a kernel cannot take. interpret: run the Pallas kernel
-    in interpret mode (None: only when there is no GPU). config: tile sizes (None: by regime).
+    rows of x, else XLA), "pallas", "native" (any number of rows) or "xla"; "auto" falls back to
+    XLA for layouts a kernel cannot take (Pallas: code books). interpret: run the Pallas kernel in
+    interpret mode (None: only when there is no GPU). config: tile sizes (None: by regime).
     """
     fmt = weight_format(w)
     k, n = w.shape
@@ -45,6 +47,7 @@ def packed_matmul(
         raise ValueError(f"x must be float32, bfloat16 or float16, got dtype {x.dtype}")
     if config is not None and not isinstance(config, PackedMatmulConfig):
         raise ValueError(f"config must be a PackedMatmulConfig or None, got {type(config).__name__}")
+    w = float_scales(w)
     requested = impl
     impl, interpret = resolve_impl(impl, interpret, has_native=True)
     lead = x.shape[:-1]

@@ -31,6 +31,7 @@ def _stat(table, groups: int, n: int):
 
 
 def _attributes(fmt: WeightFormat, group_size: int) -> dict:
+    """FFI attributes (the kernels also take the code values, `WeightFormat.code_values()`, as an input)."""
     return dict(bits=np.int64(fmt.bits), multiplier=np.int64(fmt.code_multiplier),
                 offset=np.int64(fmt.code_offset), group_size=np.int64(group_size),
                 has_zero=np.int64(fmt.asymmetric))
@@ -41,7 +42,7 @@ def _product(x, data, scale, zero, fmt: WeightFormat, group_size: int):
     """x: f32 [M, K] times the packed [K, N] weight (data, scale and zero as the kernel reads them)."""
     call = jax.ffi.ffi_call("lowbit_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], data.shape[1]), jnp.float32),
                             vmap_method="sequential")
-    return call(x, data, scale, zero, **_attributes(fmt, group_size))
+    return call(x, data, scale, zero, jnp.asarray(fmt.code_values()), **_attributes(fmt, group_size))
 
 
 def _product_forward(x, data, scale, zero, fmt, group_size):
@@ -54,7 +55,8 @@ def _product_backward(fmt, group_size, residuals, g):
     x_shape, data, scale, zero = residuals
     call = jax.ffi.ffi_call("lowbit_packed_matmul_transposed", jax.ShapeDtypeStruct(x_shape, jnp.float32),
                             vmap_method="sequential")
-    x_bar = call(g.astype(jnp.float32), data, scale, zero, **_attributes(fmt, group_size))
+    x_bar = call(g.astype(jnp.float32), data, scale, zero, jnp.asarray(fmt.code_values()),
+                 **_attributes(fmt, group_size))
     return x_bar, None, None, None
 
 

@@ -85,6 +85,8 @@ def plan_tiles(m: int, k: int, n: int, fmt: WeightFormat, config: PackedMatmulCo
     K = 576 takes 64), so the packed weight and its scales are passed as they are; only other
     shapes pay for a padded copy.
     """
+    if fmt.levels is not None:
+        raise ValueError("w: code-book formats (nf4/fp4) are not supported by the Pallas kernel (use impl='xla')")
     fields = fmt.fields
     min_k = 16 * fields  # Triton dots need >= 16 packed rows
     block_k = max(config.block_k, min_k)

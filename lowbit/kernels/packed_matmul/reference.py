@@ -6,12 +6,14 @@ Also holds what the kernel shares with it: the format checks and the strided spl
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowbit.core.packing import PackedArray
-from lowbit.core.quantize import QArray
+from lowbit.core.quantize import QArray, codebook
 
 # packed format -> bits per code
 _FORMAT_BITS = {"int4": 4, "int2": 2, "bits1": 1}
@@ -22,8 +24,9 @@ class WeightFormat:
     """What the matmul needs to know about a packed [K, N] weight (hashable, static under jit).
 
     A stored unsigned code u in a field of `bits` bits means the integer
-    `code_multiplier * u + code_offset`; the weight is that integer times its group's scale,
-    plus the group's zero when `asymmetric`. `group_size` is None for one scale per column.
+    `code_multiplier * u + code_offset`, or `levels[u]` for a code book (nf4/fp4); the weight is
+    that value times its group's scale, plus the group's zero when `asymmetric`. `group_size` is
+    None for one scale per column.
     """
 
     bits: int
@@ -31,11 +34,18 @@ class WeightFormat:
     code_offset: int
     asymmetric: bool
     group_size: int | None
+    levels: tuple[float, ...] | None = None
 
     @property
     def fields(self) -> int:
         """Codes per byte (2, 4 or 8)."""
         return 8 // self.bits
+
+    def code_values(self) -> np.ndarray:
+        """float32 [2**bits]: the value each stored code u stands for (before its scale)."""
+        if self.levels is not None:
+            return np.asarray(self.levels, np.float32)
+        return (self.code_multiplier * np.arange(1 << self.bits) + self.code_offset).astype(np.float32)
 
 
 def _nearest_divisors(n: int, g: int) -> tuple[int | None, int | None]:
@@ -65,18 +75,19 @@ def weight_format(w) -> WeightFormat:
             "for 8-bit weights use int8_matmul"
         )
     bits = _FORMAT_BITS[w.format]
+    levels = None
     if spec.kind == "int" and spec.bits == bits:
         multiplier, offset = 1, (spec.qmin if spec.symmetric else 0)
+    elif spec.kind in ("nf4", "fp4") and bits == 4:
+        multiplier, offset, levels = 1, 0, tuple(float(v) for v in codebook(spec))
     elif spec.kind == "ternary" and bits == 2:
         multiplier, offset = 1, -1
     elif spec.kind == "binary" and bits == 1:
         multiplier, offset = 2, -1
     else:
-        raise ValueError(f"w: spec '{spec}' in packed format {w.format!r} is not supported (e.g. nf4/fp4 code books)")
+        raise ValueError(f"w: spec '{spec}' in packed format {w.format!r} is not supported")
     if spec.granularity == "token":
         raise ValueError(f"w: spec '{spec}' has token granularity; weights need group, channel or tensor scales")
-    if isinstance(w.scale, QArray):
-        raise ValueError("w: double-quantized scales are not supported")
     k, n = w.shape
     group_size = None
     if spec.granularity == "group":
@@ -89,13 +100,26 @@ def weight_format(w) -> WeightFormat:
             )
     groups = k // group_size if group_size else 1
     expected = [(groups, n)] if group_size else [(1, n), (1, 1)]
-    if tuple(w.scale.shape) not in expected:
+    scale_shape = tuple(w.scale.shape)
+    if isinstance(w.scale, QArray):  # double quantization: the flattened [groups, N] scales, quantized
+        scale_shape = expected[0] if w.scale.size == expected[0][0] * expected[0][1] else scale_shape
+    if scale_shape not in expected:
         raise ValueError(f"w: scale has shape {tuple(w.scale.shape)}, expected {expected[0]} for spec '{spec}'")
     if (w.zero is not None) != (not spec.symmetric):
         raise ValueError(f"w: zero must be present exactly for asymmetric specs (spec '{spec}')")
     if w.zero is not None and tuple(w.zero.shape) != tuple(w.scale.shape):
         raise ValueError(f"w: zero has shape {tuple(w.zero.shape)}, expected the scale's {tuple(w.scale.shape)}")
-    return WeightFormat(bits, multiplier, offset, not spec.symmetric, group_size)
+    return WeightFormat(bits, multiplier, offset, not spec.symmetric, group_size, levels)
+
+
+def float_scales(w: PackedArray) -> PackedArray:
+    """w with double-quantized scales dequantized to a float32 [groups, N] table (small: one value
+    per group), so that every kernel reads plain scales; other weights unchanged."""
+    if not isinstance(w.scale, QArray):
+        return w
+    groups = w.scale.size // w.shape[1]
+    scale = w.scale.dequantize(jnp.float32).reshape(groups, w.shape[1])
+    return PackedArray(w.data, scale, w.zero, w.spec, w.axis, w.shape, w.format)
 
 
 def split_fields(x, fields: int, rows: int):
@@ -117,6 +141,10 @@ def unpack_field(packed, field: int, bits: int):
 
 def dequantize_codes(u, fmt: WeightFormat, scale, zero):
     """Unsigned codes (any int dtype) -> float32 weights, with scale/zero broadcast to u."""
+    if fmt.levels is not None:
+        value = jnp.asarray(fmt.code_values())[u.astype(jnp.int32)]
+        out = value * scale
+        return out if zero is None else out + zero
     value = u.astype(jnp.float32)
     if fmt.code_multiplier != 1:
         value = value * fmt.code_multiplier
@@ -138,15 +166,77 @@ def _field_stats(stat, fmt: WeightFormat, field: int, rows: int):
     return stat[group]
 
 
-def packed_matmul_reference(x, w: PackedArray):
-    """x: [M, K] float; w: packed [K, N] -> y = x @ dequant(W): [M, N] in x's dtype (f32 math)."""
-    fmt = weight_format(w)
-    rows = w.data.shape[0]
-    xf = split_fields(x.astype(jnp.float32), fmt.fields, rows)
-    y = jnp.zeros((x.shape[0], w.shape[1]), jnp.float32)
+# Bytes of float weight one step of the gradient's loop dequantizes (a tile of packed rows).
+GRADIENT_TILE_BYTES = 1 << 18
+
+
+def _product(x, data, scale, zero, fmt: WeightFormat):
+    """f32 [M, K] @ dequant(W) by fields: each field's [rows, N] weights are formed, then contracted."""
+    rows = data.shape[0]
+    xf = split_fields(x, fmt.fields, rows)
+    y = jnp.zeros((x.shape[0], data.shape[1]), jnp.float32)
     for f in range(fmt.fields):
-        scale = _field_stats(w.scale, fmt, f, rows)
-        zero = None if w.zero is None else _field_stats(w.zero, fmt, f, rows)
-        wf = dequantize_codes(unpack_field(w.data, f, fmt.bits), fmt, scale, zero)
+        stat_zero = None if zero is None else _field_stats(zero, fmt, f, rows)
+        wf = dequantize_codes(unpack_field(data, f, fmt.bits), fmt, _field_stats(scale, fmt, f, rows), stat_zero)
         y = y + jnp.dot(xf[f], wf, precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
+    return y
+
+
+def _tile_stats(stat, fmt: WeightFormat, field: int, first_row, rows: int):
+    """The scale (or zero) of K-rows field, field + F, ... of packed rows [first_row, first_row + rows)."""
+    stat = stat.astype(jnp.float32)
+    if fmt.group_size is None:
+        return stat
+    k_index = (first_row + jnp.arange(rows)) * fmt.fields + field
+    return stat[jnp.minimum(k_index // fmt.group_size, stat.shape[0] - 1)]
+
+
+def _transposed_tiled(g, data, scale, zero, fmt: WeightFormat, k: int):
+    """g [M, N] @ dequant(W).T -> [M, K], one tile of packed rows dequantized per loop step, so
+    that no float [K, N] matrix is formed (lax.map runs the tiles one after another)."""
+    rows, n = data.shape
+    tile = max(1, min(rows, GRADIENT_TILE_BYTES // (4 * n * fmt.fields)))
+    tiles = -(-rows // tile)
+    padded = jnp.pad(data, ((0, tiles * tile - rows), (0, 0)))
+
+    def one_tile(t):
+        first = t * tile
+        codes = jax.lax.dynamic_slice_in_dim(padded, first, tile, 0)
+        parts = []
+        for f in range(fmt.fields):
+            stat_zero = None if zero is None else _tile_stats(zero, fmt, f, first, tile)
+            wf = dequantize_codes(unpack_field(codes, f, fmt.bits), fmt, _tile_stats(scale, fmt, f, first, tile),
+                                  stat_zero)
+            parts.append(jnp.dot(g, wf.T, precision=jax.lax.Precision.HIGHEST))  # [M, tile]
+        return jnp.stack(parts, axis=-1).reshape(g.shape[0], tile * fmt.fields)
+
+    out = jax.lax.map(one_tile, jnp.arange(tiles))  # [tiles, M, tile * F]
+    return jnp.transpose(out, (1, 0, 2)).reshape(g.shape[0], tiles * tile * fmt.fields)[:, :k]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _frozen_product(x, data, scale, zero, fmt: WeightFormat):
+    return _product(x, data, scale, zero, fmt)
+
+
+def _frozen_product_forward(x, data, scale, zero, fmt):
+    return _product(x, data, scale, zero, fmt), (x.shape[1], data, scale, zero)
+
+
+def _frozen_product_backward(fmt, residuals, g):
+    """x-bar = g @ W.T tile by tile; the packed weight is frozen (no cotangent for its scales)."""
+    k, data, scale, zero = residuals
+    return _transposed_tiled(g, data, scale, zero, fmt, k), None, None, None
+
+
+_frozen_product.defvjp(_frozen_product_forward, _frozen_product_backward)
+
+
+def packed_matmul_reference(x, w: PackedArray):
+    """x: [M, K] float; w: packed [K, N] -> y = x @ dequant(W): [M, N] in x's dtype (f32 math).
+
+    Differentiable in x only (the packed weight is frozen): the gradient dequantizes W again one
+    tile of rows at a time, so a training step keeps no float W alive for its backward pass."""
+    fmt = weight_format(w)
+    w = float_scales(w)
+    return _frozen_product(x.astype(jnp.float32), w.data, w.scale, w.zero, fmt).astype(x.dtype)
