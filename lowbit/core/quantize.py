@@ -364,6 +364,8 @@ def _quantize_super_blocks(x, xg, clip, spec: QuantSpec, axis: int) -> QArray:
     """int with super-blocks (llama.cpp's k-quants): the float group scales (and mins, offsets
     clamped to <= 0) become 6-bit codes times a per-super-block scale; then the weight codes
     are rounded on that final grid."""
+    clip = jnp.asarray(clip, jnp.float32)
+    clip = clip[..., 0] if clip.ndim else clip  # per-group ratios: [..., groups, 1] -> [..., groups]
     if spec.symmetric:
         scale_f = jnp.abs(xg).max(-1) * clip / spec.qmax
     else:
