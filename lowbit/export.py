@@ -201,7 +201,7 @@ def _exact_blocks(qarray, conversion: str, config: dict, permute: bool,
     codes = to_gguf_layout(np.asarray(qarray.codes), conversion, config, permute)
     codes = codes.astype(np.int16)
     scale = to_gguf(qarray.scale_values())
-    zero = None if qarray.zero is None else to_gguf(jnp.asarray(qarray.zero, jnp.float32))
+    zero = None if qarray.zero is None else to_gguf(qarray.zero_values())
     block = block_size(qtype)
     scale = _block_constant(scale, block)
     zero = None if zero is None else _block_constant(zero, block)

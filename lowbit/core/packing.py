@@ -8,18 +8,20 @@ Layouts (element i of the packed axis; all little-endian within a byte):
   3/5/6/7-bit: bit planes, plane p = 1-bit packing of bit p of every code, planes concatenated
   8-bit: the bytes themselves (int8 / fp8 bit patterns)
 A length that is not a multiple of the elements per byte is padded with code 0 and the
-logical length is kept, so every round trip is exact.
+logical length is kept, so every round trip is exact. The 6-bit group-scale codes of a
+super-block spec are packed as bit planes of the flattened scale array (PackedSubScales).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from lowbit.core.quantize import FP8_DTYPES, QArray
-from lowbit.core.spec import QuantSpec
+from lowbit.core.quantize import FP8_DTYPES, QArray, stat_shape
+from lowbit.core.spec import SUB_SCALE_BITS, QuantSpec
 
 FORMATS = ("int4", "int2", "bits1", "base3", "planes", "bytes")
 
@@ -146,6 +148,39 @@ def _from_unsigned(u, spec: QuantSpec):
 
 
 @jax.tree_util.register_pytree_node_class
+class PackedSubScales:
+    """The group scales (or mins) of a super-block spec as stored: their 6-bit codes bit-packed
+    (planes of the flattened [.., groups, ..] array) and the scale_dtype super-scales.
+    `unpack()` gives back the QArray of QArray.scale / QArray.zero."""
+
+    def __init__(self, data, super_scale, spec: QuantSpec, axis: int, logical_shape: tuple):
+        self.data, self.super_scale = data, super_scale
+        self.spec, self.axis, self.logical_shape = spec, axis, tuple(logical_shape)
+
+    def tree_flatten(self):
+        return (self.data, self.super_scale), (self.spec, self.axis, self.logical_shape)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.data) + _nbytes(self.super_scale)
+
+    def unpack(self) -> QArray:
+        codes = unpack_planes(self.data, SUB_SCALE_BITS, math.prod(self.logical_shape))
+        return QArray(codes.reshape(self.logical_shape), self.super_scale, None, self.spec,
+                      self.axis)
+
+
+def pack_sub_scales(q: QArray) -> PackedSubScales:
+    """Packs a super-block spec's scale (or zero) QArray: 6 bits per group."""
+    data = pack_planes(q.codes.reshape(-1).astype(jnp.uint8), SUB_SCALE_BITS)
+    return PackedSubScales(data, q.scale, q.spec, q.axis, q.codes.shape)
+
+
+@jax.tree_util.register_pytree_node_class
 class PackedArray:
     """Packed codes (uint8, packed along `axis`) plus the QArray's scales: exact storage.
 
@@ -182,6 +217,17 @@ class PackedArray:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / self.size
 
+    def expand_scales(self) -> "PackedArray":
+        """The same codes with plain f32 group scales and offsets (a super-block spec's 6-bit
+        codes times their super-scales; the spec loses its ssN): what packed_matmul runs."""
+        if self.spec.super_block is None:
+            return self
+        scale, zero = self.scale.unpack().dequantize(), None
+        if self.zero is not None:
+            zero = self.zero.unpack().dequantize()
+        spec = dataclasses.replace(self.spec, super_block=None, scale_dtype="f32")
+        return PackedArray(self.data, scale, zero, spec, self.axis, self.shape, self.format)
+
     def unpack(self) -> QArray:
         n = self.shape[self.axis] if self.shape else 1
         p = jnp.moveaxis(self.data, self.axis, -1) if self.shape else self.data.reshape(1)
@@ -198,7 +244,11 @@ class PackedArray:
         else:
             u = p
         u = jnp.moveaxis(u, -1, self.axis).reshape(self.shape)
-        return QArray(_from_unsigned(u, self.spec), self.scale, self.zero, self.spec, self.axis)
+        scale, zero = self.scale, self.zero
+        if self.spec.super_block is not None:
+            scale = scale.unpack()
+            zero = None if zero is None else zero.unpack()
+        return QArray(_from_unsigned(u, self.spec), scale, zero, self.spec, self.axis)
 
     def dequantize(self, dtype=jnp.float32):
         return self.unpack().dequantize(dtype)
@@ -209,7 +259,40 @@ def _nbytes(part) -> int:
         return 0
     if isinstance(part, QArray):
         return sum(_nbytes(x) for x in (part.codes, part.scale, part.zero))
+    if isinstance(part, PackedSubScales):
+        return part.nbytes
     return part.size * part.dtype.itemsize
+
+
+def storage_bits(spec: QuantSpec, shape, axis: int = 0, ternary: str = TERNARY_DEFAULT) -> int:
+    """Exact bits `pack(quantize(x, spec, axis))` stores for an array of `shape` (codes,
+    scales, offsets), by formula. With super-blocks: b bits per weight, 6 bits per group scale
+    (and min), one scale_dtype super-scale (and super-min) per super-block, each 6-bit plane
+    padded to whole bytes: int4:g32:ss256:asym (Q4_K) is 4 + 12/32 + 32/256 = 4.5 bits per
+    weight, int4:g32:ss256 4.25, int3:g32:ss256 3.25, where int4:g32 (f16 scales) is 4.5."""
+    shape = tuple(int(d) for d in shape)
+    axis = axis % len(shape) if shape else 0
+    n = shape[axis] if shape else 1
+    rest = math.prod(shape) // n
+    fmt = packed_format(spec, ternary)
+    per_byte = {"int4": 2, "int2": 4, "bits1": 8, "base3": 5}.get(fmt)
+    if per_byte is not None:
+        code_bytes = rest * -(-n // per_byte)
+    elif fmt == "planes":
+        code_bytes = rest * spec.bits * -(-n // 8)
+    else:
+        code_bytes = rest * n
+    stats = math.prod(stat_shape(shape, spec, axis))
+    offsets = 0 if spec.symmetric else 1
+    if spec.super_block is not None:
+        groups = stats // rest
+        supers = rest * -(-groups // spec.groups_per_super_block)
+        per_stat = SUB_SCALE_BITS * 8 * -(-stats // 8) + spec.scale_bits * supers
+        return 8 * code_bytes + (1 + offsets) * per_stat
+    if spec.double_quant:
+        raise ValueError("storage_bits does not cover double-quantized scales (dq); use "
+                         "8 * pack(q).nbytes")
+    return 8 * code_bytes + (1 + offsets) * spec.scale_bits * stats
 
 
 def pack(q: QArray, ternary: str = TERNARY_DEFAULT) -> PackedArray:
@@ -231,4 +314,8 @@ def pack(q: QArray, ternary: str = TERNARY_DEFAULT) -> PackedArray:
     else:
         p = u
     p = jnp.moveaxis(p, -1, q.axis) if q.codes.ndim else p
-    return PackedArray(p, q.scale, q.zero, q.spec, q.axis, q.shape, fmt)
+    scale, zero = q.scale, q.zero
+    if q.spec.super_block is not None:
+        scale = pack_sub_scales(scale)
+        zero = None if zero is None else pack_sub_scales(zero)
+    return PackedArray(p, scale, zero, q.spec, q.axis, q.shape, fmt)

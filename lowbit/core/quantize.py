@@ -47,7 +47,10 @@ class QArray:
     value of each code times the scale), where `scale` and `zero` have the logical shape with
     `axis` shrunk to the number of groups (all axes 1 for tensor granularity). `zero` is the
     real value of code 0 (the group minimum for asymmetric min-max), None when symmetric.
-    With double quantization `scale` is itself a QArray over the flattened scales.
+    With double quantization `scale` is itself a QArray over the flattened scales. With super
+    blocks (spec.super_block) `scale` and `zero` are QArrays in the scale shape: 6-bit codes
+    grouped along `axis` by spec.sub_scale_spec(), times one super-scale per super-block (the
+    zero's super-scale is minus the super-min, so codes times it give offsets <= 0).
     """
 
     def __init__(self, codes, scale, zero, spec: QuantSpec, axis: int):
@@ -76,10 +79,17 @@ class QArray:
         return f"QArray(shape={self.shape}, spec='{self.spec}', axis={self.axis})"
 
     def scale_values(self) -> jax.Array:
-        """The scales as float32 (undoing double quantization), in the stored scale shape."""
+        """The scales as float32 (undoing double quantization or super-blocks), in the stored
+        scale shape."""
         if isinstance(self.scale, QArray):
             return self.scale.dequantize().reshape(_stat_shape(self.shape, self.spec, self.axis))
         return self.scale.astype(jnp.float32)
+
+    def zero_values(self) -> jax.Array | None:
+        """The offsets as float32 (undoing super-blocks) in the scale shape; None if symmetric."""
+        if isinstance(self.zero, QArray):
+            return self.zero.dequantize()
+        return None if self.zero is None else self.zero.astype(jnp.float32)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return _dequantize(self, jnp.dtype(dtype))
@@ -96,7 +106,7 @@ def _dequantize(q: QArray, dtype) -> jax.Array:
         values = q.codes.astype(jnp.float32)
     out = values * scale
     if q.zero is not None:
-        out = out + expand_groups(q.zero.astype(jnp.float32), spec, q.axis, n)
+        out = out + expand_groups(q.zero_values(), spec, q.axis, n)
     return out.astype(dtype)
 
 
@@ -239,7 +249,8 @@ def _check_stored_statistics(q: QArray) -> None:
     if isinstance(q.codes, jax.core.Tracer):
         return
     scale = q.scale.scale if isinstance(q.scale, QArray) else q.scale
-    for name, values in (("scales", scale), ("offsets", q.zero)):
+    zero = q.zero.scale if isinstance(q.zero, QArray) else q.zero
+    for name, values in (("scales", scale), ("offsets", zero)):
         if values is not None and not np.isfinite(np.asarray(values, np.float32)).all():
             wider = dataclasses.replace(q.spec, scale_dtype="f32")
             raise ValueError(f"the {name} of spec '{q.spec}' overflow their {q.spec.scale_dtype} "
@@ -296,6 +307,8 @@ def _quantize(x, spec: QuantSpec, axis: int, ratio=None) -> QArray:
     count = mask.sum(-1, keepdims=True)
     zero = None
 
+    if spec.super_block is not None:
+        return _quantize_super_blocks(x, xg, clip, spec, axis)
     if spec.kind == "int" and not spec.symmetric:
         lo = xg.min(-1, keepdims=True) * clip
         hi = xg.max(-1, keepdims=True) * clip
@@ -345,6 +358,50 @@ def _quantize(x, spec: QuantSpec, axis: int, ratio=None) -> QArray:
     else:
         scale_out = scale_out.astype(sdt)
     return QArray(codes, scale_out, zero, spec, axis)
+
+
+def _quantize_super_blocks(x, xg, clip, spec: QuantSpec, axis: int) -> QArray:
+    """int with super-blocks (llama.cpp's k-quants): the float group scales (and mins, offsets
+    clamped to <= 0) become 6-bit codes times a per-super-block scale; then the weight codes
+    are rounded on that final grid."""
+    clip = jnp.asarray(clip, jnp.float32)
+    clip = clip[..., 0] if clip.ndim else clip  # per-group ratios: [..., groups, 1] -> [..., groups]
+    if spec.symmetric:
+        scale_f = jnp.abs(xg).max(-1) * clip / spec.qmax
+    else:
+        lo = jnp.minimum(xg.min(-1) * clip, 0.0)
+        scale_f = (xg.max(-1) * clip - lo) / spec.qmax
+    scale_grid, scale_q = _sub_scales(scale_f, spec, axis)
+    if spec.symmetric:
+        codes = jnp.clip(jnp.round(xg / _safe(scale_grid[..., None])), -spec.qmax, spec.qmax)
+        codes, zero_q = codes.astype(jnp.int8), None
+    else:
+        min_grid, zero_q = _sub_scales(-lo, spec, axis, negate=True)
+        codes = jnp.round((xg + min_grid[..., None]) / _safe(scale_grid[..., None]))
+        codes = jnp.clip(codes, 0, spec.qmax).astype(jnp.uint8)
+    return QArray(_ungroup(codes, x.shape, spec, axis), scale_q, zero_q, spec, axis)
+
+
+def _sub_scales(values, spec: QuantSpec, axis: int, negate: bool = False):
+    """Non-negative per-group values [..., groups] -> (their values on the 6-bit grid, the
+    QArray of codes and super-scales in the scale shape); negate stores minus the super-scale
+    (offsets = codes x it <= 0)."""
+    inner = spec.sub_scale_spec()
+    per = inner.group_size
+    groups = values.shape[-1]
+    supers = -(-groups // per)
+    padded = jnp.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, supers * per - groups)],
+                     mode="edge")  # copies of the last group's value leave each maximum as is
+    blocks = padded.reshape(*values.shape[:-1], supers, per)
+    sdt = SCALE_JNP_DTYPES[spec.scale_dtype]
+    super_scale = (blocks.max(-1, keepdims=True) / inner.qmax).astype(sdt).astype(jnp.float32)
+    codes = jnp.clip(jnp.round(blocks / _safe(super_scale)), 0, inner.qmax)
+    grid = (codes * super_scale).reshape(*values.shape[:-1], -1)[..., :groups]
+    codes = codes.astype(jnp.uint8).reshape(*values.shape[:-1], -1)[..., :groups]
+    stored = -super_scale[..., 0] if negate else super_scale[..., 0]
+    q = QArray(jnp.moveaxis(codes, -1, axis), jnp.moveaxis(stored, -1, axis).astype(sdt), None,
+               inner, axis)
+    return grid, q
 
 
 def _double_quantize(scale) -> QArray:

@@ -1,7 +1,8 @@
 """QuantSpec: what a quantizer does, as a frozen hashable value with a short string form.
 
-The string form (for CLIs and configs) is `KIND[:GRANULARITY][:asym][:SCALE_DTYPE][:clipR][:dq][:twn]`,
-e.g. `int4:g128:asym`, `int8:channel`, `int8:token`, `ternary`, `binary:channel`, `nf4:g64:dq`.
+The string form (for CLIs and configs) is
+`KIND[:GRANULARITY][:ssN][:asym][:SCALE_DTYPE][:clipR][:dq][:twn]`, e.g. `int4:g128:asym`,
+`int8:channel`, `int8:token`, `ternary`, `binary:channel`, `nf4:g64:dq`, `int4:g32:ss256:asym`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ TERNARY_METHODS = ("absmean", "twn")
 
 # Code width in bits for every kind but int (whose width is chosen).
 _FIXED_BITS = {"binary": 1, "ternary": 2, "nf4": 4, "fp4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8}
+SUB_SCALE_BITS = 6  # width of the quantized group scales (and mins) of a super-block spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,11 @@ class QuantSpec:
     clip: ratio in (0, 1] applied to the range before computing the scale (None = 1).
     double_quant: NF4/FP4 only: scales quantized to 8 bits in blocks of 256 (QLoRA).
     ternary_method: absmean (BitNet b1.58) or twn (threshold 0.7 mean|w|).
+    super_block: int group specs only (llama.cpp's k-quants): every `super_block` weights along
+      the reduction axis share one super-scale (and, asymmetric, one super-min) in scale_dtype,
+      and each group's scale (and min) is stored as a 6-bit code times it; asymmetric groups
+      then keep 0 inside their range (offset = min(group min, 0), as Q4_K). A multiple of
+      group_size, at least twice it; a partial last super-block gets its own super-scale.
     """
 
     kind: str = "int"
@@ -42,6 +49,7 @@ class QuantSpec:
     clip: float | None = None
     double_quant: bool = False
     ternary_method: str = "absmean"
+    super_block: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -72,6 +80,19 @@ class QuantSpec:
             raise ValueError(f"ternary_method must be one of {TERNARY_METHODS}, got {self.ternary_method!r}")
         if self.ternary_method != "absmean" and self.kind != "ternary":
             raise ValueError("ternary_method only applies to kind 'ternary'")
+        if self.super_block is not None:
+            self._check_super_block()
+
+    def _check_super_block(self) -> None:
+        if self.kind != "int" or self.granularity != "group":
+            raise ValueError(f"super_block (ssN) needs kind 'int' with group granularity (e.g. "
+                             f"'int4:g32:ss256'), got kind {self.kind!r}, granularity "
+                             f"{self.granularity!r}")
+        if isinstance(self.super_block, bool) or not isinstance(self.super_block, int) or \
+                self.super_block < 2 * self.group_size or self.super_block % self.group_size:
+            raise ValueError(f"super_block must be a multiple of group_size {self.group_size} "
+                             f"and at least twice it (e.g. ss{8 * self.group_size}), got "
+                             f"{self.super_block!r}")
 
     # ---- derived facts -------------------------------------------------------------------
     @property
@@ -92,11 +113,26 @@ class QuantSpec:
     def scale_bits(self) -> int:
         return 32 if self.scale_dtype == "f32" else 16
 
+    @property
+    def groups_per_super_block(self) -> int | None:
+        return None if self.super_block is None else self.super_block // self.group_size
+
+    def sub_scale_spec(self) -> "QuantSpec | None":
+        """How a super-block spec stores its group scales (and mins): unsigned 6-bit codes in
+        groups of groups_per_super_block along the groups axis, times a scale_dtype super-scale,
+        no offset (asym: codes 0..63). None without super-blocks."""
+        if self.super_block is None:
+            return None
+        return QuantSpec(kind="int", bits=SUB_SCALE_BITS, symmetric=False, granularity="group",
+                         group_size=self.groups_per_super_block, scale_dtype=self.scale_dtype)
+
     # ---- string form ---------------------------------------------------------------------
     def __str__(self) -> str:
         parts = [f"int{self.bits}" if self.kind == "int" else self.kind]
         if self.granularity == "group":
             parts.append(f"g{self.group_size}")
+            if self.super_block is not None:
+                parts.append(f"ss{self.super_block}")
         elif self.granularity != "tensor":
             parts.append(self.granularity)
         if not self.symmetric:
@@ -156,6 +192,9 @@ class QuantSpec:
                     fields["clip"] = float(m.group(1))
                 except ValueError:
                     raise ValueError(f"bad clip ratio {tok!r} in spec {text!r}") from None
+            elif m := re.fullmatch(r"ss(\d+)", tok):
+                field("super_block", "the super-block size", tok)
+                fields["super_block"] = int(m.group(1))
             elif tok == "dq":
                 field("double_quant", "double quantization", tok)
                 fields["double_quant"] = True
@@ -164,8 +203,8 @@ class QuantSpec:
                 fields["ternary_method"] = tok
             else:
                 raise ValueError(
-                    f"unknown token {tok!r} in spec {text!r}; expected gN, tensor, channel, token, "
-                    "asym, sym, f32, f16, bf16, clipR, dq, twn"
+                    f"unknown token {tok!r} in spec {text!r}; expected gN, ssN, tensor, channel, "
+                    "token, asym, sym, f32, f16, bf16, clipR, dq, twn"
                 )
         if fields.get("clip") == 1.0:
             fields["clip"] = None

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lowbit.core.hadamard import hadamard_factors, hadamard_transform
-from lowbit.core.packing import PackedArray, pack
-from lowbit.core.quantize import QArray
+from lowbit.core.packing import PackedArray, PackedSubScales, pack
+from lowbit.core.quantize import QArray, stat_shape
 from lowbit.core.spec import QuantSpec
 from lowbit.kernels.packed_matmul.api import packed_matmul
 from lowbit.kernels.packed_matmul.reference import weight_format
@@ -34,11 +34,12 @@ class QuantizerState(nnx.Variable):
 
 def kernel_supports(packed: PackedArray) -> bool:
     """Whether packed_matmul takes this format: int4 / int2 (sym or asym; group, channel or
-    tensor scales; a group size that divides K), ternary in 2-bit fields, binary. Everything else
+    tensor scales; a group size that divides K; super-block scales, expanded per call), ternary
+    in 2-bit fields, binary. Everything else
     (a partial last group, int3/5/6/7 bit planes, int8 bytes, nf4/fp4 code books, fp8, base-3
     ternary, double-quantized scales) is dequantized per call."""
     try:
-        weight_format(packed)
+        weight_format(packed.expand_scales())
     except ValueError:
         return False
     return True
@@ -109,12 +110,21 @@ class PackedLayer(nnx.Module):
         self.in_features, self.out_features = shape
         self.spec, self.format = packed.spec, packed.format
         self.data = PackedWeight(packed.data)
-        inner = packed.scale if isinstance(packed.scale, QArray) else None
+        inner = packed.scale if isinstance(packed.scale, (QArray, PackedSubScales)) else None
         self.scale_spec = None if inner is None else inner.spec
-        self.scale = PackedWeight(packed.scale if inner is None else inner.codes)
-        self.scale_scale = nnx.data(None if inner is None else PackedWeight(inner.scale))
-        self.scale_zero = nnx.data(None if inner is None or inner.zero is None else PackedWeight(inner.zero))
-        self.zero = nnx.data(None if packed.zero is None else PackedWeight(packed.zero))
+        if isinstance(inner, PackedSubScales):  # super-blocks: 6-bit codes, packed, and super-scales
+            self.scale = PackedWeight(inner.data)
+            self.scale_scale = nnx.data(PackedWeight(inner.super_scale))
+            self.scale_zero = nnx.data(None)
+        else:
+            self.scale = PackedWeight(packed.scale if inner is None else inner.codes)
+            self.scale_scale = nnx.data(None if inner is None else PackedWeight(inner.scale))
+            self.scale_zero = nnx.data(None if inner is None or inner.zero is None else PackedWeight(inner.zero))
+        zero = packed.zero
+        self.zero = nnx.data(None if zero is None else
+                             PackedWeight(zero.data if isinstance(zero, PackedSubScales) else zero))
+        self.zero_scale = nnx.data(PackedWeight(zero.super_scale) if isinstance(zero, PackedSubScales)
+                                   else None)
         self.act_spec, self.act_estimator = act_spec, act_estimator
         self.act_param = nnx.data(None if act_param is None else QuantizerState(jnp.asarray(act_param, jnp.float32)))
         self.input_norm, self.norm_eps = bool(input_norm), float(norm_eps)
@@ -127,13 +137,18 @@ class PackedLayer(nnx.Module):
 
     @property
     def packed(self) -> PackedArray:
+        shape = (self.in_features, self.out_features)
         scale = self.scale.get_value()
-        if self.scale_spec is not None:
-            zero = None if self.scale_zero is None else self.scale_zero.get_value()
-            scale = QArray(scale, self.scale_scale.get_value(), zero, self.scale_spec, 0)
         zero = None if self.zero is None else self.zero.get_value()
-        return PackedArray(self.data.get_value(), scale, zero, self.spec, 0,
-                           (self.in_features, self.out_features), self.format)
+        if self.spec.super_block is not None:
+            groups = stat_shape(shape, self.spec, 0)
+            scale = PackedSubScales(scale, self.scale_scale.get_value(), self.scale_spec, 0, groups)
+            if zero is not None:
+                zero = PackedSubScales(zero, self.zero_scale.get_value(), self.scale_spec, 0, groups)
+        elif self.scale_spec is not None:
+            inner_zero = None if self.scale_zero is None else self.scale_zero.get_value()
+            scale = QArray(scale, self.scale_scale.get_value(), inner_zero, self.scale_spec, 0)
+        return PackedArray(self.data.get_value(), scale, zero, self.spec, 0, shape, self.format)
 
     @property
     def nbytes(self) -> int:
@@ -187,7 +202,7 @@ class PackedLayer(nnx.Module):
         dtype = self.dtype or dtype or rows.dtype
         rows = self.prepare_rows(rows).astype(dtype)
         if self.uses_kernel:
-            y = packed_matmul(rows, self.packed, impl=self.impl)
+            y = packed_matmul(rows, self.packed.expand_scales(), impl=self.impl)
         else:
             y = jnp.matmul(rows, self.dequantized_matrix().astype(dtype))
         if self.bias is not None:
@@ -205,7 +220,7 @@ class PackedLayer(nnx.Module):
                 "input_transform": self.input_transform,
                 "dtype": _dtype_name(self.dtype), "runtime": self.runtime, "impl": self.impl}
         arrays = {"data": self.data.get_value(), "scale": self.scale.get_value()}
-        for name in ("scale_scale", "scale_zero", "zero", "bias", "act_param", "input_scale"):
+        for name in ("scale_scale", "scale_zero", "zero", "zero_scale", "bias", "act_param", "input_scale"):
             variable = getattr(self, name)
             if variable is not None:
                 arrays[name] = variable.get_value()
@@ -214,12 +229,18 @@ class PackedLayer(nnx.Module):
     @classmethod
     def from_state(cls, meta: dict, arrays: dict) -> "PackedLayer":
         contraction = contraction_from_description(meta["contraction"])
-        scale = arrays["scale"]
-        if meta["scale_spec"] is not None:
+        shape = (contraction.in_features, contraction.out_features)
+        spec = QuantSpec.parse(meta["spec"])
+        scale, zero = arrays["scale"], arrays.get("zero")
+        if spec.super_block is not None:
+            scale_spec, groups = QuantSpec.parse(meta["scale_spec"]), stat_shape(shape, spec, 0)
+            scale = PackedSubScales(scale, arrays["scale_scale"], scale_spec, 0, groups)
+            if zero is not None:
+                zero = PackedSubScales(zero, arrays["zero_scale"], scale_spec, 0, groups)
+        elif meta["scale_spec"] is not None:
             scale = QArray(scale, arrays["scale_scale"], arrays.get("scale_zero"),
                            QuantSpec.parse(meta["scale_spec"]), 0)
-        packed = PackedArray(arrays["data"], scale, arrays.get("zero"), QuantSpec.parse(meta["spec"]), 0,
-                             (contraction.in_features, contraction.out_features), meta["format"])
+        packed = PackedArray(arrays["data"], scale, zero, spec, 0, shape, meta["format"])
         dtype = None if meta["dtype"] is None else jnp.dtype(meta["dtype"])
         return cls._build(contraction, packed, act_spec=meta["act_spec"], act_estimator=meta["act_estimator"],
                           act_param=arrays.get("act_param"), input_norm=meta["input_norm"],

@@ -34,6 +34,9 @@ def check_gptq_spec(spec: QuantSpec | str) -> QuantSpec:
                          f"(spec {str(spec)!r}); use rtn for the other kinds")
     if spec.double_quant:
         raise ValueError(f"GPTQ does not support double-quantized scales (spec {str(spec)!r})")
+    if spec.super_block is not None and spec.clip is not None:
+        raise ValueError(f"GPTQ takes no clip ratio with super-block scales (spec {str(spec)!r}); "
+                         "drop clipR")
     return spec
 
 
@@ -146,31 +149,75 @@ def _round_column(w, scale, zero, spec: QuantSpec):
     return codes, book[codes.astype(jnp.int32)] * scale
 
 
-def _group_parameters(values, spec: QuantSpec):
-    """(scale, zero) as f32 [out] of one group's rows values: [rows, out] (one group)."""
-    q = quantize(values, spec, axis=0)
-    n_out = values.shape[1]
-    scale = jnp.broadcast_to(q.scale_values().reshape(-1), (n_out,))
-    if q.zero is None:
-        return scale, jnp.zeros((n_out,), jnp.float32)
-    return scale, jnp.broadcast_to(q.zero.astype(jnp.float32).reshape(-1), (n_out,))
+def _parameter_unit(spec: QuantSpec, n_in: int) -> int:
+    """Rows whose grid is fixed at once: a super-block (its group scales share a super-scale),
+    else a group (n_in for channel / tensor granularity)."""
+    return spec.super_block or group_length(spec, n_in)
+
+
+def _grid_parameters(q: QArray, n_out: int):
+    """The grid of a QArray quantized along axis 0 as f32 [groups, out] (scale, zero) plus, for
+    super-blocks, the 6-bit codes [groups, out] of scales and mins (uint8) and their super-scales
+    [super-blocks, out] (zeros otherwise)."""
+    scale = jnp.broadcast_to(q.scale_values(), (q.scale_values().shape[0], n_out))
+    zero = q.zero_values()
+    zero = jnp.zeros_like(scale) if zero is None else jnp.broadcast_to(zero, scale.shape)
+    if q.spec.super_block is None:
+        codes, supers = jnp.zeros(scale.shape, jnp.uint8), jnp.zeros((1, n_out), jnp.float32)
+        return scale, zero, codes, codes, supers, supers
+    min_codes, min_super = (jnp.zeros(scale.shape, jnp.uint8), jnp.zeros_like(q.scale.scale,
+                                                                            jnp.float32))
+    if q.zero is not None:
+        min_codes, min_super = q.zero.codes, q.zero.scale.astype(jnp.float32)
+    return (scale, zero, q.scale.codes, min_codes, q.scale.scale.astype(jnp.float32), min_super)
+
+
+def _unit_parameters(values, spec: QuantSpec):
+    """_grid_parameters of one parameter unit's rows values: [rows, out]."""
+    return _grid_parameters(quantize(values, spec, axis=0), values.shape[1])
+
+
+def _weight_qarray(codes, params, spec: QuantSpec, n_groups: int) -> QArray:
+    """The QArray of GPTQ's codes [in, out] and its grid parameters (see _grid_parameters)."""
+    scale, zero, scale_codes, min_codes, supers, min_supers = params
+    dtype = SCALE_JNP_DTYPES[spec.scale_dtype]
+    if spec.super_block is not None:
+        inner = spec.sub_scale_spec()
+        n_supers = -(-n_groups // inner.group_size)
+        scale_q = QArray(scale_codes[:n_groups], supers[:n_supers].astype(dtype), None, inner, 0)
+        zero_q = None if spec.symmetric else QArray(min_codes[:n_groups],
+                                                     min_supers[:n_supers].astype(dtype), None,
+                                                     inner, 0)
+        return QArray(codes, scale_q, zero_q, spec, 0)
+    scale, zero = scale[:n_groups], zero[:n_groups]
+    if spec.granularity == "tensor":
+        scale, zero = scale[:1, :1], zero[:1, :1]
+    return QArray(codes, scale.astype(dtype), None if spec.symmetric else zero.astype(dtype),
+                  spec, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_size", "static_groups"))
-def _gptq_columns(weight, inv_chol, order, static_scale, static_zero, *, spec: QuantSpec,
+def _gptq_columns(weight, inv_chol, order, static_params, *, spec: QuantSpec,
                   block_size: int, static_groups: bool):
     """The GPTQ column loop. weight: [in, out] in processing order (dead rows zeroed);
     inv_chol: [in, in] upper factor in processing order; order: processing position -> input
-    index; static_*: [groups, out] f32 parameters (used when static_groups).
+    index; static_params: the grid (_grid_parameters, padded to whole parameter units) used
+    when static_groups.
 
-    Returns codes and dequantized values [in, out] in processing order and the group
-    parameters [groups, out]. Lazy updates: inside a block of columns a row's current value is
+    Returns codes and dequantized values [in, out] in processing order and the grid
+    parameters. A parameter unit (a group, or a super-block: its group scales share one
+    super-scale) gets its grid when its first input is reached, from the rows as updated so
+    far; every column is then rounded on that final grid (quantized group scales included), so
+    the error pushed onward is the real one. Lazy updates: inside a block of columns a row's current value is
     its value at the block start minus the pending corrections Hinv[block, row]^T @ errors;
     after the block the corrections are applied to all rows at once.
     """
     n_in, n_out = weight.shape
     gs = group_length(spec, n_in)
+    unit = _parameter_unit(spec, n_in)
+    per_unit = max(unit // gs, 1)
     n_groups = -(-n_in // gs)
+    n_units = -(-n_in // unit)
     n_blocks = -(-n_in // block_size)
     padded = n_blocks * block_size
     extra = jnp.arange(n_in, padded)
@@ -181,49 +228,60 @@ def _gptq_columns(weight, inv_chol, order, static_scale, static_zero, *, spec: Q
 
     codes = jnp.zeros((padded, n_out), _code_dtype(spec))
     values = jnp.zeros((padded, n_out), jnp.float32)
-    seen = jnp.full((n_groups,), static_groups)
+    seen = jnp.full((n_units,), static_groups)
 
-    def group_params(g, w_start, rows_u, errors):
-        rows = g * gs + jnp.arange(gs)
-        rows = jnp.where(rows < n_in, rows, g * gs)  # a partial group repeats its first row
+    def unit_params(u, w_start, rows_u, errors):
+        # rows past the end repeat the last row: it lies in the last group, so no group's range
+        # nor any super-block maximum changes (as quantize's edge padding)
+        rows = jnp.minimum(u * unit + jnp.arange(unit), n_in - 1)
         positions = position_of[rows]
         current = w_start[positions] - rows_u[:, positions].T @ errors
-        return _group_parameters(current, spec)
+        return _unit_parameters(current, spec)
+
+    def set_unit(params, u, new):
+        starts = (u * per_unit, u)  # group rows, super-block rows
+        return tuple(jax.lax.dynamic_update_slice(p, n.astype(p.dtype), (starts[i // 4], 0))
+                     for i, (p, n) in enumerate(zip(params, new)))
 
     def block_step(b, carry):
-        w_start, codes, values, scale, zero, seen = carry
+        w_start, codes, values, params, seen = carry
         b0 = b * block_size
         rows_u = jax.lax.dynamic_slice(u_all, (b0, 0), (block_size, padded))
         errors = jnp.zeros((block_size, n_out), jnp.float32)
 
         def column_step(t, inner):
-            codes, values, scale, zero, seen, errors = inner
+            codes, values, params, seen, errors = inner
             i = b0 + t
             w = w_start[i] - rows_u[:, i] @ errors
             index = order_all[i]
             valid = index < n_in
             g = jnp.minimum(index // gs, n_groups - 1)
             if not static_groups:
-                need = valid & ~seen[g]
-                s_new, z_new = jax.lax.cond(
-                    need, lambda: group_params(g, w_start, rows_u, errors),
-                    lambda: (scale[g], zero[g]))
-                scale = scale.at[g].set(s_new)
-                zero = zero.at[g].set(z_new)
-                seen = seen.at[g].set(seen[g] | valid)
-            c, d = _round_column(w, scale[g], zero[g], spec)
+                u = g // per_unit
+                params = jax.lax.cond(
+                    valid & ~seen[u],
+                    lambda: set_unit(params, u, unit_params(u, w_start, rows_u, errors)),
+                    lambda: params)
+                seen = seen.at[u].set(seen[u] | valid)
+            c, d = _round_column(w, params[0][g], params[1][g], spec)
             err = jnp.where(valid, (w - d) / rows_u[t, i], 0.0)
             errors = errors.at[t].set(err)
-            return codes.at[i].set(c), values.at[i].set(d), scale, zero, seen, errors
+            return codes.at[i].set(c), values.at[i].set(d), params, seen, errors
 
-        codes, values, scale, zero, seen, errors = jax.lax.fori_loop(
-            0, block_size, column_step, (codes, values, scale, zero, seen, errors))
+        codes, values, params, seen, errors = jax.lax.fori_loop(
+            0, block_size, column_step, (codes, values, params, seen, errors))
         w_start = w_start - rows_u.T @ errors
-        return w_start, codes, values, scale, zero, seen
+        return w_start, codes, values, params, seen
 
-    carry = (w_all, codes, values, static_scale, static_zero, seen)
-    _, codes, values, scale, zero, _ = jax.lax.fori_loop(0, n_blocks, block_step, carry)
-    return codes[:n_in], values[:n_in], scale, zero
+    params = tuple(_pad_rows(p, (n_units * per_unit) if i < 4 else n_units)
+                   for i, p in enumerate(static_params))
+    carry = (w_all, codes, values, params, seen)
+    _, codes, values, params, _ = jax.lax.fori_loop(0, n_blocks, block_step, carry)
+    return codes[:n_in], values[:n_in], params
+
+
+def _pad_rows(p, rows: int):
+    return jnp.pad(p, ((0, rows - p.shape[0]), (0, 0)))
 
 
 def _check_options(block_size: int, act_order: bool, static_groups: bool) -> None:
@@ -268,27 +326,15 @@ def gptq_quantize_weight(weight, hessian, spec: QuantSpec | str, *, block_size: 
     w[prepared.dead] = 0.0
     n_in, n_out = w.shape
     n_groups = -(-n_in // group_length(spec, n_in))
-    if static_groups:
-        reference = quantize(jnp.asarray(w), spec, axis=0)
-        static_scale = jnp.broadcast_to(reference.scale_values(), (n_groups, n_out))
-        zero = reference.zero
-        static_zero = (jnp.zeros((n_groups, n_out), jnp.float32) if zero is None else
-                       jnp.broadcast_to(zero.astype(jnp.float32), (n_groups, n_out)))
-    else:
-        static_scale = jnp.zeros((n_groups, n_out), jnp.float32)
-        static_zero = jnp.zeros((n_groups, n_out), jnp.float32)
+    reference = quantize(jnp.asarray(w), spec, axis=0)  # the grid of static groups
+    static_params = _grid_parameters(reference, n_out)
     order = prepared.order
-    codes, _, scale, zero = _gptq_columns(
+    codes, _, params = _gptq_columns(
         jnp.asarray(w[order]), jnp.asarray(prepared.inverse_cholesky), jnp.asarray(order),
-        static_scale, static_zero, spec=spec, block_size=block_size,
-        static_groups=static_groups)
+        static_params, spec=spec, block_size=block_size, static_groups=static_groups)
     inverse_order = np.argsort(order)
     codes = codes[jnp.asarray(inverse_order)]
-    scale_dtype = SCALE_JNP_DTYPES[spec.scale_dtype]
-    if spec.granularity == "tensor":
-        scale, zero = scale[:1, :1], zero[:1, :1]
-    q = QArray(codes, scale.astype(scale_dtype),
-               None if spec.symmetric else zero.astype(scale_dtype), spec, 0)
+    q = _weight_qarray(codes, params, spec, n_groups)
     info = {"damp": prepared.damp, "dead_inputs": int(prepared.dead.sum())}
     return q, info
 

@@ -113,3 +113,38 @@ def test_leftover_budget_goes_to_options_off_the_hull():
         "kl": {"a": 1.0, "b": 0.9, "c": 0.0}}}}
     assert allocate(table, 3.2) == {"l0": "b"}
     assert allocate(table, 4.2) == {"l0": "c"}
+
+
+def test_mixed_over_gptq_with_super_block_candidates_meets_the_budget(make_tiny, calibration,
+                                                                       test_tokens):
+    from lowbit.core.packing import storage_bits
+    from lowbit.ptq.mixed import candidate_weights
+
+    model = make_tiny()
+    before = np.asarray(model(test_tokens))
+    candidates = ("int3:g16:ss64", "int4:g16:ss64:asym")
+    weights = candidate_weights(model, calibration, candidates, progress=False)
+    np.testing.assert_array_equal(np.asarray(model(test_tokens)), before)  # float again
+    paths = linear_paths(len(model.layers))
+    table = layer_sensitivity(model, calibration, candidates, tokens=32, progress=False,
+                              weights=weights, base="gptq")
+    assert table["base"] == "gptq"
+    kernel = np.asarray(module_at(model, paths[0]).kernel[...])
+    assert table["layers"][paths[0]]["bits"]["int3:g16:ss64"] == \
+        storage_bits(weights["int3:g16:ss64"][paths[0]].spec, kernel.shape)
+    # the GPTQ weights differ from RTN's: the sensitivities are those of the GPTQ weights
+    rtn_table = layer_sensitivity(model, calibration, candidates, tokens=32, progress=False)
+    assert any(table["layers"][p]["kl"] != rtn_table["layers"][p]["kl"] for p in paths)
+
+    total = sum(table["layers"][p]["weights"] for p in paths)
+    low, high = (sum(table["layers"][p]["bits"][c] for p in paths) / total for c in candidates)
+    budget = (low + high) / 2
+    result = mixed_quantize(model, calibration, budget, candidates, base="gptq", progress=False)
+    assert result.bits_per_weight <= budget
+    assert set(result.settings["spec_counts"]) == set(candidates)
+    assert result.settings["base"] == "gptq"
+    for path, spec in result.settings["allocation"].items():  # the installed GPTQ weights
+        np.testing.assert_array_equal(module_at(model, path).dequantized_matrix(),
+                                      weights[spec][path].dequantize())
+    with pytest.raises(ValueError, match="base must be one of"):
+        mixed_quantize(make_tiny(), calibration, budget, candidates, base="awq")
