@@ -195,7 +195,7 @@ def _llama_spec(model, targets, method: str):
     return specs.pop()
 
 
-ROTATABLE_METHODS = ("rtn", "gptq", "awq")  # their packed layers carry the online transform
+ROTATABLE_METHODS = ("rtn", "gptq", "awq", "blockap")  # packed layers carry the online transform
 
 
 def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: str = "packed",
