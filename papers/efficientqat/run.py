@@ -54,7 +54,8 @@ def quantize_to(out: Path, args) -> dict:
         result = quantize(model, QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=args.weights),
                           "blockap", batches, steps=args.steps, learn=args.learn, init=args.init,
                           weight_lr=args.weight_lr, scale_lr=args.scale_lr,
-                          workdir=out.with_name(out.name + "-blocks"), progress=True)
+                          workdir=out.with_name(out.name + "-blocks"), progress=True,
+                          rotate=args.rotate)
     report = result.report()
     lowbit.save(model, out, info={"method": "blockap", "settings": report["settings"],
                                   "report": report})
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--init", default="rtn")
     parser.add_argument("--weight-lr", type=float, default=3e-4)
     parser.add_argument("--scale-lr", type=float, default=3e-4)
+    parser.add_argument("--rotate", action="store_true", help="QuaRot rotation first")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -79,10 +81,10 @@ def main() -> None:
     parser.add_argument("--results", default="results/efficientqat/table.jsonl")
     args = parser.parse_args()
     start = time.perf_counter()
-    name = f"blockap-{args.weights.replace(':', '_')}-{args.learn}-{args.init}-{args.steps}"
+    name = f"blockap-{args.weights.replace(':', '_')}-{args.learn}-{args.init}-{args.steps}" + ("-rot" if args.rotate else "")
     out = Path(args.workdir) / name
     row = {"method": "blockap", "weights": args.weights, "learn": args.learn, "init": args.init,
-           "steps": args.steps, "weight_lr": args.weight_lr, "scale_lr": args.scale_lr,
+           "steps": args.steps, "rotate": args.rotate, "weight_lr": args.weight_lr, "scale_lr": args.scale_lr,
            "calibration": f"pydoc {args.calib_samples} x {args.calib_len}, batches of "
                           f"{args.batch_size}", "date": time.strftime("%Y-%m-%d"),
            "machine": "2-core x86_64 CPU, shared",
