@@ -54,7 +54,7 @@ def quantize_to(out: Path, args) -> dict:
         result = quantize(model, QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=args.weights),
                           "blockap", batches, steps=args.steps, learn=args.learn, init=args.init,
                           weight_lr=args.weight_lr, scale_lr=args.scale_lr,
-                          workdir=out.with_name(out.name + "-blocks"), progress=True,
+                          workdir=str(out.with_name(out.name + "-blocks")), progress=True,
                           rotate=args.rotate)
     report = result.report()
     lowbit.save(model, out, info={"method": "blockap", "settings": report["settings"],
