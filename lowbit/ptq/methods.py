@@ -302,7 +302,8 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
         linears, reports = act_apply(model, targets, calibration, kwargs.pop("act_bits"),
                                      kwargs.pop("act_observer"), runtime=runtime, blocks=blocks,
                                      progress=progress, **kwargs)
-    settings = {key: (repr(value) if key == "scale_groups" else value)
+    settings = {key: (repr(value) if key == "scale_groups" else
+                      str(value) if key == "workdir" and value is not None else value)
                 for key, value in settings.items()}
     if plan is not None:
         from lowbit.ptq.rotation import carry_online_transforms

@@ -38,7 +38,7 @@ def quantize_to(out: Path, args) -> dict:
     import lowbit
     from lowbit.data.corpus import calibration_tokens
     from lowbit.models.loader import load_gguf_model
-    from lowbit.models.registry import resolve_model
+    from lowbit.models.registry import resolve_model, sha256_of
     from lowbit.models.tokenizer import Tokenizer
     from lowbit.nn import QuantRule
     from lowbit.ptq.driver import LLAMA_BLOCK_LINEARS
@@ -57,8 +57,10 @@ def quantize_to(out: Path, args) -> dict:
                           workdir=str(out.with_name(out.name + "-blocks")), progress=True,
                           rotate=args.rotate)
     report = result.report()
+    source = {"model": "smollm2-135m", "path": str(Path(path).resolve()),
+              "sha256": sha256_of(path)}
     lowbit.save(model, out, info={"method": "blockap", "settings": report["settings"],
-                                  "report": report})
+                                  "source": source, "report": report})
     return {"bits_per_weight": round(report["bits_per_weight"], 4),
             "quantize_seconds": round(result.seconds, 1),
             "block_losses": [(b["initial_loss"], b["final_loss"]) for b in result.block_reports]}

@@ -154,7 +154,9 @@ def test_resume_equals_an_uninterrupted_run(make_tiny, calibration, tmp_path, mo
         return original(context, **kwargs)
 
     monkeypatch.setattr(block_ap, "reconstruct_block", second)
-    result = quantize(make_tiny(), RULE, "blockap", batches, workdir=tmp_path / "run", **FAST)
+    resumed = make_tiny()
+    result = quantize(resumed, RULE, "blockap", batches, workdir=tmp_path / "run", **FAST)
+    lowbit.save(resumed, tmp_path / "ckpt", info={"settings": result.report()["settings"]})
     assert calls == [0, 1]  # block 0 trained once, then loaded; block 1 trained on resume
     assert result.block_reports[0]["resumed"] and "resumed" not in result.block_reports[1]
     assert list(result.linears) == list(whole.linears)
