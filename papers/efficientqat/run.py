@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import shlex
+import shutil
 import sys
 import time
 import warnings
@@ -59,6 +60,7 @@ def quantize_to(out: Path, args) -> dict:
     report = result.report()
     source = {"model": "smollm2-135m", "path": str(Path(path).resolve()),
               "sha256": sha256_of(path)}
+    shutil.rmtree(out, ignore_errors=True)  # a checkpoint of an earlier run of these settings
     lowbit.save(model, out, info={"method": "blockap", "settings": report["settings"],
                                   "source": source, "report": report})
     return {"bits_per_weight": round(report["bits_per_weight"], 4),
