@@ -170,15 +170,17 @@ def test_resume_equals_an_uninterrupted_run(make_tiny, calibration, tmp_path, mo
                  **{**FAST, "steps": 41})
 
 
+@pytest.mark.slow  # about 90 s on the shared 2-core machine (compilation of the Einsum block)
 def test_foreign_transformer_blocks(tmp_path):
     """A non-Llama NNX model (Einsum / LinearGeneral attention, its own ptq_blocks)."""
-    model = TinyTransformer(layers=2, rngs=nnx.Rngs(0))
+    model = TinyTransformer(layers=1, rngs=nnx.Rngs(0))
     tokens = np.random.default_rng(1).integers(0, 64, (4, 16)).astype(np.int32)
     rules = [QuantRule(path="head", keep_float=True),
              QuantRule(path=r"blocks\.\d+\..*", weight_spec="int3:g16:asym")]
     want = model(jnp.asarray(tokens))
-    result = quantize(model, rules, "blockap", [tokens[:2], tokens[2:]], **FAST)
-    assert len(result.block_reports) == 2
+    result = quantize(model, rules, "blockap", [tokens[:2], tokens[2:]],
+                      **{**FAST, "steps": 25})
+    assert len(result.block_reports) == 1
     for report in result.block_reports:
         assert report["final_loss"] < 0.8 * report["initial_loss"]
     kernels = [p for p, _ in kernel_modules(model)]
@@ -186,7 +188,7 @@ def test_foreign_transformer_blocks(tmp_path):
     got = model(jnp.asarray(tokens))
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.5
     lowbit.save(model, tmp_path / "ckpt")
-    loaded = lowbit.load(tmp_path / "ckpt", TinyTransformer(layers=2, rngs=nnx.Rngs(0)))
+    loaded = lowbit.load(tmp_path / "ckpt", TinyTransformer(layers=1, rngs=nnx.Rngs(0)))
     np.testing.assert_allclose(np.asarray(loaded(jnp.asarray(tokens))), np.asarray(got),
                                atol=1e-4, rtol=1e-4)
 
