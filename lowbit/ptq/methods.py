@@ -127,6 +127,12 @@ _ENTRIES: dict[str, _Entry] = {
     "awq": _Entry("AWQ: activation-aware per-channel scales, then RTN", True, "int4:g64:asym",
                   True, _with_calibration("lowbit.ptq.awq.awq_quantize"),
                   "lowbit.ptq.awq.awq_quantize", "lowbit.ptq.awq.check_awq_spec"),
+    "blockap": _Entry("Block-AP: each block's weights and scales trained through the STE to "
+                      "reproduce the float block (OmniQuant LWC with learn='clip')", True,
+                      "int4:g64:asym", True,
+                      _with_calibration("lowbit.ptq.block_ap.block_ap_quantize"),
+                      "lowbit.ptq.block_ap.block_ap_quantize",
+                      "lowbit.ptq.block_ap.check_block_ap_spec"),
     "smoothquant": _Entry("SmoothQuant W8A8: activation outliers migrated into the weights",
                           True, "int8:channel", True,
                           _with_calibration("lowbit.ptq.smoothquant.smoothquant_quantize"),
@@ -189,7 +195,7 @@ def _llama_spec(model, targets, method: str):
     return specs.pop()
 
 
-ROTATABLE_METHODS = ("rtn", "gptq", "awq")  # their packed layers carry the online transform
+ROTATABLE_METHODS = ("rtn", "gptq", "awq", "blockap")  # packed layers carry the online transform
 
 
 def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: str = "packed",
@@ -273,6 +279,11 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
 
         linears, reports = awq_apply(model, targets, calibration, runtime=runtime, blocks=blocks,
                                      progress=progress, **options)
+    elif method == "blockap":
+        from lowbit.ptq.block_ap import block_ap_apply
+
+        linears, reports = block_ap_apply(model, targets, calibration, runtime=runtime,
+                                          blocks=blocks, progress=progress, **options)
     elif method == "smoothquant":
         from lowbit.ptq.smoothquant import smoothquant_apply
 
@@ -291,7 +302,8 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
         linears, reports = act_apply(model, targets, calibration, kwargs.pop("act_bits"),
                                      kwargs.pop("act_observer"), runtime=runtime, blocks=blocks,
                                      progress=progress, **kwargs)
-    settings = {key: (repr(value) if key == "scale_groups" else value)
+    settings = {key: (repr(value) if key == "scale_groups" else
+                      str(value) if key == "workdir" and value is not None else value)
                 for key, value in settings.items()}
     if plan is not None:
         from lowbit.ptq.rotation import carry_online_transforms
@@ -306,6 +318,7 @@ _ANY_MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
     "rtn": ("observer",),
     "gptq": ("act_order", "static_groups", "block_size", "damp"),
     "awq": ("grid", "clip", "clip_ratios", "search_tokens", "clip_tokens", "scale_groups"),
+    "blockap": ("steps", "learn", "init", "weight_lr", "scale_lr", "workdir"),
     "smoothquant": ("act", "alpha", "scale_groups"),
     "llm_int8": ("threshold", "max_outliers"),
     "act": ("act_bits", "act_observer", "granularity", "sample_tokens", "percentile"),
