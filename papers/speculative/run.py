@@ -8,10 +8,13 @@ import os
 import statistics
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from lowbit import checkpoint
 from lowbit.decode import SpeculativeDecoder, expected_tokens_per_call, generate, layer_draft, predicted_speedup
+from lowbit.decode.engine import prompt_bucket
+from lowbit.decode.speculative import _draft, _prefill
 
 PROMPTS = [
     "The history of the city of Paris begins",
@@ -25,6 +28,25 @@ def decode_seconds(model, ids, tokens):
     stamps = {}
     generate(model, ids, tokens, timings=stamps)
     return (stamps["end"] - stamps["first_token"]) / (tokens - 1)
+
+
+def plain_greedy(decoder, ids, tokens):
+    """The target alone, one token per jitted decode step, through the same identity-keyed steps and
+    cache as the speculative decoder (lowbit.decode.generate hashes the model's graphdef per step)."""
+    cache = decoder._cache(decoder.target, -(-(len(ids) + tokens + 1) // 128) * 128)
+    padded = np.zeros(prompt_bucket(len(ids)), np.int32)
+    padded[:len(ids)] = ids
+    warp = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    graph, params = decoder.target_graph, decoder.target_params
+    table = jnp.asarray(cache.block_tables()[0])
+    token, cache.state = _prefill(graph, params, cache.state, cache.spec, jnp.asarray(padded), jnp.int32(len(ids)),
+                                  table, warp, True)
+    out = [int(token)]
+    for position in range(len(ids), len(ids) + tokens - 1):
+        new, _, cache.state = _draft(graph, params, cache.state, cache.spec, jnp.int32(out[-1]), jnp.int32(position),
+                                     table, warp, None, 1, True)
+        out.append(int(new[0]))
+    return np.asarray(out, np.int32)
 
 
 def main():
@@ -49,6 +71,7 @@ def main():
             generate(draft, ids, args.tokens)
             for gamma in gammas:
                 SpeculativeDecoder(model, draft, gamma).generate(ids, args.tokens)
+        plain_greedy(SpeculativeDecoder(model, model, 1), ids, args.tokens)
     rows = []
     for spec, draft in drafts.items():
         ratios = []
@@ -58,7 +81,7 @@ def main():
         cost = statistics.median(ratios)
         for gamma in gammas:
             decoder = SpeculativeDecoder(model, draft, gamma)
-            speedups, base_s, spec_s = [], [], []
+            speedups, base_s, spec_s, plain_s, plain_speedups = [], [], [], [], []
             accepted = tested = calls = verified = 0
             exact = True
             for ids in prompts:
@@ -68,7 +91,11 @@ def main():
                 start = time.perf_counter()
                 out = decoder.generate(ids, args.tokens)
                 spec_time = time.perf_counter() - start
-                exact &= bool(np.array_equal(out, reference))
+                start = time.perf_counter()
+                plain = plain_greedy(decoder, ids, args.tokens)
+                plain_s.append(time.perf_counter() - start)
+                plain_speedups.append(plain_s[-1] / spec_time)
+                exact &= bool(np.array_equal(out, reference)) and bool(np.array_equal(plain, reference))
                 s = decoder.stats
                 accepted, tested = accepted + s.accepted, tested + s.tested
                 calls, verified = calls + s.target_calls, verified + s.verified_tokens
@@ -80,6 +107,8 @@ def main():
                    "tokens_per_call": round(verified / calls, 3),
                    "formula_tokens_per_call": round(expected_tokens_per_call(alpha, gamma), 3),
                    "cost_ratio_c": round(cost, 3), "speedup_median": round(statistics.median(speedups), 3),
+                   "speedup_vs_plain_loop_median": round(statistics.median(plain_speedups), 3),
+                   "plain_loop_s_median": round(statistics.median(plain_s), 3),
                    "predicted_speedup": round(predicted_speedup(alpha, gamma, cost), 3),
                    "baseline_s_median": round(statistics.median(base_s), 3),
                    "speculative_s_median": round(statistics.median(spec_s), 3),
