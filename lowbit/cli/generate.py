@@ -1,5 +1,6 @@
 """`lowbit generate`: greedy or sampled text from a prompt; with KV-cache options (--kv, --kv-policy,
---batch-file, ...) one prompt or a file of prompts served by the batched, paged generator."""
+--batch-file, ...) one prompt or a file of prompts served by the batched, paged generator; with
+--draft and --gamma, speculative decoding."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
                         help="packed (a GGUF's own blocks or a checkpoint's codes; default) or dequant (float weights)")
+    spec = parser.add_argument_group("speculative decoding")
+    spec.add_argument("--draft", default=None, metavar="SPEC|PATH|layers:N",
+                      help="draft model: layers:N (the target's first N blocks and its head, sharing its weights), "
+                           "a checkpoint directory (e.g. made by `lowbit quantize`), a GGUF path or a registered "
+                           "model name with the target's tokenizer")
+    spec.add_argument("--gamma", type=int, default=4, help="draft tokens per target pass (default 4)")
     group = parser.add_argument_group("KV cache")
     group.add_argument("--kv", default=None, metavar="LAYOUT",
                        help=f"KV cache storage: {', '.join(LAYOUT_NAMES)}; options :gN (group), :rN "
@@ -57,6 +64,16 @@ def check_generate_arguments(args) -> None:
     temperature = getattr(args, "temperature", 0.0)
     if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    gamma = getattr(args, "gamma", 4)
+    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"--gamma must be a positive integer (draft tokens per target pass), got {gamma!r}")
+    draft = getattr(args, "draft", None)
+    if draft is not None:
+        if draft.startswith("layers:") and not draft[len("layers:"):].isdigit():
+            raise ValueError(f"--draft layers:N needs a positive integer N, got {draft!r}")
+        if getattr(args, "kv_policy", None) not in (None, "full"):
+            raise ValueError(f"--draft needs the full KV policy (rejected draft tokens are rolled back), "
+                             f"got --kv-policy {args.kv_policy}")
     if not wants_kv_generation(args):
         return
     parse_layout(args.kv or "f32")
@@ -97,6 +114,9 @@ def run(args) -> None:
     start = time.perf_counter()
     model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime)
     load_s = time.perf_counter() - start
+    if getattr(args, "draft", None):
+        run_speculative(args, model, tokenizer, load_s=load_s)
+        return
     with CompileMeter() as meter:
         if wants_kv_generation(args):
             run_generate_kv(args, model, tokenizer, meter=meter, load_s=load_s)
@@ -183,4 +203,63 @@ def run_generate_kv(args, model, tokenizer, meter=None, load_s: float | None = N
               f"({s['tokens_per_s']} tokens/s incl. compile), mean batch {s['mean_batch']}, "
               f"KV utilization {s['mean_kv_utilization']:.1%}, {s['preemptions']} preemptions]",
               file=sys.stderr)
+    return info
+
+
+def load_draft(spec: str, target, tokenizer, runtime: str = "packed"):
+    """The draft of --draft: layers:N (a self-draft sharing the target's weights) or a model path or
+    name whose tokenizer encodes like the target's."""
+    from lowbit.decode.speculative import layer_draft
+
+    if spec.startswith("layers:"):
+        return layer_draft(target, int(spec[len("layers:"):]))
+    draft, draft_tokenizer = checkpoint.load_model_and_tokenizer(spec, runtime)
+    probe = "Speculative decoding: the draft must tokenize 123 words exactly like the target."
+    if (draft.config.vocab_size != target.config.vocab_size
+            or draft_tokenizer.encode(probe) != tokenizer.encode(probe)):
+        raise ValueError(f"--draft {spec}: its tokenizer differs from the target's (vocabulary "
+                         f"{draft.config.vocab_size} vs {target.config.vocab_size}); a draft needs the same tokenizer")
+    return draft
+
+
+def run_speculative(args, model, tokenizer, load_s: float | None = None) -> dict:
+    """Speculative generation of every prompt (one after another) with --draft and --gamma; prints
+    the texts (or JSON with --json) with acceptance_rate, target_calls, tokens and wall time."""
+    from lowbit.decode.speculative import SpeculativeDecoder, SpeculativeStats
+
+    check_generate_arguments(args)
+    prompts = read_prompts(args)
+    draft = load_draft(args.draft, model, tokenizer, getattr(args, "runtime", "packed"))
+    decoder = SpeculativeDecoder(model, draft, args.gamma, layout=getattr(args, "kv", None),
+                                 policy=getattr(args, "kv_policy", None),
+                                 paged=getattr(args, "batch_file", None) is not None,
+                                 page_size=getattr(args, "page_size", None))
+    total = SpeculativeStats()
+    results = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("a prompt encodes to no tokens")
+        new = decoder.generate(ids, args.max_new_tokens, temperature=float(args.temperature),
+                               seed=args.seed + i, eos_id=tokenizer.eos_id)
+        total.add(decoder.stats)
+        results.append({"prompt": prompt, "tokens": [int(t) for t in new], "text": tokenizer.decode(new),
+                        "prompt_tokens": len(ids), "acceptance_rate": round(decoder.stats.acceptance_rate, 4),
+                        "target_calls": decoder.stats.target_calls, "seconds": round(decoder.stats.seconds, 3)})
+    info = {"draft": args.draft, "gamma": args.gamma, "tokens": total.tokens,
+            "acceptance_rate": round(total.acceptance_rate, 4), "target_calls": total.target_calls,
+            "tokens_per_target_call": round(total.tokens_per_call, 3), "drafted": total.drafted,
+            "accepted": total.accepted, "seconds": round(total.seconds, 3),
+            "tokens_per_s": round(total.tokens / total.seconds, 2) if total.seconds else None,
+            "prefill_s": round(total.prefill_seconds, 3), "draft_s": round(total.draft_seconds, 3),
+            "target_s": round(total.target_seconds, 3),
+            "load_s": None if load_s is None else round(load_s, 3), "results": results}
+    if getattr(args, "json", False):
+        print(json.dumps(info))
+    else:
+        for result in results:
+            print(result["prompt"] + result["text"])
+        print(f"[{info['tokens']} tokens in {info['seconds']} s; draft {args.draft}, gamma {args.gamma}: "
+              f"acceptance {info['acceptance_rate']:.1%}, {info['target_calls']} target passes, "
+              f"{info['tokens_per_target_call']} tokens per pass]", file=sys.stderr)
     return info

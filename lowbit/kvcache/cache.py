@@ -139,6 +139,27 @@ class PagedKVCache:
             raise ValueError(f"length {length} of slot {slot} is not reserved (call reserve first)")
         self._lengths[slot] = length
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Set the sequence back to its first `length` tokens without copying (speculative decoding
+        rolls back rejected draft tokens): entries past it are never read and get overwritten, and
+        pages past it return to the pool. Needs the full policy and a layout without a residual
+        window (a bounded policy or a residual ring has already overwritten older tokens)."""
+        self._check_open(slot)
+        if not isinstance(self.policy, FullPolicy) or self.layout.has_ring:
+            raise ValueError(f"a cache with policy {self.policy} and layout {self.layout.name!r} cannot roll "
+                             "back: only the full policy without a residual window keeps every older token")
+        current = int(self._lengths[slot])
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= current:
+            raise ValueError(f"length must be an integer in [0, {current}] (the length of slot {slot}), got {length!r}")
+        self._lengths[slot] = length
+        self._release_tail(slot)
+
+    def _release_tail(self, slot: int) -> None:
+        keep = self.pages_needed(int(self._lengths[slot]))
+        for page in self._pages[slot][keep:]:
+            self.allocator.release(page)
+        del self._pages[slot][keep:]
+
     def _held(self, length: int) -> int:
         """Logical slots a sequence of `length` tokens occupies."""
         cap = self.policy.capacity
@@ -283,6 +304,9 @@ class DenseKVCache(PagedKVCache):
         self._pages[slot] = []
         self._lengths[slot] = 0
         self._open[slot] = False
+
+    def _release_tail(self, slot: int) -> None:
+        """A contiguous slot keeps its whole region."""
 
     def can_reserve(self, slot: int | None, length: int) -> bool:
         return self.num_open < self.slots if slot is None else self._held(length) <= self.table_width * self.page_size

@@ -44,3 +44,31 @@ def test_generate_kv_json_reports_the_same_rates(tiny, capsys):
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["compile_s"] > 0 and stats["prefill_tok_s"] > 0 and stats["decode_tok_s"] > 0
     assert 0 < stats["first_token_s"] <= stats["seconds"]
+
+
+def test_generate_speculative_json_matches_plain_greedy(tiny, capsys, tmp_path):
+    args = ["generate", "--prompt", "speculate on this", "--max-new-tokens", "12", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--draft", "layers:1", "--gamma", "3"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["results"][0]["tokens"] == plain["tokens"]  # greedy speculation is exact
+    assert info["tokens"] == 12 and info["gamma"] == 3 and info["draft"] == "layers:1"
+    assert 0 <= info["acceptance_rate"] <= 1 and 1 <= info["target_calls"] <= 11
+    assert info["tokens_per_target_call"] == pytest.approx((info["accepted"] + info["target_calls"])
+                                                          / info["target_calls"], abs=1e-3)
+    assert info["seconds"] > 0
+    batch = tmp_path / "prompts.txt"
+    batch.write_text("one prompt\nanother prompt here\n")
+    assert main(["generate", "--batch-file", str(batch), "--max-new-tokens", "6", "--draft", "layers:1",
+                 "--gamma", "2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [len(r["tokens"]) for r in info["results"]] == [6, 6] and info["tokens"] == 12
+
+
+@pytest.mark.parametrize("extra,message", [(["--gamma", "0"], "--gamma"), (["--draft", "layers:x"], "layers:N"),
+                                           (["--draft", "layers:1", "--kv-policy", "h2o:0.5"], "full KV policy"),
+                                           (["--draft", "layers:2"], "n_layers")])
+def test_generate_speculative_bad_options(tiny, capsys, extra, message):
+    assert main(["generate", "--prompt", "x", "--max-new-tokens", "3"] + extra) == 2
+    assert message in capsys.readouterr().err
