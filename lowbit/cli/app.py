@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
+import json
 import os
 import signal
 import sys
@@ -107,3 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return code or 0
 
+
+
+def run_json(argv: list[str]) -> dict:
+    """`lowbit ARGV --json --quiet` in this process (a script's way to run a command and read its
+    result): the JSON object it printed last; a non-zero exit is a RuntimeError naming the command."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main([*argv, "--json", "--quiet"])
+    if status:
+        raise RuntimeError(f"lowbit {' '.join(argv)} exited with status {status}")
+    return json.loads(out.getvalue().strip().splitlines()[-1])

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import time
-import weakref
 from typing import Sequence
 
 import jax
@@ -16,33 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lowbit.decode.compilation import StoredJit
 from lowbit.decode.engine import prompt_bucket
 from lowbit.decode.step import decode_forward, prefill_forward
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.layout import parse_layout
 from lowbit.kvcache.policy import FullPolicy, parse_policy
-
-
-class _Graph:
-    """A model's graphdef as a static jit argument compared by identity: hashing the graphdef itself
-    walks the whole model on every call (about 15 ms for SmolLM2-135M here)."""
-
-    __slots__ = ("graphdef", "__weakref__")
-
-    def __init__(self, graphdef):
-        self.graphdef = graphdef
-
-
-_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _split(model) -> tuple[_Graph, object]:
-    """(graph, params) of a model: the params as they are now, the graph the same object for the
-    model's lifetime so that every decoder of it shares the compiled steps."""
-    graphdef, params = nnx.split(model)
-    if model not in _SPLITS:
-        _SPLITS[model] = _Graph(graphdef)
-    return _SPLITS[model], params
 
 
 def layer_draft(model, n_layers: int):
@@ -97,9 +74,8 @@ def _choose(logits, warp, greedy: bool):
     return warp_probs(logits, *warp)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "greedy"), donate_argnames=("cache_state",))
 def _prefill(graphdef, params, cache_state, spec, tokens, real_len, table_row, warp, greedy):
-    model = nnx.merge(graphdef.graphdef, params)
+    model = nnx.merge(graphdef, params)
     logits, cache_state = prefill_forward(model, cache_state, spec, tokens, jnp.int32(0), real_len,
                                           jnp.int32(0), table_row, False)
     return _choose(logits[None], warp, greedy)[0], cache_state
@@ -114,28 +90,24 @@ def _score_rows(model, cache_state, spec, tokens, start, table_row):
     return decode_forward(model, cache_state, spec, tokens, positions, jnp.ones(n, bool), tables)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "greedy"), donate_argnames=("cache_state",))
 def _verify(graphdef, params, cache_state, spec, last, drafts, start, table_row, warp, greedy):
     """The target on [last, drafts...]: argmax [gamma+1] or probabilities [gamma+1, V]."""
-    model = nnx.merge(graphdef.graphdef, params)
+    model = nnx.merge(graphdef, params)
     tokens = jnp.concatenate([last[None], drafts])
     logits, cache_state = _score_rows(model, cache_state, spec, tokens, start, table_row)
     return _choose(logits, warp, greedy), cache_state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("cache_state",))
 def _feed(graphdef, params, cache_state, spec, tokens, start, table_row):
     """Write tokens into the cache (the draft catching up after a fully accepted round)."""
-    model = nnx.merge(graphdef.graphdef, params)
+    model = nnx.merge(graphdef, params)
     return _score_rows(model, cache_state, spec, tokens, start, table_row)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "gamma", "greedy"),
-                   donate_argnames=("cache_state",))
 def _draft(graphdef, params, cache_state, spec, first, start, table_row, warp, key, gamma, greedy):
     """gamma draft tokens after `first` (at position start), one decode step each. Returns
     (tokens [gamma], probabilities [gamma, V] or None when greedy, cache_state)."""
-    model = nnx.merge(graphdef.graphdef, params)
+    model = nnx.merge(graphdef, params)
 
     def step(carry, i):
         state, token = carry
@@ -151,6 +123,12 @@ def _draft(graphdef, params, cache_state, spec, first, start, table_row, warp, k
     (cache_state, _), (tokens, probs) = jax.lax.scan(step, (cache_state, first),
                                                      jnp.arange(gamma, dtype=jnp.int32))
     return tokens, probs, cache_state
+
+
+_prefill = StoredJit(_prefill, ("graphdef", "spec", "greedy"), ("cache_state",))
+_verify = StoredJit(_verify, ("graphdef", "spec", "greedy"), ("cache_state",))
+_feed = StoredJit(_feed, ("graphdef", "spec"), ("cache_state",))
+_draft = StoredJit(_draft, ("graphdef", "spec", "gamma", "greedy"), ("cache_state",))
 
 
 def _sample(weights: np.ndarray, rng: np.random.Generator) -> int:
@@ -242,8 +220,8 @@ class SpeculativeDecoder:
                              "int8, int4 or int2 (per token)")
         self.target, self.draft, self.gamma = target, draft, gamma
         self.layout, self.paged, self.page_size = layout, paged, page_size
-        self.target_graph, self.target_params = _split(target)
-        self.draft_graph, self.draft_params = _split(draft)
+        self.target_graph, self.target_params = nnx.split(target)
+        self.draft_graph, self.draft_params = nnx.split(draft)
         self.stats = SpeculativeStats()
         self.target_cache = self.draft_cache = None
 

@@ -14,8 +14,8 @@ from flax import nnx
 from gguf import GGMLQuantizationType
 
 from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS
-from lowbit.models.gguf.blocks import check_decodable, dequantize_ggml
-from lowbit.models.gguf.llama_names import iter_llama_weights, llama_config, llama_tensor_plan, unpermute_rope_rows
+from lowbit.models.gguf.blocks import dequantize_ggml
+from lowbit.models.gguf.llama_names import checked_llama_tensors, iter_llama_weights, llama_config, unpermute_rope_rows
 from lowbit.models.gguf.packed import GgufEmbed, GgufLinear, GgufLlama
 from lowbit.models.gguf.reader import open_gguf, require_finite
 from lowbit.models.llama import Llama, LlamaConfig
@@ -60,22 +60,11 @@ def _load_on_blocks(reader, config: LlamaConfig, dtype, param_dtype, options: di
     """The GgufLlama of a checked reader: built abstractly, then each tensor placed as it is read."""
     where = reader.data.filename
     file_config = llama_config(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    plan = llama_tensor_plan(file_config)
-    missing = [gguf_name for _, gguf_name, _, _ in plan if gguf_name not in tensors]
-    if missing:
-        raise ValueError(f"{where}: llama tensors missing: {', '.join(missing[:8])}")
-    unexpected = sorted(set(tensors) - {gguf_name for _, gguf_name, _, _ in plan})
-    if unexpected:
-        raise ValueError(f"{where}: tensors lowbit's llama does not use: {', '.join(unexpected[:8])}")
+    plan, tensors = checked_llama_tensors(reader, file_config)
     model = nnx.eval_shape(lambda: GgufLlama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    for name, gguf_name, conversion, shape in plan:
+    for name, gguf_name, conversion, _ in plan:
         tensor = tensors[gguf_name]
-        check_decodable(tensor.tensor_type, f"{where}: tensor {gguf_name!r}")
         stored = tuple(int(d) for d in reversed(tensor.shape))
-        wanted = shape if conversion == "copy" else shape[::-1]
-        if stored != wanted:
-            raise ValueError(f"{where}: tensor {gguf_name!r} has shape {stored}, expected {wanted}")
         if tensor.tensor_type in BLOCK_TYPES and len(stored) == 2:
             blocks = _file_blocks(tensor, stored, conversion, file_config, where)
             _place_blocks(model, name, blocks, tensor.tensor_type.name, dtype, options)

@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 from lowbit.core.quantize import SCALE_JNP_DTYPES, QArray, expand_groups, group_length, quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.files import atomic_path, write_text_atomic
-from lowbit.ptq.driver import (COUNT, LLAMA_BLOCK_LINEARS, XTX, BlockInputs, check_batch_size,
-                               check_calibration, run_blocks)
+from lowbit.ptq.driver import COUNT, XTX, BlockInputs, llama_block_inputs, run_blocks
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
 from lowbit.ptq.targets import check_runtime, install_packed, module_at
@@ -438,17 +437,10 @@ def block_ap_quantize(model, calibration, spec: QuantSpec | str, *, steps: int =
     """Block-AP of every block linear of a Llama model in place (see block_ap_apply, which
     serves any model). calibration: int tokens [samples, seq], batches of batch_size sequences
     (one batch per training step)."""
-    from lowbit.nn import QuantRule
-    from lowbit.ptq.targets import resolve_targets
-
     spec = check_block_ap_spec(spec)
     check_block_ap_options(steps, learn, init, weight_lr, scale_lr)
-    check_batch_size(batch_size)
-    tokens = check_calibration(calibration, model.config)
     start = time.perf_counter()
-    targets = resolve_targets(model, QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=spec),
-                              warn_unmatched=False)
-    batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+    targets, batches = llama_block_inputs(model, spec, calibration, batch_size)
     linears, reports = block_ap_apply(model, targets, batches, steps=steps, learn=learn,
                                       init=init, weight_lr=weight_lr, scale_lr=scale_lr,
                                       workdir=workdir, runtime=runtime, progress=progress)

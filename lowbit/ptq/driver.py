@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from lowbit.ptq.targets import module_at, replace_module
+from lowbit.ptq.targets import module_at, replace_module, resolve_targets
 
 # The linears of a Llama block, grouped by the input they share (a group's first member is
 # where its input is captured).
@@ -297,6 +297,17 @@ def merge_blocks(results) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         linears.update(block_linears)
         reports.append(report)
     return linears, reports
+
+
+def llama_block_inputs(model, spec, calibration: Any, batch_size: int) -> tuple[list, list[np.ndarray]]:
+    """(targets: every block linear of a Llama with weight spec `spec`, calibration token batches
+    of batch_size sequences), after checking the batch size and the tokens."""
+    from lowbit.nn import QuantRule
+
+    check_batch_size(batch_size)
+    tokens = check_calibration(calibration, model.config)
+    targets = resolve_targets(model, QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=spec), warn_unmatched=False)
+    return targets, [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
 
 
 def check_batch_size(batch_size: int) -> int:

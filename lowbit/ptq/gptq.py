@@ -15,8 +15,7 @@ import numpy as np
 
 from lowbit.core.quantize import QArray, SCALE_JNP_DTYPES, codebook, group_length, quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.ptq.driver import (COUNT, LLAMA_BLOCK_LINEARS, XTX, BlockInputs, check_batch_size,
-                               check_calibration, run_blocks)
+from lowbit.ptq.driver import COUNT, XTX, BlockInputs, llama_block_inputs, run_blocks
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
 from lowbit.ptq.targets import check_runtime, install_packed, module_at
@@ -395,17 +394,10 @@ def gptq_quantize(model, calibration, spec: QuantSpec | str, *, act_order: bool 
     f32 over all calibration tokens from the outputs of the already quantized blocks; each
     linear becomes a packed layer (see gptq_apply, which serves any model).
     """
-    from lowbit.nn import QuantRule
-    from lowbit.ptq.targets import resolve_targets
-
     spec = check_gptq_spec(spec)
     _check_options(block_size, act_order, static_groups)
-    check_batch_size(batch_size)
-    tokens = check_calibration(calibration, model.config)
     start = time.perf_counter()
-    targets = resolve_targets(model, QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=spec),
-                              warn_unmatched=False)
-    batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
+    targets, batches = llama_block_inputs(model, spec, calibration, batch_size)
     linears = gptq_apply(model, targets, batches, act_order=act_order,
                          static_groups=static_groups, block_size=block_size, damp=damp,
                          runtime=runtime, progress=progress)

@@ -9,8 +9,6 @@ Appends one JSON line per run to results/efficientqat/table.jsonl (git-ignored).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shlex
 import shutil
@@ -19,19 +17,9 @@ import time
 import warnings
 from pathlib import Path
 
+from lowbit.cli import run_json
+
 TEXTS = ("pydoc", "licenses")
-
-
-def run_cli(argv: list[str]) -> dict:
-    """`lowbit ARGV --json --quiet` in this process; its JSON object."""
-    from lowbit.cli import main as lowbit_main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = lowbit_main([*argv, "--json", "--quiet"])
-    if status:
-        raise RuntimeError(f"lowbit {shlex.join(argv)} exited with status {status}")
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def quantize_to(out: Path, args) -> dict:
@@ -99,7 +87,7 @@ def main() -> None:
     for text in TEXTS:
         argv = ["eval", "--model", str(out), "--text", text, "--ctx", "512",
                 "--windows", str(args.windows)]
-        result = run_cli(argv)
+        result = run_json(argv)
         row["eval"][text] = {"ppl": round(result["ppl"], 4), "windows": result["windows"],
                              "command": "lowbit " + shlex.join(argv)}
     row["seconds"] = round(time.perf_counter() - start, 1)

@@ -9,8 +9,6 @@ results/quarot/table.jsonl (git-ignored): method, weights, rotate, bits_per_weig
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shlex
 import shutil
@@ -18,26 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-from lowbit.cli import main as lowbit_main
+from lowbit.cli import run_json
 
 TEXTS = ("pydoc", "licenses")
-
-
-def run_cli(argv: list[str]) -> dict:
-    """Runs `lowbit ARGV --json` in this process; returns its JSON object."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = lowbit_main([*argv, "--json", "--quiet"])
-    if status:
-        raise RuntimeError(f"lowbit {shlex.join(argv)} exited with status {status}")
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def evaluate(model: str, windows: int) -> dict:
     scores = {}
     for text in TEXTS:
         argv = ["eval", "--model", model, "--text", text, "--ctx", "512", "--windows", str(windows)]
-        result = run_cli(argv)
+        result = run_json(argv)
         scores[text] = {"ppl": round(result["ppl"], 4), "split": result["split"],
                         "windows": result["windows"], "command": "lowbit " + shlex.join(argv)}
     return scores
@@ -93,7 +81,7 @@ def main() -> None:
                              "--calib-len", str(args.calib_len)]
                 if rotate == "yes":
                     argv.append("--rotate")
-                summary = run_cli(argv)
+                summary = run_json(argv)
                 row.update(bits_per_weight=summary["bits_per_weight"],
                            quantize_seconds=summary["quantize_seconds"],
                            quantize_command="lowbit " + shlex.join(argv))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lowbit.cli import main
+from lowbit.cli import main, run_json
 
 
 def test_specs_json_reports_exact_bits_and_a_sensible_snr(capsys):
@@ -13,6 +13,14 @@ def test_specs_json_reports_exact_bits_and_a_sensible_snr(capsys):
     by = {(r["data"], r["spec"]): r for r in rows}
     assert by[("gaussian", "int4:g64")]["bits_per_weight"] == 4.25
     assert by[("gaussian", "int4:g64")]["snr_db"] > by[("gaussian", "ternary")]["snr_db"] > 0
+
+
+def test_run_json_returns_the_commands_object_and_raises_on_failure(capsys):
+    result = run_json(["specs", "--spec", "int8", "--rows", "64", "--cols", "64"])
+    assert [row["spec"] for row in result["rows"]] == ["int8", "int8"]
+    assert capsys.readouterr().out == ""  # the JSON was captured, not printed
+    with pytest.raises(RuntimeError, match="lowbit specs --spec int9 exited with status 2"):
+        run_json(["specs", "--spec", "int9"])
 
 
 def test_specs_table_has_a_header_and_one_row_per_spec(capsys):

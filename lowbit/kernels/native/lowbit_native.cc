@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -365,33 +366,43 @@ void packed_matmul_run(ffi::ThreadPool& pool, const PackedProblem& p) {
       [&](int64_t n0, int64_t n1) { packed_columns_scalar<BITS>(p, n0, n1); });
 }
 
+// The checks both packed kernels make of a packed weight data [rows, N] over K inputs: bits, code
+// values, group size, and scale/zero tables of [groups, N] in a float type the kernels read.
+ffi::Error check_packed_weight(const char* kernel, const ffi::Buffer<ffi::U8>& data, const ffi::AnyBuffer& scale,
+                               const ffi::AnyBuffer& zero, const ffi::Buffer<ffi::F32>& levels, int64_t k,
+                               int64_t bits, int64_t group_size, int64_t has_zero, FloatKind* scale_kind,
+                               FloatKind* zero_kind, int64_t* groups) {
+  auto fail = [kernel](const char* what) { return invalid((std::string(kernel) + ": " + what).c_str()); };
+  if (bits != 1 && bits != 2 && bits != 4) return fail("bits must be 1, 2 or 4");
+  if (static_cast<int64_t>(levels.element_count()) != (int64_t{1} << bits)) return fail("levels must hold 2**bits values");
+  const int64_t fields = 8 / bits, rows = data.dimensions()[0], n = data.dimensions()[1];
+  if (rows * fields < k || rows * fields - k >= fields || group_size <= 0 || group_size % fields ||
+      (rows * fields) % group_size) {
+    return fail("group_size must be a positive multiple of the codes per byte dividing the rows");
+  }
+  *groups = rows * fields / group_size;
+  if (!float_kind(scale.element_type(), scale_kind) || !float_kind(zero.element_type(), zero_kind)) {
+    return fail("scale and zero must be f32, f16 or bf16");
+  }
+  if (static_cast<int64_t>(scale.element_count()) != *groups * n ||
+      (has_zero && static_cast<int64_t>(zero.element_count()) != *groups * n)) {
+    return fail("scale/zero must have shape [groups, N]");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data,
                             ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> levels,
-                            ffi::ResultBuffer<ffi::F32> y,
-                            int64_t bits, int64_t multiplier, int64_t offset, int64_t group_size,
-                            int64_t has_zero) {
+                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group_size, int64_t has_zero) {
   auto xd = x.dimensions();
   auto wd = data.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return invalid("packed_matmul: x and data must be 2-D");
-  if (bits != 1 && bits != 2 && bits != 4) return invalid("packed_matmul: bits must be 1, 2 or 4");
-  if (static_cast<int64_t>(levels.element_count()) != (int64_t{1} << bits)) {
-    return invalid("packed_matmul: levels must hold 2**bits values");
-  }
-  const int64_t fields = 8 / bits;
-  const int64_t m = xd[0], k = xd[1], rows = wd[0], n = wd[1];
-  if (rows * fields < k || rows * fields - k >= fields || group_size <= 0 || group_size % fields ||
-      (rows * fields) % group_size) {
-    return invalid("packed_matmul: group_size must be a positive multiple of the codes per byte dividing the rows");
-  }
-  const int64_t groups = rows * fields / group_size;
+  const int64_t m = xd[0], k = xd[1], n = wd[1];
   PackedProblem p{};
-  if (!float_kind(scale.element_type(), &p.scale.kind) || !float_kind(zero.element_type(), &p.zero.kind)) {
-    return invalid("packed_matmul: scale and zero must be f32, f16 or bf16");
-  }
-  if (static_cast<int64_t>(scale.element_count()) != groups * n ||
-      (has_zero && static_cast<int64_t>(zero.element_count()) != groups * n)) {
-    return invalid("packed_matmul: scale/zero must have shape [groups, N]");
-  }
+  int64_t groups = 0;
+  ffi::Error error = check_packed_weight("packed_matmul", data, scale, zero, levels, k, bits, group_size, has_zero,
+                                         &p.scale.kind, &p.zero.kind, &groups);
+  if (error.failure()) return error;
   if (m == 0 || n == 0) return ffi::Error::Success();
   const int64_t kp = groups * group_size;
   // x zero padded to whole groups, and its sums per group.
@@ -531,33 +542,18 @@ void transposed_run(ffi::ThreadPool& pool, const TransposedProblem& p) {
 
 ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> data,
                                       ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> levels,
-                                      ffi::ResultBuffer<ffi::F32> xbar,
-                                      int64_t bits, int64_t multiplier, int64_t offset, int64_t group_size,
+                                      ffi::ResultBuffer<ffi::F32> xbar, int64_t bits, int64_t group_size,
                                       int64_t has_zero) {
   auto gd = g.dimensions();
   auto wd = data.dimensions();
   auto xd = xbar->dimensions();
   if (gd.size() != 2 || wd.size() != 2 || xd.size() != 2) return invalid("packed_matmul_transposed: 2-D arrays expected");
-  if (bits != 1 && bits != 2 && bits != 4) return invalid("packed_matmul_transposed: bits must be 1, 2 or 4");
-  if (static_cast<int64_t>(levels.element_count()) != (int64_t{1} << bits)) {
-    return invalid("packed_matmul_transposed: levels must hold 2**bits values");
-  }
-  const int64_t fields = 8 / bits;
-  const int64_t m = gd[0], n = gd[1], rows = wd[0], k = xd[1];
+  const int64_t m = gd[0], n = gd[1], k = xd[1];
   if (wd[1] != n || xd[0] != m) return invalid("packed_matmul_transposed: g [M, N], data [rows, N], xbar [M, K]");
-  if (rows * fields < k || rows * fields - k >= fields || group_size <= 0 || group_size % fields ||
-      (rows * fields) % group_size) {
-    return invalid("packed_matmul_transposed: group_size must be a positive multiple of the codes per byte dividing the rows");
-  }
   TransposedProblem p{};
-  p.groups = rows * fields / group_size;
-  if (!float_kind(scale.element_type(), &p.scale.kind) || !float_kind(zero.element_type(), &p.zero.kind)) {
-    return invalid("packed_matmul_transposed: scale and zero must be f32, f16 or bf16");
-  }
-  if (static_cast<int64_t>(scale.element_count()) != p.groups * n ||
-      (has_zero && static_cast<int64_t>(zero.element_count()) != p.groups * n)) {
-    return invalid("packed_matmul_transposed: scale/zero must have shape [groups, N]");
-  }
+  ffi::Error error = check_packed_weight("packed_matmul_transposed", data, scale, zero, levels, k, bits, group_size,
+                                         has_zero, &p.scale.kind, &p.zero.kind, &p.groups);
+  if (error.failure()) return error;
   if (m == 0 || k == 0) return ffi::Error::Success();
   p.g = g.typed_data();
   p.data = data.typed_data();
@@ -1036,8 +1032,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmul, PackedMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("multiplier")
-                                  .Attr<int64_t>("offset")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("has_zero"));
 
@@ -1051,8 +1045,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmulTransposed, PackedMatmulTranspos
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("multiplier")
-                                  .Attr<int64_t>("offset")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("has_zero"));
 

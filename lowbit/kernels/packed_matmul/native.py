@@ -32,9 +32,7 @@ def _stat(table, groups: int, n: int):
 
 def _attributes(fmt: WeightFormat, group_size: int) -> dict:
     """FFI attributes (the kernels also take the code values, `WeightFormat.code_values()`, as an input)."""
-    return dict(bits=np.int64(fmt.bits), multiplier=np.int64(fmt.code_multiplier),
-                offset=np.int64(fmt.code_offset), group_size=np.int64(group_size),
-                has_zero=np.int64(fmt.asymmetric))
+    return dict(bits=np.int64(fmt.bits), group_size=np.int64(group_size), has_zero=np.int64(fmt.asymmetric))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -144,21 +144,10 @@ def to_gguf_layout(array: np.ndarray, conversion: str, config: dict,
     return array
 
 
-def iter_llama_weights(source: str | Path | GGUFReader,
-                       keep_quantized: bool = False) -> Iterator[tuple[str, object]]:
-    """Yield (lowbit name, weight) for a llama GGUF file, one tensor at a time.
-
-    Weights are float32 numpy arrays: "embed" [vocab, d]; "layers.{i}.attn_norm" /
-    "ffn_norm" [d]; "wq" [d, n_heads*head_dim]; "wk", "wv" [d, n_kv_heads*head_dim];
-    "wo" [n_heads*head_dim, d]; "w_gate", "w_up" [d, ffn]; "w_down" [ffn, d]; "final_norm"
-    [d]; "lm_head" [d, vocab] only for untied files. Q/K rows are in HF order (rotate_half
-    RoPE). With keep_quantized=True, Q4_0/Q4_1/Q8_0 tensors come as exact QArrays instead
-    (groups of 32 along the input axis: axis 0 of a linear weight, axis 1 of "embed").
-    A tensor whose values (or QArray scales and offsets) are NaN or inf is a ValueError naming it.
-    """
-    reader = as_reader(source)
+def checked_llama_tensors(reader: GGUFReader, config: dict) -> tuple[list, dict]:
+    """(llama_tensor_plan(config), {GGUF name: tensor}) after checking, before any tensor is read,
+    that the file holds exactly the plan's tensors, each of a decodable type and its plan's shape."""
     where = reader.data.filename
-    config = llama_config(reader)
     plan = llama_tensor_plan(config)
     tensors = {t.name: t for t in reader.tensors}
     missing = [gguf_name for _, gguf_name, _, _ in plan if gguf_name not in tensors]
@@ -177,6 +166,25 @@ def iter_llama_weights(source: str | Path | GGUFReader,
         wanted = shape if conversion == "copy" else shape[::-1]
         if stored != wanted:
             raise ValueError(f"{where}: tensor {gguf_name!r} has shape {stored}, expected {wanted}")
+    return plan, tensors
+
+
+def iter_llama_weights(source: str | Path | GGUFReader,
+                       keep_quantized: bool = False) -> Iterator[tuple[str, object]]:
+    """Yield (lowbit name, weight) for a llama GGUF file, one tensor at a time.
+
+    Weights are float32 numpy arrays: "embed" [vocab, d]; "layers.{i}.attn_norm" /
+    "ffn_norm" [d]; "wq" [d, n_heads*head_dim]; "wk", "wv" [d, n_kv_heads*head_dim];
+    "wo" [n_heads*head_dim, d]; "w_gate", "w_up" [d, ffn]; "w_down" [ffn, d]; "final_norm"
+    [d]; "lm_head" [d, vocab] only for untied files. Q/K rows are in HF order (rotate_half
+    RoPE). With keep_quantized=True, Q4_0/Q4_1/Q8_0 tensors come as exact QArrays instead
+    (groups of 32 along the input axis: axis 0 of a linear weight, axis 1 of "embed").
+    A tensor whose values (or QArray scales and offsets) are NaN or inf is a ValueError naming it.
+    """
+    reader = as_reader(source)
+    where = reader.data.filename
+    config = llama_config(reader)
+    plan, tensors = checked_llama_tensors(reader, config)
     for name, gguf_name, conversion, _ in plan:
         tensor = tensors[gguf_name]
         stored = tuple(int(d) for d in reversed(tensor.shape))
