@@ -21,7 +21,7 @@ from lowbit.core.quantize import quantize
 from lowbit.core.spec import QuantSpec
 from lowbit.kernels.dispatch import IMPLS
 from lowbit.kernels.native import native_available
-from lowbit.nn.contraction import Contraction, contraction_of, supported_base
+from lowbit.nn.contraction import Contraction, DotContraction, contraction_of, supported_base
 from lowbit.nn.packed_layer import PackedLayer
 from lowbit.nn.packed_linear import get_child, module_at, set_child
 
@@ -189,7 +189,8 @@ def _targets(model: nnx.Module, config: LoRAConfig) -> list[tuple[tuple, Any]]:
         name = ".".join(str(k) for k in path)
         if isinstance(node, LoRA) and config.matches(name):
             raise ValueError(f"{name} already has a LoRA adapter")
-        if (supported_base(node) is not None or isinstance(node, PackedLayer)) and config.matches(name):
+        adaptable = supported_base(node) is not None or isinstance(node, PackedLayer) or _holds_foreign_blocks(node)
+        if adaptable and config.matches(name):
             found.append((path, node))
     if not found:
         raise ValueError(f"LoRA path {config.path!r} matches no linear-like layer of the model")
@@ -226,8 +227,26 @@ def loftq_factors(matrix: jax.Array, spec: QuantSpec, rank: int, scaling: float,
     return q, a, b
 
 
+def _holds_foreign_blocks(node) -> bool:
+    """A Linear-shaped layer held in another quantized format that gives its float matrix on demand:
+    `dequantized_matrix()` -> [in_features, out_features] f32, no bias (e.g. a GGUF model's
+    GgufLinear on the file's blocks). prepare_qlora re-quantizes it without a float model in memory."""
+    return callable(getattr(node, "dequantized_matrix", None)) and hasattr(node, "in_features") \
+        and hasattr(node, "out_features")
+
+
+def _source_matrix(node) -> tuple[Contraction, jax.Array]:
+    """(contraction, f32 [K, N] matrix) of a float layer or of a layer holding foreign blocks."""
+    if _holds_foreign_blocks(node):
+        contraction = DotContraction((node.in_features,), (node.out_features,), (-1,))
+        return contraction, jnp.asarray(node.dequantized_matrix(), jnp.float32)
+    contraction = contraction_of(node)
+    return contraction, contraction.matrix(jnp.asarray(node.kernel.get_value(), jnp.float32))
+
+
 def _float_target_paths(model: nnx.Module, config: LoRAConfig) -> list[tuple]:
-    """Module paths of the float layers prepare_qlora quantizes (a packed one is a ValueError)."""
+    """Module paths of the float (or foreign-block) layers prepare_qlora quantizes (a packed one is
+    a ValueError)."""
     paths = []
     for path, node in _targets(model, config):
         if isinstance(node, PackedLayer):
@@ -249,6 +268,8 @@ def prepare_qlora(model: nnx.Module, spec: QuantSpec | str = QLORA_SPEC, config:
     """QLoRA in place: each float layer matching config.path is quantized with `spec` (default
     NF4, blocks of 64, double-quantized scales) into a frozen PackedLayer, one layer at a time (its
     float kernel is dropped as it goes), and wrapped in a LoRA adapter (init "zero", or "loftq").
+    A layer holding another quantized format (`dequantized_matrix()`, e.g. a GGUF model loaded on
+    its blocks) is dequantized one layer at a time instead, so no float model is ever formed.
     runtime / impl: the PackedLayer's (impl None: `training_impl()`; runtime "dequant" forms each
     float W per call, as a float base would hold it). Returns the adapted paths."""
     impl = training_impl() if impl is None else impl
@@ -264,14 +285,14 @@ def prepare_qlora(model: nnx.Module, spec: QuantSpec | str = QLORA_SPEC, config:
     for path in paths:
         parent = module_at(model, path[:-1])
         node = get_child(parent, path[-1])
-        contraction = contraction_of(node)
-        matrix = contraction.matrix(jnp.asarray(node.kernel.get_value(), jnp.float32))
+        contraction, matrix = _source_matrix(node)
         if config.init == "loftq":
             q, a, b = loftq_factors(matrix, spec, config.rank, config.scaling, config.loftq_iterations)
         else:
             q, a, b = quantize(matrix, spec, axis=0), None, None
         bias = None if getattr(node, "bias", None) is None else node.bias.get_value()
-        base = PackedLayer(contraction, pack(q), bias=bias, dtype=node.dtype, runtime=runtime, impl=impl)
+        base = PackedLayer(contraction, pack(q), bias=bias, dtype=getattr(node, "dtype", jnp.float32),
+                           runtime=runtime, impl=impl)
         wrapped = LoRA(base, rank=config.rank, alpha=config.alpha, dropout=config.dropout, a=a, b=b, rngs=rngs)
         set_child(parent, path[-1], wrapped)
     return [".".join(str(k) for k in path) for path in paths]

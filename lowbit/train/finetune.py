@@ -125,13 +125,39 @@ def load_finetune_config(path) -> FinetuneConfig:
     return FinetuneConfig.from_dict(read_toml(path, "config file"))
 
 
-def load_source_model(name: str) -> Llama:
-    """The float (f32) Llama of a registered model name or a GGUF path."""
+def load_source_model(name: str, *, on_blocks: bool = False) -> Llama:
+    """The Llama of a registered model name or a GGUF path: in f32, or (on_blocks, for a base that
+    QLoRA re-quantizes) with its linears on the file's own blocks and a float embedding, so that
+    prepare_qlora dequantizes one linear at a time and the f32 model never exists in memory. Both
+    compute the same weights (the f32 load dequantizes the same blocks)."""
+    from lowbit.models.gguf.packed import GgufEmbed
     from lowbit.models.loader import load_gguf_model
     from lowbit.models.registry import resolve_model
 
-    model, _ = load_gguf_model(resolve_model(name))
+    model, _ = load_gguf_model(resolve_model(name), runtime="packed" if on_blocks else "dequant")
+    if isinstance(model.embed, GgufEmbed):  # the embedding (and tied head) trains in float, as in QLoRA
+        model.embed = _float_embedding(model.embed)
     return model
+
+
+def _float_embedding(embed) -> nnx.Embed:
+    """The nnx.Embed (f32 table) of a GgufEmbed: its blocks dequantized once."""
+    from lowbit.kernels.gguf_matmul import dequantize_blocks
+
+    table = dequantize_blocks(embed.blocks[...], embed.ggml_type)
+    layer = nnx.eval_shape(lambda: nnx.Embed(embed.num_embeddings, embed.features, dtype=embed.dtype,
+                                             rngs=nnx.Rngs(0)))
+    layer.embedding.set_value(table)
+    return layer
+
+
+def _source_parameter_count(model: nnx.Module) -> int:
+    """The float model's parameter count: float parameters plus each block-held linear's in x out."""
+    from lowbit.models.gguf.packed import GgufLinear
+
+    held = sum(node.in_features * node.out_features for _, node in nnx.iter_graph(model)
+               if isinstance(node, GgufLinear))
+    return _count(nnx.state(model, nnx.Param)) + held
 
 
 def _mean_loss(model, batch):
@@ -183,14 +209,16 @@ class FineTuner(Trainer):
         super().__init__(config, **options)
 
     def _build_model(self, vocab: int, restoring: bool) -> nnx.Module:
-        model = self._source if self._source is not None else load_source_model(self.config.model.name)
+        settings = self.config.lora
+        model = self._source if self._source is not None else \
+            load_source_model(self.config.model.name, on_blocks=settings.base != FLOAT_BASE)
         self._source = None
         embed_vocab = model.embed.embedding.get_value().shape[0]
         if embed_vocab != vocab:
             raise ValueError(f"the model has {embed_vocab} token ids but data.tokenizer "
                              f"{self.config.data.tokenizer!r} has {vocab}")
-        self.source_parameters = _count(nnx.state(model, nnx.Param))
-        settings, seed = self.config.lora, self.config.train.seed
+        self.source_parameters = _source_parameter_count(model)
+        seed = self.config.train.seed
         rngs = nnx.Rngs(params=seed, dropout=seed + 1)
         if settings.method == "full":
             self.adapted = []

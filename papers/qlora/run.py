@@ -210,7 +210,7 @@ config = FinetuneConfig.from_dict({"data": {"corpus": data}, "lora": {"base": ba
                                    "train": {"steps": steps, "batch_size": 4, "seq_len": 64,
                                              "warmup_steps": 1, "eval_windows": 4}})
 phases = {}
-model = load_source_model("smollm2-135m")
+model = load_source_model("smollm2-135m", on_blocks=base != "float")  # as FineTuner loads it
 phases["loaded"] = (rss_mb(), peak_mb())
 tuner = FineTuner(config, model=model, resume=False)
 del model
@@ -227,18 +227,18 @@ print(json.dumps({"base": base, "method": method, "impl": impl, "steps": steps,
                   "phases": {k: {"rss_mb": round(a, 1), "peak_mb": round(b, 1)} for k, (a, b) in phases.items()}}))
 """
 
-MEMORY_RUNS = (("nf4:g64:dq", "lora", "default"), ("nf4:g64:dq", "lora", "dequant"), ("float", "lora", "default"),
-               ("float", "full", "default"))
+MEMORY_RUNS = {"qlora": ("nf4:g64:dq", "lora", "default"), "qlora-dequant": ("nf4:g64:dq", "lora", "dequant"),
+               "lora-float": ("float", "lora", "default"), "full-float": ("float", "full", "default")}
 
 
-def run_memory(steps: int = 4) -> list[dict]:
+def run_memory(steps: int = 4, names=tuple(MEMORY_RUNS)) -> list[dict]:
     """Peak and current RSS and step times of QLoRA (nf4:g64:dq through prepare_qlora's default
     packed matmul, and with a float W formed per call), LoRA on the float base and full fine-tuning,
-    each in its own process: after loading the float model, after adding the adapters (QLoRA:
-    quantizing), after the first (compiling) step and after the last; step times are medians over
-    the steps after the first."""
+    each in its own process: after loading the model (QLoRA: the GGUF on its blocks with a float
+    embedding), after adding the adapters (QLoRA: quantizing), after the first (compiling) step and
+    after the last; step times are medians over the steps after the first."""
     rows = []
-    for base, method, impl in MEMORY_RUNS:
+    for base, method, impl in (MEMORY_RUNS[name] for name in names):
         done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, base, method, impl, str(steps), str(DOMAIN)],
                               cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
@@ -329,6 +329,8 @@ def main() -> None:
     parser.add_argument("--trained-config", default=str(ROOT / "experiments/qat/float_smollm2_vocab.toml"),
                         help="formats-trained: the training config of the float model")
     parser.add_argument("--memory-steps", type=int, default=4, help="steps of each memory probe")
+    parser.add_argument("--memory-runs", nargs="*", default=list(MEMORY_RUNS), choices=list(MEMORY_RUNS),
+                        help="memory: the probes to run")
     parser.add_argument("--model", default="small", help="step-temp: 'small' (a 4-block Llama) or a model name")
     parser.add_argument("--impls", nargs="*", default=["default"], help="step-temp: QLoRA base impls to compile")
     args = parser.parse_args()
@@ -343,7 +345,7 @@ def main() -> None:
     if args.part == "step-temp":
         _print_rows(run_step_temp(args.model, args.impls))
     if args.part in ("memory", "all"):
-        _print_rows(run_memory(args.memory_steps))
+        _print_rows(run_memory(args.memory_steps, args.memory_runs))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,32 @@ def test_only_the_adapters_train_and_the_packed_base_stays_bit_identical():
     assert tuner.history[-1]["eval_loss"] < before - 0.1
 
 
+def test_qlora_from_a_gguf_quantizes_its_blocks_without_forming_the_float_model(tmp_path):
+    """A quantized base loads the GGUF on its blocks and dequantizes one linear at a time: the same
+    NF4 base, adapters and losses as quantizing the f32 load, with no float linear on the way."""
+    from lowbit.export import export_gguf
+    from lowbit.models.gguf.packed import GgufLinear
+    from lowbit.train.finetune import load_source_model
+
+    path = tmp_path / "tiny.gguf"
+    export_gguf(_tiny(seed=3), path, "Q4_1")
+    on_blocks = load_source_model(str(path), on_blocks=True)
+    assert isinstance(on_blocks.layers[0].mlp.w_up, GgufLinear)
+    assert isinstance(on_blocks.embed, nnx.Embed)
+    config = _config(steps=2, eval_interval=0).replace(model={"name": str(path)})
+    loaded = FineTuner(config, tokens=_tokens())
+    reference = FineTuner(config, model=load_source_model(str(path)), tokens=_tokens())
+    assert loaded.source_parameters == reference.source_parameters
+    for state in ("rest", "params"):  # NF4 codes, scales, norms, float embedding; the adapters
+        a, b = _leaves(getattr(loaded, state)), _leaves(getattr(reference, state))
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    loaded.run()
+    reference.run()
+    assert loaded.train_losses == reference.train_losses
+
+
 def test_full_and_float_lora_methods_train_what_they_say():
     full = FineTuner(_config({"method": "full", "base": "float", "dropout": 0.0}, steps=2, eval_interval=0),
                      model=_tiny(), tokens=_tokens())
@@ -114,7 +140,7 @@ def test_finetune_config_rejects_unknown_keys_and_contradictions():
 
 
 def test_cli_finetunes_saves_adapters_and_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(finetune_module, "load_source_model", lambda name: _tiny())  # no GGUF for a tiny model
+    monkeypatch.setattr(finetune_module, "load_source_model", lambda name, **_: _tiny())  # no GGUF for a tiny model
     data = tmp_path / "domain.txt"
     data.write_text(TEXT)
     config = tmp_path / "run.toml"
