@@ -36,6 +36,7 @@ def _dotted(path) -> str:
 
 
 def _layer_classes() -> dict[str, type]:
+    import lowbit.nn.gguf_layers  # noqa: F401  (registers GgufEmbed, a block-quantized embedding)
     import lowbit.ptq.layers  # noqa: F401  (registers W8A8Linear and LLMInt8Linear)
     from lowbit.nn.packed_layer import LAYER_CLASSES
 
@@ -262,7 +263,8 @@ def load(directory: str | Path, model: nnx.Module | None = None, *,
     runtime: "packed" (the packed layers as saved, running packed matmuls) or "dequant" (each
       packed weight dequantized once into a float layer of the model's original type: the
       fake-quant float execution of the same codes, for research and as a reference; needs
-      the original layers, so W8A8 / LLM.int8() layers stay as they are).
+      the original layers, so W8A8 / LLM.int8() layers stay as they are; a GgufEmbed is
+      dequantized into the model's nnx.Embed).
     """
     from lowbit.ptq.targets import module_at, replace_module
 
@@ -295,6 +297,13 @@ def load(directory: str | Path, model: nnx.Module | None = None, *,
                 and isinstance(getattr(original, "kernel", None), nnx.Variable):
             _dequantized_into(original, layer, path)
             written |= {f"{path}.kernel", f"{path}.bias"}
+        elif runtime == "dequant" and hasattr(layer, "dequantized_table") and isinstance(original, nnx.Embed):
+            table = original.embedding.get_value()
+            if tuple(table.shape) != (layer.num_embeddings, layer.features):
+                raise ValueError(f"{path}: the model's embedding is {tuple(table.shape)}, the checkpoint's "
+                                 f"{(layer.num_embeddings, layer.features)}")
+            original.embedding.set_value(layer.dequantized_table().astype(table.dtype))
+            written.add(f"{path}.embedding")
         else:
             replace_module(skeleton, path, layer)
             replaced.append(path)

@@ -12,16 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.checkpoint import save
+from lowbit.checkpoint import float_variables, save
 from lowbit.cli.output import emit, show_progress
 from lowbit.core.spec import QuantSpec
 from lowbit.data.corpus import CORPORA, calibration_tokens
+from lowbit.nn.gguf_layers import quantize_embeddings
 from lowbit.ptq.methods import ROTATABLE_METHODS, get_method, run_method
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8")  # the registry's weight methods
 DEFAULT_WEIGHTS = {name: get_method(name).default_weights for name in METHODS}
 DEFAULT_ACT = "int8:tensor:static"
 DEFAULT_SMOOTHQUANT_ALPHA = 0.85
+EMBED_CHOICES = ("f32", "q8_0")  # --embed: the float table, or lowbit.nn.quantize_embeddings' Q8_0 blocks
 
 HELP = "post-training quantization into a checkpoint directory"
 
@@ -65,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="calibration window offsets")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="calibration sequences per compiled call")
+    parser.add_argument("--embed", default="f32", choices=EMBED_CHOICES,
+                        help="how the token embedding (and so the tied output head) is stored: f32 "
+                             "(default, as every earlier checkpoint and table was made) or q8_0 "
+                             "(GGUF Q8_0 blocks, lowbit.nn.quantize_embeddings: 8.5 bits per weight, "
+                             "the head runs the native GEMV; not counted in bits_per_weight, which "
+                             "is the linears')")
     parser.add_argument("--out", required=True, help="new directory for the checkpoint")
 
 
@@ -104,6 +112,8 @@ def _check_early_arguments(args, out: Path) -> str:
     """The checks that need no model, run before it loads (seconds) and before quantization
     (minutes): --weights (returned, the method's default when not given), --out and --calib."""
     weights = DEFAULT_WEIGHTS[args.method] if args.weights is None else args.weights
+    if getattr(args, "embed", "f32") not in EMBED_CHOICES:
+        raise ValueError(f"--embed must be one of {EMBED_CHOICES}, got {args.embed!r}")
     if not weights.strip():
         raise ValueError(f"--weights must be a quantization spec such as "
                          f"{DEFAULT_WEIGHTS[args.method]!r} (or left out), got {weights!r}")
@@ -215,8 +225,12 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
     if calibration is not None:
         result.settings["calibration"] = {"source": str(args.calib), "seed": args.seed}
     report = result.report()
+    embed = getattr(args, "embed", "f32")
+    embedding_bytes = (quantize_embeddings(model, "Q8_0") if embed == "q8_0" else
+                       {path: int(variable.get_value().nbytes) for path, variable in
+                        float_variables(model).items() if path.endswith("embedding")})
     save(model, out, info={"method": result.method, "settings": report["settings"],
-                           "source": source, "report": report})
+                           "source": source, "report": report, "embed": embed})
     errors = [layer.get("output_rel_error", layer.get("weight_rel_error"))
               for layer in report["layers"].values()]
     return {
@@ -226,6 +240,8 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
         "settings": report["settings"],
         "bits_per_weight": round(report["bits_per_weight"], 4),
         "linear_weights": report["linear_weights"],
+        "embed": embed,
+        "embedding_bytes": sum(embedding_bytes.values()),
         "mean_layer_rel_error": float(np.mean(errors)),
         "quantize_seconds": round(result.seconds, 2),
         "total_seconds": round(time.perf_counter() - start, 2),

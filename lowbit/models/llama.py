@@ -277,7 +277,8 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """The decoder: embed -> layers -> final_norm -> lm_head (or the tied embedding).
+    """The decoder: embed -> layers -> final_norm -> lm_head (or the tied embedding; `embed` may be
+    a block-quantized GgufEmbed, whose `attend` is then the head).
 
     The pieces run on their own too: embed_tokens(tokens), layers[i](x, positions), head(x).
     """
@@ -305,7 +306,9 @@ class Llama(nnx.Module):
         """Final norm and output projection: [batch, seq, d_model] -> logits [batch, seq, vocab]
         in f32."""
         h = self.final_norm(x)
-        if self.config.tied_embeddings:
+        if self.config.tied_embeddings and not isinstance(self.embed, nnx.Embed):
+            logits = self.embed.attend(h.astype(self.dtype))  # a block-quantized table (lowbit.nn.GgufEmbed)
+        elif self.config.tied_embeddings:
             table = self.embed.embedding[...].astype(self.dtype)
             logits = jnp.einsum("bsd,vd->bsv", h, table, preferred_element_type=jnp.float32)
         else:

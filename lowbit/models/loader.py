@@ -16,9 +16,9 @@ from gguf import GGMLQuantizationType
 from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS
 from lowbit.models.gguf.blocks import dequantize_ggml
 from lowbit.models.gguf.llama_names import checked_llama_tensors, iter_llama_weights, llama_config, unpermute_rope_rows
-from lowbit.models.gguf.packed import GgufEmbed, GgufLinear, GgufLlama
 from lowbit.models.gguf.reader import open_gguf, require_finite
 from lowbit.models.llama import Llama, LlamaConfig
+from lowbit.nn.gguf_layers import GgufEmbed, GgufLinear
 
 RUNTIMES = ("packed", "dequant")
 # ggml types whose blocks gguf_matmul computes from as stored, and the byte offsets of their f16 fields.
@@ -37,7 +37,7 @@ def load_gguf_model(path: str | Path, *, runtime: str = "dequant", dtype: Any = 
     runtime "dequant" (the default, what PTQ, training and export start from): every weight is
     dequantized to param_dtype in an nnx.Llama. runtime "packed": every Q4_0 / Q4_1 / Q8_0 matrix
     stays as the file's blocks (no re-quantization, no float copy) in a GgufLinear, the embedding
-    in a GgufEmbed that is also the tied head (a GgufLlama), computed through gguf_matmul (impl:
+    in a GgufEmbed that is also the tied head (lowbit.nn.gguf_layers), computed through gguf_matmul (impl:
     its "auto", "native" or "xla"; activations: "f32", the default, which equals the "dequant" model
     within float rounding, or "int8", rounded per 32-block as ggml does); other tensor types are
     dequantized to param_dtype as before.
@@ -56,12 +56,12 @@ def load_gguf_model(path: str | Path, *, runtime: str = "dequant", dtype: Any = 
     return _load_on_blocks(reader, config, dtype, param_dtype, dict(impl=impl, activations=activations)), config
 
 
-def _load_on_blocks(reader, config: LlamaConfig, dtype, param_dtype, options: dict) -> GgufLlama:
-    """The GgufLlama of a checked reader: built abstractly, then each tensor placed as it is read."""
+def _load_on_blocks(reader, config: LlamaConfig, dtype, param_dtype, options: dict) -> Llama:
+    """The Llama on blocks of a checked reader: built abstractly, then each tensor placed as it is read."""
     where = reader.data.filename
     file_config = llama_config(reader)
     plan, tensors = checked_llama_tensors(reader, file_config)
-    model = nnx.eval_shape(lambda: GgufLlama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     for name, gguf_name, conversion, _ in plan:
         tensor = tensors[gguf_name]
         stored = tuple(int(d) for d in reversed(tensor.shape))
@@ -95,7 +95,7 @@ def _file_blocks(tensor, stored: tuple[int, int], conversion: str, config: dict,
     return blocks
 
 
-def _place_blocks(model: GgufLlama, name: str, blocks: np.ndarray, ggml_type: str, dtype, options: dict) -> None:
+def _place_blocks(model: Llama, name: str, blocks: np.ndarray, ggml_type: str, dtype, options: dict) -> None:
     data = jnp.asarray(blocks)
     if name == "embed":
         model.embed = GgufEmbed(data, ggml_type, dtype=dtype, **options)
@@ -107,7 +107,7 @@ def _place_blocks(model: GgufLlama, name: str, blocks: np.ndarray, ggml_type: st
         setattr(getattr(model.layers[int(layer)], module), attribute, GgufLinear(data, ggml_type, **options))
 
 
-def _place_float(model: GgufLlama, name: str, values: np.ndarray, conversion: str, config: dict,
+def _place_float(model: Llama, name: str, values: np.ndarray, conversion: str, config: dict,
                  param_dtype) -> None:
     """A dequantized tensor into its float parameter (a linear weight to nnx.Linear's [in, out])."""
     if conversion == "query":

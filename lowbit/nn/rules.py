@@ -13,6 +13,7 @@ from flax import nnx
 
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.contraction import SUPPORTED_TYPES, check_module
+from lowbit.nn.gguf_layers import GgufEmbed
 from lowbit.nn.packed_layer import LAYER_CLASSES
 from lowbit.nn.packed_linear import module_at, set_child
 from lowbit.nn.quant_linear import (ACT_ESTIMATORS, WEIGHT_ESTIMATORS, BinaryLinear, BitLinear,
@@ -144,8 +145,8 @@ def kernel_layers(model: nnx.Module) -> list[tuple]:
     types, already quantized layers, and any other module holding a `kernel` Variable."""
     found = []
     for path, node in nnx.iter_graph(model):
-        if not path or not isinstance(node, nnx.Module):
-            continue
+        if not path or not isinstance(node, nnx.Module) or isinstance(node, GgufEmbed):
+            continue  # a block-quantized embedding is not a layer a rule converts
         if isinstance(node, SUPPORTED_TYPES) or _is_quantized(node) or \
                 isinstance(getattr(node, "kernel", None), nnx.Variable):
             found.append((path, node))

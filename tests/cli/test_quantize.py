@@ -169,3 +169,27 @@ def test_rotate_option_is_checked_and_runs_the_rotated_quantization(make_tiny, c
              rotate=True)
     assert result.settings["rotate"] == {"seed": 0} and result.method == "gptq"
     np.testing.assert_array_equal(np.asarray(model(test_tokens)), np.asarray(expected(test_tokens)))
+
+
+def test_embed_q8_0_stores_the_embedding_in_blocks_and_keeps_the_linear_accounting(tmp_path, test_tokens):
+    from lowbit.nn import GgufEmbed
+
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    assert _parse(["--model", "m", "--method", "rtn", "--out", "o"]).embed == "f32"  # the default
+    with pytest.raises(SystemExit):
+        _parse(["--model", "m", "--method", "rtn", "--out", "o", "--embed", "q4_0"])
+    summaries = {}
+    for embed in ("f32", "q8_0"):
+        summaries[embed] = run_quantize(_parse(["--model", str(path), "--method", "rtn", "--weights", "int4:g16",
+                                                "--out", str(tmp_path / embed), "--embed", embed, "--quiet"]))
+    f32, q8 = summaries["f32"], summaries["q8_0"]
+    assert f32["bits_per_weight"] == q8["bits_per_weight"] and f32["linear_weights"] == q8["linear_weights"]
+    c = LlamaConfig.tiny()
+    assert f32["embedding_bytes"] == c.vocab_size * c.d_model * 4
+    assert q8["embedding_bytes"] == c.vocab_size * c.d_model // 32 * 34 == layer_bytes(tmp_path / "q8_0")["embed"]
+    assert read_info(tmp_path / "q8_0")["embed"] == "q8_0"
+    loaded, floats = load(tmp_path / "q8_0"), load(tmp_path / "f32")
+    assert isinstance(loaded.embed, GgufEmbed) and not isinstance(floats.embed, GgufEmbed)
+    # same linears; the logits differ only by the Q8_0 rounding of the table (bounded in tests/nn)
+    got, want = np.asarray(loaded(test_tokens)), np.asarray(floats(test_tokens))
+    assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
