@@ -130,7 +130,7 @@ def load_source_model(name: str, *, on_blocks: bool = False) -> Llama:
     QLoRA re-quantizes) with its linears on the file's own blocks and a float embedding, so that
     prepare_qlora dequantizes one linear at a time and the f32 model never exists in memory. Both
     compute the same weights (the f32 load dequantizes the same blocks)."""
-    from lowbit.models.gguf.packed import GgufEmbed
+    from lowbit.nn.gguf_layers import GgufEmbed
     from lowbit.models.loader import load_gguf_model
     from lowbit.models.registry import resolve_model
 
@@ -142,9 +142,7 @@ def load_source_model(name: str, *, on_blocks: bool = False) -> Llama:
 
 def _float_embedding(embed) -> nnx.Embed:
     """The nnx.Embed (f32 table) of a GgufEmbed: its blocks dequantized once."""
-    from lowbit.kernels.gguf_matmul import dequantize_blocks
-
-    table = dequantize_blocks(embed.blocks[...], embed.ggml_type)
+    table = embed.dequantized_table()
     layer = nnx.eval_shape(lambda: nnx.Embed(embed.num_embeddings, embed.features, dtype=embed.dtype,
                                              rngs=nnx.Rngs(0)))
     layer.embedding.set_value(table)
@@ -153,7 +151,7 @@ def _float_embedding(embed) -> nnx.Embed:
 
 def _source_parameter_count(model: nnx.Module) -> int:
     """The float model's parameter count: float parameters plus each block-held linear's in x out."""
-    from lowbit.models.gguf.packed import GgufLinear
+    from lowbit.nn.gguf_layers import GgufLinear
 
     held = sum(node.in_features * node.out_features for _, node in nnx.iter_graph(model)
                if isinstance(node, GgufLinear))

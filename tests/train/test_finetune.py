@@ -85,7 +85,7 @@ def test_qlora_from_a_gguf_quantizes_its_blocks_without_forming_the_float_model(
     """A quantized base loads the GGUF on its blocks and dequantizes one linear at a time: the same
     NF4 base, adapters and losses as quantizing the f32 load, with no float linear on the way."""
     from lowbit.export import export_gguf
-    from lowbit.models.gguf.packed import GgufLinear
+    from lowbit.nn.gguf_layers import GgufLinear
     from lowbit.train.finetune import load_source_model
 
     path = tmp_path / "tiny.gguf"
