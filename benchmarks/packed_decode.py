@@ -1,6 +1,7 @@
 """Whole-model greedy decode on CPU: SmolLM2 with f32 weights vs its linears frozen to packed int4:g64
 (lowbit.nn.freeze -> PackedLinear -> packed_matmul, impl="auto": the native CPU kernel), or, with
---checkpoint, vs packed checkpoints loaded side by side in one process and timed in interleaved rounds."""
+--checkpoint, vs packed checkpoints loaded side by side in one process and timed in interleaved rounds;
+--context-profile times the decode step against the filled length and the cache's max_len."""
 
 from __future__ import annotations
 
@@ -87,6 +88,61 @@ def compare_checkpoints(checkpoints: dict[str, str], new_tokens: int, rounds: in
               f"{long / med[('f32', 'long')]:.2f}x | {long / short:.2f} |")
 
 
+def context_profile(rounds: int) -> None:
+    """Where a decode step's time goes as the context grows: the jitted decode step of SmolLM2's shape
+    (random f32 weights, f32 contiguous cache of one sequence) at filled length x cache max_len, with the
+    cache attention as it is and with a stub that reads no keys/values (the difference is the attention);
+    every configuration once per round, medians and bests over the rounds (ms)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import lowbit.kvcache.attention as cache_attention
+    from lowbit.decode.step import _decode_step
+    from lowbit.kvcache.cache import DenseKVCache
+    from lowbit.models.llama import Llama, LlamaConfig
+
+    config = LlamaConfig.smollm2_135m()
+    graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+    real_attention = cache_attention.decode_attention
+    cases = [(16, 128, True), (16, 640, True), (512, 640, True), (16, 2048, True), (1536, 2048, True),
+             (16, 640, False), (512, 640, False)]
+    steps, caches = {}, {}
+    for max_len in sorted({m for _, m, _ in cases}):
+        for attention in (True, False):
+            steps[(max_len, attention)] = jax.jit(_decode_step, static_argnames=("graphdef", "spec", "return_logits"),
+                                                  donate_argnames=("cache_state",))
+            caches[(max_len, attention)] = DenseKVCache(config, "f32", slots=1, max_len=max_len)
+
+    def run(filled, max_len, attention):
+        cache = caches[(max_len, attention)]
+        cache_attention.decode_attention = real_attention if attention else (lambda q, *args, **kwargs: q)
+        start = time.perf_counter()
+        token, _, cache.state = steps[(max_len, attention)](
+            graphdef, params, cache.state, cache.spec, jnp.zeros(1, jnp.int32), jnp.array([filled], jnp.int32),
+            jnp.ones(1, bool), jnp.arange(cache.table_width, dtype=jnp.int32)[None], jnp.zeros(1, jnp.float32),
+            jnp.zeros((1, *jax.random.key_data(jax.random.key(0)).shape), jnp.uint32), jnp.zeros(1, jnp.int32))
+        jax.block_until_ready(token)
+        cache_attention.decode_attention = real_attention
+        return time.perf_counter() - start
+
+    for case in cases:
+        run(*case)  # compile
+    times = {case: [] for case in cases}
+    loads = [os.getloadavg()[0]]
+    for _ in range(rounds):
+        for case in cases:
+            times[case].append(run(*case) * 1e3)
+        loads.append(os.getloadavg()[0])
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, 1-minute load "
+          f"{min(loads):.1f}-{max(loads):.1f}; decode step of SmolLM2-135M's shape, {rounds} rounds\n")
+    print("| filled positions | cache max_len | attention | median ms | best ms |")
+    print("|---|---|---|---|---|")
+    for (filled, max_len, attention), values in times.items():
+        print(f"| {filled} | {max_len} | {'yes' if attention else 'stub (reads no K/V)'} | "
+              f"{statistics.median(values):.1f} | {min(values):.1f} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -96,7 +152,12 @@ def main(argv=None):
                         help="compare f32 with these checkpoints (lowbit quantize --out DIR) instead of --preset")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds with --checkpoint")
     parser.add_argument("--long", type=int, default=512, help="long prompt length with --checkpoint")
+    parser.add_argument("--context-profile", action="store_true",
+                        help="instead: time the decode step against filled length and cache max_len")
     args = parser.parse_args(argv)
+    if args.context_profile:
+        context_profile(args.rounds)
+        return
     if args.checkpoint:
         pairs = [entry.partition("=") for entry in args.checkpoint]
         if any(not name or not directory or not os.path.isdir(directory) for name, _, directory in pairs):
