@@ -273,8 +273,10 @@ class _Tensor:
                 _, index, leaf = self.lowbit_name.split(".")
                 layer_norm[self.lowbit_name] = getattr(self.model.layers[int(index)], leaf)
             return None, _floats(layer_norm[self.lowbit_name].weight.get_value()), "float"
-        if self.role == "embedding":
-            return None, _floats(self.model.embed.embedding.get_value()), "float"
+        if self.role == "embedding":  # a block table (e.g. --embed q8_0) is written from its values
+            embed = self.model.embed
+            table = embed.embedding.get_value() if isinstance(embed, nnx.Embed) else embed.dequantized_table()
+            return None, _floats(table), "float"
         shape = self.stored_shape[::-1]
         return _layer_weight(_linear(self.model, self.lowbit_name), self.lowbit_name, shape,
                              self.qtype.name)

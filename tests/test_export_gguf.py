@@ -424,3 +424,20 @@ def test_an_unfolded_input_scale_is_refused(tmp_path):
     model.layers[0].mlp.w_down = layer_from_state(meta, arrays)
     with pytest.raises(ValueError, match="w_down.*per-feature scale"):
         export_gguf(model, tmp_path / "m.gguf", "Q4_0")
+
+
+def test_a_q8_0_embedding_is_written_as_its_own_blocks(tmp_path):
+    """A checkpoint made with --embed q8_0 (lowbit.nn.quantize_embeddings) exports its table's
+    blocks unchanged: re-encoding the Q8_0 values to Q8_0 is exact."""
+    from lowbit.nn.gguf_layers import GgufEmbed, quantize_embeddings
+
+    model = _model(seed=15)
+    rtn_quantize(model, EXACT_SPECS["Q4_0"])
+    quantize_embeddings(model, "Q8_0")
+    assert isinstance(model.embed, GgufEmbed)
+    report = export_gguf(model, tmp_path / "m.gguf", "Q4_0")
+    embedding = next(r for r in report["tensors"] if r["name"] == "token_embd.weight")
+    assert embedding["type"] == "Q8_0" and embedding["exact"] and embedding["mse"] == 0
+    reader = open_gguf(tmp_path / "m.gguf")
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    np.testing.assert_array_equal(np.asarray(tensor.data).reshape(-1), np.asarray(model.embed.blocks[...]).reshape(-1))

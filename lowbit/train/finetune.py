@@ -20,6 +20,7 @@ from flax import nnx
 from lowbit.core.spec import QuantSpec
 from lowbit.files import read_toml
 from lowbit.models.llama import Llama
+from lowbit.nn.gguf_layers import GgufEmbed, GgufLinear
 from lowbit.nn.lora import BLOCK_LINEARS, INITS, LoRAConfig, LoRAParam, add_lora, prepare_qlora
 from lowbit.train.config import DataSettings, TrainSettings, sections_from_dict
 from lowbit.train.loop import RESUME_NEVER, OptimizerKey, Trainer, make_optimizer, next_token_nll, optimizer_key
@@ -127,16 +128,13 @@ def load_finetune_config(path) -> FinetuneConfig:
 
 def load_source_model(name: str, *, on_blocks: bool = False) -> Llama:
     """The Llama of a registered model name or a GGUF path: in f32, or (on_blocks, for a base that
-    QLoRA re-quantizes) with its linears on the file's own blocks and a float embedding, so that
-    prepare_qlora dequantizes one linear at a time and the f32 model never exists in memory. Both
-    compute the same weights (the f32 load dequantizes the same blocks)."""
-    from lowbit.nn.gguf_layers import GgufEmbed
+    QLoRA re-quantizes) on the file's own blocks, so that prepare_qlora dequantizes one linear at a
+    time and the f32 model never exists in memory. Both compute the same weights (the f32 load
+    dequantizes the same blocks)."""
     from lowbit.models.loader import load_gguf_model
     from lowbit.models.registry import resolve_model
 
     model, _ = load_gguf_model(resolve_model(name), runtime="packed" if on_blocks else "dequant")
-    if isinstance(model.embed, GgufEmbed):  # the embedding (and tied head) trains in float, as in QLoRA
-        model.embed = _float_embedding(model.embed)
     return model
 
 
@@ -151,8 +149,6 @@ def _float_embedding(embed) -> nnx.Embed:
 
 def _source_parameter_count(model: nnx.Module) -> int:
     """The float model's parameter count: float parameters plus each block-held linear's in x out."""
-    from lowbit.nn.gguf_layers import GgufLinear
-
     held = sum(node.in_features * node.out_features for _, node in nnx.iter_graph(model)
                if isinstance(node, GgufLinear))
     return _count(nnx.state(model, nnx.Param)) + held
@@ -211,6 +207,8 @@ class FineTuner(Trainer):
         model = self._source if self._source is not None else \
             load_source_model(self.config.model.name, on_blocks=settings.base != FLOAT_BASE)
         self._source = None
+        if isinstance(model.embed, GgufEmbed):  # the embedding (and tied head) is float while fine-tuning
+            model.embed = _float_embedding(model.embed)
         embed_vocab = model.embed.embedding.get_value().shape[0]
         if embed_vocab != vocab:
             raise ValueError(f"the model has {embed_vocab} token ids but data.tokenizer "

@@ -85,14 +85,14 @@ def test_qlora_from_a_gguf_quantizes_its_blocks_without_forming_the_float_model(
     """A quantized base loads the GGUF on its blocks and dequantizes one linear at a time: the same
     NF4 base, adapters and losses as quantizing the f32 load, with no float linear on the way."""
     from lowbit.export import export_gguf
-    from lowbit.nn.gguf_layers import GgufLinear
+    from lowbit.nn.gguf_layers import GgufEmbed, GgufLinear
     from lowbit.train.finetune import load_source_model
 
     path = tmp_path / "tiny.gguf"
     export_gguf(_tiny(seed=3), path, "Q4_1")
     on_blocks = load_source_model(str(path), on_blocks=True)
     assert isinstance(on_blocks.layers[0].mlp.w_up, GgufLinear)
-    assert isinstance(on_blocks.embed, nnx.Embed)
+    assert isinstance(on_blocks.embed, GgufEmbed)
     config = _config(steps=2, eval_interval=0).replace(model={"name": str(path)})
     loaded = FineTuner(config, tokens=_tokens())
     reference = FineTuner(config, model=load_source_model(str(path)), tokens=_tokens())
@@ -105,6 +105,7 @@ def test_qlora_from_a_gguf_quantizes_its_blocks_without_forming_the_float_model(
     loaded.run()
     reference.run()
     assert loaded.train_losses == reference.train_losses
+    assert isinstance(loaded.model().embed, nnx.Embed)
 
 
 def test_full_and_float_lora_methods_train_what_they_say():
