@@ -12,6 +12,9 @@ IMPLS = ("auto", "pallas", "native", "xla")
 # "auto" uses the native CPU GEMV for at most this many activation rows; above, XLA's dequantize-once
 # then dot wins (benchmarks/RESULTS.md: tied at 64 rows, XLA 1.6-3.5x faster at 512).
 NATIVE_MAX_ROWS = 32
+# The native packed forward switches from its GEMV to the blocked GEMM (a dequantized panel of W in
+# cache, an FMA micro-kernel over all rows) at this many activation rows.
+NATIVE_GEMM_ROWS = 24
 
 
 # XLA's CPU compiler by default schedules for concurrency: it runs every op whose inputs are
