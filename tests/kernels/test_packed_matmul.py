@@ -16,7 +16,7 @@ from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl
 from lowbit.core.packing import PackedArray, pack
 from lowbit.core.quantize import QArray, quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
+from lowbit.kernels.dispatch import NATIVE_GEMM_ROWS, NATIVE_MAX_ROWS, resolve_impl
 from lowbit.kernels.packed_matmul import (
     DECODE_CONFIG,
     PREFILL_CONFIG,
@@ -538,11 +538,12 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
         for got, want in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
             assert _relative_error(got, np.asarray(want, np.float64)) < 1e-5
 
-    def test_auto_picks_native_for_decode_and_xla_for_prefill(self):
+    def test_auto_picks_native_for_decode_and_prefill(self):
+        """"auto" on CPU runs the native kernels at every row count (GEMV, then the blocked GEMM)."""
         pw = _packed("int4:g64", 128, 32)
         lower = jax.jit(lambda x, w: packed_matmul(x, w)).lower
-        assert "lowbit_packed_matmul" in lower(jnp.ones((NATIVE_MAX_ROWS, 128)), pw).as_text()
-        assert "lowbit_packed_matmul" not in lower(jnp.ones((NATIVE_MAX_ROWS + 1, 128)), pw).as_text()
+        for m in (1, NATIVE_GEMM_ROWS, 512):
+            assert "lowbit_packed_matmul" in lower(jnp.ones((m, 128)), pw).as_text()
 
 
 def _pads_of_shape(fn, args, shape):

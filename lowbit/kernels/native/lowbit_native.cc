@@ -955,33 +955,40 @@ LOWBIT_AVX2 void gguf_rows_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
 }
 #endif
 
-// GGUF blocks [N, K/32 * block bytes] -> f32 weights [N, K] by ggml's formulas (the prefill path:
-// dequantize once, then XLA's GEMM), rows split over the threads.
-void gguf_dequantize_rows(int64_t type, const uint8_t* blocks, int64_t block_bytes, int64_t k, int64_t r0,
-                          int64_t r1, float* out) {
-  const int64_t nb = k / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = blocks + (r * nb + b) * block_bytes;
-      float* w = out + r * k + b * 32;
-      const float d = half_to_float(read_u16(blk));
-      if (type == kQ8_0) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-        for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(q[j]) * d;
-      } else if (type == kQ4_1) {
-        const float m = half_to_float(read_u16(blk + 2));
-        for (int j = 0; j < 16; ++j) {
-          w[j] = static_cast<float>(blk[4 + j] & 0x0f) * d + m;
-          w[j + 16] = static_cast<float>(blk[4 + j] >> 4) * d + m;
-        }
-      } else {
-        for (int j = 0; j < 16; ++j) {
-          w[j] = (static_cast<float>(blk[2 + j] & 0x0f) - 8.0f) * d;
-          w[j + 16] = (static_cast<float>(blk[2 + j] >> 4) - 8.0f) * d;
-        }
-      }
+int64_t gguf_block_bytes(int64_t type) { return type == kQ4_0 ? 18 : (type == kQ4_1 ? 20 : 34); }
+
+// One GGUF block -> its 32 f32 weights, by ggml's formulas.
+void gguf_dequantize_block(int64_t type, const uint8_t* blk, float* w) {
+  const float d = half_to_float(read_u16(blk));
+  if (type == kQ8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(q[j]) * d;
+  } else if (type == kQ4_1) {
+    const float m = half_to_float(read_u16(blk + 2));
+    for (int j = 0; j < 16; ++j) {
+      w[j] = static_cast<float>(blk[4 + j] & 0x0f) * d + m;
+      w[j + 16] = static_cast<float>(blk[4 + j] >> 4) * d + m;
+    }
+  } else {
+    for (int j = 0; j < 16; ++j) {
+      w[j] = (static_cast<float>(blk[2 + j] & 0x0f) - 8.0f) * d;
+      w[j + 16] = (static_cast<float>(blk[2 + j] >> 4) - 8.0f) * d;
     }
   }
+}
+
+// Weights W[r, k0:k1] of GGUF row r (k0 and k1 multiples of 32, or k1 = K) -> out[0 : k1 - k0].
+void gguf_row_range(int64_t type, const uint8_t* blocks, int64_t block_bytes, int64_t k, int64_t r, int64_t k0,
+                    int64_t k1, float* out) {
+  const uint8_t* row = blocks + r * (k / 32) * block_bytes;
+  for (int64_t b = k0 / 32; b * 32 < k1; ++b) gguf_dequantize_block(type, row + b * block_bytes, out + b * 32 - k0);
+}
+
+// GGUF blocks [N, K/32 * block bytes] -> f32 weights [N, K] (dequantize once, then XLA's GEMM),
+// rows split over the threads.
+void gguf_dequantize_rows(int64_t type, const uint8_t* blocks, int64_t block_bytes, int64_t k, int64_t r0,
+                          int64_t r1, float* out) {
+  for (int64_t r = r0; r < r1; ++r) gguf_row_range(type, blocks, block_bytes, k, r, 0, k, out + r * k);
 }
 
 ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks, ffi::ResultBuffer<ffi::F32> w,
@@ -989,7 +996,7 @@ ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks,
   auto bd = blocks.dimensions();
   auto wd = w->dimensions();
   if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_dequantize: type must be 0, 1 or 2");
-  const int64_t block_bytes = type == kQ8_0 ? 34 : (type == kQ4_1 ? 20 : 18);
+  const int64_t block_bytes = gguf_block_bytes(type);
   if (bd.size() != 2 || wd.size() != 2 || bd[0] != wd[0] || wd[1] % 32 || bd[1] != wd[1] / 32 * block_bytes) {
     return invalid("gguf_dequantize: blocks [N, K/32 * block bytes] and w [N, K] expected");
   }
@@ -1004,21 +1011,48 @@ ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks,
   return ffi::Error::Success();
 }
 
+// y [M, N] = x [M, K] W^T by the blocked GEMM: the panel holds W^T[k0:k1, n0:n1], each GGUF row's
+// blocks in [k0, k1) decoded and written down a column.
+void gguf_gemm(ffi::ThreadPool& pool, int64_t type, const uint8_t* blocks, const float* x, int64_t m, int64_t k,
+               int64_t n, float* y) {
+  const int64_t block_bytes = gguf_block_bytes(type);
+  gemm_run(pool, x, m, k, n, y, [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* panel, int64_t width) {
+    float row[kGemmDepth];
+    for (int64_t r = n0; r < n1; ++r) {
+      gguf_row_range(type, blocks, block_bytes, k, r, k0, k1, row);
+      for (int64_t i = 0; i < k1 - k0; ++i) panel[i * width + (r - n0)] = row[i];
+    }
+  });
+}
+
+// x-bar [M, K] = g [M, N] W by the blocked GEMM: the panel holds W[n0:n1, k0:k1], GGUF rows as stored.
+void gguf_gemm_transposed(ffi::ThreadPool& pool, int64_t type, const uint8_t* blocks, const float* g, int64_t m,
+                          int64_t k, int64_t n, float* xbar) {
+  const int64_t block_bytes = gguf_block_bytes(type);
+  gemm_run(pool, g, m, n, k, xbar, [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* panel, int64_t width) {
+    for (int64_t r = n0; r < n1; ++r) gguf_row_range(type, blocks, block_bytes, k, r, k0, k1, panel + (r - n0) * width);
+  });
+}
+
 ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t type, int64_t activations) {
+                          ffi::ResultBuffer<ffi::F32> y, int64_t type, int64_t activations, int64_t gemm_rows) {
   auto xd = x.dimensions();
   auto bd = blocks.dimensions();
   if (xd.size() != 2 || bd.size() != 2) return invalid("gguf_matmul: x and blocks must be 2-D");
   if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_matmul: type must be Q4_0, Q4_1 or Q8_0");
   GgufProblem p{};
   p.type = type;
-  p.block_bytes = type == kQ4_0 ? 18 : (type == kQ4_1 ? 20 : 34);
+  p.block_bytes = gguf_block_bytes(type);
   p.m = xd[0];
   p.k = xd[1];
   p.n = bd[0];
   if (p.k % 32 || bd[1] != p.k / 32 * p.block_bytes) return invalid("gguf_matmul: blocks must be [N, K/32 * block bytes]");
   if (activations != 0 && activations != 1) return invalid("gguf_matmul: activations must be 0 (f32) or 1 (int8)");
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (activations == 0 && p.m >= gemm_rows) {
+    gguf_gemm(pool, type, blocks.typed_data(), x.typed_data(), p.m, p.k, p.n, y->typed_data());
+    return ffi::Error::Success();
+  }
   const int64_t nb = p.k / 32;
   std::vector<float> xsum, xscale;
   std::vector<int8_t> xq;
@@ -1064,6 +1098,26 @@ ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       gguf_rows_scalar(p, r0, r1);
     }
   });
+  return ffi::Error::Success();
+}
+
+ffi::Error GgufMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> blocks,
+                                    ffi::ResultBuffer<ffi::F32> xbar, int64_t type) {
+  auto gd = g.dimensions();
+  auto bd = blocks.dimensions();
+  auto xd = xbar->dimensions();
+  if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_matmul_transposed: type must be 0, 1 or 2");
+  if (gd.size() != 2 || bd.size() != 2 || xd.size() != 2 || gd[1] != bd[0] || gd[0] != xd[0] || xd[1] % 32 ||
+      bd[1] != xd[1] / 32 * gguf_block_bytes(type)) {
+    return invalid("gguf_matmul_transposed: g [M, N], blocks [N, K/32 * block bytes], xbar [M, K] expected");
+  }
+  const int64_t m = gd[0], n = gd[1], k = xd[1];
+  if (m == 0 || k == 0) return ffi::Error::Success();
+  if (n == 0) {
+    std::fill(xbar->typed_data(), xbar->typed_data() + m * k, 0.0f);
+    return ffi::Error::Success();
+  }
+  gguf_gemm_transposed(pool, type, blocks.typed_data(), g.typed_data(), m, k, n, xbar->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1193,7 +1247,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufMatmul, GgufMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("type")
-                                  .Attr<int64_t>("activations"));
+                                  .Attr<int64_t>("activations")
+                                  .Attr<int64_t>("gemm_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufMatmulTransposed, GgufMatmulTransposedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("type"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufDequantize, GgufDequantizeImpl,
                               ffi::Ffi::Bind()
