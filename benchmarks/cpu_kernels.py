@@ -26,6 +26,8 @@ from lowbit.core.packing import pack
 from lowbit.core.quantize import quantize
 from lowbit.kernels import gguf_matmul, int8_matmul, packed_matmul
 from lowbit.kernels.native import native_available, native_error, simd_level
+from lowbit.kernels.packed_matmul.native import packed_matmul_native
+from lowbit.kernels.packed_matmul.reference import float_scales, weight_format
 
 # (K, N) of SmolLM2-135M's linears: q/o, k/v, gate/up, down, and the tied output head.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
@@ -110,17 +112,22 @@ def bench(args):
                 spec = _fit_group(spec, k)
                 pw = pack(quantize(jnp.asarray(w), spec), ternary="int2")
                 for impl in args.impls:
-                    cases.append((spec, impl, functools.partial(packed_matmul, impl=impl), pw))
+                    if impl == "gemv":  # the native GEMV at every row count (where the GEMM would take over)
+                        fmt, plain = weight_format(pw), float_scales(pw)
+                        cases.append((spec, impl, lambda x, _, plain=plain, fmt=fmt: packed_matmul_native(
+                            x, plain, fmt, gemm_rows=1 << 30), pw))
+                    else:
+                        cases.append((spec, impl, functools.partial(packed_matmul, impl=impl), pw))
             for name in args.gguf:
                 blocks = jnp.asarray(quants.quantize(np.ascontiguousarray(w.T), GGMLQuantizationType[name]))
-                for impl in args.impls:
+                for impl in (i for i in args.impls if i != "gemv"):
                     cases.append((name, impl, functools.partial(gguf_matmul, ggml_type=name, impl=impl), blocks))
                 if "native" in args.impls and not args.grad:  # activations rounded to int8 per 32-block, integer dots (as ggml)
                     cases.append((f"{name} a8", "native", functools.partial(
                         gguf_matmul, ggml_type=name, impl="native", activations="int8"), blocks))
             codes = jnp.asarray(np.clip(np.round(w / np.abs(w).max(0) * 127), -127, 127).astype(np.int8))
             wscale = jnp.asarray(np.abs(w).max(0, keepdims=True) / 127)
-            for impl in args.impls if args.w8a8 else ():
+            for impl in (i for i in args.impls if i != "gemv" and args.w8a8):
                 def w8a8(x, weight, impl=impl):
                     scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
                     xq = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
@@ -148,7 +155,8 @@ def main(argv=None):
     parser.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in s.split("x")) for s in t.split(",")],
                         default=SHAPES, help="K x N shapes, e.g. 576x576,1536x576 (default: SmolLM2's)")
     parser.add_argument("--impls", type=lambda t: t.split(","), default=["native", "xla"],
-                        help="implementations of the low-bit kernels (default native,xla)")
+                        help="implementations of the low-bit kernels (default native,xla; also auto, and gemv: "
+                             "packed_matmul's native GEMV at every row count)")
     parser.add_argument("--packed", type=lambda t: [v for v in t.split(",") if v], default=PACKED,
                         help=f"packed specs, comma-separated (default {','.join(PACKED)}; empty: none)")
     parser.add_argument("--gguf", type=lambda t: [v for v in t.split(",") if v], default=GGUF,
