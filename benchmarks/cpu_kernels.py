@@ -122,7 +122,7 @@ def bench(args):
                 blocks = jnp.asarray(quants.quantize(np.ascontiguousarray(w.T), GGMLQuantizationType[name]))
                 for impl in (i for i in args.impls if i != "gemv"):
                     cases.append((name, impl, functools.partial(gguf_matmul, ggml_type=name, impl=impl), blocks))
-                if "native" in args.impls and not args.grad:  # activations rounded to int8 per 32-block, integer dots (as ggml)
+                if "native" in args.impls and not args.grad:  # x rounded to int8 per 32-block, integer dots
                     cases.append((f"{name} a8", "native", functools.partial(
                         gguf_matmul, ggml_type=name, impl="native", activations="int8"), blocks))
             codes = jnp.asarray(np.clip(np.round(w / np.abs(w).max(0) * 127), -127, 127).astype(np.int8))

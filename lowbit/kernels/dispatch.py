@@ -12,7 +12,8 @@ IMPLS = ("auto", "pallas", "native", "xla")
 # "auto" uses a native CPU GEMV without a blocked GEMM (int8_matmul; gguf_matmul with int8
 # activations or under "auto") for at most this many activation rows; above, XLA's dot of the dequantized
 # weight wins (benchmarks/RESULTS.md: tied at 64 rows, XLA 1.6-3.5x faster at 512). packed_matmul's
-# native GEMM ties XLA at 64-512 rows without forming a float W, so "auto" keeps it native at any M.
+# native GEMM is 0.4-1.6x XLA at 16-512 rows (tied within a loaded machine's noise; RESULTS.md) without
+# forming a float W, so "auto" keeps packed_matmul native at any M.
 NATIVE_MAX_ROWS = 32
 # The native packed forward switches from its GEMV to the blocked GEMM (a dequantized panel of W in
 # cache, an FMA micro-kernel over all rows) at this many activation rows.

@@ -133,7 +133,8 @@ class TestGgufMatmulNative(GgufMatmulBase, NativeImpl):
         target = rng.standard_normal((40, n))
 
         def loss(x):
-            return jnp.sum(self.matmul(x, jnp.asarray(blocks), ggml_type) * jnp.asarray(target[:x.shape[0]], jnp.float32))
+            y = self.matmul(x, jnp.asarray(blocks), ggml_type)
+            return jnp.sum(y * jnp.asarray(target[:x.shape[0]], jnp.float32))
 
         grad = jax.jit(jax.grad(loss))
         text = grad.lower(x[:3]).as_text()

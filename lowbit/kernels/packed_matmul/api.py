@@ -34,8 +34,9 @@ def packed_matmul(
     impl "native" the gradient dy @ W.T also runs on the packed bytes (no float W is formed).
     impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built: their GEMV below
     NATIVE_GEMM_ROWS rows of x, their blocked GEMM above; else XLA), "pallas", "native" or "xla";
-    "auto" falls back to XLA for layouts a kernel cannot take (Pallas: code books, partial groups). interpret: run the Pallas kernel in
-    interpret mode (None: only when there is no GPU). config: tile sizes (None: by regime).
+    "auto" falls back to XLA for layouts a kernel cannot take (Pallas: code books, partial groups).
+    interpret: run the Pallas kernel in interpret mode (None: only when there is no GPU). config:
+    tile sizes (None: by regime).
     """
     fmt = weight_format(w)
     k, n = w.shape

@@ -51,7 +51,8 @@ def _product_forward(x, data, scale, zero, fmt, group_size, gemm_rows):
 
 def _product_backward(fmt, group_size, gemm_rows, residuals, g):
     """x-bar = g @ W.T from the packed bytes (`lowbit_packed_matmul_transposed`, the blocked GEMM at
-    every row count); no gradient for the frozen weight (its codes are integers, its scales and zeros are not trained here)."""
+    every row count); no gradient for the frozen weight (its codes are integers, its scales and zeros
+    are not trained here)."""
     x_shape, data, scale, zero = residuals
     call = jax.ffi.ffi_call("lowbit_packed_matmul_transposed", jax.ShapeDtypeStruct(x_shape, jnp.float32),
                             vmap_method="sequential")
