@@ -3,6 +3,7 @@
 Each kernel runs `--inner` times inside one jitted loop (the next x depends on the last y, so no call
 is hoisted or skipped); the median and the best of `--repeats` loops, divided by `--inner`, are one
 call's time (on a shared machine the best is the kernel, the median what a busy machine gives).
+`--grad` times the forward and the input gradient (x-bar of sum(y * y)) instead: a training step's matmuls.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from lowbit.core.packing import pack
 from lowbit.core.quantize import quantize
 from lowbit.kernels import gguf_matmul, int8_matmul, packed_matmul
 from lowbit.kernels.native import native_available, native_error, simd_level
+from lowbit.kernels.packed_matmul.native import packed_matmul_native
+from lowbit.kernels.packed_matmul.reference import float_scales, weight_format
 
 # (K, N) of SmolLM2-135M's linears: q/o, k/v, gate/up, down, and the tied output head.
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
@@ -53,8 +56,14 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def loop_time(matmul, x, weight, inner: int, repeats: int) -> tuple[float, float]:
-    """(median, best) seconds per matmul(x, weight) call in a jitted fori_loop of `inner` dependent calls."""
+def loop_time(matmul, x, weight, inner: int, repeats: int, grad: bool = False) -> tuple[float, float]:
+    """(median, best) seconds per matmul(x, weight) call (with `grad`: its forward and input gradient)
+    in a jitted fori_loop of `inner` dependent calls."""
+    if grad:
+        forward = matmul
+
+        def matmul(x, weight):
+            return jax.grad(lambda x: jnp.sum(jnp.square(forward(x, weight))))(x)
 
     @jax.jit
     def run(x, weight):
@@ -99,21 +108,26 @@ def bench(args):
         for m in args.batches:
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
             cases = [("f32 jnp.dot", "xla", lambda x, w: jnp.dot(x, w), jnp.asarray(w))]
-            for spec in PACKED:
+            for spec in args.packed:
                 spec = _fit_group(spec, k)
                 pw = pack(quantize(jnp.asarray(w), spec), ternary="int2")
                 for impl in args.impls:
-                    cases.append((spec, impl, functools.partial(packed_matmul, impl=impl), pw))
-            for name in GGUF:
+                    if impl == "gemv":  # the native GEMV at every row count (where the GEMM would take over)
+                        fmt, plain = weight_format(pw), float_scales(pw)
+                        cases.append((spec, impl, lambda x, _, plain=plain, fmt=fmt: packed_matmul_native(
+                            x, plain, fmt, gemm_rows=1 << 30), pw))
+                    else:
+                        cases.append((spec, impl, functools.partial(packed_matmul, impl=impl), pw))
+            for name in args.gguf:
                 blocks = jnp.asarray(quants.quantize(np.ascontiguousarray(w.T), GGMLQuantizationType[name]))
-                for impl in args.impls:
+                for impl in (i for i in args.impls if i != "gemv"):
                     cases.append((name, impl, functools.partial(gguf_matmul, ggml_type=name, impl=impl), blocks))
-                if "native" in args.impls:  # activations rounded to int8 per 32-block, integer dots (as ggml)
+                if "native" in args.impls and not args.grad:  # x rounded to int8 per 32-block, integer dots
                     cases.append((f"{name} a8", "native", functools.partial(
                         gguf_matmul, ggml_type=name, impl="native", activations="int8"), blocks))
             codes = jnp.asarray(np.clip(np.round(w / np.abs(w).max(0) * 127), -127, 127).astype(np.int8))
             wscale = jnp.asarray(np.abs(w).max(0, keepdims=True) / 127)
-            for impl in args.impls:
+            for impl in (i for i in args.impls if i != "gemv" and args.w8a8):
                 def w8a8(x, weight, impl=impl):
                     scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
                     xq = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
@@ -121,7 +135,7 @@ def bench(args):
                 cases.append(("int8 w8a8", impl, w8a8, (codes, wscale)))
             base = None
             for fmt, impl, fn, weight in cases:
-                median, best = loop_time(fn, x, weight, args.inner, args.repeats)
+                median, best = loop_time(fn, x, weight, args.inner, args.repeats, args.grad)
                 moved = _nbytes(weight)
                 base = (median, best) if base is None else base
                 row = dict(k=k, n=n, m=m, format=fmt, impl=impl, us_median=median * 1e6, us_best=best * 1e6,
@@ -141,7 +155,14 @@ def main(argv=None):
     parser.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in s.split("x")) for s in t.split(",")],
                         default=SHAPES, help="K x N shapes, e.g. 576x576,1536x576 (default: SmolLM2's)")
     parser.add_argument("--impls", type=lambda t: t.split(","), default=["native", "xla"],
-                        help="implementations of the low-bit kernels (default native,xla)")
+                        help="implementations of the low-bit kernels (default native,xla; also auto, and gemv: "
+                             "packed_matmul's native GEMV at every row count)")
+    parser.add_argument("--packed", type=lambda t: [v for v in t.split(",") if v], default=PACKED,
+                        help=f"packed specs, comma-separated (default {','.join(PACKED)}; empty: none)")
+    parser.add_argument("--gguf", type=lambda t: [v for v in t.split(",") if v], default=GGUF,
+                        help=f"GGUF block types (default {','.join(GGUF)}; empty: none)")
+    parser.add_argument("--no-w8a8", dest="w8a8", action="store_false", help="skip the int8 W8A8 kernel")
+    parser.add_argument("--grad", action="store_true", help="time forward + input gradient (training)")
     parser.add_argument("--inner", type=int, default=50, help="calls per jitted loop")
     parser.add_argument("--repeats", type=int, default=7, help="loops timed (median taken)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")

@@ -9,9 +9,15 @@ import jax
 from lowbit.kernels.native import native_available, native_error
 
 IMPLS = ("auto", "pallas", "native", "xla")
-# "auto" uses the native CPU GEMV for at most this many activation rows; above, XLA's dequantize-once
-# then dot wins (benchmarks/RESULTS.md: tied at 64 rows, XLA 1.6-3.5x faster at 512).
+# "auto" uses a native CPU GEMV without a blocked GEMM (int8_matmul; gguf_matmul with int8
+# activations or under "auto") for at most this many activation rows; above, XLA's dot of the dequantized
+# weight wins (benchmarks/RESULTS.md: tied at 64 rows, XLA 1.6-3.5x faster at 512). packed_matmul's
+# native GEMM is 0.4-1.6x XLA at 16-512 rows (tied within a loaded machine's noise; RESULTS.md) without
+# forming a float W, so "auto" keeps packed_matmul native at any M.
 NATIVE_MAX_ROWS = 32
+# The native packed forward switches from its GEMV to the blocked GEMM (a dequantized panel of W in
+# cache, an FMA micro-kernel over all rows) at this many activation rows.
+NATIVE_GEMM_ROWS = 24
 
 
 # XLA's CPU compiler by default schedules for concurrency: it runs every op whose inputs are

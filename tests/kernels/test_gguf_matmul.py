@@ -121,6 +121,62 @@ class TestGgufMatmulNative(GgufMatmulBase, NativeImpl):
         with pytest.raises(ValueError, match="activations must be one of"):
             self.matmul(jnp.asarray(x[:1]), jnp.asarray(blocks), ggml_type, activations="int4")
 
+    @pytest.mark.parametrize("ggml_type", TYPES)
+    def test_input_gradient_equals_float64(self, ggml_type):
+        """x-bar = g @ W over the blocks (the blocked GEMM; no float [N, K] W in the program) equals
+        the float64 product with the gguf package's dequantization, for 1 to 40 rows; the forward at
+        40 rows (the blocked GEMM) equals x @ W.T; SIMD and portable code."""
+        n, k = 83, 160  # a partial 64-column panel of K, a partial 16-column strip of N
+        blocks, dense = _blocks(ggml_type, n, k, seed=14)
+        rng = np.random.default_rng(15)
+        x = jnp.asarray(rng.standard_normal((40, k)), jnp.float32)
+        target = rng.standard_normal((40, n))
+
+        def loss(x):
+            y = self.matmul(x, jnp.asarray(blocks), ggml_type)
+            return jnp.sum(y * jnp.asarray(target[:x.shape[0]], jnp.float32))
+
+        grad = jax.jit(jax.grad(loss))
+        text = grad.lower(x[:3]).as_text()
+        assert "lowbit_gguf_matmul_transposed" in text and f"tensor<{n}x{k}xf32>" not in text
+        for m in (1, 7, 40):
+            assert _relative_error(grad(x[:m]), target[:m] @ dense) < self.float32_tolerance, (ggml_type, m)
+        y = self.matmul(x, jnp.asarray(blocks), ggml_type)
+        assert _relative_error(y, np.asarray(x, np.float64) @ dense.T) < self.float32_tolerance
+        with portable_code_only():
+            assert _relative_error(jax.grad(loss)(x[:5]), target[:5] @ dense) < self.float32_tolerance
+            y = self.matmul(x, jnp.asarray(blocks), ggml_type)
+            assert _relative_error(y, np.asarray(x, np.float64) @ dense.T) < self.float32_tolerance
+
+    def test_gemm_and_gradient_two_threads_at_once(self):
+        """Two Python threads running the blocked GEMM forward and the gradient together get the same
+        bits as when run alone."""
+        problems = [(_blocks("Q4_0", 200, 576, seed=16)[0], "Q4_0"), (_blocks("Q8_0", 576, 192, seed=17)[0], "Q8_0")]
+        rng = np.random.default_rng(18)
+        xs = [jnp.asarray(rng.standard_normal((48, b.shape[1] // (18 if t == "Q4_0" else 34) * 32)), jnp.float32)
+              for b, t in problems]
+        steps = [jax.jit(jax.value_and_grad(lambda x, b, t=t: jnp.sum(jnp.sin(gguf_matmul(x, b, t, impl="native")))))
+                 for _, t in problems]
+        expected = [steps[i](xs[i], jnp.asarray(problems[i][0])) for i in range(2)]
+        results = [[], []]
+        barrier = threading.Barrier(2)
+
+        def worker(i):
+            barrier.wait()
+            for _ in range(10):
+                results[i].append(steps[i](xs[i], jnp.asarray(problems[i][0])))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i in range(2):
+            assert len(results[i]) == 10
+            for value, grad in results[i]:
+                assert float(value) == float(expected[i][0])
+                assert np.array_equal(np.asarray(grad), np.asarray(expected[i][1]))
+
     def test_two_threads_at_once_inside_jit(self):
         problems = [_blocks("Q4_1", 576, 1536, seed=6), _blocks("Q8_0", 1536, 576, seed=7)]
         types = ["Q4_1", "Q8_0"]

@@ -16,7 +16,7 @@ from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl
 from lowbit.core.packing import PackedArray, pack
 from lowbit.core.quantize import QArray, quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
+from lowbit.kernels.dispatch import NATIVE_GEMM_ROWS, NATIVE_MAX_ROWS, resolve_impl
 from lowbit.kernels.packed_matmul import (
     DECODE_CONFIG,
     PREFILL_CONFIG,
@@ -115,6 +115,18 @@ class PackedMatmulBase(KernelTestBase):
         x = np.random.default_rng(4).standard_normal((3, 288))
         self.check(x, pw)
 
+    def test_partial_last_group(self):
+        """K = 100 with groups of 32: the last group holds 4 rows and its own scale."""
+        pw = _packed("int4:g32:asym", 100, 24)
+        x = np.random.default_rng(9).standard_normal((3, 100))
+        if self.impl == "pallas":
+            with pytest.raises(ValueError, match="does not divide K=100"):
+                self.matmul(jnp.asarray(x, jnp.float32), pw)
+            assert _relative_error(packed_matmul(jnp.asarray(x, jnp.float32), pw, impl="auto", interpret=True),
+                                   _expected(x, pw)) < self.float32_tolerance  # "auto" takes XLA
+            return
+        self.check(x, pw)
+
     def test_all_zero_groups(self):
         w = np.random.default_rng(5).standard_normal((256, 48)).astype(np.float32)
         w[64:128] = 0.0
@@ -153,8 +165,6 @@ class PackedMatmulBase(KernelTestBase):
             self.matmul(jnp.ones((2, 128), jnp.int32), pw)
         with pytest.raises(ValueError, match="w must be a lowbit.core.packing.PackedArray"):
             self.matmul(x, np.ones((128, 32)))
-        with pytest.raises(ValueError, match="nearest divisors of 100: 25 below, 50 above"):
-            self.matmul(jnp.ones((1, 100)), _packed("int4:g32", 100, 8))
         with pytest.raises(ValueError, match="ternary='int2'"):
             self.matmul(x, _packed("ternary", 128, 32))
         with pytest.raises(ValueError, match="int8_matmul"):
@@ -408,6 +418,83 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
             assert _relative_error(self.matmul(x[:5], pw), np.asarray(x[:5], np.float64) @ dense) < 1e-5
             assert _relative_error(jax.grad(loss)(x[:5]), np.asarray(target[:5], np.float64) @ dense.T) < 1e-5
 
+    # K not a multiple of the group size: the last group is partial (and for 4-bit formats with odd
+    # K, so is the last byte); forward and input gradient, SIMD and portable code, 1 to 70 rows.
+    @pytest.mark.parametrize("spec, ternary, k, n", [
+        ("int4:g32", "base3", 100, 24), ("int4:g64:asym", "base3", 577, 37), ("int4:g128", "base3", 130, 17),
+        ("nf4:g64:dq", "base3", 200, 33), ("nf4:g64", "base3", 99, 16), ("fp4:g64:dq", "base3", 150, 20),
+        ("fp4:g32", "base3", 45, 19), ("ternary:g64", "int2", 161, 35), ("int2:g32:asym", "base3", 70, 18),
+    ])
+    def test_partial_last_group_forward_and_gradient(self, spec, ternary, k, n):
+        pw = _packed(spec, k, n, ternary=ternary)
+        dense = np.asarray(pw.dequantize(), np.float64)
+        rng = np.random.default_rng(22)
+        x = jnp.asarray(rng.standard_normal((70, k)), jnp.float32)
+        target = jnp.asarray(rng.standard_normal((70, n)), jnp.float32)
+
+        def loss(x):
+            return jnp.sum(self.matmul(x, pw) * target[:x.shape[0]])
+
+        forward, backward = jax.jit(lambda x: self.matmul(x, pw)), jax.jit(jax.grad(loss))
+        assert "lowbit_packed_matmul_transposed" in backward.lower(x[:2]).as_text()
+        for m in (1, 3, 8, 70):
+            assert _relative_error(forward(x[:m]), np.asarray(x[:m], np.float64) @ dense) < 1e-5, (spec, m)
+            want = np.asarray(target[:m], np.float64) @ dense.T
+            assert _relative_error(backward(x[:m]), want) < self.float32_tolerance, (spec, m)
+        with portable_code_only():
+            assert _relative_error(self.matmul(x[:5], pw), np.asarray(x[:5], np.float64) @ dense) < 1e-5
+            assert _relative_error(jax.grad(loss)(x[:5]), np.asarray(target[:5], np.float64) @ dense.T) < 1e-5
+
+    # The blocked GEMM (from NATIVE_GEMM_ROWS rows) against the GEMV and the float64 reference: N
+    # with a partial 16-column strip and a partial 64-column panel, K over several 256-row panels
+    # (with a partial group), row counts that leave 1-5 rows after the 6-row tiles.
+    @pytest.mark.parametrize("spec, ternary, k, n", [
+        ("int4:g64:asym", "base3", 600, 83), ("nf4:g64:dq", "base3", 576, 70), ("ternary:g64", "int2", 300, 129),
+        ("int2:g32", "base3", 96, 16), ("binary:channel", "base3", 520, 33), ("fp4:g64", "base3", 257, 8),
+    ])
+    def test_gemm_equals_gemv_and_reference(self, spec, ternary, k, n):
+        from lowbit.kernels.packed_matmul.native import packed_matmul_native
+        from lowbit.kernels.packed_matmul.reference import float_scales
+
+        pw = _packed(spec, k, n, ternary=ternary)
+        fmt, plain = weight_format(pw), float_scales(pw)
+        dense = np.asarray(pw.dequantize(), np.float64)
+        x = jnp.asarray(np.random.default_rng(23).standard_normal((31, k)), jnp.float32)
+        gemm = jax.jit(lambda x: packed_matmul_native(x, plain, fmt, gemm_rows=1))
+        gemv = jax.jit(lambda x: packed_matmul_native(x, plain, fmt, gemm_rows=1 << 30))
+        for m in (1, 5, 6, 7, 13, 31):
+            want = np.asarray(x[:m], np.float64) @ dense
+            assert _relative_error(gemm(x[:m]), want) < 1e-5, (spec, m)
+            assert _relative_error(gemm(x[:m]), np.asarray(gemv(x[:m]), np.float64)) < 1e-5, (spec, m)
+        with portable_code_only():
+            assert _relative_error(gemm(x[:7] + 0.0), np.asarray(x[:7], np.float64) @ dense) < 1e-5
+
+    def test_gemm_two_threads_at_once(self):
+        """Two Python threads running the GEMM forward and backward together get their own answers."""
+        pws = [_packed("nf4:g64:dq", 576, 200), _packed("int4:g32:asym", 200, 576)]
+        rng = np.random.default_rng(24)
+        xs = [jnp.asarray(rng.standard_normal((48, pw.shape[0])), jnp.float32) for pw in pws]
+        step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(packed_matmul(x, w, impl="native")))))
+        expected = [step(x, pw) for x, pw in zip(xs, pws)]
+        results = [[], []]
+        barrier = threading.Barrier(2)
+
+        def worker(i):
+            barrier.wait()
+            for _ in range(10):
+                results[i].append(step(xs[i], pws[i]))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i in range(2):
+            assert len(results[i]) == 10
+            for value, grad in results[i]:  # same program, same inputs: bit-identical
+                assert float(value) == float(expected[i][0])
+                assert np.array_equal(np.asarray(grad), np.asarray(expected[i][1]))
+
     def test_nf4_gradient_forms_no_float_weight(self):
         """Forward and backward of an NF4 double-quantized weight call the two kernels, and the
         compiled program holds no float [K, N] matrix (its temporaries are below one)."""
@@ -451,11 +538,12 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
         for got, want in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
             assert _relative_error(got, np.asarray(want, np.float64)) < 1e-5
 
-    def test_auto_picks_native_for_decode_and_xla_for_prefill(self):
+    def test_auto_picks_native_for_decode_and_prefill(self):
+        """"auto" on CPU runs the native kernels at every row count (GEMV, then the blocked GEMM)."""
         pw = _packed("int4:g64", 128, 32)
         lower = jax.jit(lambda x, w: packed_matmul(x, w)).lower
-        assert "lowbit_packed_matmul" in lower(jnp.ones((NATIVE_MAX_ROWS, 128)), pw).as_text()
-        assert "lowbit_packed_matmul" not in lower(jnp.ones((NATIVE_MAX_ROWS + 1, 128)), pw).as_text()
+        for m in (1, NATIVE_GEMM_ROWS, 512):
+            assert "lowbit_packed_matmul" in lower(jnp.ones((m, 128)), pw).as_text()
 
 
 def _pads_of_shape(fn, args, shape):

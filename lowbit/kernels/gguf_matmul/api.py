@@ -33,7 +33,9 @@ def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto", activations: s
     x: [..., K] float32/bfloat16/float16. blocks: uint8 [N, K/32 * block bytes], the tensor's bytes
     from the file with one weight row (output feature) per row. ggml_type: "Q4_0", "Q4_1" or "Q8_0".
     impl: "auto" (where the native CPU kernels are built: their GEMV for up to NATIVE_MAX_ROWS rows
-    of x, above that their block dequantization then XLA's dot; else XLA), "native" or "xla".
+    of x, above that their block dequantization then XLA's dot; else XLA), "native" (GEMV below
+    NATIVE_GEMM_ROWS rows, the blocked GEMM over the blocks above, for f32 activations) or "xla".
+    Differentiable in x on every path; natively x-bar = g @ W runs over the blocks (no float W).
     activations: "f32" (default: x as it is, so a model on the blocks equals its f32-dequantized load
     within float rounding) or "int8" (x rounded per row and 32-block to int8 as ggml does, integer
     block dots; an extra rounding of x of up to 0.4% of each block's max; every impl rounds the same way).

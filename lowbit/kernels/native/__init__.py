@@ -27,6 +27,7 @@ TARGETS = {
     "lowbit_packed_matmul": "LowbitPackedMatmul",
     "lowbit_packed_matmul_transposed": "LowbitPackedMatmulTransposed",
     "lowbit_gguf_matmul": "LowbitGgufMatmul",
+    "lowbit_gguf_matmul_transposed": "LowbitGgufMatmulTransposed",
     "lowbit_gguf_dequantize": "LowbitGgufDequantize",
     "lowbit_int8_matmul": "LowbitInt8Matmul",
 }

@@ -177,8 +177,14 @@ struct PackedProblem {
   float offset;        // levels[0]: with unit steps (integer formats) q = u + offset
   const float* levels; // [1 << bits] value of each code
   int64_t m, n, kp, groups, group_size;
+  int64_t rows;        // packed rows: the last group holds fewer when group_size does not divide K
   float* y;            // [M, N]
 };
+
+// Packed rows of group g (the last group may be partial).
+inline int64_t rows_in_group(int64_t rows, int64_t rows_per_group, int64_t g) {
+  return std::min(rows_per_group, rows - g * rows_per_group);
+}
 
 constexpr int kStrip = 16;  // columns per SIMD strip
 constexpr int kRowTile = 4; // activation rows per pass over the weights
@@ -196,7 +202,8 @@ void packed_columns_scalar(const PackedProblem& p, int64_t n0, int64_t n1) {
         float dot = 0.0f;
         const uint8_t* w = p.data + g * rows_per_group * p.n + n;
         const float* xg = xrow + g * p.group_size;
-        for (int64_t r = 0; r < rows_per_group; ++r) {
+        const int64_t group_rows = rows_in_group(p.rows, rows_per_group, g);
+        for (int64_t r = 0; r < group_rows; ++r) {
           unsigned byte = w[r * p.n];
           for (int f = 0; f < F; ++f) dot += xg[r * F + f] * p.levels[(byte >> (f * BITS)) & mask];
         }
@@ -261,7 +268,8 @@ LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0
         for (int h = 0; h < 2 * W; ++h) acc[m][h] = _mm256_setzero_ps();
       }
       const uint8_t* w = p.data + g * rows_per_group * p.n + n0;
-      for (int64_t r = 0; r < rows_per_group; ++r, w += p.n) {
+      const int64_t group_rows = rows_in_group(p.rows, rows_per_group, g);
+      for (int64_t r = 0; r < group_rows; ++r, w += p.n) {
         __m128i bytes[W];
         for (int j = 0; j < W; ++j) bytes[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kStrip * j));
 #pragma GCC unroll 8
@@ -353,7 +361,7 @@ template <int BITS>
 void packed_matmul_run(ffi::ThreadPool& pool, const PackedProblem& p) {
   const bool lut = BITS == 4 && !unit_steps(p.levels, BITS);
   split_columns(
-      pool, p.n, p.groups * p.group_size / (8 / BITS) * p.n,
+      pool, p.n, p.rows * p.n,
       [&](int64_t s0, int64_t s1) {
 #ifdef LOWBIT_X86
         if (lut) {
@@ -376,11 +384,9 @@ ffi::Error check_packed_weight(const char* kernel, const ffi::Buffer<ffi::U8>& d
   if (bits != 1 && bits != 2 && bits != 4) return fail("bits must be 1, 2 or 4");
   if (static_cast<int64_t>(levels.element_count()) != (int64_t{1} << bits)) return fail("levels must hold 2**bits values");
   const int64_t fields = 8 / bits, rows = data.dimensions()[0], n = data.dimensions()[1];
-  if (rows * fields < k || rows * fields - k >= fields || group_size <= 0 || group_size % fields ||
-      (rows * fields) % group_size) {
-    return fail("group_size must be a positive multiple of the codes per byte dividing the rows");
-  }
-  *groups = rows * fields / group_size;
+  if (rows * fields < k || rows * fields - k >= fields) return fail("data must hold ceil(K / codes per byte) rows");
+  if (group_size <= 0 || group_size % fields) return fail("group_size must be a positive multiple of the codes per byte");
+  *groups = (rows * fields + group_size - 1) / group_size;  // the last group may be partial
   if (!float_kind(scale.element_type(), scale_kind) || !float_kind(zero.element_type(), zero_kind)) {
     return fail("scale and zero must be f32, f16 or bf16");
   }
@@ -391,9 +397,240 @@ ffi::Error check_packed_weight(const char* kernel, const ffi::Buffer<ffi::U8>& d
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Blocked GEMM for many activation rows (prefill, training): out[M, C] = A[M, R] B[R, C], where B is
+// never held whole: a `fill` dequantizes one panel B[r0:r1, c0:c1] (kGemmDepth x kGemmPanel floats,
+// 64 KiB, cache resident) and every row of A meets it through a 6 x 16 FMA micro-kernel. Tasks take
+// column panels (claimed one at a time, so both cores stay busy); each walks the reduction in
+// kGemmDepth steps, writing its output columns on the first and adding on the others. The decoding
+// costs R x C per call, not per row.
+
+constexpr int kGemmRows = 6;      // rows of A per micro-kernel (12 accumulators + 2 B + 1 A registers)
+constexpr int kGemmDepth = 256;   // reduction rows per panel
+constexpr int kGemmPanel = 64;    // output columns per panel (a multiple of kStrip)
+
+// out[m, 0:cols] (+)= sum_r a[m, r] b[r, 0:16] for MT rows, `depth` reduction rows, b's row stride `width`.
+template <int MT>
+void gemm_micro_scalar(const float* a, int64_t lda, const float* b, int64_t width, int64_t depth, float* out,
+                       int64_t ldo, int64_t cols, bool accumulate) {
+  float acc[MT][kStrip] = {};
+  for (int64_t r = 0; r < depth; ++r) {
+    const float* br = b + r * width;
+    for (int m = 0; m < MT; ++m) {
+      const float av = a[m * lda + r];
+      for (int j = 0; j < kStrip; ++j) acc[m][j] += av * br[j];
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    for (int64_t j = 0; j < cols; ++j) out[m * ldo + j] = accumulate ? out[m * ldo + j] + acc[m][j] : acc[m][j];
+  }
+}
+
+#ifdef LOWBIT_X86
+// Always 6 rows in named registers (an accumulator array made GCC store every FMA's result to the
+// stack); a tile of fewer rows repeats its last row and drops the copies.
+template <int MT>
+LOWBIT_AVX2 void gemm_micro_avx2(const float* a, int64_t lda, const float* b, int64_t width, int64_t depth, float* out,
+                                 int64_t ldo, int64_t cols, bool accumulate) {
+  const float* a0 = a;
+  const float* a1 = a + std::min(1, MT - 1) * lda;
+  const float* a2 = a + std::min(2, MT - 1) * lda;
+  const float* a3 = a + std::min(3, MT - 1) * lda;
+  const float* a4 = a + std::min(4, MT - 1) * lda;
+  const float* a5 = a + std::min(5, MT - 1) * lda;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t r = 0; r < depth; ++r) {
+    const __m256 b0 = _mm256_loadu_ps(b + r * width), b1 = _mm256_loadu_ps(b + r * width + 8);
+    __m256 av = _mm256_broadcast_ss(a0 + r);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(a1 + r);
+    c10 = _mm256_fmadd_ps(av, b0, c10);
+    c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(a2 + r);
+    c20 = _mm256_fmadd_ps(av, b0, c20);
+    c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(a3 + r);
+    c30 = _mm256_fmadd_ps(av, b0, c30);
+    c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(a4 + r);
+    c40 = _mm256_fmadd_ps(av, b0, c40);
+    c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(a5 + r);
+    c50 = _mm256_fmadd_ps(av, b0, c50);
+    c51 = _mm256_fmadd_ps(av, b1, c51);
+  }
+  alignas(32) float part[6][kStrip];
+  _mm256_store_ps(part[0], c00);
+  _mm256_store_ps(part[0] + 8, c01);
+  _mm256_store_ps(part[1], c10);
+  _mm256_store_ps(part[1] + 8, c11);
+  _mm256_store_ps(part[2], c20);
+  _mm256_store_ps(part[2] + 8, c21);
+  _mm256_store_ps(part[3], c30);
+  _mm256_store_ps(part[3] + 8, c31);
+  _mm256_store_ps(part[4], c40);
+  _mm256_store_ps(part[4] + 8, c41);
+  _mm256_store_ps(part[5], c50);
+  _mm256_store_ps(part[5] + 8, c51);
+  for (int m = 0; m < MT; ++m) {
+    float* o = out + m * ldo;
+    for (int64_t j = 0; j < cols; ++j) o[j] = accumulate ? o[j] + part[m][j] : part[m][j];
+  }
+}
+#endif
+
+template <int MT>
+void gemm_micro(bool simd, const float* a, int64_t lda, const float* b, int64_t width, int64_t depth, float* out,
+                int64_t ldo, int64_t cols, bool accumulate) {
+#ifdef LOWBIT_X86
+  if (simd) return gemm_micro_avx2<MT>(a, lda, b, width, depth, out, ldo, cols, accumulate);
+#endif
+  gemm_micro_scalar<MT>(a, lda, b, width, depth, out, ldo, cols, accumulate);
+}
+
+// Runs out = A B with B made by fill(r0, r1, c0, c1, buffer, width): buffer[(i - r0) * width + (j - c0)]
+// = B[i, j] for r0 <= i < r1, c0 <= j < c1 (columns past c1 in the buffer stay zero).
+template <typename Fill>
+void gemm_run(ffi::ThreadPool& pool, const float* a, int64_t m, int64_t depth_total, int64_t c, float* out,
+              const Fill& fill) {
+  const bool simd = has_avx2();
+  const int64_t panels = (c + kGemmPanel - 1) / kGemmPanel;
+  parallel_for(pool, panels, [&](int64_t t) {
+    const int64_t c0 = t * kGemmPanel, c1 = std::min(c, c0 + kGemmPanel);
+    const int64_t width = (c1 - c0 + kStrip - 1) / kStrip * kStrip;
+    std::vector<float> panel(static_cast<size_t>(kGemmDepth * width), 0.0f);
+    for (int64_t r0 = 0; r0 < depth_total; r0 += kGemmDepth) {
+      const int64_t r1 = std::min(depth_total, r0 + kGemmDepth), depth = r1 - r0;
+      fill(r0, r1, c0, c1, panel.data(), width);
+      const bool accumulate = r0 > 0;
+      for (int64_t m0 = 0; m0 < m; m0 += kGemmRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, m - m0));
+        const float* am = a + m0 * depth_total + r0;
+        for (int64_t s = 0; s < width; s += kStrip) {
+          const int64_t cols = std::min<int64_t>(kStrip, c1 - c0 - s);
+          float* o = out + m0 * c + c0 + s;
+          const float* b = panel.data() + s;
+          switch (rows) {
+            case 6: gemm_micro<6>(simd, am, depth_total, b, width, depth, o, c, cols, accumulate); break;
+            case 5: gemm_micro<5>(simd, am, depth_total, b, width, depth, o, c, cols, accumulate); break;
+            case 4: gemm_micro<4>(simd, am, depth_total, b, width, depth, o, c, cols, accumulate); break;
+            case 3: gemm_micro<3>(simd, am, depth_total, b, width, depth, o, c, cols, accumulate); break;
+            case 2: gemm_micro<2>(simd, am, depth_total, b, width, depth, o, c, cols, accumulate); break;
+            default: gemm_micro<1>(simd, am, depth_total, b, width, depth, o, c, cols, accumulate); break;
+          }
+        }
+      }
+    }
+  });
+}
+
+// One K-row of a packed weight, W[k, n0:n1], dequantized as the XLA reference does (levels[u] *
+// scale, then + zero: the same two roundings, so the values are bit-identical).
+struct PackedWeightView {
+  const uint8_t* data;  // [rows, N]
+  FloatTable scale, zero;
+  bool has_zero;
+  const float* levels;
+  int64_t n, group_size;
+};
+
+template <int BITS>
+void packed_row_scalar(const PackedWeightView& w, int64_t k, int64_t n0, int64_t n1, float* out) {
+  constexpr int F = 8 / BITS;
+  const uint8_t* row = w.data + (k / F) * w.n;
+  const int shift = static_cast<int>(k % F) * BITS;
+  const int64_t g = k / w.group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    float value = w.levels[(row[n] >> shift) & ((1u << BITS) - 1u)] * w.scale.at(g * w.n + n);
+    if (w.has_zero) value += w.zero.at(g * w.n + n);
+    out[n - n0] = value;
+  }
+}
+
+#ifdef LOWBIT_X86
+template <int BITS>
+LOWBIT_AVX2 void packed_row_avx2(const PackedWeightView& w, int64_t k, int64_t n0, int64_t n1, float* out) {
+  constexpr int F = 8 / BITS;
+  const uint8_t* row = w.data + (k / F) * w.n;
+  const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(k % F) * BITS);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const int64_t g = k / w.group_size;
+  alignas(32) float values[16] = {};
+  for (int i = 0; i < (1 << BITS); ++i) values[i] = w.levels[i];
+  const __m256 low = _mm256_load_ps(values), high = _mm256_load_ps(values + 8);
+  int64_t n = n0;
+  for (; n + 8 <= n1; n += 8) {
+    const __m256i u = _mm256_and_si256(
+        _mm256_srl_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + n))), shift), mask);
+    __m256 q = _mm256_permutevar8x32_ps(low, u);
+    if constexpr (BITS == 4) {
+      q = _mm256_blendv_ps(q, _mm256_permutevar8x32_ps(high, u), _mm256_castsi256_ps(_mm256_slli_epi32(u, 28)));
+    }
+    __m256 value = _mm256_mul_ps(q, load8(w.scale, g * w.n + n));
+    if (w.has_zero) value = _mm256_add_ps(value, load8(w.zero, g * w.n + n));
+    _mm256_storeu_ps(out + (n - n0), value);
+  }
+  if (n < n1) packed_row_scalar<BITS>(w, k, n, n1, out + (n - n0));
+}
+#endif
+
+template <int BITS>
+void packed_row(bool simd, const PackedWeightView& w, int64_t k, int64_t n0, int64_t n1, float* out) {
+#ifdef LOWBIT_X86
+  if (simd) return packed_row_avx2<BITS>(w, k, n0, n1, out);
+#endif
+  packed_row_scalar<BITS>(w, k, n0, n1, out);
+}
+
+// y [M, N] = x [M, K] W: panels of W[k0:k1, n0:n1] row by row.
+template <int BITS>
+void packed_gemm(ffi::ThreadPool& pool, const PackedWeightView& w, const float* x, int64_t m, int64_t k, float* y) {
+  const bool simd = has_avx2();
+  gemm_run(pool, x, m, k, w.n, y, [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* panel, int64_t width) {
+    for (int64_t kk = k0; kk < k1; ++kk) packed_row<BITS>(simd, w, kk, n0, n1, panel + (kk - k0) * width);
+  });
+}
+
+// x-bar [M, K] = g [M, N] W^T: the panel holds W^T[n0:n1, k0:k1], each K-row of W dequantized along
+// n and written down a column of the panel.
+template <int BITS>
+void packed_gemm_transposed(ffi::ThreadPool& pool, const PackedWeightView& w, const float* g, int64_t m, int64_t k,
+                            float* xbar) {
+  const bool simd = has_avx2();
+  gemm_run(pool, g, m, w.n, k, xbar, [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* panel, int64_t width) {
+    float row[kGemmDepth];
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      packed_row<BITS>(simd, w, kk, n0, n1, row);
+      for (int64_t i = 0; i < n1 - n0; ++i) panel[i * width + (kk - k0)] = row[i];
+    }
+  });
+}
+
+template <int BITS>
+void packed_gemm_any(ffi::ThreadPool& pool, bool transposed, const PackedWeightView& w, const float* a, int64_t m,
+                     int64_t k, float* out) {
+  if (transposed) {
+    packed_gemm_transposed<BITS>(pool, w, a, m, k, out);
+  } else {
+    packed_gemm<BITS>(pool, w, a, m, k, out);
+  }
+}
+
+void packed_gemm_dispatch(ffi::ThreadPool& pool, int64_t bits, bool transposed, const PackedWeightView& w,
+                          const float* a, int64_t m, int64_t k, float* out) {
+  switch (bits) {
+    case 4: packed_gemm_any<4>(pool, transposed, w, a, m, k, out); break;
+    case 2: packed_gemm_any<2>(pool, transposed, w, a, m, k, out); break;
+    default: packed_gemm_any<1>(pool, transposed, w, a, m, k, out); break;
+  }
+}
+
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data,
                             ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> levels,
-                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group_size, int64_t has_zero) {
+                            ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group_size, int64_t has_zero,
+                            int64_t gemm_rows) {
   auto xd = x.dimensions();
   auto wd = data.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return invalid("packed_matmul: x and data must be 2-D");
@@ -404,6 +641,12 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
                                          &p.scale.kind, &p.zero.kind, &groups);
   if (error.failure()) return error;
   if (m == 0 || n == 0) return ffi::Error::Success();
+  if (m >= gemm_rows) {
+    const PackedWeightView w{data.typed_data(), {scale.untyped_data(), p.scale.kind}, {zero.untyped_data(), p.zero.kind},
+                             has_zero != 0, levels.typed_data(), n, group_size};
+    packed_gemm_dispatch(pool, bits, false, w, x.typed_data(), m, k, y->typed_data());
+    return ffi::Error::Success();
+  }
   const int64_t kp = groups * group_size;
   // x zero padded to whole groups, and its sums per group.
   std::vector<float> xpad(static_cast<size_t>(m * kp), 0.0f);
@@ -430,6 +673,7 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   p.kp = kp;
   p.groups = groups;
   p.group_size = group_size;
+  p.rows = wd[0];
   p.y = y->typed_data();
   switch (bits) {
     case 4: packed_matmul_run<4>(pool, p); break;
@@ -441,104 +685,9 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 
 // ---------------------------------------------------------------------------------------------
 // The transposed product of a packed weight, for the gradient w.r.t. the activations:
-//   xbar[m, k] = sum_n g[m, n] W[k, n],  W[k, n] = levels[u[k, n]] scale[G, n] + zero[G, n] (k in group G).
-// Tasks take ranges of packed rows; each dequantizes kTileRows K-rows at a time into a small f32 tile
-// (kTileRows x N floats, in L1/L2; never the whole matrix), then every row of g meets the tile:
-// kTileRows dot products over N with kLanes independent sums each, which the compiler vectorizes
-// (8-wide FMAs in the AVX2 instance) without reassociating a single sum. The decoding is paid once
-// per tile, not once per row of g.
-
-constexpr int kLanes = 8;
-constexpr int kTileRows = 8;
-
-struct TransposedProblem {
-  const float* g;      // [M, N] cotangent of y
-  const uint8_t* data; // [rows, N]
-  FloatTable scale, zero;
-  bool has_zero;
-  const float* levels; // [1 << bits] value of each code
-  int64_t m, n, k, groups, group_size;
-  float* xbar;         // [M, K]
-};
-
-template <int BITS>
-inline __attribute__((always_inline)) void transposed_rows_body(const TransposedProblem& p, int64_t r0,
-                                                                int64_t r1) {
-  constexpr int F = 8 / BITS;
-  constexpr int RB = kTileRows / F > 0 ? kTileRows / F : 1;  // packed rows per tile
-  constexpr int KT = RB * F;                                  // K-rows per tile
-  constexpr unsigned mask = (1u << BITS) - 1u;
-  const int64_t rows_per_group = p.group_size / F;
-  std::vector<float> tile(static_cast<size_t>(KT * p.n));
-  for (int64_t rb = r0; rb < r1; rb += RB) {
-    const int64_t k0 = rb * F;
-    const int64_t kt = std::min<int64_t>({KT, (r1 - rb) * F, p.k - k0});
-    if (kt <= 0) break;
-    for (int64_t j = 0; j < kt; ++j) {  // dequantize K-rows k0 .. k0 + kt of W
-      const int64_t r = rb + j / F;
-      const int shift = static_cast<int>(j % F) * BITS;
-      const int64_t grp = r / rows_per_group;
-      const uint8_t* w = p.data + r * p.n;
-      float* out = tile.data() + j * p.n;
-      for (int64_t n = 0; n < p.n; ++n) {
-        float value = p.levels[(w[n] >> shift) & mask] * p.scale.at(grp * p.n + n);
-        if (p.has_zero) value += p.zero.at(grp * p.n + n);
-        out[n] = value;
-      }
-    }
-    for (int64_t m = 0; m < p.m; ++m) {
-      const float* grow = p.g + m * p.n;
-      float acc[KT][kLanes] = {};
-      int64_t n = 0;
-      for (; n + kLanes <= p.n; n += kLanes) {
-        for (int j = 0; j < KT; ++j) {
-          const float* wt = tile.data() + j * p.n + n;
-          for (int l = 0; l < kLanes; ++l) acc[j][l] += grow[n + l] * wt[l];
-        }
-      }
-      float tail[KT] = {};
-      for (; n < p.n; ++n) {
-        for (int j = 0; j < KT; ++j) tail[j] += grow[n] * tile[j * p.n + n];
-      }
-      for (int64_t j = 0; j < kt; ++j) {
-        float total = tail[j];
-        for (int l = 0; l < kLanes; ++l) total += acc[j][l];
-        p.xbar[m * p.k + k0 + j] = total;
-      }
-    }
-  }
-}
-
-template <int BITS>
-void transposed_rows_scalar(const TransposedProblem& p, int64_t r0, int64_t r1) {
-  transposed_rows_body<BITS>(p, r0, r1);
-}
-
-#ifdef LOWBIT_X86
-template <int BITS>
-LOWBIT_AVX2 void transposed_rows_avx2(const TransposedProblem& p, int64_t r0, int64_t r1) {
-  transposed_rows_body<BITS>(p, r0, r1);
-}
-#endif
-
-template <int BITS>
-void transposed_run(ffi::ThreadPool& pool, const TransposedProblem& p) {
-  constexpr int F = 8 / BITS;
-  constexpr int RB = kTileRows / F > 0 ? kTileRows / F : 1;
-  const int64_t rows = p.groups * p.group_size / F;
-  const int64_t tiles = (rows + RB - 1) / RB;
-  const int64_t tasks = task_count(pool, rows * p.n, tiles);
-  parallel_for(pool, tasks, [&](int64_t t) {  // whole tiles per task
-    const int64_t r0 = tiles * t / tasks * RB, r1 = std::min(rows, tiles * (t + 1) / tasks * RB);
-#ifdef LOWBIT_X86
-    if (has_avx2()) {
-      transposed_rows_avx2<BITS>(p, r0, r1);
-      return;
-    }
-#endif
-    transposed_rows_scalar<BITS>(p, r0, r1);
-  });
-}
+//   xbar[m, k] = sum_n g[m, n] W[k, n]
+// by the blocked GEMM at every M (panels of W^T dequantized from the packed bytes; measured faster
+// than a GEMV-shaped kernel already at 1-8 rows, since each weight is decoded once per call).
 
 ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> data,
                                       ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> levels,
@@ -550,27 +699,15 @@ ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   if (gd.size() != 2 || wd.size() != 2 || xd.size() != 2) return invalid("packed_matmul_transposed: 2-D arrays expected");
   const int64_t m = gd[0], n = gd[1], k = xd[1];
   if (wd[1] != n || xd[0] != m) return invalid("packed_matmul_transposed: g [M, N], data [rows, N], xbar [M, K]");
-  TransposedProblem p{};
+  FloatKind scale_kind, zero_kind;
+  int64_t groups = 0;
   ffi::Error error = check_packed_weight("packed_matmul_transposed", data, scale, zero, levels, k, bits, group_size,
-                                         has_zero, &p.scale.kind, &p.zero.kind, &p.groups);
+                                         has_zero, &scale_kind, &zero_kind, &groups);
   if (error.failure()) return error;
   if (m == 0 || k == 0) return ffi::Error::Success();
-  p.g = g.typed_data();
-  p.data = data.typed_data();
-  p.scale.data = scale.untyped_data();
-  p.zero.data = zero.untyped_data();
-  p.has_zero = has_zero != 0;
-  p.levels = levels.typed_data();
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.group_size = group_size;
-  p.xbar = xbar->typed_data();
-  switch (bits) {
-    case 4: transposed_run<4>(pool, p); break;
-    case 2: transposed_run<2>(pool, p); break;
-    default: transposed_run<1>(pool, p); break;
-  }
+  const PackedWeightView w{data.typed_data(), {scale.untyped_data(), scale_kind}, {zero.untyped_data(), zero_kind},
+                           has_zero != 0, levels.typed_data(), n, group_size};
+  packed_gemm_dispatch(pool, bits, true, w, g.typed_data(), m, k, xbar->typed_data());
   return ffi::Error::Success();
 }
 
@@ -818,33 +955,40 @@ LOWBIT_AVX2 void gguf_rows_avx2(const GgufProblem& p, int64_t r0, int64_t r1) {
 }
 #endif
 
-// GGUF blocks [N, K/32 * block bytes] -> f32 weights [N, K] by ggml's formulas (the prefill path:
-// dequantize once, then XLA's GEMM), rows split over the threads.
-void gguf_dequantize_rows(int64_t type, const uint8_t* blocks, int64_t block_bytes, int64_t k, int64_t r0,
-                          int64_t r1, float* out) {
-  const int64_t nb = k / 32;
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = blocks + (r * nb + b) * block_bytes;
-      float* w = out + r * k + b * 32;
-      const float d = half_to_float(read_u16(blk));
-      if (type == kQ8_0) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-        for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(q[j]) * d;
-      } else if (type == kQ4_1) {
-        const float m = half_to_float(read_u16(blk + 2));
-        for (int j = 0; j < 16; ++j) {
-          w[j] = static_cast<float>(blk[4 + j] & 0x0f) * d + m;
-          w[j + 16] = static_cast<float>(blk[4 + j] >> 4) * d + m;
-        }
-      } else {
-        for (int j = 0; j < 16; ++j) {
-          w[j] = (static_cast<float>(blk[2 + j] & 0x0f) - 8.0f) * d;
-          w[j + 16] = (static_cast<float>(blk[2 + j] >> 4) - 8.0f) * d;
-        }
-      }
+int64_t gguf_block_bytes(int64_t type) { return type == kQ4_0 ? 18 : (type == kQ4_1 ? 20 : 34); }
+
+// One GGUF block -> its 32 f32 weights, by ggml's formulas.
+void gguf_dequantize_block(int64_t type, const uint8_t* blk, float* w) {
+  const float d = half_to_float(read_u16(blk));
+  if (type == kQ8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(q[j]) * d;
+  } else if (type == kQ4_1) {
+    const float m = half_to_float(read_u16(blk + 2));
+    for (int j = 0; j < 16; ++j) {
+      w[j] = static_cast<float>(blk[4 + j] & 0x0f) * d + m;
+      w[j + 16] = static_cast<float>(blk[4 + j] >> 4) * d + m;
+    }
+  } else {
+    for (int j = 0; j < 16; ++j) {
+      w[j] = (static_cast<float>(blk[2 + j] & 0x0f) - 8.0f) * d;
+      w[j + 16] = (static_cast<float>(blk[2 + j] >> 4) - 8.0f) * d;
     }
   }
+}
+
+// Weights W[r, k0:k1] of GGUF row r (k0 and k1 multiples of 32, or k1 = K) -> out[0 : k1 - k0].
+void gguf_row_range(int64_t type, const uint8_t* blocks, int64_t block_bytes, int64_t k, int64_t r, int64_t k0,
+                    int64_t k1, float* out) {
+  const uint8_t* row = blocks + r * (k / 32) * block_bytes;
+  for (int64_t b = k0 / 32; b * 32 < k1; ++b) gguf_dequantize_block(type, row + b * block_bytes, out + b * 32 - k0);
+}
+
+// GGUF blocks [N, K/32 * block bytes] -> f32 weights [N, K] (dequantize once, then XLA's GEMM),
+// rows split over the threads.
+void gguf_dequantize_rows(int64_t type, const uint8_t* blocks, int64_t block_bytes, int64_t k, int64_t r0,
+                          int64_t r1, float* out) {
+  for (int64_t r = r0; r < r1; ++r) gguf_row_range(type, blocks, block_bytes, k, r, 0, k, out + r * k);
 }
 
 ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks, ffi::ResultBuffer<ffi::F32> w,
@@ -852,7 +996,7 @@ ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks,
   auto bd = blocks.dimensions();
   auto wd = w->dimensions();
   if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_dequantize: type must be 0, 1 or 2");
-  const int64_t block_bytes = type == kQ8_0 ? 34 : (type == kQ4_1 ? 20 : 18);
+  const int64_t block_bytes = gguf_block_bytes(type);
   if (bd.size() != 2 || wd.size() != 2 || bd[0] != wd[0] || wd[1] % 32 || bd[1] != wd[1] / 32 * block_bytes) {
     return invalid("gguf_dequantize: blocks [N, K/32 * block bytes] and w [N, K] expected");
   }
@@ -867,21 +1011,48 @@ ffi::Error GgufDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks,
   return ffi::Error::Success();
 }
 
+// y [M, N] = x [M, K] W^T by the blocked GEMM: the panel holds W^T[k0:k1, n0:n1], each GGUF row's
+// blocks in [k0, k1) decoded and written down a column.
+void gguf_gemm(ffi::ThreadPool& pool, int64_t type, const uint8_t* blocks, const float* x, int64_t m, int64_t k,
+               int64_t n, float* y) {
+  const int64_t block_bytes = gguf_block_bytes(type);
+  gemm_run(pool, x, m, k, n, y, [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* panel, int64_t width) {
+    float row[kGemmDepth];
+    for (int64_t r = n0; r < n1; ++r) {
+      gguf_row_range(type, blocks, block_bytes, k, r, k0, k1, row);
+      for (int64_t i = 0; i < k1 - k0; ++i) panel[i * width + (r - n0)] = row[i];
+    }
+  });
+}
+
+// x-bar [M, K] = g [M, N] W by the blocked GEMM: the panel holds W[n0:n1, k0:k1], GGUF rows as stored.
+void gguf_gemm_transposed(ffi::ThreadPool& pool, int64_t type, const uint8_t* blocks, const float* g, int64_t m,
+                          int64_t k, int64_t n, float* xbar) {
+  const int64_t block_bytes = gguf_block_bytes(type);
+  gemm_run(pool, g, m, n, k, xbar, [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* panel, int64_t width) {
+    for (int64_t r = n0; r < n1; ++r) gguf_row_range(type, blocks, block_bytes, k, r, k0, k1, panel + (r - n0) * width);
+  });
+}
+
 ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t type, int64_t activations) {
+                          ffi::ResultBuffer<ffi::F32> y, int64_t type, int64_t activations, int64_t gemm_rows) {
   auto xd = x.dimensions();
   auto bd = blocks.dimensions();
   if (xd.size() != 2 || bd.size() != 2) return invalid("gguf_matmul: x and blocks must be 2-D");
   if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_matmul: type must be Q4_0, Q4_1 or Q8_0");
   GgufProblem p{};
   p.type = type;
-  p.block_bytes = type == kQ4_0 ? 18 : (type == kQ4_1 ? 20 : 34);
+  p.block_bytes = gguf_block_bytes(type);
   p.m = xd[0];
   p.k = xd[1];
   p.n = bd[0];
   if (p.k % 32 || bd[1] != p.k / 32 * p.block_bytes) return invalid("gguf_matmul: blocks must be [N, K/32 * block bytes]");
   if (activations != 0 && activations != 1) return invalid("gguf_matmul: activations must be 0 (f32) or 1 (int8)");
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (activations == 0 && p.m >= gemm_rows) {
+    gguf_gemm(pool, type, blocks.typed_data(), x.typed_data(), p.m, p.k, p.n, y->typed_data());
+    return ffi::Error::Success();
+  }
   const int64_t nb = p.k / 32;
   std::vector<float> xsum, xscale;
   std::vector<int8_t> xq;
@@ -927,6 +1098,26 @@ ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       gguf_rows_scalar(p, r0, r1);
     }
   });
+  return ffi::Error::Success();
+}
+
+ffi::Error GgufMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> blocks,
+                                    ffi::ResultBuffer<ffi::F32> xbar, int64_t type) {
+  auto gd = g.dimensions();
+  auto bd = blocks.dimensions();
+  auto xd = xbar->dimensions();
+  if (type != kQ4_0 && type != kQ4_1 && type != kQ8_0) return invalid("gguf_matmul_transposed: type must be 0, 1 or 2");
+  if (gd.size() != 2 || bd.size() != 2 || xd.size() != 2 || gd[1] != bd[0] || gd[0] != xd[0] || xd[1] % 32 ||
+      bd[1] != xd[1] / 32 * gguf_block_bytes(type)) {
+    return invalid("gguf_matmul_transposed: g [M, N], blocks [N, K/32 * block bytes], xbar [M, K] expected");
+  }
+  const int64_t m = gd[0], n = gd[1], k = xd[1];
+  if (m == 0 || k == 0) return ffi::Error::Success();
+  if (n == 0) {
+    std::fill(xbar->typed_data(), xbar->typed_data() + m * k, 0.0f);
+    return ffi::Error::Success();
+  }
+  gguf_gemm_transposed(pool, type, blocks.typed_data(), g.typed_data(), m, k, n, xbar->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1033,7 +1224,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmul, PackedMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("has_zero"));
+                                  .Attr<int64_t>("has_zero")
+                                  .Attr<int64_t>("gemm_rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmulTransposed, PackedMatmulTransposedImpl,
                               ffi::Ffi::Bind()
@@ -1055,7 +1247,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufMatmul, GgufMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("type")
-                                  .Attr<int64_t>("activations"));
+                                  .Attr<int64_t>("activations")
+                                  .Attr<int64_t>("gemm_rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufMatmulTransposed, GgufMatmulTransposedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("type"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitGgufDequantize, GgufDequantizeImpl,
                               ffi::Ffi::Bind()

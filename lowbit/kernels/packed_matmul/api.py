@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.core.packing import PackedArray
-from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
+from lowbit.kernels.dispatch import resolve_impl
 from lowbit.kernels.packed_matmul.native import native_supports, packed_matmul_native
 from lowbit.kernels.packed_matmul.pallas import PackedMatmulConfig, packed_matmul_pallas, plan_tiles, select_config
 from lowbit.kernels.packed_matmul.reference import float_scales, packed_matmul_reference, weight_format
@@ -32,10 +32,11 @@ def packed_matmul(
     channel or tensor scales, nf4/fp4 code books (scales double-quantized or not), ternary packed
     with `ternary="int2"`, or binary. Returns [..., N]. Differentiable in x on every path; with
     impl "native" the gradient dy @ W.T also runs on the packed bytes (no float W is formed).
-    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built for up to NATIVE_MAX_ROWS
-    rows of x, else XLA), "pallas", "native" (any number of rows) or "xla"; "auto" falls back to
-    XLA for layouts a kernel cannot take (Pallas: code books). interpret: run the Pallas kernel in
-    interpret mode (None: only when there is no GPU). config: tile sizes (None: by regime).
+    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built: their GEMV below
+    NATIVE_GEMM_ROWS rows of x, their blocked GEMM above; else XLA), "pallas", "native" or "xla";
+    "auto" falls back to XLA for layouts a kernel cannot take (Pallas: code books, partial groups).
+    interpret: run the Pallas kernel in interpret mode (None: only when there is no GPU). config:
+    tile sizes (None: by regime).
     """
     fmt = weight_format(w)
     k, n = w.shape
@@ -55,8 +56,6 @@ def packed_matmul(
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
-    if impl == "native" and requested == "auto" and m > NATIVE_MAX_ROWS:
-        impl = "xla"  # prefill: dequantize once and let XLA's GEMM do the rest
     if impl == "native":
         reason = native_supports(fmt)
         if reason is None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.core.packing import PackedArray
+from lowbit.kernels.dispatch import NATIVE_GEMM_ROWS
 from lowbit.kernels.packed_matmul.reference import WeightFormat
 
 SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
@@ -35,21 +36,23 @@ def _attributes(fmt: WeightFormat, group_size: int) -> dict:
     return dict(bits=np.int64(fmt.bits), group_size=np.int64(group_size), has_zero=np.int64(fmt.asymmetric))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _product(x, data, scale, zero, fmt: WeightFormat, group_size: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _product(x, data, scale, zero, fmt: WeightFormat, group_size: int, gemm_rows: int):
     """x: f32 [M, K] times the packed [K, N] weight (data, scale and zero as the kernel reads them)."""
     call = jax.ffi.ffi_call("lowbit_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], data.shape[1]), jnp.float32),
                             vmap_method="sequential")
-    return call(x, data, scale, zero, jnp.asarray(fmt.code_values()), **_attributes(fmt, group_size))
+    return call(x, data, scale, zero, jnp.asarray(fmt.code_values()), **_attributes(fmt, group_size),
+                gemm_rows=np.int64(gemm_rows))
 
 
-def _product_forward(x, data, scale, zero, fmt, group_size):
-    return _product(x, data, scale, zero, fmt, group_size), (x.shape, data, scale, zero)
+def _product_forward(x, data, scale, zero, fmt, group_size, gemm_rows):
+    return _product(x, data, scale, zero, fmt, group_size, gemm_rows), (x.shape, data, scale, zero)
 
 
-def _product_backward(fmt, group_size, residuals, g):
-    """x-bar = g @ W.T from the packed bytes (`lowbit_packed_matmul_transposed`); no gradient for the
-    frozen weight (its codes are integers, its scales and zeros are not trained here)."""
+def _product_backward(fmt, group_size, gemm_rows, residuals, g):
+    """x-bar = g @ W.T from the packed bytes (`lowbit_packed_matmul_transposed`, the blocked GEMM at
+    every row count); no gradient for the frozen weight (its codes are integers, its scales and zeros
+    are not trained here)."""
     x_shape, data, scale, zero = residuals
     call = jax.ffi.ffi_call("lowbit_packed_matmul_transposed", jax.ShapeDtypeStruct(x_shape, jnp.float32),
                             vmap_method="sequential")
@@ -61,11 +64,13 @@ def _product_backward(fmt, group_size, residuals, g):
 _product.defvjp(_product_forward, _product_backward)
 
 
-def packed_matmul_native(x, w: PackedArray, fmt: WeightFormat):
-    """x: float32 [M, K]; w: packed [K, N] -> float32 [M, N], on the CPU through `lowbit_packed_matmul`."""
+def packed_matmul_native(x, w: PackedArray, fmt: WeightFormat, gemm_rows: int = NATIVE_GEMM_ROWS):
+    """x: float32 [M, K]; w: packed [K, N] -> float32 [M, N], on the CPU through `lowbit_packed_matmul`:
+    the GEMV kernel below `gemm_rows` rows of x, the blocked GEMM from there on (the gradient always
+    runs the GEMM)."""
     rows, n = w.data.shape
     group_size = fmt.group_size or rows * fmt.fields  # channel/tensor scales: one group of padded K
-    groups = rows * fmt.fields // group_size
+    groups = -(-rows * fmt.fields // group_size)  # a partial last group has its own scale row
     scale = _stat(w.scale, groups, n)
     zero = _stat(w.zero, groups, n) if fmt.asymmetric else jnp.zeros((1, 1), jnp.float32)
-    return _product(x.astype(jnp.float32), w.data, scale, zero, fmt, group_size)
+    return _product(x.astype(jnp.float32), w.data, scale, zero, fmt, group_size, gemm_rows)

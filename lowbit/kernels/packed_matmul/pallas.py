@@ -100,6 +100,9 @@ def plan_tiles(m: int, k: int, n: int, fmt: WeightFormat, config: PackedMatmulCo
                 f"w: group_size {gs} must be a multiple of the {fields} codes per byte of the "
                 f"{fmt.bits}-bit format for the Pallas kernel (use impl='xla')"
             )
+        if k % gs:
+            raise ValueError(f"w: group_size {gs} does not divide K={k}; the Pallas kernel needs whole groups "
+                             "(use impl='xla' or, on CPU, 'native')")
         if not is_pow2(gs):  # tiles inside one group; pow2 groups divide or are divided by block_k
             block_k = min(block_k, largest_pow2_divisor(gs))
         if block_k < min_k and not interpret:

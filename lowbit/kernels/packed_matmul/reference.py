@@ -26,7 +26,7 @@ class WeightFormat:
     A stored unsigned code u in a field of `bits` bits means the integer
     `code_multiplier * u + code_offset`, or `levels[u]` for a code book (nf4/fp4); the weight is
     that value times its group's scale, plus the group's zero when `asymmetric`. `group_size` is
-    None for one scale per column.
+    None for one scale per column; when it does not divide K, the last group is shorter.
     """
 
     bits: int
@@ -46,12 +46,6 @@ class WeightFormat:
         if self.levels is not None:
             return np.asarray(self.levels, np.float32)
         return (self.code_multiplier * np.arange(1 << self.bits) + self.code_offset).astype(np.float32)
-
-
-def _nearest_divisors(n: int, g: int) -> tuple[int | None, int | None]:
-    below = next((d for d in range(min(g, n), 0, -1) if n % d == 0), None)
-    above = next((d for d in range(g + 1, n + 1) if n % d == 0), None)
-    return below, above
 
 
 def weight_format(w) -> WeightFormat:
@@ -92,13 +86,7 @@ def weight_format(w) -> WeightFormat:
     group_size = None
     if spec.granularity == "group":
         group_size = spec.group_size
-        if k % group_size:
-            below, above = _nearest_divisors(k, group_size)
-            raise ValueError(
-                f"w: group_size {group_size} must divide K={k} (the reduction axis); "
-                f"nearest divisors of {k}: {below} below, {above} above"
-            )
-    groups = k // group_size if group_size else 1
+    groups = -(-k // group_size) if group_size else 1  # a partial last group has its own scale
     expected = [(groups, n)] if group_size else [(1, n), (1, 1)]
     scale_shape = tuple(w.scale.shape)
     if isinstance(w.scale, QArray):  # double quantization: the flattened [groups, N] scales, quantized
