@@ -34,10 +34,9 @@ class QuantizerState(nnx.Variable):
 
 def kernel_supports(packed: PackedArray) -> bool:
     """Whether packed_matmul takes this format: int4 / int2 (sym or asym; group, channel or
-    tensor scales; a group size that divides K; super-block scales, expanded per call), ternary
-    in 2-bit fields, binary. Everything else
-    (a partial last group, int3/5/6/7 bit planes, int8 bytes, nf4/fp4 code books, fp8, base-3
-    ternary, double-quantized scales) is dequantized per call."""
+    tensor scales; a partial last group too; super-block scales, expanded per call), nf4 / fp4
+    code books (double-quantized scales too), ternary in 2-bit fields, binary. Everything else
+    (int3/5/6/7 bit planes, int8 bytes, fp8, base-3 ternary) is dequantized per call."""
     try:
         weight_format(packed.expand_scales())
     except ValueError:
