@@ -44,14 +44,17 @@ def layer_draft(model, n_layers: int):
 
 
 def _float_matrix(module, where: str):
-    """The [K, N] f32 matrix a block linear multiplies by: an nnx.Linear's kernel or a GGUF layer's
-    dequantized blocks (computed now, one matrix at a time)."""
+    """The [K, N] f32 matrix a block linear multiplies its input rows by, as they come: an
+    nnx.Linear's kernel, or a GGUF or packed layer's weights dequantized now (one matrix at a time)."""
     if isinstance(module, nnx.Linear) and module.bias is None:
         return jnp.asarray(module.kernel[...], jnp.float32)
-    if hasattr(module, "dequantized_matrix"):
+    transforms_input = any(getattr(module, name, None) not in (None, False)
+                           for name in ("act_spec", "input_scale", "input_transform", "input_norm", "bias"))
+    if hasattr(module, "dequantized_matrix") and not transforms_input:
         return jnp.asarray(module.dequantized_matrix(), jnp.float32)
-    raise ValueError(f"{where} is a {type(module).__name__}; a low-bit draft is made from a float (nnx.Linear) "
-                     "or GGUF-packed target; for a checkpoint, pass it as the draft itself")
+    raise ValueError(f"{where} is a {type(module).__name__} that is not a plain matrix product (it has a bias or "
+                     "quantizes, scales or rotates its input); a low-bit draft is made from float, GGUF-packed or "
+                     "weight-only packed block linears")
 
 
 def quantized_draft(model, weights: QuantSpec | str):
