@@ -241,8 +241,12 @@ def load_draft(spec: str, target, tokenizer, runtime: str = "packed"):
 
 
 def run_speculative(args, model, tokenizer, load_s: float | None = None) -> dict:
-    """Speculative generation of every prompt (one after another) with --draft and --gamma; prints
-    the texts (or JSON with --json) with acceptance_rate, target_calls, tokens and wall time."""
+    """Speculative generation of every prompt with --draft and --gamma; prints the texts (or JSON with
+    --json) with acceptance_rate, target_calls, tokens and wall time. --batch-file prompts run one
+    after another on paged caches, not batched: on this memory-bound CPU, batching is itself what
+    speculation buys (one weight read for many tokens; the batched generator's decode phase gives
+    1.9x at 4 sequences, 2.4x at 16, benchmarks/RESULTS.md), while speculation alone measured below
+    1x here (papers/speculative), so rows advancing by different accepted counts are not worth it."""
     from lowbit.decode.speculative import SpeculativeDecoder, SpeculativeStats
 
     check_generate_arguments(args)
