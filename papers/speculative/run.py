@@ -74,9 +74,9 @@ def main():
         for spec in args.drafts.split(","):
             draft = make_draft(spec, model)
             decoders = {s: SpeculativeDecoder(model, draft, s[0], confidence_threshold=s[1]) for s in settings}
-            for ids in prompts[:1]:  # compile every executable once
-                plain_greedy(model, ids, 4)
-                plain_greedy(draft, ids, 4)
+            plain_greedy(model, prompts[0], 4)
+            plain_greedy(draft, prompts[0], 4)
+            for ids in prompts:  # compile every executable once (each prompt meets its own drafted counts)
                 for decoder in decoders.values():
                     decoder.generate(ids, args.tokens)
             ratios = []
