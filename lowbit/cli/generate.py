@@ -30,11 +30,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
                         help="packed (a GGUF's own blocks or a checkpoint's codes; default) or dequant (float weights)")
     spec = parser.add_argument_group("speculative decoding")
-    spec.add_argument("--draft", default=None, metavar="SPEC|PATH|layers:N",
-                      help="draft model: layers:N (the target's first N blocks and its head, sharing its weights), "
-                           "a checkpoint directory (e.g. made by `lowbit quantize`), a GGUF path or a registered "
-                           "model name with the target's tokenizer")
-    spec.add_argument("--gamma", type=int, default=4, help="draft tokens per target pass (default 4)")
+    spec.add_argument("--draft", default=None, metavar="rtn:SPEC|PATH|layers:N",
+                      help="draft model: rtn:SPEC (e.g. rtn:int4:g64: the target's block linears rounded to SPEC "
+                           "and packed in-process, one matrix at a time, sharing its embedding, norms and head), "
+                           "layers:N (the target's first N blocks and its head, sharing its weights), a checkpoint "
+                           "directory (e.g. made by `lowbit quantize`), a GGUF path or a registered model name with "
+                           "the target's tokenizer")
+    spec.add_argument("--gamma", type=int, default=4, help="draft tokens per target pass (default 4; the most "
+                                                           "with --gamma-adaptive)")
+    spec.add_argument("--gamma-adaptive", type=float, default=0.0, metavar="THRESHOLD",
+                      help="adaptive gamma: stop a round's drafting after a token whose draft probability is below "
+                           "THRESHOLD in [0, 1) (default 0: always --gamma tokens)")
     group = parser.add_argument_group("KV cache")
     group.add_argument("--kv", default=None, metavar="LAYOUT",
                        help=f"KV cache storage: {', '.join(LAYOUT_NAMES)}; options :gN (group), :rN "
@@ -67,10 +73,19 @@ def check_generate_arguments(args) -> None:
     gamma = getattr(args, "gamma", 4)
     if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"--gamma must be a positive integer (draft tokens per target pass), got {gamma!r}")
+    threshold = getattr(args, "gamma_adaptive", 0.0)
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
+        raise ValueError(f"--gamma-adaptive must be a probability threshold in [0, 1) (0 = off), got {threshold!r}")
     draft = getattr(args, "draft", None)
     if draft is not None:
         if draft.startswith("layers:") and not draft[len("layers:"):].isdigit():
             raise ValueError(f"--draft layers:N needs a positive integer N, got {draft!r}")
+        if draft.startswith("rtn:"):
+            from lowbit.core.spec import QuantSpec
+            try:
+                QuantSpec.parse(draft[len("rtn:"):])
+            except ValueError as error:
+                raise ValueError(f"--draft rtn:SPEC needs a weight spec such as rtn:int4:g64: {error}") from None
         if getattr(args, "kv_policy", None) not in (None, "full"):
             raise ValueError(f"--draft needs the full KV policy (rejected draft tokens are rolled back), "
                              f"got --kv-policy {args.kv_policy}")
@@ -207,10 +222,13 @@ def run_generate_kv(args, model, tokenizer, meter=None, load_s: float | None = N
 
 
 def load_draft(spec: str, target, tokenizer, runtime: str = "packed"):
-    """The draft of --draft: layers:N (a self-draft sharing the target's weights) or a model path or
-    name whose tokenizer encodes like the target's."""
-    from lowbit.decode.speculative import layer_draft
+    """The draft of --draft: rtn:SPEC (a low-bit self-draft quantized from the target's weights in
+    process, sharing its embedding and head), layers:N (a self-draft sharing the target's weights)
+    or a model path or name whose tokenizer encodes like the target's."""
+    from lowbit.decode.speculative import layer_draft, quantized_draft
 
+    if spec.startswith("rtn:"):
+        return quantized_draft(target, spec[len("rtn:"):])
     if spec.startswith("layers:"):
         return layer_draft(target, int(spec[len("layers:"):]))
     draft, draft_tokenizer = checkpoint.load_model_and_tokenizer(spec, runtime)
@@ -223,8 +241,12 @@ def load_draft(spec: str, target, tokenizer, runtime: str = "packed"):
 
 
 def run_speculative(args, model, tokenizer, load_s: float | None = None) -> dict:
-    """Speculative generation of every prompt (one after another) with --draft and --gamma; prints
-    the texts (or JSON with --json) with acceptance_rate, target_calls, tokens and wall time."""
+    """Speculative generation of every prompt with --draft and --gamma; prints the texts (or JSON with
+    --json) with acceptance_rate, target_calls, tokens and wall time. --batch-file prompts run one
+    after another on paged caches, not batched: on this memory-bound CPU, batching is itself what
+    speculation buys (one weight read for many tokens; the batched generator's decode phase gives
+    1.9x at 4 sequences, 2.4x at 16, benchmarks/RESULTS.md), while speculation alone measured below
+    1x here (papers/speculative), so rows advancing by different accepted counts are not worth it."""
     from lowbit.decode.speculative import SpeculativeDecoder, SpeculativeStats
 
     check_generate_arguments(args)
@@ -233,7 +255,8 @@ def run_speculative(args, model, tokenizer, load_s: float | None = None) -> dict
     decoder = SpeculativeDecoder(model, draft, args.gamma, layout=getattr(args, "kv", None),
                                  policy=getattr(args, "kv_policy", None),
                                  paged=getattr(args, "batch_file", None) is not None,
-                                 page_size=getattr(args, "page_size", None))
+                                 page_size=getattr(args, "page_size", None),
+                                 confidence_threshold=getattr(args, "gamma_adaptive", 0.0))
     total = SpeculativeStats()
     results = []
     for i, prompt in enumerate(prompts):
@@ -246,7 +269,8 @@ def run_speculative(args, model, tokenizer, load_s: float | None = None) -> dict
         results.append({"prompt": prompt, "tokens": [int(t) for t in new], "text": tokenizer.decode(new),
                         "prompt_tokens": len(ids), "acceptance_rate": round(decoder.stats.acceptance_rate, 4),
                         "target_calls": decoder.stats.target_calls, "seconds": round(decoder.stats.seconds, 3)})
-    info = {"draft": args.draft, "gamma": args.gamma, "tokens": total.tokens,
+    info = {"draft": args.draft, "gamma": args.gamma, "gamma_adaptive": getattr(args, "gamma_adaptive", 0.0),
+            "tokens": total.tokens,
             "acceptance_rate": round(total.acceptance_rate, 4), "target_calls": total.target_calls,
             "tokens_per_target_call": round(total.tokens_per_call, 3), "drafted": total.drafted,
             "accepted": total.accepted, "seconds": round(total.seconds, 3),

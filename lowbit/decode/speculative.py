@@ -14,12 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lowbit.core.packing import pack
+from lowbit.core.quantize import quantize
+from lowbit.core.spec import QuantSpec
 from lowbit.decode.compilation import StoredJit
 from lowbit.decode.engine import prompt_bucket
 from lowbit.decode.step import decode_forward, prefill_forward
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.layout import parse_layout
 from lowbit.kvcache.policy import FullPolicy, parse_policy
+from lowbit.nn.contraction import DotContraction
+from lowbit.nn.packed_layer import PackedLayer
+
+BLOCK_LINEARS = (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
+                 ("mlp", "w_gate"), ("mlp", "w_up"), ("mlp", "w_down"))
 
 
 def layer_draft(model, n_layers: int):
@@ -32,6 +40,47 @@ def layer_draft(model, n_layers: int):
     draft = copy.copy(model)
     draft.layers = nnx.List(list(model.layers)[:n_layers])
     draft.config = dataclasses.replace(model.config, n_layers=n_layers)
+    return draft
+
+
+def _float_matrix(module, where: str):
+    """The [K, N] f32 matrix a block linear multiplies its input rows by, as they come: an
+    nnx.Linear's kernel, or a GGUF or packed layer's weights dequantized now (one matrix at a time)."""
+    if isinstance(module, nnx.Linear) and module.bias is None:
+        return jnp.asarray(module.kernel[...], jnp.float32)
+    transforms_input = any(getattr(module, name, None) not in (None, False)
+                           for name in ("act_spec", "input_scale", "input_transform", "input_norm", "bias"))
+    if hasattr(module, "dequantized_matrix") and not transforms_input:
+        return jnp.asarray(module.dequantized_matrix(), jnp.float32)
+    raise ValueError(f"{where} is a {type(module).__name__} that is not a plain matrix product (it has a bias or "
+                     "quantizes, scales or rotates its input); a low-bit draft is made from float, GGUF-packed or "
+                     "weight-only packed block linears")
+
+
+def quantized_draft(model, weights: QuantSpec | str):
+    """A low-bit self-draft: every block linear of `model` (float or GGUF-packed) rounded to nearest
+    with the weight spec `weights` (e.g. "int4:g64", "int2:g64", "ternary:g64") and packed, one
+    matrix at a time (one float matrix extra at most, never a second float model); the embedding,
+    norms and head are the target's own arrays, shared. Runs through packed_matmul where
+    lowbit.nn.packed_layer.kernel_supports the format (int4, int2, ternary, binary)."""
+    try:
+        spec = QuantSpec.parse(weights)
+    except ValueError as error:
+        raise ValueError(f"weights: {error}") from None
+    layers = []
+    for index, source in enumerate(model.layers):
+        block = copy.copy(source)
+        block.attn, block.mlp = copy.copy(source.attn), copy.copy(source.mlp)
+        for part, name in BLOCK_LINEARS:
+            matrix = _float_matrix(getattr(getattr(source, part), name), f"layers.{index}.{part}.{name}")
+            k, n = matrix.shape
+            layer = PackedLayer(DotContraction((k,), (n,), (-1,)), pack(quantize(matrix, spec, axis=0)),
+                                dtype=model.dtype)
+            setattr(getattr(block, part), name, layer)
+            del matrix
+        layers.append(block)
+    draft = copy.copy(model)
+    draft.layers = nnx.List(layers)
     return draft
 
 
@@ -98,36 +147,50 @@ def _verify(graphdef, params, cache_state, spec, last, drafts, start, table_row,
     return _choose(logits, warp, greedy), cache_state
 
 
-def _feed(graphdef, params, cache_state, spec, tokens, start, table_row):
-    """Write tokens into the cache (the draft catching up after a fully accepted round)."""
-    model = nnx.merge(graphdef, params)
-    return _score_rows(model, cache_state, spec, tokens, start, table_row)[1]
-
-
-def _draft(graphdef, params, cache_state, spec, first, start, table_row, warp, key, gamma, greedy):
-    """gamma draft tokens after `first` (at position start), one decode step each. Returns
-    (tokens [gamma], probabilities [gamma, V] or None when greedy, cache_state)."""
+def _draft(graphdef, params, cache_state, spec, prefix, start, table_row, warp, key, threshold, gamma, greedy):
+    """Up to gamma draft tokens after prefix [k]: the tokens at positions start-k+1 .. start that the
+    draft cache lacks (the last accepted one and, after a fully accepted round, the round's last
+    draft before it), all k in the first pass, then one decode step per token. Drafting stops after
+    a token whose top probability is below threshold (0: never). Returns (tokens [gamma],
+    probabilities [gamma, V] or None when greedy, the number drafted, cache_state)."""
     model = nnx.merge(graphdef, params)
 
-    def step(carry, i):
-        state, token = carry
-        logits, state = decode_forward(model, state, spec, token[None], (start + i)[None], jnp.ones(1, bool),
-                                       table_row[None])
+    def choose(logits, i):
         if greedy:
-            token = jnp.argmax(logits[0]).astype(jnp.int32)
-            return (state, token), (token, None)
-        probs = warp_probs(logits[0], *warp)
+            token = jnp.argmax(logits).astype(jnp.int32)
+            return token, None, jnp.max(jax.nn.softmax(logits.astype(jnp.float32)))
+        probs = warp_probs(logits, *warp)
         token = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(probs)).astype(jnp.int32)
-        return (state, token), (token, probs)
+        return token, probs, jnp.max(probs)
 
-    (cache_state, _), (tokens, probs) = jax.lax.scan(step, (cache_state, first),
-                                                     jnp.arange(gamma, dtype=jnp.int32))
-    return tokens, probs, cache_state
+    def store(tokens, probs_seen, i, token, probs):
+        return tokens.at[i].set(token), None if greedy else probs_seen.at[i].set(probs)
+
+    logits, cache_state = _score_rows(model, cache_state, spec, prefix, start - (prefix.shape[0] - 1), table_row)
+    token, probs, confidence = choose(logits[-1], 0)
+    tokens, probs_seen = store(jnp.zeros(gamma, jnp.int32),
+                               None if greedy else jnp.zeros((gamma, logits.shape[-1]), jnp.float32),
+                               0, token, probs)
+
+    def going(carry):
+        _, _, _, i, confidence = carry
+        return (i < gamma) & (confidence >= threshold)
+
+    def step(carry):
+        state, tokens, probs_seen, i, _ = carry
+        logits, state = decode_forward(model, state, spec, tokens[i - 1][None], (start + i)[None], jnp.ones(1, bool),
+                                       table_row[None])
+        token, probs, confidence = choose(logits[0], i)
+        tokens, probs_seen = store(tokens, probs_seen, i, token, probs)
+        return state, tokens, probs_seen, i + 1, confidence
+
+    cache_state, tokens, probs_seen, count, _ = jax.lax.while_loop(
+        going, step, (cache_state, tokens, probs_seen, jnp.int32(1), confidence))
+    return tokens, probs_seen, count, cache_state
 
 
 _prefill = StoredJit(_prefill, ("graphdef", "spec", "greedy"), ("cache_state",))
 _verify = StoredJit(_verify, ("graphdef", "spec", "greedy"), ("cache_state",))
-_feed = StoredJit(_feed, ("graphdef", "spec"), ("cache_state",))
 _draft = StoredJit(_draft, ("graphdef", "spec", "gamma", "greedy"), ("cache_state",))
 
 
@@ -199,12 +262,20 @@ class SpeculativeDecoder:
     paged=True; a rejected draft token is rolled back by the cache's filled length. Only the full
     policy without a residual window can roll back (window, sinks and H2O policies have overwritten
     older tokens; KIVI's float residual ring has flushed them), so other caches are refused.
+
+    confidence_threshold (adaptive gamma): a round stops drafting after a token whose draft
+    probability (the top one of the warped distribution; of the softmax when greedy) is below it,
+    so gamma is the most per round; 0 (default) always drafts gamma. Exactness is unaffected.
     """
 
     def __init__(self, target, draft, gamma: int = 4, *, layout=None, policy=None, paged: bool = False,
-                 page_size: int | None = None):
+                 page_size: int | None = None, confidence_threshold: float = 0.0):
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
             raise ValueError(f"gamma must be a positive integer (draft tokens per round), got {gamma!r}")
+        if isinstance(confidence_threshold, bool) or not isinstance(confidence_threshold, (int, float)) \
+                or not 0 <= confidence_threshold < 1:
+            raise ValueError(f"confidence_threshold must be a number in [0, 1) (0: always draft gamma tokens), "
+                             f"got {confidence_threshold!r}")
         if draft.config.vocab_size != target.config.vocab_size:
             raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} tokens) differs from the "
                              f"target's ({target.config.vocab_size}); a draft needs the target's tokenizer")
@@ -219,6 +290,7 @@ class SpeculativeDecoder:
                              "tokens as new ones arrive, so it cannot roll back; use f32, bf16, f16, "
                              "int8, int4 or int2 (per token)")
         self.target, self.draft, self.gamma = target, draft, gamma
+        self.confidence_threshold = float(confidence_threshold)
         self.layout, self.paged, self.page_size = layout, paged, page_size
         self.target_graph, self.target_params = nnx.split(target)
         self.draft_graph, self.draft_params = nnx.split(draft)
@@ -281,55 +353,47 @@ class SpeculativeDecoder:
                 first = int(chosen) if greedy else _sample(np.asarray(chosen), rng)
         stats.prefill_seconds = time.perf_counter() - start_time
         out = [first]
-        behind = []  # tokens the draft cache lacks before out[-1] (after a fully accepted round)
+        behind = []  # the last draft of a fully accepted round: the draft cache lacks it before out[-1]
         rounds = 0
         while len(out) < max_new_tokens and not (eos_id is not None and out[-1] == eos_id):
             length = target.length(0)
             tick = time.perf_counter()
-            if behind:
-                draft.reserve(0, length)
-                draft.state = _feed(self.draft_graph, self.draft_params, draft.state, draft.spec,
-                                    jnp.asarray(behind, jnp.int32), jnp.int32(draft.length(0)),
-                                    jnp.asarray(draft.block_tables()[0]))
-                draft.advance(0, length)
-                stats.draft_calls += 1
-                behind = []
             draft.reserve(0, length + gamma)
-            drafts, q, draft.state = _draft(self.draft_graph, self.draft_params, draft.state, draft.spec,
-                                            jnp.int32(out[-1]), jnp.int32(length),
-                                            jnp.asarray(draft.block_tables()[0]), warp,
-                                            jax.random.fold_in(key, rounds), gamma, greedy)
-            draft.advance(0, length + gamma)
-            stats.draft_calls += gamma
-            jax.block_until_ready(drafts)  # the target's pass waits for them anyway; time the draft alone
+            drafts, q, count, draft.state = _draft(
+                self.draft_graph, self.draft_params, draft.state, draft.spec,
+                jnp.asarray(behind + [out[-1]], jnp.int32), jnp.int32(length), jnp.asarray(draft.block_tables()[0]),
+                warp, jax.random.fold_in(key, rounds), jnp.float32(self.confidence_threshold), gamma, greedy)
+            count = int(count)  # the target's pass needs it anyway; this also times the draft alone
+            draft.advance(0, length + count)
+            stats.draft_calls += count
             tock = time.perf_counter()
-            target.reserve(0, length + gamma + 1)
+            drafts = drafts[:count]
+            target.reserve(0, length + count + 1)
             scored, target.state = _verify(self.target_graph, self.target_params, target.state, target.spec,
                                            jnp.int32(out[-1]), drafts, jnp.int32(length),
                                            jnp.asarray(target.block_tables()[0]), warp, greedy)
-            target.advance(0, length + gamma + 1)
+            target.advance(0, length + count + 1)
             drafts = [int(t) for t in np.asarray(drafts)]
             scored = np.asarray(scored)
             if greedy:
                 accepted = 0
-                while accepted < gamma and drafts[accepted] == int(scored[accepted]):
+                while accepted < count and drafts[accepted] == int(scored[accepted]):
                     accepted += 1
                 following = int(scored[accepted])
             else:
-                accepted, following = speculative_accept(scored, np.asarray(q), drafts, rng)
+                accepted, following = speculative_accept(scored, np.asarray(q)[:count], drafts, rng)
             now = time.perf_counter()
             stats.draft_seconds += tock - tick
             stats.target_seconds += now - tock
             rounds += 1
             stats.target_calls += 1
-            stats.drafted += gamma
-            stats.tested += min(accepted + 1, gamma)
+            stats.drafted += count
+            stats.tested += min(accepted + 1, count)
             stats.accepted += accepted
             stats.verified_tokens += accepted + 1
             target.truncate(0, length + accepted + 1)
-            draft.truncate(0, length + min(accepted, gamma - 1) + 1)
-            if accepted == gamma:
-                behind = [drafts[-1]]
+            draft.truncate(0, length + min(accepted, count - 1) + 1)
+            behind = [drafts[-1]] if accepted == count else []
             new = drafts[:accepted] + [following]
             if eos_id is not None and eos_id in new:
                 new = new[:new.index(eos_id) + 1]

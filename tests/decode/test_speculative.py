@@ -12,11 +12,12 @@ from scipy import stats as scipy_stats
 
 from lowbit.decode import (SpeculativeDecoder, expected_tokens_per_call, generate, layer_draft, predicted_speedup,
                            speculative_accept)
-from lowbit.decode.speculative import warp_probs
+from lowbit.decode.speculative import quantized_draft, warp_probs
 from lowbit.decode.step import decode_step, prefill_step
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.store import read_layer
 from lowbit.models.llama import Llama, LlamaConfig
+from lowbit.ptq.rtn import rtn_quantize
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +70,25 @@ def _exact_marginals(model, prompt, steps, temperature, top_k, top_p):
     return marginals
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0),
-                                                     pytest.param(0.7, 5, 0.9, marks=pytest.mark.slow)])
-def test_samples_follow_the_target_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,threshold", [(1.0, 0, 1.0, 0.5),
+                                                               pytest.param(0.7, 5, 0.9, 0.0, marks=pytest.mark.slow)])
+def test_samples_follow_the_target_distribution(temperature, top_k, top_p, threshold):
     config = LlamaConfig.tiny(vocab_size=8, head_dim=32, max_seq_len=64, n_layers=2)
     model = Llama(config, rngs=nnx.Rngs(3))
     # sharpen the toy model so that draft and target disagree visibly
     model.embed.embedding[...] = model.embed.embedding[...] * 2.0
     draft = layer_draft(model, 1)
     prompt = np.array([1, 5, 2])
-    decoder = SpeculativeDecoder(model, draft, gamma=2)
+    decoder = SpeculativeDecoder(model, draft, gamma=2, confidence_threshold=threshold)
     steps, n = 3, 600
     counts = np.zeros((steps, config.vocab_size))
+    drafted = calls = 0
     for seed in range(n):
         out = decoder.generate(prompt, steps, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         counts[np.arange(steps), out] += 1
+        drafted, calls = drafted + decoder.stats.drafted, calls + decoder.stats.target_calls
+    if threshold:  # adaptive gamma stopped some rounds after one draft token, not all
+        assert calls < drafted < 2 * calls
     expected = _exact_marginals(model, prompt, steps, temperature, top_k, top_p)
     for j in range(1, steps):  # position 0 comes from the prefill; 1 and 2 from verification
         keep = expected[j] > 0
@@ -207,3 +212,66 @@ def test_layer_draft_shares_the_weights(target):
         hidden = block(hidden, jnp.arange(4)[None])
     np.testing.assert_allclose(np.asarray(draft(tokens)), np.asarray(target.head(hidden)), rtol=1e-6)
     assert len(target.layers) == 3
+
+
+def test_fully_accepted_rounds_cost_no_extra_draft_call(target):
+    """With the target as its own draft every round is accepted whole; the round's last draft token
+    reaches the draft cache in the next draft pass, so draft passes = drafted tokens, the output is
+    the greedy one and the draft cache holds what a plain decode writes."""
+    decoder = SpeculativeDecoder(target, target, gamma=3)
+    prompt = np.arange(7, 30)
+    out = decoder.generate(prompt, 25)
+    np.testing.assert_array_equal(out, generate(target, prompt, 25))
+    stats = decoder.stats
+    assert stats.accepted == stats.drafted == 3 * stats.target_calls and stats.target_calls == 6  # 24 tokens after the prefill's
+    assert stats.draft_calls == stats.drafted
+    cache = decoder.draft_cache
+    tokens = np.concatenate([prompt, out])
+    length = cache.length(0)
+    # the target cache lacks the last token (never fed); the draft also the final round's last draft
+    assert length == decoder.target_cache.length(0) - 1 == len(tokens) - 2
+    plain = _plain_decode_cache(target, DenseKVCache(target.config, "f32", slots=1, max_len=cache.max_len),
+                                tokens[:length], len(prompt))
+    for layer in range(target.config.n_layers):
+        for name in ("k", "v"):
+            ours = read_layer(cache.state, cache.spec, name, layer, jnp.asarray(cache.block_tables()[:1]),
+                              jnp.asarray([length - 1]))[0, :length]
+            theirs = read_layer(plain.state, plain.spec, name, layer, jnp.asarray(plain.block_tables()[:1]),
+                                jnp.asarray([length - 1]))[0, :length]
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_gamma_drafts_less_and_stays_exact(target):
+    prompt = np.arange(2, 14)
+    expected = generate(target, prompt, 20)
+    fixed = SpeculativeDecoder(target, layer_draft(target, 2), gamma=4)
+    np.testing.assert_array_equal(fixed.generate(prompt, 20), expected)
+    assert fixed.stats.drafted == 4 * fixed.stats.target_calls
+    # a random toy model is never sure: every round stops after its first draft token
+    adaptive = SpeculativeDecoder(target, layer_draft(target, 2), gamma=4, confidence_threshold=0.99)
+    np.testing.assert_array_equal(adaptive.generate(prompt, 20), expected)
+    assert adaptive.stats.drafted == adaptive.stats.draft_calls == adaptive.stats.target_calls
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        SpeculativeDecoder(target, layer_draft(target, 1), confidence_threshold=1.0)
+
+
+def test_quantized_draft_is_rtn_of_the_target_sharing_its_head(target):
+    draft = quantized_draft(target, "int4:g32")
+    reference = nnx.clone(target)
+    rtn_quantize(reference, "int4:g32")
+    tokens = jnp.asarray([[4, 8, 15, 16, 23, 42]])
+    np.testing.assert_array_equal(np.asarray(draft(tokens)), np.asarray(reference(tokens)))
+    assert draft.embed.embedding[...] is target.embed.embedding[...]
+    assert draft.layers[0].attn_norm.weight[...] is target.layers[0].attn_norm.weight[...]
+    assert type(target.layers[0].attn.wq) is nnx.Linear  # the target is untouched
+    np.testing.assert_array_equal(SpeculativeDecoder(target, draft, gamma=3).generate([5, 6, 7], 16),
+                                  generate(target, [5, 6, 7], 16))
+    with pytest.raises(ValueError, match="weights"):
+        quantized_draft(target, "int9:gx")
+    lower = quantized_draft(draft, "int2:g32")  # from packed layers too: their dequantized weights
+    assert lower.layers[2].mlp.w_down.spec.bits == 2 and draft.layers[2].mlp.w_down.spec.bits == 4
+    rotated = nnx.clone(target)
+    rtn_quantize(rotated, "int4:g32:asym")
+    rotated.layers[0].attn.wq.input_transform = "hadamard"
+    with pytest.raises(ValueError, match="not a plain matrix product"):
+        quantized_draft(rotated, "int2:g32")
