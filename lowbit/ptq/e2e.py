@@ -212,7 +212,8 @@ class _Checkpoints:
 
 def e2e_train(model: nnx.Module, teacher: nnx.Module, calibration, *, steps: int = 100,
               learning_rate: float = 1e-3, batch_size: int = 2, workdir: str | Path | None = None,
-              checkpoint_every: int = 25, progress: bool = True) -> dict[str, Any]:
+              checkpoint_every: int = 25, kl_batches: int | None = None,
+              progress: bool = True) -> dict[str, Any]:
     """Trains the scales of every packed int / ternary layer of `model` (see trainable_layers)
     end to end, in place, to minimize KL(teacher || model) over all positions of the calibration
     tokens; nothing else changes (codes and offsets are bit-identical afterwards).
@@ -225,11 +226,14 @@ def e2e_train(model: nnx.Module, teacher: nnx.Module, calibration, *, steps: int
       storage dtype (f16) with a straight-through gradient, so what is trained is what is saved.
     workdir: a folder for the training state, written every checkpoint_every steps and at the
       end; rerunning with the same settings, model and calibration resumes from it.
-    If the mean KL over all calibration batches ends above its starting value, the starting
-    scales are kept. Returns a report: initial_kl, final_kl, kept_initial, losses (per step),
+    If the mean KL over the first kl_batches calibration batches (None: all) ends above its
+    starting value, the starting scales are kept. Returns a report: initial_kl, final_kl, kept_initial, losses (per step),
     steps, resumed_at, layers, seconds.
     """
     _check_options(steps, learning_rate, batch_size, checkpoint_every)
+    if kl_batches is not None and (isinstance(kl_batches, bool) or
+                                   not isinstance(kl_batches, int) or kl_batches < 1):
+        raise ValueError(f"kl_batches must be None or a positive integer, got {kl_batches!r}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     tokens = _check_tokens(calibration, vocab)
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
@@ -241,6 +245,7 @@ def e2e_train(model: nnx.Module, teacher: nnx.Module, calibration, *, steps: int
     checkpoints = None
     if workdir is not None:
         settings = {"steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
+                    "kl_batches": kl_batches,
                     "layers": {p: str(layer.spec) for p, layer in layers.items()},
                     "calibration_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
                     "calibration_shape": list(tokens.shape), "model_sha256": _model_digest(layers)}
@@ -258,7 +263,8 @@ def e2e_train(model: nnx.Module, teacher: nnx.Module, calibration, *, steps: int
 
         def mean_kl(params) -> float:
             return float(np.mean([float(_evaluate(params, graphdef, rest, jnp.asarray(b),
-                                                  teacher_log_probs(b))) for b in batches]))
+                                                  teacher_log_probs(b)))
+                                  for b in batches[:kl_batches]]))
 
         optimizer = _optimizer(steps, float(learning_rate))
         opt_state = optimizer.init(trainable)
@@ -292,7 +298,7 @@ def e2e_train(model: nnx.Module, teacher: nnx.Module, calibration, *, steps: int
     return {"initial_kl": history["initial_kl"], "final_kl": min(final, history["initial_kl"]),
             "trained_kl": final, "kept_initial": kept_initial, "losses": history["losses"],
             "steps": steps, "resumed_at": first, "layers": len(layers),
-            "learning_rate": learning_rate, "batch_size": batch_size,
+            "learning_rate": learning_rate, "batch_size": batch_size, "kl_batches": kl_batches,
             "calibration_shape": list(tokens.shape),
             "seconds": round(time.perf_counter() - start, 2)}
 

@@ -25,7 +25,8 @@ class Recipe:
     """One recipe: quantize every block linear of a Llama with `method` at `weights` (after a
     rotation if `rotate`; `options` are the method's), calibrated on calib_samples x calib_len
     tokens of the calibration text, then train the scales end to end against the source model
-    for e2e_steps Adam steps (lowbit.ptq.e2e; 0: no such stage) on e2e_samples x e2e_len tokens.
+    for e2e_steps Adam steps (lowbit.ptq.e2e; 0: no such stage) on e2e_samples x e2e_len tokens
+    (the KL that decides whether the trained scales are kept: on the first e2e_kl_batches).
     ternary: the grid of `weights` has three levels (symmetric int2) and is stored as ternary
     codes in base 3."""
 
@@ -40,7 +41,8 @@ class Recipe:
     e2e_steps: int = 0
     e2e_learning_rate: float = 1e-3
     e2e_batch_size: int = 2
-    e2e_samples: int = 48
+    e2e_samples: int = 16
+    e2e_kl_batches: int = 2
     e2e_len: int = 256
     ternary: bool = False
 
@@ -52,8 +54,8 @@ class Recipe:
         return " + ".join(p for p in parts if p)
 
     def bits_per_weight(self) -> float:
-        """Bits per weight of a [K, N] block linear with K a multiple of the group size: codes
-        plus f16 scales (and offsets)."""
+        """Nominal bits per weight: codes plus f16 scales (and offsets) per group; exact for K a
+        multiple of the group size (and, base-3 ternary, of 5: else a partial byte per column)."""
         spec = QuantSpec.parse(self.weights)
         code_bits = 8 / 5 if self.ternary else spec.bits
         per_group = 16 * (1 if spec.symmetric else 2)
@@ -62,14 +64,14 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w4", "4.25 bits: rotated GPTQ int4:g64, then E2E scale distillation", "gptq",
-           "int4:g64", True, e2e_steps=24),
+           "int4:g64", True, e2e_steps=8),
     Recipe("w3", "3.25 bits: rotated GPTQ int3:g64, then E2E scale distillation", "gptq",
-           "int3:g64", True, e2e_steps=24),
+           "int3:g64", True, e2e_steps=8),
     Recipe("w2", "2.25 bits: rotated GPTQ int2:g128:asym (4 levels), then E2E scale "
-           "distillation", "gptq", "int2:g128:asym", True, e2e_steps=24),
+           "distillation", "gptq", "int2:g128:asym", True, e2e_steps=8),
     Recipe("ternary", "1.85 bits: rotated GPTQ with a 3-level grid (int2:g64), stored as "
            "base-3 ternary codes, then E2E scale distillation", "gptq", "int2:g64", True,
-           e2e_steps=24, ternary=True),
+           e2e_steps=8, ternary=True),
 )}
 RECIPE_NAMES = tuple(RECIPES)
 
@@ -159,7 +161,8 @@ def run_recipe(model, recipe: Recipe | str, calibration, *, teacher=None, e2e_ca
     if recipe.e2e_steps:
         report = e2e_train(model, teacher, e2e_calibration, steps=recipe.e2e_steps,
                            learning_rate=recipe.e2e_learning_rate,
-                           batch_size=recipe.e2e_batch_size, workdir=workdir, progress=progress)
+                           batch_size=recipe.e2e_batch_size, kl_batches=recipe.e2e_kl_batches,
+                           workdir=workdir, checkpoint_every=2, progress=progress)
     _refresh(model, result)
     result.method = f"recipe:{recipe.name}"
     result.settings = {**result.settings, "recipe": dataclasses.asdict(recipe)}

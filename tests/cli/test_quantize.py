@@ -169,3 +169,59 @@ def test_rotate_option_is_checked_and_runs_the_rotated_quantization(make_tiny, c
              rotate=True)
     assert result.settings["rotate"] == {"seed": 0} and result.method == "gptq"
     np.testing.assert_array_equal(np.asarray(model(test_tokens)), np.asarray(expected(test_tokens)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "gptq", "--recipe", "w4"], "give one of --method"),
+    ([], "give one of --method"),
+    (["--recipe", "w3", "--weights", "int4:g64"], "drop --weights"),
+    (["--recipe", "w3", "--rotate", "--calib-samples", "4"], "drop --rotate --calib-samples"),
+    (["--method", "gptq", "--steps", "5"], "--steps only apply to --method blockap"),
+    (["--method", "rtn", "--workdir", "w"], "--workdir only applies"),
+    (["--method", "mixed"], "needs --budget"),
+    (["--method", "mixed", "--budget", "3", "--weights", "int4:g64"], "--candidates, not --weights"),
+    (["--method", "gptq", "--budget", "3"], "only apply to --method mixed"),
+])
+def test_recipe_blockap_and_mixed_options_are_checked(tmp_path, argv, message):
+    args = _parse(["--model", "m", "--out", str(tmp_path / "o"), *argv])
+    with pytest.raises(ValueError, match=message):
+        run_quantize(args)
+
+
+def test_recipes_are_listed_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("w4", "w3", "w2", "ternary"):
+        assert f"{name}: rotate + gptq" in text
+    with pytest.raises(SystemExit):
+        _parse(["--model", "m", "--recipe", "w5", "--out", "o"])
+
+
+def test_blockap_and_mixed_flags_reach_the_methods(make_tiny, calibration, tmp_path):
+    from lowbit.cli.quantize import method_options, quantize_model
+
+    args = _parse(["--model", "m", "--method", "blockap", "--weights", "int4:g16", "--steps", "2",
+                   "--learn", "scales", "--scale-lr", "0.01", "--workdir", str(tmp_path / "w"),
+                   "--out", "o"])
+    _check_method_options(args)
+    options = method_options(args)
+    assert options == {"steps": 2, "learn": "scales", "scale_lr": 0.01,
+                       "workdir": str(tmp_path / "w")}
+    result = quantize_model(make_tiny(), "blockap", "int4:g16", calibration, batch_size=2,
+                            progress=False, options=options)
+    assert result.method == "blockap" and result.settings["steps"] == 2
+    assert result.settings["learn"] == "scales" and len(result.block_reports) == 2
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
+        "block-0000.npz", "block-0001.npz", "settings.json"]
+
+    args = _parse(["--model", "m", "--method", "mixed", "--budget", "5", "--candidates",
+                   "int2:g16:asym, int4:g16:asym", "--out", "o"])
+    _check_method_options(args)
+    options = method_options(args)
+    assert options == {"budget": 5.0, "candidates": ("int2:g16:asym", "int4:g16:asym"),
+                       "base": "rtn"}
+    result = quantize_model(make_tiny(), "mixed", None, calibration, progress=False,
+                            options=options)
+    assert result.method == "mixed" and 4.0 < result.bits_per_weight <= 5.0
+    assert set(result.settings["spec_counts"]) == {"int2:g16:asym", "int4:g16:asym"}

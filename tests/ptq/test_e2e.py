@@ -134,6 +134,7 @@ def _packed(model):
     ({"steps": 0}, "steps must be a positive integer"),
     ({"learning_rate": -1.0}, "learning_rate must be a positive number"),
     ({"batch_size": 1.5}, "batch_size must be a positive integer"),
+    ({"kl_batches": 0}, "kl_batches must be None or a positive integer"),
 ])
 def test_bad_options(make_tiny, calibration, options, match):
     model = _quantized(make_tiny)
@@ -170,7 +171,7 @@ def test_ternary_storage_keeps_three_values_per_group_and_packs_to_the_reported_
 
 
 def test_a_recipe_runs_quantizes_trains_and_saves(make_tiny, calibration, test_tokens, tmp_path):
-    recipe = dataclasses.replace(get_recipe("ternary"), weights="int2:g32", e2e_steps=3,
+    recipe = dataclasses.replace(get_recipe("ternary"), weights="int2:g64", e2e_steps=3,
                                  e2e_learning_rate=1e-2)
     teacher, model = make_tiny(), make_tiny()
     result, report = run_recipe(model, recipe, calibration, teacher=teacher,
