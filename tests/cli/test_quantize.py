@@ -225,3 +225,37 @@ def test_blockap_and_mixed_flags_reach_the_methods(make_tiny, calibration, tmp_p
                             options=options)
     assert result.method == "mixed" and 4.0 < result.bits_per_weight <= 5.0
     assert set(result.settings["spec_counts"]) == {"int2:g16:asym", "int4:g16:asym"}
+
+
+def test_a_recipe_runs_through_the_cli_and_saves_a_packed_checkpoint(tmp_path, monkeypatch,
+                                                                      test_tokens):
+    import dataclasses
+
+    import lowbit.cli.quantize as cli_quantize
+    import lowbit.models.tokenizer
+    import lowbit.ptq.recipes as recipes
+
+    small = dataclasses.replace(recipes.RECIPES["w4"], weights="int4:g16", calib_samples=4,
+                                calib_len=16, e2e_steps=2, e2e_samples=4, e2e_len=16)
+    monkeypatch.setitem(recipes.RECIPES, "w4", small)
+    monkeypatch.setattr(lowbit.models.tokenizer.Tokenizer, "from_gguf", staticmethod(lambda p: None))
+    windows = []
+
+    def tokens(tokenizer, source, samples, length, seed):
+        windows.append((source, samples, length, seed))
+        return np.random.default_rng(seed).integers(0, 128, (samples, length)).astype(np.int32)
+
+    monkeypatch.setattr(cli_quantize, "calibration_tokens", tokens)
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "w4"
+    summary = run_quantize(_parse(["--model", str(path), "--recipe", "w4", "--out", str(out),
+                                   "--quiet"]))
+    assert windows == [("pydoc", 4, 16, 0), ("pydoc", 4, 16, 1)]
+    assert summary["method"] == "recipe:w4" and summary["weights"] == "int4:g16"
+    assert summary["bits_per_weight"] == pytest.approx(4 + 16 / 16)
+    assert summary["e2e"]["steps"] == 2
+    info = read_info(out)
+    assert info["e2e"]["steps"] == 2 and info["settings"]["recipe"]["name"] == "w4"
+    loaded = load(out)
+    assert len(quantized_layers(loaded)) == 14
+    assert np.isfinite(np.asarray(loaded(test_tokens))).all()
