@@ -152,6 +152,8 @@ _RECIPE_FIXED = {"--weights": ("weights", None), "--act": ("act", None), "--alph
                  "--act-order": ("act_order", False), "--static-groups": ("static_groups", False),
                  "--rotate": ("rotate", False), "--budget": ("budget", None),
                  "--calib-samples": ("calib_samples", 128), "--calib-len": ("calib_len", 512),
+                 "--batch-size": ("batch_size", 8), "--threshold": ("threshold", 6.0),
+                 "--base": ("base", "rtn"), "--candidates": ("candidates", ",".join(DEFAULT_CANDIDATES)),
                  **{flag: (name, None) for flag, name in _BLOCK_AP_FLAGS.items()}}
 
 

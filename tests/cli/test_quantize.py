@@ -176,6 +176,7 @@ def test_rotate_option_is_checked_and_runs_the_rotated_quantization(make_tiny, c
     ([], "give one of --method"),
     (["--recipe", "w3", "--weights", "int4:g64"], "drop --weights"),
     (["--recipe", "w3", "--rotate", "--calib-samples", "4"], "drop --rotate --calib-samples"),
+    (["--recipe", "w2", "--batch-size", "4"], "drop --batch-size"),
     (["--method", "gptq", "--steps", "5"], "--steps only apply to --method blockap"),
     (["--method", "rtn", "--workdir", "w"], "--workdir only applies"),
     (["--method", "mixed"], "needs --budget"),
