@@ -36,6 +36,58 @@ def add_arguments(parser) -> None:
                              "once into float layers: fake-quant, for research)")
 
 
+# Arrays of a saved quantized layer that are not its weight (codes, scales, offsets).
+_NOT_WEIGHT = ("bias", "input_scale", "act_param", "act_scale", "act_threshold")
+
+
+def _saved_layer_bits(meta: dict, sizes: dict[str, int]) -> tuple[int, int]:
+    """(bits, weights) of one saved quantized layer from its meta and {array: bytes}."""
+    from lowbit.nn.contraction import contraction_from_description
+
+    if "layer" in meta:  # a holder (static activation quantization) of one packed layer
+        inner = {k[len("layer."):]: v for k, v in sizes.items() if k.startswith("layer.")}
+        return _saved_layer_bits(meta["layer"], inner)
+    bits = 8 * sum(n for name, n in sizes.items() if name not in _NOT_WEIGHT)
+    if "contraction" in meta:
+        contraction = contraction_from_description(meta["contraction"])
+        return bits, contraction.in_features * contraction.out_features
+    return bits, sizes["codes"]  # int8 W8A8 / LLM.int8() codes: one byte per weight
+
+
+def linear_bits_per_weight(name_or_path) -> float | None:
+    """Bits per weight of the quantized linears, scales and offsets included (not biases):
+    a checkpoint's saved quantized layers, or a GGUF's quantized block matrices (the file's
+    own types); None when there are none (or the GGUF is not on disk)."""
+    from pathlib import Path
+
+    from lowbit.models.registry import MODELS, model_path
+
+    bits = weights = 0
+    if Path(name_or_path).expanduser().is_dir():
+        saved = checkpoint.read_meta(name_or_path)
+        index = saved["arrays"]
+        for path, entry in saved["layers"].items():
+            sizes = {name: index[f"layers/{path}/{name}"]["nbytes"] for name in entry["arrays"]}
+            layer_bits, layer_weights = _saved_layer_bits(entry["meta"], sizes)
+            bits, weights = bits + layer_bits, weights + layer_weights
+    else:
+        from gguf import GGMLQuantizationType
+
+        from lowbit.models.gguf.reader import open_gguf
+
+        path = Path(name_or_path).expanduser()
+        if str(name_or_path) in MODELS:
+            path = model_path(str(name_or_path))
+        if not path.is_file():
+            return None
+        floats = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+        for tensor in open_gguf(path).tensors:
+            if tensor.name.startswith("blk.") and len(tensor.shape) == 2 \
+                    and tensor.tensor_type not in floats:
+                bits, weights = bits + 8 * int(tensor.n_bytes), weights + int(tensor.n_elements)
+    return bits / weights if weights else None
+
+
 def run(args) -> None:
     from lowbit.data.corpus import corpus_tokens, default_split
     from lowbit.eval import kl_divergence, perplexity
@@ -59,7 +111,8 @@ def run(args) -> None:
         info = {"ppl": r.ppl, "tokens": r.tokens_scored, "windows": r.windows}
     # What was scored: windows of ctx tokens back to back from token first_token of the text's
     # token stream, each scored under the convention `score`.
-    info.update(score=args.score, split=split, first_token=first_token)
+    info.update(score=args.score, split=split, first_token=first_token,
+                bits_per_weight=linear_bits_per_weight(args.model))
     values = {key: info[key] for key in ("ppl", "ref_ppl", "kl") if key in info}
     if not all(math.isfinite(value) for value in values.values()):
         raise ValueError(f"the evaluation of {args.model} is not finite ({values}): the model "

@@ -145,7 +145,8 @@ _ENTRIES: dict[str, _Entry] = {
     "act": _Entry("static activation quantization (Llama recipe: weights untouched; quantize(): "
                   "RTN weights by the rules)", True, None, True,
                   _act, "lowbit.ptq.act_quant.act_quantize", None),
-    "mixed": _Entry("mixed-precision RTN meeting a bits-per-weight budget", True, None, False,
+    "mixed": _Entry("mixed precision meeting a bits-per-weight budget (candidates quantized by "
+                    "RTN or GPTQ: option base)", True, None, False,
                     _mixed, "lowbit.ptq.mixed.mixed_quantize", None),
     "llamacpp": _Entry("llama.cpp's quantizer on the source GGUF (weights: a llama.cpp type)",
                        False, None, False, _llamacpp, "lowbit.ptq.llamacpp.llamacpp_quantize_model",

@@ -63,3 +63,17 @@ def test_real_model_default_perplexity_is_unchanged(capsys):
     info = _eval(capsys, "--model", "smollm2-135m", "--windows", "2")
     assert (info["split"], info["score"], info["tokens"]) == ("evaluation", "all", 2 * 511)
     assert info["ppl"] == pytest.approx(8.919801999733304, rel=1e-6)
+
+
+def test_bits_per_weight_counts_the_saved_quantized_linears(tmp_path, capsys, tiny):
+    from lowbit.cli.eval import linear_bits_per_weight
+    from lowbit.ptq.rtn import rtn_quantize
+
+    model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(1))
+    result = rtn_quantize(model, "int3:g16:asym")
+    lowbit.checkpoint.save(model, tmp_path / "q")
+    assert linear_bits_per_weight(tmp_path / "q") == pytest.approx(3 + 32 / 16)
+    assert linear_bits_per_weight(tmp_path / "q") == pytest.approx(result.bits_per_weight)
+    info = _eval(capsys, "--model", str(tmp_path / "q"), "--ctx", "32", "--windows", "1")
+    assert info["bits_per_weight"] == pytest.approx(5.0) and "ppl" in info
+    assert linear_bits_per_weight(tmp_path / "missing.gguf") is None

@@ -6,8 +6,7 @@ import pytest
 
 from lowbit.models.llama import LlamaConfig
 from lowbit.models.loader import load_gguf_model
-from lowbit.checkpoint import layer_bytes, quantized_layers, read_info
-from lowbit.checkpoint import load
+from lowbit.checkpoint import layer_bytes, load, quantized_layers, read_info
 from lowbit.cli import build_parser
 from lowbit.cli.quantize import _check_method_options, rotate_and_quantize
 from lowbit.cli.quantize import quantize_to_checkpoint as run_quantize
@@ -193,3 +192,94 @@ def test_embed_q8_0_stores_the_embedding_in_blocks_and_keeps_the_linear_accounti
     # same linears; the logits differ only by the Q8_0 rounding of the table (bounded in tests/nn)
     got, want = np.asarray(loaded(test_tokens)), np.asarray(floats(test_tokens))
     assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "gptq", "--recipe", "w4"], "give one of --method"),
+    ([], "give one of --method"),
+    (["--recipe", "w3", "--weights", "int4:g64"], "drop --weights"),
+    (["--recipe", "w3", "--rotate", "--calib-samples", "4"], "drop --rotate --calib-samples"),
+    (["--recipe", "w2", "--batch-size", "4"], "drop --batch-size"),
+    (["--method", "gptq", "--steps", "5"], "--steps only apply to --method blockap"),
+    (["--method", "rtn", "--workdir", "w"], "--workdir only applies"),
+    (["--method", "mixed"], "needs --budget"),
+    (["--method", "mixed", "--budget", "3", "--weights", "int4:g64"], "--candidates, not --weights"),
+    (["--method", "gptq", "--budget", "3"], "only apply to --method mixed"),
+])
+def test_recipe_blockap_and_mixed_options_are_checked(tmp_path, argv, message):
+    args = _parse(["--model", "m", "--out", str(tmp_path / "o"), *argv])
+    with pytest.raises(ValueError, match=message):
+        run_quantize(args)
+
+
+def test_recipes_are_listed_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("w4", "w3", "w2", "ternary"):
+        assert f"{name}: rotate + gptq" in text
+    with pytest.raises(SystemExit):
+        _parse(["--model", "m", "--recipe", "w5", "--out", "o"])
+
+
+def test_blockap_and_mixed_flags_reach_the_methods(make_tiny, calibration, tmp_path):
+    from lowbit.cli.quantize import method_options, quantize_model
+
+    args = _parse(["--model", "m", "--method", "blockap", "--weights", "int4:g16", "--steps", "2",
+                   "--learn", "scales", "--scale-lr", "0.01", "--workdir", str(tmp_path / "w"),
+                   "--out", "o"])
+    _check_method_options(args)
+    options = method_options(args)
+    assert options == {"steps": 2, "learn": "scales", "scale_lr": 0.01,
+                       "workdir": str(tmp_path / "w")}
+    result = quantize_model(make_tiny(), "blockap", "int4:g16", calibration, batch_size=2,
+                            progress=False, options=options)
+    assert result.method == "blockap" and result.settings["steps"] == 2
+    assert result.settings["learn"] == "scales" and len(result.block_reports) == 2
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [
+        "block-0000.npz", "block-0001.npz", "settings.json"]
+
+    args = _parse(["--model", "m", "--method", "mixed", "--budget", "5", "--candidates",
+                   "int2:g16:asym, int4:g16:asym", "--out", "o"])
+    _check_method_options(args)
+    options = method_options(args)
+    assert options == {"budget": 5.0, "candidates": ("int2:g16:asym", "int4:g16:asym"),
+                       "base": "rtn"}
+    result = quantize_model(make_tiny(), "mixed", None, calibration, progress=False,
+                            options=options)
+    assert result.method == "mixed" and 4.0 < result.bits_per_weight <= 5.0
+    assert set(result.settings["spec_counts"]) == {"int2:g16:asym", "int4:g16:asym"}
+
+
+def test_a_recipe_runs_through_the_cli_and_saves_a_packed_checkpoint(tmp_path, monkeypatch,
+                                                                      test_tokens):
+    import dataclasses
+
+    import lowbit.cli.quantize as cli_quantize
+    import lowbit.models.tokenizer
+    import lowbit.ptq.recipes as recipes
+
+    small = dataclasses.replace(recipes.RECIPES["w4"], weights="int4:g16", calib_samples=4,
+                                calib_len=16, e2e_steps=2, e2e_samples=4, e2e_len=16)
+    monkeypatch.setitem(recipes.RECIPES, "w4", small)
+    monkeypatch.setattr(lowbit.models.tokenizer.Tokenizer, "from_gguf", staticmethod(lambda p: None))
+    windows = []
+
+    def tokens(tokenizer, source, samples, length, seed):
+        windows.append((source, samples, length, seed))
+        return np.random.default_rng(seed).integers(0, 128, (samples, length)).astype(np.int32)
+
+    monkeypatch.setattr(cli_quantize, "calibration_tokens", tokens)
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "w4"
+    summary = run_quantize(_parse(["--model", str(path), "--recipe", "w4", "--out", str(out),
+                                   "--quiet"]))
+    assert windows == [("pydoc", 4, 16, 0), ("pydoc", 4, 16, 1)]
+    assert summary["method"] == "recipe:w4" and summary["weights"] == "int4:g16"
+    assert summary["bits_per_weight"] == pytest.approx(4 + 16 / 16)
+    assert summary["e2e"]["steps"] == 2
+    info = read_info(out)
+    assert info["e2e"]["steps"] == 2 and info["settings"]["recipe"]["name"] == "w4"
+    loaded = load(out)
+    assert len(quantized_layers(loaded)) == 14
+    assert np.isfinite(np.asarray(loaded(test_tokens))).all()
