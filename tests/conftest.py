@@ -1,11 +1,30 @@
 """Shared pytest fixtures: the real SmolLM2 model file (fetched once into the default cache), and
 tiny random Llama models with token batches for the PTQ and command-line tests."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from lowbit.models.llama import Llama, LlamaConfig
+
+
+@pytest.fixture(autouse=True)
+def _compilation_cache_stays_in_its_test():
+    """A test that runs `lowbit generate` in-process turns on JAX's persistent compilation cache
+    (and StoredJit's) for the whole process; turn them back off after it, so that later tests do
+    not write every executable they compile to ~/.cache/lowbit/jax (the suite crashed inside JAX's
+    cache write, jax 0.10.2, in a later real-model test, twice on 2026-12-04)."""
+    from jax._src import compilation_cache
+
+    from lowbit.decode.compilation import StoredJit
+
+    before = (jax.config.jax_compilation_cache_dir, StoredJit.directory)
+    yield
+    if (jax.config.jax_compilation_cache_dir, StoredJit.directory) != before:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        StoredJit.directory = before[1]
+        compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")
