@@ -100,3 +100,25 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def open_stamped_workdir(workdir: str | Path, settings: dict, stamp: str, what: str) -> Path:
+    """A resumable run's work directory (created if missing), stamped with its settings as JSON in
+    `stamp`: a directory stamped with other settings is a ValueError naming the differing keys
+    (`what` names the run, e.g. "a Block-AP run")."""
+    import json
+
+    folder = Path(workdir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"workdir {folder} is a file, not a directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / stamp
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise ValueError(f"workdir {folder} holds {what} with other settings (differing: {changed}); "
+                             "use a fresh workdir to start over")
+    else:
+        write_text_atomic(path, json.dumps(settings, indent=1, sort_keys=True))
+    return folder

@@ -427,9 +427,10 @@ def test_an_unfolded_input_scale_is_refused(tmp_path):
 
 
 def test_a_q8_0_embedding_is_written_as_its_own_blocks(tmp_path):
-    """A checkpoint made with --embed q8_0 (lowbit.nn.quantize_embeddings) exports its table's
+    """A checkpoint made with --embed q8_0 (lowbit.ptq.quantize_embeddings) exports its table's
     blocks unchanged: re-encoding the Q8_0 values to Q8_0 is exact."""
-    from lowbit.nn.gguf_layers import GgufEmbed, quantize_embeddings
+    from lowbit.nn.gguf_layers import GgufEmbed
+    from lowbit.ptq.embeddings import quantize_embeddings
 
     model = _model(seed=15)
     rtn_quantize(model, EXACT_SPECS["Q4_0"])

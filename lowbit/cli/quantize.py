@@ -16,8 +16,8 @@ from lowbit.checkpoint import float_variables, save
 from lowbit.cli.output import emit, show_progress
 from lowbit.core.spec import QuantSpec
 from lowbit.data.corpus import CORPORA, calibration_tokens
-from lowbit.nn.gguf_layers import quantize_embeddings
 from lowbit.ptq.block_ap import INITS, LEARN_MODES
+from lowbit.ptq.embeddings import quantize_embeddings
 from lowbit.ptq.methods import ROTATABLE_METHODS, get_method, run_method
 from lowbit.ptq.mixed import BASES, DEFAULT_CANDIDATES
 from lowbit.ptq.recipes import RECIPE_NAMES, recipe_help
@@ -29,7 +29,7 @@ BLOCK_AP_DEFAULTS = {name: get_method("blockap").options()[name]
                      for name in ("steps", "learn", "init", "weight_lr", "scale_lr")}
 DEFAULT_ACT = "int8:tensor:static"
 DEFAULT_SMOOTHQUANT_ALPHA = 0.85
-EMBED_CHOICES = ("f32", "q8_0")  # --embed: the float table, or lowbit.nn.quantize_embeddings' Q8_0 blocks
+EMBED_CHOICES = ("f32", "q8_0")  # --embed: the float table, or lowbit.ptq.quantize_embeddings' Q8_0 blocks
 
 HELP = "post-training quantization into a checkpoint directory"
 
@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed", default="f32", choices=EMBED_CHOICES,
                         help="how the token embedding (and so the tied output head) is stored: f32 "
                              "(default, as every earlier checkpoint and table was made) or q8_0 "
-                             "(GGUF Q8_0 blocks, lowbit.nn.quantize_embeddings: 8.5 bits per weight, "
+                             "(GGUF Q8_0 blocks, lowbit.ptq.quantize_embeddings: 8.5 bits per weight, "
                              "the head runs the native GEMV; not counted in bits_per_weight, which "
                              "is the linears')")
     parser.add_argument("--out", required=True, help="new directory for the checkpoint")

@@ -1,6 +1,6 @@
-"""Layers that compute from GGUF Q4_0 / Q4_1 / Q8_0 blocks through gguf_matmul (a linear layer, and a
-token embedding that is also a tied output head), and `quantize_embeddings`, which puts any NNX model's
-nnx.Embed tables into Q8_0 blocks.
+"""Layers that compute from GGUF Q4_0 / Q4_1 / Q8_0 blocks through gguf_matmul: a linear layer, and a
+token embedding that is also a tied output head (lowbit.ptq.quantize_embeddings makes them for any
+NNX model).
 """
 
 from __future__ import annotations
@@ -15,12 +15,6 @@ from flax import nnx
 from lowbit.kernels.gguf_matmul import GGUF_BLOCKS, dequantize_blocks, gguf_matmul
 from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS, check_blocks
 from lowbit.nn.packed_layer import PackedWeight, register_layer
-from lowbit.nn.packed_linear import module_at, set_child
-
-# The block types quantize_embeddings writes (the tied head then reads 34 bytes per 32 weights).
-EMBED_TYPES = ("Q8_0",)
-_ENCODE_ROWS = 4096  # table rows encoded at a time (bounds the temporaries, not the result)
-
 
 def _check_type(ggml_type: str) -> str:
     if ggml_type not in GGUF_BLOCKS:
@@ -32,32 +26,6 @@ def _check_activations(activations: str) -> str:
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     return activations
-
-
-def q8_0_blocks(table) -> np.ndarray:
-    """float table [rows, K] (K a multiple of 32) -> its Q8_0 blocks, uint8 [rows, K/32 * 34].
-
-    Per block of 32 weights: d = float16(max|x| / 127), codes q = clip(round(x / d), -127, 127)
-    computed against the stored d (0 where d is 0), as lowbit.models.gguf.encode writes Q8_0; so
-    each weight moves by at most d / 2 + 127 |max|x| / 127 - d| (the second term: d rounded down).
-    """
-    values = np.asarray(table, np.float32)
-    if values.ndim != 2 or values.shape[1] % 32 or values.shape[1] == 0:
-        raise ValueError(f"table must be [rows, K] with K a positive multiple of 32 (Q8_0 blocks), "
-                         f"got shape {values.shape}")
-    if not np.all(np.isfinite(values)):
-        raise ValueError("table must be finite (no NaN or inf) to be stored in Q8_0 blocks")
-    rows, k = values.shape
-    out = np.empty((rows, k // 32 * GGUF_BLOCKS["Q8_0"][1]), np.uint8)
-    for start in range(0, rows, _ENCODE_ROWS):
-        blocks = values[start:start + _ENCODE_ROWS].reshape(-1, 32)
-        scale = (np.abs(blocks).max(axis=1) / 127).astype("<f2")
-        stored = scale.astype(np.float32)
-        inverse = np.divide(np.float32(1), stored, out=np.zeros_like(stored), where=stored != 0)
-        codes = np.clip(np.round(blocks * inverse[:, None]), -127, 127).astype(np.int8)
-        packed = np.concatenate([scale.reshape(-1, 1).view(np.uint8), codes.view(np.uint8)], axis=1)
-        out[start:start + _ENCODE_ROWS] = packed.reshape(-1, out.shape[1])
-    return out
 
 
 class GgufLinear(nnx.Module):
@@ -126,42 +94,3 @@ class GgufEmbed(nnx.Module):
     def from_state(cls, meta: dict, arrays: dict) -> GgufEmbed:
         return cls(jnp.asarray(arrays["blocks"]), meta["ggml_type"], dtype=jnp.dtype(meta["dtype"]),
                    impl=meta["impl"], activations=meta["activations"])
-
-
-def _embeddings(model: nnx.Module) -> list[tuple[tuple, nnx.Embed]]:
-    return [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Embed)]
-
-
-def quantize_embeddings(model: nnx.Module, ggml_type: str = "Q8_0", *, impl: str = "auto",
-                        activations: str = "f32") -> dict[str, int]:
-    """Replaces every nnx.Embed of `model` (any Flax NNX model) in place by a GgufEmbed of its table
-    in `ggml_type` blocks (EMBED_TYPES: "Q8_0"), so a tied head that calls `embed.attend(h)` (Llama's,
-    or nnx.Embed's own API) multiplies by the blocks. One table is encoded at a time and its float
-    Param is dropped as its layer goes in. Returns {dotted path: bytes of its blocks}.
-
-    ggml_type not in EMBED_TYPES, a model without an nnx.Embed, or a table width that is not a
-    multiple of 32 is a ValueError (the model is then unchanged). A model that reads
-    `embed.embedding` directly, not through the layer, needs the float table and cannot use this.
-    """
-    if ggml_type not in EMBED_TYPES:
-        raise ValueError(f"ggml_type must be one of {EMBED_TYPES}, got {ggml_type!r}")
-    _check_activations(activations)
-    if not isinstance(model, nnx.Module) or isinstance(model, nnx.Embed):
-        raise ValueError(f"model must be a Flax NNX model holding nnx.Embed layers, got {type(model).__name__}")
-    found = _embeddings(model)
-    if not found:
-        raise ValueError(f"model ({type(model).__name__}) has no nnx.Embed to quantize")
-    for path, embed in found:
-        features = embed.embedding.get_value().shape[-1]
-        if features % 32:
-            raise ValueError(f"{'.'.join(map(str, path))}: embedding width {features} is not a multiple "
-                             f"of 32, the {ggml_type} block size")
-    sizes = {}
-    for path, embed in found:
-        dtype = embed.dtype or embed.param_dtype
-        blocks = jnp.asarray(q8_0_blocks(embed.embedding.get_value()))
-        layer = GgufEmbed(blocks, ggml_type, dtype=dtype, impl=impl, activations=activations)
-        set_child(module_at(model, path[:-1]), path[-1], layer)
-        sizes[".".join(map(str, path))] = layer.nbytes
-        del blocks, embed
-    return sizes

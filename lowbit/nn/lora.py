@@ -189,7 +189,7 @@ def _targets(model: nnx.Module, config: LoRAConfig) -> list[tuple[tuple, Any]]:
         name = ".".join(str(k) for k in path)
         if isinstance(node, LoRA) and config.matches(name):
             raise ValueError(f"{name} already has a LoRA adapter")
-        adaptable = supported_base(node) is not None or isinstance(node, PackedLayer) or _holds_foreign_blocks(node)
+        adaptable = supported_base(node) is not None or isinstance(node, PackedLayer) or holds_foreign_blocks(node)
         if adaptable and config.matches(name):
             found.append((path, node))
     if not found:
@@ -227,7 +227,7 @@ def loftq_factors(matrix: jax.Array, spec: QuantSpec, rank: int, scaling: float,
     return q, a, b
 
 
-def _holds_foreign_blocks(node) -> bool:
+def holds_foreign_blocks(node) -> bool:
     """A Linear-shaped layer held in another quantized format that gives its float matrix on demand:
     `dequantized_matrix()` -> [in_features, out_features] f32, no bias (e.g. a GGUF model's
     GgufLinear on the file's blocks). prepare_qlora re-quantizes it without a float model in memory."""
@@ -237,7 +237,7 @@ def _holds_foreign_blocks(node) -> bool:
 
 def _source_matrix(node) -> tuple[Contraction, jax.Array]:
     """(contraction, f32 [K, N] matrix) of a float layer or of a layer holding foreign blocks."""
-    if _holds_foreign_blocks(node):
+    if holds_foreign_blocks(node):
         contraction = DotContraction((node.in_features,), (node.out_features,), (-1,))
         return contraction, jnp.asarray(node.dequantized_matrix(), jnp.float32)
     contraction = contraction_of(node)

@@ -6,6 +6,7 @@ mixed precision), the sequential calibration driver they share and the runtime l
 from lowbit.ptq.act_quant import act_apply, act_quantize
 from lowbit.ptq.awq import awq_apply, awq_quantize
 from lowbit.ptq.driver import ModelBlocks, llama_blocks, run_blocks, run_sequential
+from lowbit.ptq.embeddings import EMBED_TYPES, quantize_embeddings
 from lowbit.ptq.gptq import gptq_apply, gptq_quantize, gptq_quantize_weight
 from lowbit.ptq.layers import ActQuantLayer, ActQuantLinear, LLMInt8Linear, W8A8Linear
 from lowbit.ptq.llm_int8 import llm_int8_apply, llm_int8_quantize
@@ -18,11 +19,11 @@ from lowbit.ptq.smoothquant import smoothquant_apply, smoothquant_quantize
 from lowbit.ptq.targets import Target, resolve_targets
 
 __all__ = [
-    "ActQuantLayer", "ActQuantLinear", "LLMInt8Linear", "METHOD_NAMES", "Method", "ModelBlocks",
-    "PTQResult", "QuantizedLinear", "ScaleGroup", "Target", "W8A8Linear", "act_apply",
-    "act_quantize", "allocate", "awq_apply", "awq_quantize", "get_method", "gptq_apply",
-    "gptq_quantize", "gptq_quantize_weight", "layer_sensitivity", "llama_blocks",
+    "ActQuantLayer", "ActQuantLinear", "EMBED_TYPES", "LLMInt8Linear", "METHOD_NAMES", "Method",
+    "ModelBlocks", "PTQResult", "QuantizedLinear", "ScaleGroup", "Target", "W8A8Linear",
+    "act_apply", "act_quantize", "allocate", "awq_apply", "awq_quantize", "get_method",
+    "gptq_apply", "gptq_quantize", "gptq_quantize_weight", "layer_sensitivity", "llama_blocks",
     "llama_scale_groups", "llm_int8_apply", "llm_int8_quantize", "mixed_quantize", "quantize",
-    "resolve_targets", "rtn_apply", "rtn_quantize", "run_blocks", "run_method", "run_sequential",
-    "smoothquant_apply", "smoothquant_quantize",
+    "quantize_embeddings", "resolve_targets", "rtn_apply", "rtn_quantize", "run_blocks",
+    "run_method", "run_sequential", "smoothquant_apply", "smoothquant_quantize",
 ]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lowbit.core.quantize import SCALE_JNP_DTYPES, QArray, expand_groups, group_length, quantize
 from lowbit.core.spec import QuantSpec
-from lowbit.files import atomic_path, write_text_atomic
+from lowbit.files import atomic_path, open_stamped_workdir
 from lowbit.ptq.driver import COUNT, XTX, BlockInputs, llama_block_inputs, run_blocks
 from lowbit.ptq.result import PTQResult, QuantizedLinear, weight_errors
 from lowbit.ptq.rtn import parse_weight_spec
@@ -310,24 +310,6 @@ def _fingerprint(calibration, settings: dict) -> dict:
     return {**settings, "calibration_sha256": digest.hexdigest()}
 
 
-def _open_workdir(workdir: str | Path, fingerprint: dict) -> Path:
-    """The work directory, checked against (or stamped with) the run's settings."""
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"workdir {workdir} is a file, not a directory")
-    stamp = workdir / "settings.json"
-    if stamp.is_file():
-        stored = json.loads(stamp.read_text())
-        if stored != fingerprint:
-            changed = sorted(k for k in set(stored) | set(fingerprint)
-                             if stored.get(k) != fingerprint.get(k))
-            raise ValueError(f"workdir {workdir} holds a Block-AP run with other settings "
-                             f"(differing: {changed}); use a fresh workdir to start over")
-    else:
-        write_text_atomic(stamp, json.dumps(fingerprint, indent=1, sort_keys=True))
-    return workdir
-
-
 def _block_file(workdir: Path, index: int) -> Path:
     return workdir / f"block-{index:04d}.npz"
 
@@ -397,7 +379,8 @@ def block_ap_apply(model, targets, calibration, *, steps: int = 100,
         settings = {"method": "blockap", "steps": steps, "learn": learn, "init": init,
                     "weight_lr": weight_lr, "scale_lr": scale_lr,
                     "targets": {t.path: str(t.spec) for t in targets}}
-        folder = _open_workdir(workdir, _fingerprint(check_batches(calibration), settings))
+        folder = open_stamped_workdir(workdir, _fingerprint(check_batches(calibration), settings),
+                                      "settings.json", "a Block-AP run")
 
     def process(context: BlockInputs) -> tuple[dict[str, QuantizedLinear], dict]:
         done = None if folder is None else _block_file(folder, context.index)

@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lowbit.core.quantize import expand_groups
-from lowbit.files import atomic_path, write_text_atomic
+from lowbit.files import atomic_path, open_stamped_workdir
 from lowbit.nn.packed_layer import PackedLayer
 from lowbit.ptq.targets import dotted, replace_module
 
@@ -172,20 +172,7 @@ class _Checkpoints:
     """One training state file in a work directory stamped with the run's settings."""
 
     def __init__(self, workdir: str | Path, settings: dict):
-        self.folder = Path(workdir)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"workdir {self.folder} is a file, not a directory")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        stamp = self.folder / SETTINGS_FILE
-        if stamp.is_file():
-            stored = json.loads(stamp.read_text())
-            if stored != settings:
-                changed = sorted(k for k in set(stored) | set(settings)
-                                 if stored.get(k) != settings.get(k))
-                raise ValueError(f"workdir {self.folder} holds an E2E run with other settings "
-                                 f"(differing: {changed}); use a fresh workdir to start over")
-        else:
-            write_text_atomic(stamp, json.dumps(settings, indent=1, sort_keys=True))
+        self.folder = open_stamped_workdir(workdir, settings, SETTINGS_FILE, "an E2E run")
         self.path = self.folder / STATE_FILE
 
     def save(self, step: int, trainable, opt_state, history: dict) -> None:

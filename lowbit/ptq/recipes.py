@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.core.packing import pack
+from lowbit.core.packing import pack, storage_bits
 from lowbit.core.quantize import QArray
 from lowbit.core.spec import QuantSpec
 from lowbit.ptq.result import PTQResult
@@ -54,12 +54,13 @@ class Recipe:
         return " + ".join(p for p in parts if p)
 
     def bits_per_weight(self) -> float:
-        """Nominal bits per weight: codes plus f16 scales (and offsets) per group; exact for K a
-        multiple of the group size (and, base-3 ternary, of 5: else a partial byte per column)."""
+        """Bits per weight of codes, scales and offsets as stored (lowbit.core.packing.storage_bits)
+        for a reduction length of 5 groups (a whole number of groups and of base-3 bytes)."""
         spec = QuantSpec.parse(self.weights)
-        code_bits = 8 / 5 if self.ternary else spec.bits
-        per_group = 16 * (1 if spec.symmetric else 2)
-        return code_bits + per_group / spec.group_size
+        if self.ternary:
+            spec = dataclasses.replace(spec, kind="ternary")
+        length = 5 * spec.group_size
+        return storage_bits(spec, (length, 1), ternary=TERNARY_STORAGE) / length
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (

@@ -20,8 +20,9 @@ from flax import nnx
 from lowbit.core.spec import QuantSpec
 from lowbit.files import read_toml
 from lowbit.models.llama import Llama
-from lowbit.nn.gguf_layers import GgufEmbed, GgufLinear
-from lowbit.nn.lora import BLOCK_LINEARS, INITS, LoRAConfig, LoRAParam, add_lora, prepare_qlora
+from lowbit.nn.gguf_layers import GgufEmbed
+from lowbit.nn.lora import (BLOCK_LINEARS, INITS, LoRAConfig, LoRAParam, add_lora, holds_foreign_blocks,
+                             prepare_qlora)
 from lowbit.train.config import DataSettings, TrainSettings, sections_from_dict
 from lowbit.train.loop import RESUME_NEVER, OptimizerKey, Trainer, make_optimizer, next_token_nll, optimizer_key
 
@@ -150,7 +151,7 @@ def _float_embedding(embed) -> nnx.Embed:
 def _source_parameter_count(model: nnx.Module) -> int:
     """The float model's parameter count: float parameters plus each block-held linear's in x out."""
     held = sum(node.in_features * node.out_features for _, node in nnx.iter_graph(model)
-               if isinstance(node, GgufLinear))
+               if holds_foreign_blocks(node))
     return _count(nnx.state(model, nnx.Param)) + held
 
 

@@ -146,6 +146,17 @@ def _plain_decode_cache(model, cache, tokens, prompt_len):
     return cache
 
 
+def _assert_same_cache(cache, plain, n_layers, length):
+    """Every layer's keys and values of the first `length` positions of slot 0 agree."""
+    for layer in range(n_layers):
+        for name in ("k", "v"):
+            ours = read_layer(cache.state, cache.spec, name, layer, jnp.asarray(cache.block_tables()[:1]),
+                              jnp.asarray([length - 1]))[0, :length]
+            theirs = read_layer(plain.state, plain.spec, name, layer, jnp.asarray(plain.block_tables()[:1]),
+                                jnp.asarray([length - 1]))[0, :length]
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout,paged", [("f32", True), pytest.param("int8", False, marks=pytest.mark.slow)])
 def test_rollback_leaves_the_cache_of_a_plain_decode(target, layout, paged):
     draft = layer_draft(target, 1)
@@ -165,13 +176,7 @@ def test_rollback_leaves_the_cache_of_a_plain_decode(target, layout, paged):
         if paged:
             assert len(cache.pages(0)) == cache.pages_needed(length) == len(plain.pages(0))
             assert cache.allocator.num_used == plain.allocator.num_used
-        for layer in range(model.config.n_layers):
-            for name in ("k", "v"):
-                ours = read_layer(cache.state, cache.spec, name, layer, jnp.asarray(cache.block_tables()[:1]),
-                                  jnp.asarray([length - 1]))[0, :length]
-                theirs = read_layer(plain.state, plain.spec, name, layer, jnp.asarray(plain.block_tables()[:1]),
-                                    jnp.asarray([length - 1]))[0, :length]
-                np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+        _assert_same_cache(cache, plain, model.config.n_layers, length)
 
 
 def test_refuses_caches_that_cannot_roll_back(target):
@@ -232,13 +237,7 @@ def test_fully_accepted_rounds_cost_no_extra_draft_call(target):
     assert length == decoder.target_cache.length(0) - 1 == len(tokens) - 2
     plain = _plain_decode_cache(target, DenseKVCache(target.config, "f32", slots=1, max_len=cache.max_len),
                                 tokens[:length], len(prompt))
-    for layer in range(target.config.n_layers):
-        for name in ("k", "v"):
-            ours = read_layer(cache.state, cache.spec, name, layer, jnp.asarray(cache.block_tables()[:1]),
-                              jnp.asarray([length - 1]))[0, :length]
-            theirs = read_layer(plain.state, plain.spec, name, layer, jnp.asarray(plain.block_tables()[:1]),
-                                jnp.asarray([length - 1]))[0, :length]
-            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+    _assert_same_cache(cache, plain, target.config.n_layers, length)
 
 
 def test_adaptive_gamma_drafts_less_and_stays_exact(target):

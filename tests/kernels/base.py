@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import jax
 import pytest
@@ -13,6 +14,26 @@ from lowbit.kernels.native import native_available, native_error
 
 # LOWBIT_KERNEL_TEST_DEVICE=gpu runs the Pallas classes compiled for the GPU instead of interpreted.
 ON_GPU = os.environ.get("LOWBIT_KERNEL_TEST_DEVICE", "cpu") == "gpu"
+
+
+def run_concurrently(calls, repeats: int) -> list[list]:
+    """Runs each call `repeats` times on its own Python thread, all threads released together;
+    returns each call's results in order (a thread-safety check of a kernel)."""
+    results = [[] for _ in calls]
+    barrier = threading.Barrier(len(calls))
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(repeats):
+            results[i].append(calls[i]())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(len(r) == repeats for r in results)
+    return results
 
 
 class KernelTestBase:

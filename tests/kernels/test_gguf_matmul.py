@@ -1,12 +1,11 @@
 """gguf_matmul: GGUF Q4_0/Q4_1/Q8_0 blocks times activations against the gguf package's dequantization."""
 
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from base import KernelTestBase, NativeImpl, XlaImpl
+from base import KernelTestBase, NativeImpl, XlaImpl, run_concurrently
 from gguf import GGMLQuantizationType, quants
 
 from lowbit.kernels import gguf_matmul
@@ -158,21 +157,8 @@ class TestGgufMatmulNative(GgufMatmulBase, NativeImpl):
         steps = [jax.jit(jax.value_and_grad(lambda x, b, t=t: jnp.sum(jnp.sin(gguf_matmul(x, b, t, impl="native")))))
                  for _, t in problems]
         expected = [steps[i](xs[i], jnp.asarray(problems[i][0])) for i in range(2)]
-        results = [[], []]
-        barrier = threading.Barrier(2)
-
-        def worker(i):
-            barrier.wait()
-            for _ in range(10):
-                results[i].append(steps[i](xs[i], jnp.asarray(problems[i][0])))
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = run_concurrently([lambda i=i: steps[i](xs[i], jnp.asarray(problems[i][0])) for i in range(2)], 10)
         for i in range(2):
-            assert len(results[i]) == 10
             for value, grad in results[i]:
                 assert float(value) == float(expected[i][0])
                 assert np.array_equal(np.asarray(grad), np.asarray(expected[i][1]))
@@ -183,22 +169,10 @@ class TestGgufMatmulNative(GgufMatmulBase, NativeImpl):
         fns = [jax.jit(lambda x, b, t=t: gguf_matmul(jax.nn.relu(x), b, t, impl="native")) for t in types]
         xs = [np.random.default_rng(8 + i).standard_normal((2, problems[i][1].shape[1])).astype(np.float32)
               for i in range(2)]
-        results = [[], []]
-        barrier = threading.Barrier(2)
-
-        def worker(i):
-            barrier.wait()
-            for _ in range(10):
-                results[i].append(fns[i](jnp.asarray(xs[i]), jnp.asarray(problems[i][0])))
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = run_concurrently([lambda i=i: fns[i](jnp.asarray(xs[i]), jnp.asarray(problems[i][0]))
+                                    for i in range(2)], 10)
         for i in range(2):
             expected = np.maximum(xs[i], 0).astype(np.float64) @ problems[i][1].T
-            assert len(results[i]) == 10
             assert all(_relative_error(y, expected) < self.float32_tolerance for y in results[i])
 
 

@@ -2,14 +2,13 @@
 
 import functools
 import re
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl
+from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl, run_concurrently
 
 from lowbit.kernels.int8_matmul import Int8MatmulConfig, int8_matmul, int8_matmul_reference
 from lowbit.kernels.int8_matmul.pallas import DECODE_CONFIG, PREFILL_CONFIG, int8_matmul_pallas, plan_tiles
@@ -102,22 +101,11 @@ class TestInt8MatmulNative(Int8MatmulBase, NativeImpl):
     def test_two_threads_at_once(self):
         operands = [_operands(3, 1536, 576, seed=4), _operands(2, 576, 1536, seed=5)]
         fn = jax.jit(lambda *a: int8_matmul(*a, impl="native"))
-        results = [[], []]
-        barrier = threading.Barrier(2)
-
-        def worker(i):
-            barrier.wait()
-            for _ in range(20):
-                results[i].append(np.asarray(fn(*(jnp.asarray(a) for a in operands[i]))))
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = run_concurrently([lambda i=i: np.asarray(fn(*(jnp.asarray(a) for a in operands[i])))
+                                    for i in range(2)], 20)
         for i in range(2):
             expected = self._reference(*operands[i])
-            assert len(results[i]) == 20 and all(np.array_equal(y, expected) for y in results[i])
+            assert all(np.array_equal(y, expected) for y in results[i])
 
 
 class TestInt8MatmulPallas(Int8MatmulBase, PallasImpl):

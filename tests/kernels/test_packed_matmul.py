@@ -1,7 +1,6 @@
 """packed_matmul: every implementation against a float64 dequantize-then-matmul, plus bad input."""
 
 import functools
-import threading
 
 import jax
 import jax.extend
@@ -11,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl
+from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl, run_concurrently
 
 from lowbit.core.packing import PackedArray, pack
 from lowbit.core.quantize import QArray, quantize
@@ -325,22 +324,9 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
         fn = jax.jit(lambda x, w: packed_matmul(x, w, impl="native"))
         inputs = [jnp.asarray(np.random.default_rng(seed).standard_normal((2, pw.shape[0])), jnp.float32)
                   for pw, seed in problems]
-        results = [[], []]
-        barrier = threading.Barrier(2)
-
-        def worker(i):
-            barrier.wait()
-            for _ in range(20):
-                results[i].append(np.asarray(fn(inputs[i], problems[i][0])))
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = run_concurrently([lambda i=i: np.asarray(fn(inputs[i], problems[i][0])) for i in range(2)], 20)
         for i, (pw, _) in enumerate(problems):
             expected = _expected(inputs[i], pw)
-            assert len(results[i]) == 20
             assert all(_relative_error(y, expected) < self.float32_tolerance for y in results[i])
 
     def test_inside_a_jitted_function(self):
@@ -476,21 +462,8 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
         xs = [jnp.asarray(rng.standard_normal((48, pw.shape[0])), jnp.float32) for pw in pws]
         step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(packed_matmul(x, w, impl="native")))))
         expected = [step(x, pw) for x, pw in zip(xs, pws)]
-        results = [[], []]
-        barrier = threading.Barrier(2)
-
-        def worker(i):
-            barrier.wait()
-            for _ in range(10):
-                results[i].append(step(xs[i], pws[i]))
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = run_concurrently([lambda i=i: step(xs[i], pws[i]) for i in range(2)], 10)
         for i in range(2):
-            assert len(results[i]) == 10
             for value, grad in results[i]:  # same program, same inputs: bit-identical
                 assert float(value) == float(expected[i][0])
                 assert np.array_equal(np.asarray(grad), np.asarray(expected[i][1]))

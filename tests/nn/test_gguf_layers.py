@@ -1,4 +1,4 @@
-"""Q8_0 embeddings for any NNX model (lowbit.nn.quantize_embeddings): the encoding, the bound on the
+"""Q8_0 embeddings for any NNX model (lowbit.ptq.quantize_embeddings): the encoding, the bound on the
 logits against the float table, the checkpoint round trip, a non-Llama model, bad input."""
 
 import jax
@@ -10,8 +10,9 @@ from flax import nnx
 import lowbit
 from lowbit.models.gguf.encode import encode_values
 from lowbit.models.llama import Llama, LlamaConfig
-from lowbit.nn import GgufEmbed, QuantRule, freeze, quantize_embeddings, quantize_model
-from lowbit.nn.gguf_layers import q8_0_blocks
+from lowbit.nn import GgufEmbed, QuantRule, freeze, quantize_model
+from lowbit.ptq import embeddings
+from lowbit.ptq.embeddings import quantize_embeddings
 
 
 def _table(rows=96, k=64, seed=0):
@@ -40,9 +41,13 @@ def _dequantized(blocks):
     return np.asarray(dequantize_blocks(jnp.asarray(blocks), "Q8_0"), np.float64)
 
 
-def test_q8_0_blocks_equal_the_gguf_encoder_and_meet_the_rounding_bound():
+def test_q8_0_blocks_equal_the_gguf_encoder_and_meet_the_rounding_bound(monkeypatch):
     table = _table()
-    blocks = q8_0_blocks(table)
+    monkeypatch.setattr(embeddings, "_ENCODE_ROWS", 40)  # encoded in 3 pieces
+    holder = nnx.Dict(table=nnx.Embed(96, 64, rngs=nnx.Rngs(0)))
+    holder["table"].embedding.set_value(jnp.asarray(table))
+    quantize_embeddings(holder)
+    blocks = np.asarray(holder["table"].blocks[...])
     assert blocks.shape == (96, 64 // 32 * 34) and blocks.dtype == np.uint8
     np.testing.assert_array_equal(blocks, encode_values(table, "Q8_0"))
     error = np.abs(_dequantized(blocks) - table)
@@ -140,6 +145,10 @@ def test_bad_input_is_a_value_error():
         quantize_embeddings(holder)
     assert holder["table"] is odd  # unchanged
     with pytest.raises(ValueError, match="multiple of 32"):
-        q8_0_blocks(np.zeros((4, 40), np.float32))
+        encode_values(np.zeros((4, 40), np.float32), "Q8_0")
+    bad = nnx.Embed(4, 32, rngs=nnx.Rngs(0))
+    bad.embedding.set_value(jnp.full((4, 32), jnp.nan))
+    holder = nnx.Dict(table=bad)
     with pytest.raises(ValueError, match="finite"):
-        q8_0_blocks(np.full((1, 32), np.nan, np.float32))
+        quantize_embeddings(holder)
+    assert holder["table"] is bad  # unchanged
