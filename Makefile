@@ -17,11 +17,15 @@ demo: $(STAMP)
 	$(BIN)/lowbit fetch smollm2-135m
 	$(BIN)/lowbit demo
 
+# Two pytest workers (pytest-xdist), one test file each at a time: the suite's tests are mostly
+# single-threaded tracing and compiling, so two workers halve its time on CI's two cores.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)
-	$(BIN)/pytest -m ''
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -m ''
 
 fetch: $(STAMP)
 	$(BIN)/lowbit fetch smollm2-135m

@@ -14,6 +14,7 @@ import pickle
 import re
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -87,9 +88,16 @@ class StoredJit:
     when enable_compilation_cache() has set StoredJit.directory, on disk: a later process with the
     same lowbit source, JAX version, device, static arguments and argument shapes loads the
     executable without tracing or lowering (JAX's own persistent cache still traces and lowers the
-    whole model to compute its key). Static arguments must have a deterministic repr."""
+    whole model to compute its key). Static arguments must have a deterministic repr.
+
+    Each of its two lookup tables keeps at most `capacity` executables (least recently used dropped):
+    each loaded executable holds its machine code and about nine memory maps, so a process that
+    decodes with many models (a sweep) would otherwise grow without bound and, past Linux's 65530
+    maps per process, crash inside the next compilation."""
 
     directory: Path | None = None
+    capacity = 16
+    _instances: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, function, static_argnames: tuple[str, ...], donate_argnames: tuple[str, ...] = ()):
         self.function = function
@@ -97,13 +105,22 @@ class StoredJit:
         self.signature = inspect.signature(function)
         self.static_argnames = tuple(static_argnames)
         self.name = function.__name__
-        self.executables: dict = {}
+        self.executables: collections.OrderedDict = collections.OrderedDict()
         # (ids of the static arguments, shapes) -> (those arguments, executable): a call with the
         # same static objects (a decoder passes one graphdef every step) skips hashing them, which
         # walks the whole model graph (about 15 ms a step for SmolLM2-135M); holding the arguments
         # keeps their ids from being reused.
-        self._by_identity: dict = {}
+        self._by_identity: collections.OrderedDict = collections.OrderedDict()
+        self._compiled = 0
         functools.update_wrapper(self, function)
+        StoredJit._instances.add(self)
+
+    @classmethod
+    def clear_all(cls) -> None:
+        """Drops the executables every StoredJit holds in memory (the files on disk stay)."""
+        for stored in list(cls._instances):
+            stored.executables.clear()
+            stored._by_identity.clear()
 
     @functools.cached_property
     def jitted(self):
@@ -119,8 +136,8 @@ class StoredJit:
         return jax.jit(function, static_argnames=self.static_argnames, donate_argnames=self.donate_argnames)
 
     def compiled_count(self) -> int:
-        """How many executables (static arguments and shapes) this process holds."""
-        return len(self.executables)
+        """How many executables (static arguments and shapes) this process has compiled or loaded."""
+        return self._compiled
 
     def _path(self, static: dict, signature: tuple) -> Path:
         device = jax.devices()[0]
@@ -167,9 +184,20 @@ class StoredJit:
             key = (tuple(static.items()), signature)
             executable = self.executables.get(key)
             if executable is None:
-                executable = self.executables[key] = self._load_or_compile(bound, static, signature)
-            held = self._by_identity[fast_key] = (tuple(static.values()), executable)
+                executable = self._load_or_compile(bound, static, signature)
+                self._compiled += 1
+            _remember(self.executables, key, executable, self.capacity)
+            held = (tuple(static.values()), executable)
+        _remember(self._by_identity, fast_key, held, self.capacity)
         return held[1](**dynamic)
+
+
+def _remember(table: collections.OrderedDict, key, value, capacity: int) -> None:
+    """table[key] = value as the most recently used entry, dropping the oldest beyond `capacity`."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > capacity:
+        table.popitem(last=False)
 
 
 def _function_name(name: str | None) -> str:

@@ -10,7 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from lowbit.decode.compilation import CompileMeter, compilation_cache_dir
+from lowbit.decode.compilation import CompileMeter, StoredJit, compilation_cache_dir
 
 SCRIPT = """
 import json, time, jax, jax.numpy as jnp
@@ -104,3 +104,21 @@ def test_meter_counts_compilation_per_function():
     assert meter.seconds >= compiled and meter.seconds_of("no_such_function") == 0
     prefill_like(jnp.ones(9)).block_until_ready()  # after exit: not counted
     assert meter.seconds_of("prefill_like") == compiled
+
+
+def test_stored_jit_holds_at_most_capacity_executables(monkeypatch):
+    """Executables past the capacity are dropped least recently used first (a long sweep must not
+    hold every model's steps); a dropped one is compiled again when needed, and clear_all drops all."""
+
+    def scaled(x, factor):
+        return x * factor
+
+    stored = StoredJit(scaled, ("factor",))
+    monkeypatch.setattr(stored, "capacity", 2)
+    for factor in (2, 2, 3, 4, 2):
+        assert float(stored(jnp.ones(3), factor=factor)[0]) == factor
+    held = [key[0] for key in stored.executables]
+    assert held == [(("factor", 4),), (("factor", 2),)] and len(stored._by_identity) == 2
+    assert stored.compiled_count() == 4  # the repeated 2 reused its executable; the last 2 had been dropped
+    StoredJit.clear_all()
+    assert not stored.executables and not stored._by_identity
