@@ -3,7 +3,8 @@
 Each kernel runs `--inner` times inside one jitted loop (the next x depends on the last y, so no call
 is hoisted or skipped); the median and the best of `--repeats` loops, divided by `--inner`, are one
 call's time (on a shared machine the best is the kernel, the median what a busy machine gives).
-`--grad` times the forward and the input gradient (x-bar of sum(y * y)) instead: a training step's matmuls.
+A format name ending in " a8" is the same kernel with int8 activations (x rounded per row and block,
+integer dots). `--grad` times the forward and the input gradient (x-bar of sum(y * y)) instead: a training step's matmuls.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def bench(args):
                             x, plain, fmt, gemm_rows=1 << 30), pw))
                     else:
                         cases.append((spec, impl, functools.partial(packed_matmul, impl=impl), pw))
+                if "native" in args.impls and not args.grad and weight_format(pw).levels is None:
+                    cases.append((f"{spec} a8", "native", functools.partial(  # x rounded to int8 per block
+                        packed_matmul, impl="native", activations="int8"), pw))
             for name in args.gguf:
                 blocks = jnp.asarray(quants.quantize(np.ascontiguousarray(w.T), GGMLQuantizationType[name]))
                 for impl in (i for i in args.impls if i != "gemv"):
