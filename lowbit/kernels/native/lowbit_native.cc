@@ -451,71 +451,86 @@ void packed_q8_columns_scalar(const PackedQ8Problem& p, int64_t n0, int64_t n1) 
 #ifdef LOWBIT_X86
 constexpr int kQ8Strip = 32;  // columns per int8 SIMD strip (one 32-byte load per packed row)
 
-// MT activation rows times the 32 columns at n0. Per packed row: the codes of K-rows (k, k+1) are
+// MT activation rows times the 32 * W columns at n0, over group g. Per packed row: the codes of K-rows (k, k+1) are
 // split from the byte and interleaved into (u[k, n], u[k+1, n]) byte pairs, and _mm256_maddubs_epi16
 // against the broadcast (xq[k], xq[k+1]) gives each column's pair sum in int16. The int16 sums are
 // widened to int32 before they can overflow (|sum| <= pairs * 2 * max u * 127 <= 32767), each block
 // turns into floats once (times dx), and each group adds scale * that + zero * xhatsum to y.
-template <int BITS, int MT>
-LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int64_t n0) {
+template <int BITS, int MT, int W>
+LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int64_t n0, int64_t g) {
   constexpr int F = 8 / BITS, PAIRS = F / 2, MAX_CODE = (1 << BITS) - 1;
   constexpr int64_t kChunkRows = 32767 / (2 * MAX_CODE * 127) / PAIRS;  // 4-bit: 8, 2-bit: 21, 1-bit: 32
   const __m256i mask = _mm256_set1_epi8(static_cast<char>(MAX_CODE));
   const __m256i multiplier = _mm256_set1_epi32(p.multiplier);
   const int64_t rows_per_group = p.group_size / F, rows_per_block = p.block / F;
   const int64_t blocks_per_group = p.group_size / p.block, blocks = p.kp / p.block;
-  for (int64_t g = 0; g < p.groups; ++g) {
-    __m256 group_dot[MT][4];
+  {
+    __m256 group_dot[MT][4 * W];
     for (int m = 0; m < MT; ++m) {
-      for (int h = 0; h < 4; ++h) group_dot[m][h] = _mm256_setzero_ps();
+      for (int h = 0; h < 4 * W; ++h) group_dot[m][h] = _mm256_setzero_ps();
     }
     for (int64_t j = 0; j < blocks_per_group; ++j) {
       const int64_t b = g * blocks_per_group + j;
       const int64_t r0 = g * rows_per_group + j * rows_per_block;
       const int64_t r1 = std::min(p.rows, r0 + rows_per_block);
-      __m256i dot[MT][4];
+      __m256i dot[MT][4 * W];
       for (int m = 0; m < MT; ++m) {
-        for (int h = 0; h < 4; ++h) dot[m][h] = _mm256_setzero_si256();
+        for (int h = 0; h < 4 * W; ++h) dot[m][h] = _mm256_setzero_si256();
       }
       for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
         const int64_t c1 = std::min(r1, c0 + kChunkRows);
-        __m256i part[MT][2];
-        for (int m = 0; m < MT; ++m) part[m][0] = part[m][1] = _mm256_setzero_si256();
+        __m256i part[MT][2 * W];
+        for (int m = 0; m < MT; ++m) {
+          for (int h = 0; h < 2 * W; ++h) part[m][h] = _mm256_setzero_si256();
+        }
         for (int64_t r = c0; r < c1; ++r) {
-          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.data + r * p.n + n0));
+          __m256i bytes[W];
+          for (int w = 0; w < W; ++w) {
+            bytes[w] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.data + r * p.n + n0 + kQ8Strip * w));
+          }
 #pragma GCC unroll 4
           for (int i = 0; i < PAIRS; ++i) {
-            const __m256i even = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * i * BITS), mask);
-            const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(bytes, (2 * i + 1) * BITS), mask);
-            // Per 128-bit lane: columns 0-7 (16-23) in `low`, 8-15 (24-31) in `high`.
-            const __m256i low = _mm256_unpacklo_epi8(even, odd), high = _mm256_unpackhi_epi8(even, odd);
+            __m256i xv[MT];
             for (int m = 0; m < MT; ++m) {
               int16_t pair;
               std::memcpy(&pair, p.xq + (m0 + m) * p.kp + r * F + 2 * i, sizeof(pair));
-              const __m256i xv = _mm256_set1_epi16(pair);
-              part[m][0] = _mm256_add_epi16(part[m][0], _mm256_maddubs_epi16(low, xv));
-              part[m][1] = _mm256_add_epi16(part[m][1], _mm256_maddubs_epi16(high, xv));
+              xv[m] = _mm256_set1_epi16(pair);
+            }
+            for (int w = 0; w < W; ++w) {
+              const __m256i even = _mm256_and_si256(_mm256_srli_epi16(bytes[w], 2 * i * BITS), mask);
+              const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(bytes[w], (2 * i + 1) * BITS), mask);
+              // Per 128-bit lane: columns 0-7 (16-23) in `low`, 8-15 (24-31) in `high`.
+              const __m256i low = _mm256_unpacklo_epi8(even, odd), high = _mm256_unpackhi_epi8(even, odd);
+              for (int m = 0; m < MT; ++m) {
+                part[m][2 * w] = _mm256_add_epi16(part[m][2 * w], _mm256_maddubs_epi16(low, xv[m]));
+                part[m][2 * w + 1] = _mm256_add_epi16(part[m][2 * w + 1], _mm256_maddubs_epi16(high, xv[m]));
+              }
             }
           }
         }
-        for (int m = 0; m < MT; ++m) {  // dot[m][h]: columns 8h .. 8h + 7
-          dot[m][0] = _mm256_add_epi32(dot[m][0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(part[m][0])));
-          dot[m][1] = _mm256_add_epi32(dot[m][1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(part[m][1])));
-          dot[m][2] = _mm256_add_epi32(dot[m][2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(part[m][0], 1)));
-          dot[m][3] = _mm256_add_epi32(dot[m][3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(part[m][1], 1)));
+        for (int m = 0; m < MT; ++m) {  // dot[m][4w + h]: columns 32w + 8h .. 32w + 8h + 7
+          for (int w = 0; w < W; ++w) {
+            const __m256i low = part[m][2 * w], high = part[m][2 * w + 1];
+            __m256i* d = dot[m] + 4 * w;
+            d[0] = _mm256_add_epi32(d[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(low)));
+            d[1] = _mm256_add_epi32(d[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(high)));
+            d[2] = _mm256_add_epi32(d[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(low, 1)));
+            d[3] = _mm256_add_epi32(d[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(high, 1)));
+          }
         }
       }
       for (int m = 0; m < MT; ++m) {
         const int64_t at = (m0 + m) * blocks + b;
         const __m256i offset = _mm256_set1_epi32(p.offset * p.xqsum[at]);
         const __m256 dx = _mm256_set1_ps(p.xd[at]);
-        for (int h = 0; h < 4; ++h) {
-          const __m256i exact = _mm256_add_epi32(_mm256_mullo_epi32(dot[m][h], multiplier), offset);
+        for (int h = 0; h < 4 * W; ++h) {
+          const __m256i codes = p.multiplier == 1 ? dot[m][h] : _mm256_mullo_epi32(dot[m][h], multiplier);
+          const __m256i exact = _mm256_add_epi32(codes, offset);
           group_dot[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), dx, group_dot[m][h]);
         }
       }
     }
-    for (int h = 0; h < 4; ++h) {
+    for (int h = 0; h < 4 * W; ++h) {
       const __m256 scale = load8(p.scale, g * p.n + n0 + 8 * h);
       const __m256 zero = p.has_zero ? load8(p.zero, g * p.n + n0 + 8 * h) : _mm256_setzero_ps();
       for (int m = 0; m < MT; ++m) {
@@ -529,18 +544,31 @@ LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int6
   }
 }
 
+// Strips [s0, s1) of 32 columns for one row tile: groups outer, so each group's packed rows are read
+// as contiguous runs across the strips (a strip at a time walks down K with a stride of N bytes, which
+// at N = 49152 maps every row to the same cache sets: measured 2.6x slower). One or two rows take
+// two strips per pass (a whole cache line of each packed row, more independent sums).
+template <int BITS, int MT>
+LOWBIT_AVX2 void packed_q8_rows_avx2(const PackedQ8Problem& p, int64_t m0, int64_t s0, int64_t s1) {
+  constexpr int W = MT <= 2 ? 2 : 1;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    int64_t s = s0;
+    for (; s + W <= s1; s += W) packed_q8_strip_avx2<BITS, MT, W>(p, m0, s * kQ8Strip, g);
+    if constexpr (W > 1) {
+      for (; s < s1; ++s) packed_q8_strip_avx2<BITS, MT, 1>(p, m0, s * kQ8Strip, g);
+    }
+  }
+}
+
 template <int BITS>
 LOWBIT_AVX2 void packed_q8_strips_avx2(const PackedQ8Problem& p, int64_t s0, int64_t s1) {
-  for (int64_t s = s0; s < s1; ++s) {
-    const int64_t n0 = s * kQ8Strip;
-    int64_t m0 = 0;
-    for (; m0 + kRowTile <= p.m; m0 += kRowTile) packed_q8_strip_avx2<BITS, kRowTile>(p, m0, n0);
-    switch (p.m - m0) {
-      case 3: packed_q8_strip_avx2<BITS, 3>(p, m0, n0); break;
-      case 2: packed_q8_strip_avx2<BITS, 2>(p, m0, n0); break;
-      case 1: packed_q8_strip_avx2<BITS, 1>(p, m0, n0); break;
-      default: break;
-    }
+  int64_t m0 = 0;
+  for (; m0 + kRowTile <= p.m; m0 += kRowTile) packed_q8_rows_avx2<BITS, kRowTile>(p, m0, s0, s1);
+  switch (p.m - m0) {
+    case 3: packed_q8_rows_avx2<BITS, 3>(p, m0, s0, s1); break;
+    case 2: packed_q8_rows_avx2<BITS, 2>(p, m0, s0, s1); break;
+    case 1: packed_q8_rows_avx2<BITS, 1>(p, m0, s0, s1); break;
+    default: break;
   }
 }
 #endif
