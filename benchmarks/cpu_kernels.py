@@ -157,7 +157,8 @@ def bench(args):
 def decode(new_tokens: int, rounds: int) -> None:
     """Greedy decode tok/s of SmolLM2 (block linears RTN int4:g64, frozen to packed layers on the native
     kernel; head and embedding f32) with the packed layers' activations f32 and int8, one model,
-    interleaved rounds; rate = (new_tokens - 1) / (time of new_tokens - time of 1 token)."""
+    interleaved rounds; rate = (new_tokens - 1) / (time of new_tokens - time of 1 token); then both
+    modes' perplexity on 8 windows of 256 tokens of the pydoc evaluation split."""
     from flax import nnx
 
     from lowbit.decode import generate
@@ -192,13 +193,24 @@ def decode(new_tokens: int, rounds: int) -> None:
             rates[mode].append((new_tokens - 1) / (long - short))
         loads.append(os.getloadavg()[0])
     agree = float(np.mean(outputs["f32"] == outputs["int8"]))
+    from lowbit.data.corpus import load_text, split_tokens
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.models.tokenizer import Tokenizer
+
+    tokens = split_tokens(np.asarray(Tokenizer.from_gguf(fetch("smollm2-135m")).encode(load_text()), np.int32))[1]
+    ppl = {}
+    for mode in modes:
+        for layer in layers:
+            layer.activations = mode
+        ppl[mode] = perplexity(model, tokens, ctx=256, windows=8).ppl
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, 1-minute load "
           f"{min(loads):.1f}-{max(loads):.1f}; {summary}; {rounds} interleaved rounds of {new_tokens} new tokens")
     for mode in modes:
         print(f"activations {mode}: decode median {statistics.median(rates[mode]):.1f} tok/s, "
               f"best {max(rates[mode]):.1f} tok/s")
     print(f"int8 / f32 (medians): {statistics.median(rates['int8']) / statistics.median(rates['f32']):.2f}x; "
-          f"greedy tokens equal: {agree:.0%}")
+          f"greedy tokens equal: {agree:.0%}; perplexity (pydoc evaluation split, 8 windows of 256 tokens): "
+          f"f32 {ppl['f32']:.4f}, int8 {ppl['int8']:.4f}")
 
 
 def main(argv=None):
