@@ -162,7 +162,7 @@ bool float_kind(ffi::DataType type, FloatKind* kind) {
 
 // `count` blocks of `block` consecutive floats -> int8 as ggml's q8 rounds activations: per block
 // d = max|x| / 127, xq = round-to-nearest-even(x * (1 / d)) clamped to [-127, 127], and the sum of xq.
-void quantize_activation_blocks(const float* x, int64_t count, int64_t block, int8_t* xq, float* xd, int32_t* xqsum) {
+void quantize_blocks_scalar(const float* x, int64_t count, int64_t block, int8_t* xq, float* xd, int32_t* xqsum) {
   for (int64_t i = 0; i < count; ++i) {
     const float* xb = x + i * block;
     float amax = 0.0f;
@@ -178,6 +178,49 @@ void quantize_activation_blocks(const float* x, int64_t count, int64_t block, in
     xd[i] = d;
     xqsum[i] = sum;
   }
+}
+
+#ifdef LOWBIT_X86
+// The same arithmetic 8 floats at a time (blocks of a multiple of 8): identical results, since
+// _mm256_cvtps_epi32 rounds to nearest even as nearbyint does (the default rounding mode). The scalar
+// code's nearbyint is a library call per value (the baseline ISA has no roundss): at K = 1536 that
+// cost more than the GEMV.
+LOWBIT_AVX2 void quantize_blocks_avx2(const float* x, int64_t count, int64_t block, int8_t* xq, float* xd,
+                                      int32_t* xqsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i high = _mm256_set1_epi32(127), low = _mm256_set1_epi32(-127);
+  for (int64_t i = 0; i < count; ++i) {
+    const float* xb = x + i * block;
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t j = 0; j < block; j += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const __m256 inverse = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    __m256i sum = _mm256_setzero_si256();
+    alignas(32) int32_t q[8];
+    for (int64_t j = 0; j < block; j += 8) {
+      __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j), inverse));
+      v = _mm256_max_epi32(low, _mm256_min_epi32(high, v));
+      sum = _mm256_add_epi32(sum, v);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), v);
+      for (int t = 0; t < 8; ++t) xq[i * block + j + t] = static_cast<int8_t>(q[t]);
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    xd[i] = d;
+    xqsum[i] = _mm_cvtsi128_si32(s4);
+  }
+}
+#endif
+
+void quantize_activation_blocks(const float* x, int64_t count, int64_t block, int8_t* xq, float* xd, int32_t* xqsum) {
+#ifdef LOWBIT_X86
+  if (has_avx2() && block % 8 == 0) return quantize_blocks_avx2(x, count, block, xq, xd, xqsum);
+#endif
+  quantize_blocks_scalar(x, count, block, xq, xd, xqsum);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -450,6 +493,9 @@ void packed_q8_columns_scalar(const PackedQ8Problem& p, int64_t n0, int64_t n1) 
 
 #ifdef LOWBIT_X86
 constexpr int kQ8Strip = 32;  // columns per int8 SIMD strip (one 32-byte load per packed row)
+// Activation rows per pass: two keep the int16 sums, codes and broadcasts in the 16 ymm registers
+// (four spilled to the stack: as slow per row as one row at a time).
+constexpr int kQ8RowTile = 2;
 
 // MT activation rows times the 32 * W columns at n0, over group g. Per packed row: the codes of K-rows (k, k+1) are
 // split from the byte and interleaved into (u[k, n], u[k+1, n]) byte pairs, and _mm256_maddubs_epi16
@@ -550,7 +596,7 @@ LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int6
 // two strips per pass (a whole cache line of each packed row, more independent sums).
 template <int BITS, int MT>
 LOWBIT_AVX2 void packed_q8_rows_avx2(const PackedQ8Problem& p, int64_t m0, int64_t s0, int64_t s1) {
-  constexpr int W = MT <= 2 ? 2 : 1;
+  constexpr int W = MT == 1 ? 2 : 1;
   for (int64_t g = 0; g < p.groups; ++g) {
     int64_t s = s0;
     for (; s + W <= s1; s += W) packed_q8_strip_avx2<BITS, MT, W>(p, m0, s * kQ8Strip, g);
@@ -563,13 +609,8 @@ LOWBIT_AVX2 void packed_q8_rows_avx2(const PackedQ8Problem& p, int64_t m0, int64
 template <int BITS>
 LOWBIT_AVX2 void packed_q8_strips_avx2(const PackedQ8Problem& p, int64_t s0, int64_t s1) {
   int64_t m0 = 0;
-  for (; m0 + kRowTile <= p.m; m0 += kRowTile) packed_q8_rows_avx2<BITS, kRowTile>(p, m0, s0, s1);
-  switch (p.m - m0) {
-    case 3: packed_q8_rows_avx2<BITS, 3>(p, m0, s0, s1); break;
-    case 2: packed_q8_rows_avx2<BITS, 2>(p, m0, s0, s1); break;
-    case 1: packed_q8_rows_avx2<BITS, 1>(p, m0, s0, s1); break;
-    default: break;
-  }
+  for (; m0 + kQ8RowTile <= p.m; m0 += kQ8RowTile) packed_q8_rows_avx2<BITS, kQ8RowTile>(p, m0, s0, s1);
+  if (m0 < p.m) packed_q8_rows_avx2<BITS, 1>(p, m0, s0, s1);
 }
 #endif
 
