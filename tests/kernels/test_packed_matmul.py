@@ -749,3 +749,23 @@ class TestInt8ActivationsNative(NativeImpl):
         for i, spec in enumerate(specs):
             expected, _ = _int8_reference(xs[i], *spec)
             assert all(_relative_error(y, expected) < 2e-6 for y in results[i])
+
+    def test_packed_layer_opts_in(self):
+        """PackedLayer.activations = "int8" runs the layer's matmul with int8 activations (the setting is
+        a runtime one: f32 by default)."""
+        from flax import nnx
+
+        from lowbit.nn.packed_layer import packed_layer
+
+        k, n = 130, 33
+        w = jnp.asarray(np.random.default_rng(27).standard_normal((k, n)), jnp.float32)
+        base = nnx.Linear(k, n, use_bias=False, rngs=nnx.Rngs(0))
+        base.kernel.set_value(w)
+        layer = packed_layer(base, quantize(w, QuantSpec.parse("int4:g32:asym"), axis=0), impl="native")
+        x = jnp.asarray(np.random.default_rng(28).standard_normal((3, k)), jnp.float32)
+        pw = layer.packed.expand_scales()
+        assert layer.activations == "f32"
+        np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(packed_matmul(x, pw, impl="native")))
+        layer.activations = "int8"
+        np.testing.assert_array_equal(np.asarray(layer(x)),
+                                      np.asarray(packed_matmul(x, pw, impl="native", activations="int8")))
