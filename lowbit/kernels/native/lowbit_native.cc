@@ -892,8 +892,8 @@ ffi::Error packed_q8_matmul(ffi::ThreadPool& pool, const float* x, const ffi::Bu
                             float* y, int64_t m, int64_t k, int64_t bits, int64_t group_size, int64_t has_zero,
                             int64_t groups, int64_t block, FloatKind scale_kind, FloatKind zero_kind) {
   const int64_t fields = 8 / bits;
-  if (block <= 0 || block % fields || group_size % block) {
-    return invalid("packed_matmul: block must divide group_size into whole packed rows");
+  if (block <= 0 || block > 4096 || block % fields || group_size % block) {  // 4096: int32 block sums
+    return invalid("packed_matmul: block must be at most 4096 and divide group_size into whole packed rows");
   }
   const float* values = levels.typed_data();
   const float multiplier = values[1] - values[0];
