@@ -3,7 +3,10 @@
 Each kernel runs `--inner` times inside one jitted loop (the next x depends on the last y, so no call
 is hoisted or skipped); the median and the best of `--repeats` loops, divided by `--inner`, are one
 call's time (on a shared machine the best is the kernel, the median what a busy machine gives).
-`--grad` times the forward and the input gradient (x-bar of sum(y * y)) instead: a training step's matmuls.
+A format name ending in " a8" is the same kernel with int8 activations (x rounded per row and block,
+integer dots). `--grad` times the forward and the input gradient (x-bar of sum(y * y)) instead: a training step's matmuls.
+`--decode` instead times SmolLM2's greedy decode with its block linears frozen to packed int4:g64 (RTN),
+the packed layers' activations f32 vs int8, in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -118,6 +121,9 @@ def bench(args):
                             x, plain, fmt, gemm_rows=1 << 30), pw))
                     else:
                         cases.append((spec, impl, functools.partial(packed_matmul, impl=impl), pw))
+                if "native" in args.impls and not args.grad and weight_format(pw).levels is None:
+                    cases.append((f"{spec} a8", "native", functools.partial(  # x rounded to int8 per block
+                        packed_matmul, impl="native", activations="int8"), pw))
             for name in args.gguf:
                 blocks = jnp.asarray(quants.quantize(np.ascontiguousarray(w.T), GGMLQuantizationType[name]))
                 for impl in (i for i in args.impls if i != "gemv"):
@@ -148,6 +154,65 @@ def bench(args):
     return rows
 
 
+def decode(new_tokens: int, rounds: int) -> None:
+    """Greedy decode tok/s of SmolLM2 (block linears RTN int4:g64, frozen to packed layers on the native
+    kernel; head and embedding f32) with the packed layers' activations f32 and int8, one model,
+    interleaved rounds; rate = (new_tokens - 1) / (time of new_tokens - time of 1 token); then both
+    modes' perplexity on 8 windows of 256 tokens of the pydoc evaluation split."""
+    from flax import nnx
+
+    from lowbit.decode import generate
+    from lowbit.models.loader import load_gguf_model
+    from lowbit.models.registry import fetch
+    from lowbit.nn.packed_layer import PackedLayer
+    from lowbit.nn.packed_linear import freeze
+    from lowbit.nn.rules import preset_rules, quantize_model
+
+    model, _ = load_gguf_model(fetch("smollm2-135m"))
+    quantize_model(model, preset_rules("int4-g64"))
+    summary = freeze(model)
+    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, PackedLayer)]
+    prompt = np.array([1, 504, 3458, 282, 4649, 314, 253, 1345], np.int32)
+
+    def run(activations: str, tokens: int):
+        for layer in layers:
+            layer.activations = activations
+        start = time.perf_counter()
+        out = generate(model, prompt, tokens)
+        return time.perf_counter() - start, np.asarray(out)
+
+    modes = ("f32", "int8")
+    outputs = {mode: run(mode, new_tokens)[1] for mode in modes}  # compile both lengths of both
+    for mode in modes:
+        run(mode, 1)
+    rates = {mode: [] for mode in modes}
+    loads = [os.getloadavg()[0]]
+    for r in range(rounds):
+        for mode in modes[r % 2:] + modes[:r % 2]:
+            short, long = run(mode, 1)[0], run(mode, new_tokens)[0]
+            rates[mode].append((new_tokens - 1) / (long - short))
+        loads.append(os.getloadavg()[0])
+    agree = float(np.mean(outputs["f32"] == outputs["int8"]))
+    from lowbit.data.corpus import load_text, split_tokens
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.models.tokenizer import Tokenizer
+
+    tokens = split_tokens(np.asarray(Tokenizer.from_gguf(fetch("smollm2-135m")).encode(load_text()), np.int32))[1]
+    ppl = {}
+    for mode in modes:
+        for layer in layers:
+            layer.activations = mode
+        ppl[mode] = perplexity(model, tokens, ctx=256, windows=8).ppl
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, 1-minute load "
+          f"{min(loads):.1f}-{max(loads):.1f}; {summary}; {rounds} interleaved rounds of {new_tokens} new tokens")
+    for mode in modes:
+        print(f"activations {mode}: decode median {statistics.median(rates[mode]):.1f} tok/s, "
+              f"best {max(rates[mode]):.1f} tok/s")
+    print(f"int8 / f32 (medians): {statistics.median(rates['int8']) / statistics.median(rates['f32']):.2f}x; "
+          f"greedy tokens equal: {agree:.0%}; perplexity (pydoc evaluation split, 8 windows of 256 tokens): "
+          f"f32 {ppl['f32']:.4f}, int8 {ppl['int8']:.4f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=lambda t: [int(v) for v in t.split(",")], default=[1],
@@ -165,10 +230,16 @@ def main(argv=None):
     parser.add_argument("--grad", action="store_true", help="time forward + input gradient (training)")
     parser.add_argument("--inner", type=int, default=50, help="calls per jitted loop")
     parser.add_argument("--repeats", type=int, default=7, help="loops timed (median taken)")
+    parser.add_argument("--decode", action="store_true",
+                        help="instead: SmolLM2 int4:g64 decode tok/s, packed layers' activations f32 vs int8")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per timing with --decode")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if "native" in args.impls and not native_available():
         parser.error(f"--impls native: the native kernels are unavailable: {native_error()}")
+    if args.decode:
+        decode(args.new_tokens, args.repeats)
+        return
     copy, read = copy_bandwidth(), read_bandwidth()
     load = os.getloadavg()[0]
     threads = os.environ.get("LOWBIT_NATIVE_THREADS", "all")

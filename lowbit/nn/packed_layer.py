@@ -132,6 +132,7 @@ class PackedLayer(nnx.Module):
                                     PackedWeight(check_input_scale(input_scale, contraction.in_features)))
         self.input_transform = check_input_transform(input_transform, contraction.in_features)
         self.dtype, self.runtime, self.impl = dtype, runtime, impl
+        self.activations = "f32"  # packed_matmul's activations ("int8": integer codes only); not saved
         self.uses_kernel = runtime == "packed" and kernel_supports(packed)
 
     @property
@@ -201,7 +202,7 @@ class PackedLayer(nnx.Module):
         dtype = self.dtype or dtype or rows.dtype
         rows = self.prepare_rows(rows).astype(dtype)
         if self.uses_kernel:
-            y = packed_matmul(rows, self.packed.expand_scales(), impl=self.impl)
+            y = packed_matmul(rows, self.packed.expand_scales(), impl=self.impl, activations=self.activations)
         else:
             y = jnp.matmul(rows, self.dequantized_matrix().astype(dtype))
         if self.bias is not None:

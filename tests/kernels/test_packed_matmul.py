@@ -609,3 +609,163 @@ def test_triton_tiling_limits():
         plan_tiles(4, 192, 16, fmt, DECODE_CONFIG, interpret=False)
     plan = plan_tiles(4, 192, 16, fmt, DECODE_CONFIG, interpret=True)
     assert plan.block_k == 32 and plan.groups_per_tile == 1 and plan.k_padded == 192
+
+
+# ---------------------------------------------------------------------------------------------
+# activations="int8": x rounded per row and block to int8, integer dots of the codes, then the scales.
+
+@functools.lru_cache(maxsize=None)
+def _quantized(spec, k, n, ternary="int2", seed=0):
+    """(packed weight, integer codes [k, n] int64, scale [groups, n] f64, zero [groups, n] f64 or None)."""
+    w = jnp.asarray(np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32))
+    q = quantize(w, QuantSpec.parse(spec))  # codes as integers, the packed weight made from them
+    zero = None if q.zero is None else np.asarray(q.zero, np.float64)
+    return (pack(q, ternary=ternary), np.asarray(q.codes).astype(np.int64), np.asarray(q.scale, np.float64), zero)
+
+
+def _block_of(group, fields):
+    """The activation block the spec names: the group when it has at most 256 inputs, else its largest
+    divisor not above 256 that is a whole number of packed bytes."""
+    return max(d for d in range(fields, min(group, 256) + 1, fields) if group % d == 0)
+
+
+def _int8_reference(x, spec, k, n):
+    """numpy restatement of activations="int8": per row and block d = max|x| / 127 and xq = round(x * (1/d))
+    in float32 (ties to even, clamped to +-127); exact int64 block dots with the codes; then
+    y = sum_g scale[g] sum_{b in g} d_b dot_b + zero[g] sum_{b in g} d_b sum(xq_b), in float64.
+    Returns (y, the rounded x d * xq [M, K])."""
+    _, codes, scale, zero = _quantized(spec, k, n)
+    parsed = QuantSpec.parse(spec)
+    fields = 8 // (2 if parsed.kind == "ternary" else parsed.bits)
+    group = parsed.group_size if parsed.granularity == "group" else -(-k // fields) * fields
+    block, groups = _block_of(group, fields), -(-k // group)
+    m, kp = x.shape[0], groups * group
+    xb = np.zeros((m, kp), np.float32)
+    xb[:, :k] = x
+    xb = xb.reshape(m, kp // block, block)
+    d = (np.abs(xb).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inverse = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    xq = np.clip(np.rint(xb * inverse), -127, 127).astype(np.int64)
+    codes_padded = np.zeros((kp, n), np.int64)
+    codes_padded[:k] = codes
+    dots = np.einsum("mbj,bjn->mbn", xq, codes_padded.reshape(kp // block, block, n))  # exact integers
+    per_group = (d.astype(np.float64) * dots).reshape(m, groups, group // block, n).sum(2)
+    scale = np.broadcast_to(scale, (groups, n))
+    y = np.einsum("mgn,gn->mn", per_group, scale)
+    if zero is not None:
+        xhat_sums = (d[..., 0].astype(np.float64) * xq.sum(-1)).reshape(m, groups, group // block).sum(-1)
+        y += xhat_sums @ np.broadcast_to(zero, (groups, n))
+    return y, (d * xq).reshape(m, kp)[:, :k].astype(np.float64)
+
+
+# Integer codes: int4/int2 sym and asym, group/channel scales, ternary and binary; K with partial last
+# groups (200 = 3 * 64 + 8, 577 odd), N with a tail of < 32 columns.
+INT8_CASES = [
+    ("int4:g64", 200, 37),
+    ("int4:g64:asym", 576, 70),
+    ("int4:g32", 96, 64),
+    ("int4:g32:asym", 130, 33),
+    ("int4:g128", 256, 40),
+    ("int4:channel", 577, 35),
+    ("int2:g32:asym", 100, 45),
+    ("ternary:g64", 190, 50),
+    ("binary:g64", 136, 40),
+]
+
+
+class TestInt8ActivationsNative(NativeImpl):
+    @pytest.mark.parametrize("spec, k, n", INT8_CASES)
+    def test_equals_numpy_reference_over_batches(self, spec, k, n):
+        pw = _quantized(spec, k, n)[0]
+        x = np.random.default_rng(21).standard_normal((33, k)).astype(np.float32)
+        x[3, : k // 2] = 0.0  # an all-zero block (d = 0)
+        expected, _ = _int8_reference(x, spec, k, n)
+        sizes = range(1, 34) if spec == "int4:g64" else (1, 2, 3, 4, 5, 8, 24, 33)
+        for m in sizes:
+            y = packed_matmul(jnp.asarray(x[:m]), pw, impl="native", activations="int8")
+            assert _relative_error(y, expected[:m]) < 2e-6, (spec, m)
+        with portable_code_only():
+            y = packed_matmul(jnp.asarray(x[:5]), pw, impl="native", activations="int8")
+        assert _relative_error(y, expected[:5]) < 2e-6, spec
+
+    @pytest.mark.parametrize("spec, k, n", INT8_CASES[:2] + INT8_CASES[7:8])
+    def test_xla_rounds_the_same_way(self, spec, k, n):
+        pw = _quantized(spec, k, n)[0]
+        x = np.random.default_rng(22).standard_normal((3, k)).astype(np.float32)
+        y = packed_matmul(jnp.asarray(x), pw, impl="xla", activations="int8")
+        assert _relative_error(y, _int8_reference(x, spec, k, n)[0]) < 2e-6
+
+    @pytest.mark.parametrize("spec, k, n", [("int4:g64", 576, 96), ("int4:g32:asym", 200, 37),
+                                            ("ternary:g64", 190, 50)])
+    def test_error_against_f32_is_bounded_by_the_rounding_of_x(self, spec, k, n):
+        """|y8 - y32| = |(xhat - x) W| <= sum_k |xhat_k - x_k| |W_kn| <= sum_b (d_b / 2) sum_{k in b} |W_kn|:
+        round to nearest moves each x by at most half its block's step d_b (|x| / d_b <= 127, so no
+        clamping), plus float32 rounding of the two products."""
+        pw = _quantized(spec, k, n)[0]
+        x = np.random.default_rng(23).standard_normal((4, k)).astype(np.float32) * np.linspace(0.1, 3, k, dtype=np.float32)
+        y8 = np.asarray(packed_matmul(jnp.asarray(x), pw, impl="native", activations="int8"), np.float64)
+        y32 = np.asarray(packed_matmul(jnp.asarray(x), pw, impl="native"), np.float64)
+        _, xhat = _int8_reference(x, spec, k, n)
+        w = np.abs(np.asarray(pw.dequantize(), np.float64))
+        parsed = QuantSpec.parse(spec)
+        fields = 8 // (2 if parsed.kind == "ternary" else parsed.bits)
+        block = _block_of(parsed.group_size, fields)
+        kp = -(-k // parsed.group_size) * parsed.group_size
+        xpad = np.zeros((4, kp))
+        xpad[:, :k] = x
+        half_steps = np.repeat(np.abs(xpad.reshape(4, kp // block, block)).max(-1) / 127 / 2, block, axis=1)[:, :k]
+        assert np.all(np.abs(xhat - x) <= half_steps * (1 + 1e-6))
+        float_slack = 1e-5 * np.abs(y32).max()
+        assert np.all(np.abs(y8 - y32) <= np.abs(xhat - x) @ w + float_slack)
+        assert np.all(np.abs(y8 - y32) <= half_steps @ w + float_slack)
+        assert np.abs(y8 - y32).max() > 10 * float_slack  # the rounding is real, well above float noise
+
+    def test_bad_activations_and_code_books(self):
+        pw = _quantized("int4:g64", 128, 32)[0]
+        x = jnp.ones((1, 128), jnp.float32)
+        for impl in ("native", "xla"):
+            with pytest.raises(ValueError, match="activations must be one of"):
+                packed_matmul(x, pw, impl=impl, activations="int4")
+        nf4 = _packed("nf4:g64", 128, 32)
+        with pytest.raises(ValueError, match="integer codes"):
+            packed_matmul(x, nf4, impl="native", activations="int8")
+
+    def test_gradient_is_the_f32_input_gradient(self):
+        """The rounding of x passes the gradient straight through: d/dx equals the f32 path's."""
+        pw = _quantized("int4:g32:asym", 130, 33)[0]
+        x = jnp.asarray(np.random.default_rng(24).standard_normal((2, 130)), jnp.float32)
+        c = jnp.asarray(np.random.default_rng(26).standard_normal((2, 33)), jnp.float32)
+        for impl in ("native", "xla"):
+            g8 = jax.grad(lambda x: jnp.sum(c * packed_matmul(x, pw, impl=impl, activations="int8")))(x)
+            g32 = jax.grad(lambda x: jnp.sum(c * packed_matmul(x, pw, impl=impl)))(x)
+            np.testing.assert_allclose(np.asarray(g8), np.asarray(g32), rtol=1e-5, atol=1e-5)
+
+    def test_two_threads_at_once(self):
+        specs = [("int4:g64", 1536, 576), ("ternary:g64", 576, 1536)]
+        fn = jax.jit(lambda x, w: packed_matmul(x, w, impl="native", activations="int8"))
+        xs = [np.random.default_rng(25 + i).standard_normal((2, k)).astype(np.float32) for i, (_, k, _) in enumerate(specs)]
+        pws = [_quantized(*s)[0] for s in specs]
+        results = run_concurrently([lambda i=i: np.asarray(fn(jnp.asarray(xs[i]), pws[i])) for i in range(2)], 20)
+        for i, spec in enumerate(specs):
+            expected, _ = _int8_reference(xs[i], *spec)
+            assert all(_relative_error(y, expected) < 2e-6 for y in results[i])
+
+    def test_packed_layer_opts_in(self):
+        """PackedLayer.activations = "int8" runs the layer's matmul with int8 activations (the setting is
+        a runtime one: f32 by default)."""
+        from flax import nnx
+
+        from lowbit.nn.packed_layer import packed_layer
+
+        k, n = 130, 33
+        w = jnp.asarray(np.random.default_rng(27).standard_normal((k, n)), jnp.float32)
+        base = nnx.Linear(k, n, use_bias=False, rngs=nnx.Rngs(0))
+        base.kernel.set_value(w)
+        layer = packed_layer(base, quantize(w, QuantSpec.parse("int4:g32:asym"), axis=0), impl="native")
+        x = jnp.asarray(np.random.default_rng(28).standard_normal((3, k)), jnp.float32)
+        pw = layer.packed.expand_scales()
+        assert layer.activations == "f32"
+        np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(packed_matmul(x, pw, impl="native")))
+        layer.activations = "int8"
+        np.testing.assert_array_equal(np.asarray(layer(x)),
+                                      np.asarray(packed_matmul(x, pw, impl="native", activations="int8")))

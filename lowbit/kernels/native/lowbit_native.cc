@@ -160,6 +160,69 @@ bool float_kind(ffi::DataType type, FloatKind* kind) {
   }
 }
 
+// `count` blocks of `block` consecutive floats -> int8 as ggml's q8 rounds activations: per block
+// d = max|x| / 127, xq = round-to-nearest-even(x * (1 / d)) clamped to [-127, 127], and the sum of xq.
+void quantize_blocks_scalar(const float* x, int64_t count, int64_t block, int8_t* xq, float* xd, int32_t* xqsum) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float* xb = x + i * block;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < block; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.0f;
+    const float inverse = d > 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < block; ++j) {
+      const int q = static_cast<int>(std::nearbyint(xb[j] * inverse));
+      xq[i * block + j] = static_cast<int8_t>(std::min(127, std::max(-127, q)));
+      sum += xq[i * block + j];
+    }
+    xd[i] = d;
+    xqsum[i] = sum;
+  }
+}
+
+#ifdef LOWBIT_X86
+// The same arithmetic 8 floats at a time (blocks of a multiple of 8): identical results, since
+// _mm256_cvtps_epi32 rounds to nearest even as nearbyint does (the default rounding mode). The scalar
+// code's nearbyint is a library call per value (the baseline ISA has no roundss): at K = 1536 that
+// cost more than the GEMV.
+LOWBIT_AVX2 void quantize_blocks_avx2(const float* x, int64_t count, int64_t block, int8_t* xq, float* xd,
+                                      int32_t* xqsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i high = _mm256_set1_epi32(127), low = _mm256_set1_epi32(-127);
+  for (int64_t i = 0; i < count; ++i) {
+    const float* xb = x + i * block;
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t j = 0; j < block; j += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const __m256 inverse = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    __m256i sum = _mm256_setzero_si256();
+    alignas(32) int32_t q[8];
+    for (int64_t j = 0; j < block; j += 8) {
+      __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j), inverse));
+      v = _mm256_max_epi32(low, _mm256_min_epi32(high, v));
+      sum = _mm256_add_epi32(sum, v);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), v);
+      for (int t = 0; t < 8; ++t) xq[i * block + j + t] = static_cast<int8_t>(q[t]);
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    xd[i] = d;
+    xqsum[i] = _mm_cvtsi128_si32(s4);
+  }
+}
+#endif
+
+void quantize_activation_blocks(const float* x, int64_t count, int64_t block, int8_t* xq, float* xd, int32_t* xqsum) {
+#ifdef LOWBIT_X86
+  if (has_avx2() && block % 8 == 0) return quantize_blocks_avx2(x, count, block, xq, xd, xqsum);
+#endif
+  quantize_blocks_scalar(x, count, block, xq, xd, xqsum);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packed low-bit weights (lowbit.core.packing): data uint8 [rows, N], K-row k of column n in byte
 // row k / F at bit offset (k % F) * bits, F = 8 / bits codes per byte. A code u means the value
@@ -332,14 +395,14 @@ bool unit_steps(const float* levels, int bits) {
   return true;
 }
 
-// Splits the columns over tasks: 16-column strips for the AVX2 code (the last N % 16 columns go
-// to the scalar code in one more task), single columns for the scalar code.
+// Splits the columns over tasks: strips of `strip` columns for the AVX2 code (the last N % strip
+// columns go to the scalar code in one more task), single columns for the scalar code.
 template <typename Simd, typename Scalar>
-void split_columns(ffi::ThreadPool& pool, int64_t n, int64_t weight_bytes, const Simd& simd_strips,
+void split_columns(ffi::ThreadPool& pool, int64_t n, int64_t weight_bytes, int64_t strip, const Simd& simd_strips,
                    const Scalar& scalar_columns) {
   const bool simd = has_avx2();
-  const int64_t units = simd ? n / kStrip : n;
-  const int64_t tail = simd ? units * kStrip : n;
+  const int64_t units = simd ? n / strip : n;
+  const int64_t tail = simd ? units * strip : n;
   const int64_t tasks = task_count(pool, weight_bytes, std::max<int64_t>(units, 1));
   const int64_t per_task = (units + tasks - 1) / tasks;
   parallel_for(pool, tasks + 1, [&](int64_t t) {
@@ -361,7 +424,7 @@ template <int BITS>
 void packed_matmul_run(ffi::ThreadPool& pool, const PackedProblem& p) {
   const bool lut = BITS == 4 && !unit_steps(p.levels, BITS);
   split_columns(
-      pool, p.n, p.rows * p.n,
+      pool, p.n, p.rows * p.n, kStrip,
       [&](int64_t s0, int64_t s1) {
 #ifdef LOWBIT_X86
         if (lut) {
@@ -372,6 +435,200 @@ void packed_matmul_run(ffi::ThreadPool& pool, const PackedProblem& p) {
 #endif
       },
       [&](int64_t n0, int64_t n1) { packed_columns_scalar<BITS>(p, n0, n1); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Int8 activations for integer codes (q = multiplier * u + offset, integers: int4/int2 sym/asym,
+// ternary, binary): x is rounded per row and activation block (`block` inputs, dividing the group)
+// to xq = round(x / dx) in [-127, 127] with dx = max|x| / 127 (ggml's q8 rounding), and the block's
+//   sum_k xq[k] q[k, n] = multiplier * sum_k xq[k] u[k, n] + offset * sum_k xq[k]
+// is exact in integers. Then y[m, n] = sum_g scale[g, n] sum_{b in g} dx_b (that sum)
+// + zero[g, n] xhatsum[g], with xhatsum the group's sum of the rounded x (dx_b * sum xq): the
+// product of the rounded x with the weight, to float rounding.
+
+struct PackedQ8Problem {
+  const int8_t* xq;      // [M, kp] rounded activations, zero padded to kp = groups * group_size
+  const float* xd;       // [M, kp / block] each block's dx
+  const int32_t* xqsum;  // [M, kp / block] each block's sum of xq
+  const float* xhatsum;  // [M, groups] each group's sum of dx * xq
+  const uint8_t* data;   // [rows, N]
+  FloatTable scale, zero;
+  bool has_zero;
+  int32_t multiplier, offset;
+  int64_t m, n, kp, groups, group_size, block, rows;
+  float* y;
+};
+
+template <int BITS>
+void packed_q8_columns_scalar(const PackedQ8Problem& p, int64_t n0, int64_t n1) {
+  constexpr int F = 8 / BITS;
+  constexpr unsigned mask = (1u << BITS) - 1u;
+  const int64_t rows_per_group = p.group_size / F, rows_per_block = p.block / F;
+  const int64_t blocks_per_group = p.group_size / p.block, blocks = p.kp / p.block;
+  for (int64_t m = 0; m < p.m; ++m) {
+    const int8_t* xrow = p.xq + m * p.kp;
+    for (int64_t n = n0; n < n1; ++n) {
+      float total = 0.0f;
+      for (int64_t g = 0; g < p.groups; ++g) {
+        float group_dot = 0.0f;
+        for (int64_t j = 0; j < blocks_per_group; ++j) {
+          const int64_t b = g * blocks_per_group + j;
+          const int64_t r0 = g * rows_per_group + j * rows_per_block;
+          const int64_t r1 = std::min(p.rows, r0 + rows_per_block);
+          int32_t dot = 0;
+          for (int64_t r = r0; r < r1; ++r) {
+            const unsigned byte = p.data[r * p.n + n];
+            for (int f = 0; f < F; ++f) dot += static_cast<int32_t>((byte >> (f * BITS)) & mask) * xrow[r * F + f];
+          }
+          const int32_t exact = p.multiplier * dot + p.offset * p.xqsum[m * blocks + b];
+          group_dot += p.xd[m * blocks + b] * static_cast<float>(exact);
+        }
+        total += p.scale.at(g * p.n + n) * group_dot;
+        if (p.has_zero) total += p.zero.at(g * p.n + n) * p.xhatsum[m * p.groups + g];
+      }
+      p.y[m * p.n + n] = total;
+    }
+  }
+}
+
+#ifdef LOWBIT_X86
+constexpr int kQ8Strip = 32;  // columns per int8 SIMD strip (one 32-byte load per packed row)
+// Activation rows per pass: two keep the int16 sums, codes and broadcasts in the 16 ymm registers
+// (four spilled to the stack: as slow per row as one row at a time).
+constexpr int kQ8RowTile = 2;
+
+// MT activation rows times the 32 * W columns at n0, over group g. Per packed row: the codes of K-rows (k, k+1) are
+// split from the byte and interleaved into (u[k, n], u[k+1, n]) byte pairs, and _mm256_maddubs_epi16
+// against the broadcast (xq[k], xq[k+1]) gives each column's pair sum in int16. The int16 sums are
+// widened to int32 before they can overflow (|sum| <= pairs * 2 * max u * 127 <= 32767), each block
+// turns into floats once (times dx), and each group adds scale * that + zero * xhatsum to y.
+template <int BITS, int MT, int W>
+LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int64_t n0, int64_t g) {
+  constexpr int F = 8 / BITS, PAIRS = F / 2, MAX_CODE = (1 << BITS) - 1;
+  constexpr int64_t kChunkRows = 32767 / (2 * MAX_CODE * 127) / PAIRS;  // 4-bit: 8, 2-bit: 21, 1-bit: 32
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>(MAX_CODE));
+  const __m256i multiplier = _mm256_set1_epi32(p.multiplier);
+  const int64_t rows_per_group = p.group_size / F, rows_per_block = p.block / F;
+  const int64_t blocks_per_group = p.group_size / p.block, blocks = p.kp / p.block;
+  {
+    __m256 group_dot[MT][4 * W];
+    for (int m = 0; m < MT; ++m) {
+      for (int h = 0; h < 4 * W; ++h) group_dot[m][h] = _mm256_setzero_ps();
+    }
+    for (int64_t j = 0; j < blocks_per_group; ++j) {
+      const int64_t b = g * blocks_per_group + j;
+      const int64_t r0 = g * rows_per_group + j * rows_per_block;
+      const int64_t r1 = std::min(p.rows, r0 + rows_per_block);
+      __m256i dot[MT][4 * W];
+      for (int m = 0; m < MT; ++m) {
+        for (int h = 0; h < 4 * W; ++h) dot[m][h] = _mm256_setzero_si256();
+      }
+      for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+        const int64_t c1 = std::min(r1, c0 + kChunkRows);
+        __m256i part[MT][2 * W];
+        for (int m = 0; m < MT; ++m) {
+          for (int h = 0; h < 2 * W; ++h) part[m][h] = _mm256_setzero_si256();
+        }
+        for (int64_t r = c0; r < c1; ++r) {
+          __m256i bytes[W];
+          for (int w = 0; w < W; ++w) {
+            bytes[w] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.data + r * p.n + n0 + kQ8Strip * w));
+          }
+#pragma GCC unroll 4
+          for (int i = 0; i < PAIRS; ++i) {
+            __m256i xv[MT];
+            for (int m = 0; m < MT; ++m) {
+              int16_t pair;
+              std::memcpy(&pair, p.xq + (m0 + m) * p.kp + r * F + 2 * i, sizeof(pair));
+              xv[m] = _mm256_set1_epi16(pair);
+            }
+            for (int w = 0; w < W; ++w) {
+              const __m256i even = _mm256_and_si256(_mm256_srli_epi16(bytes[w], 2 * i * BITS), mask);
+              const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(bytes[w], (2 * i + 1) * BITS), mask);
+              // Per 128-bit lane: columns 0-7 (16-23) in `low`, 8-15 (24-31) in `high`.
+              const __m256i low = _mm256_unpacklo_epi8(even, odd), high = _mm256_unpackhi_epi8(even, odd);
+              for (int m = 0; m < MT; ++m) {
+                part[m][2 * w] = _mm256_add_epi16(part[m][2 * w], _mm256_maddubs_epi16(low, xv[m]));
+                part[m][2 * w + 1] = _mm256_add_epi16(part[m][2 * w + 1], _mm256_maddubs_epi16(high, xv[m]));
+              }
+            }
+          }
+        }
+        for (int m = 0; m < MT; ++m) {  // dot[m][4w + h]: columns 32w + 8h .. 32w + 8h + 7
+          for (int w = 0; w < W; ++w) {
+            const __m256i low = part[m][2 * w], high = part[m][2 * w + 1];
+            __m256i* d = dot[m] + 4 * w;
+            d[0] = _mm256_add_epi32(d[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(low)));
+            d[1] = _mm256_add_epi32(d[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(high)));
+            d[2] = _mm256_add_epi32(d[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(low, 1)));
+            d[3] = _mm256_add_epi32(d[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(high, 1)));
+          }
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int64_t at = (m0 + m) * blocks + b;
+        const __m256i offset = _mm256_set1_epi32(p.offset * p.xqsum[at]);
+        const __m256 dx = _mm256_set1_ps(p.xd[at]);
+        for (int h = 0; h < 4 * W; ++h) {
+          const __m256i codes = p.multiplier == 1 ? dot[m][h] : _mm256_mullo_epi32(dot[m][h], multiplier);
+          const __m256i exact = _mm256_add_epi32(codes, offset);
+          group_dot[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), dx, group_dot[m][h]);
+        }
+      }
+    }
+    for (int h = 0; h < 4 * W; ++h) {
+      const __m256 scale = load8(p.scale, g * p.n + n0 + 8 * h);
+      const __m256 zero = p.has_zero ? load8(p.zero, g * p.n + n0 + 8 * h) : _mm256_setzero_ps();
+      for (int m = 0; m < MT; ++m) {
+        float* out = p.y + (m0 + m) * p.n + n0 + 8 * h;
+        __m256 y = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+        y = _mm256_fmadd_ps(scale, group_dot[m][h], y);
+        if (p.has_zero) y = _mm256_fmadd_ps(zero, _mm256_set1_ps(p.xhatsum[(m0 + m) * p.groups + g]), y);
+        _mm256_storeu_ps(out, y);
+      }
+    }
+  }
+}
+
+// Strips [s0, s1) of 32 columns for one row tile: groups outer, so each group's packed rows are read
+// as contiguous runs across the strips (a strip at a time walks down K with a stride of N bytes, which
+// at N = 49152 maps every row to the same cache sets: measured 2.6x slower). One or two rows take
+// two strips per pass (a whole cache line of each packed row, more independent sums).
+template <int BITS, int MT>
+LOWBIT_AVX2 void packed_q8_rows_avx2(const PackedQ8Problem& p, int64_t m0, int64_t s0, int64_t s1) {
+  constexpr int W = MT == 1 ? 2 : 1;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    int64_t s = s0;
+    for (; s + W <= s1; s += W) packed_q8_strip_avx2<BITS, MT, W>(p, m0, s * kQ8Strip, g);
+    if constexpr (W > 1) {
+      for (; s < s1; ++s) packed_q8_strip_avx2<BITS, MT, 1>(p, m0, s * kQ8Strip, g);
+    }
+  }
+}
+
+template <int BITS>
+LOWBIT_AVX2 void packed_q8_strips_avx2(const PackedQ8Problem& p, int64_t s0, int64_t s1) {
+  int64_t m0 = 0;
+  for (; m0 + kQ8RowTile <= p.m; m0 += kQ8RowTile) packed_q8_rows_avx2<BITS, kQ8RowTile>(p, m0, s0, s1);
+  if (m0 < p.m) packed_q8_rows_avx2<BITS, 1>(p, m0, s0, s1);
+}
+#endif
+
+template <int BITS>
+void packed_q8_run(ffi::ThreadPool& pool, const PackedQ8Problem& p) {
+#ifdef LOWBIT_X86
+  constexpr int64_t strip = kQ8Strip;
+#else
+  constexpr int64_t strip = kStrip;
+#endif
+  split_columns(
+      pool, p.n, p.rows * p.n, strip,
+      [&](int64_t s0, int64_t s1) {
+#ifdef LOWBIT_X86
+        packed_q8_strips_avx2<BITS>(p, s0, s1);
+#endif
+      },
+      [&](int64_t n0, int64_t n1) { packed_q8_columns_scalar<BITS>(p, n0, n1); });
 }
 
 // The checks both packed kernels make of a packed weight data [rows, N] over K inputs: bits, code
@@ -627,10 +884,68 @@ void packed_gemm_dispatch(ffi::ThreadPool& pool, int64_t bits, bool transposed, 
   }
 }
 
+// The int8-activation product (the GEMV at every row count): checks that the codes are integers
+// (levels[u] = multiplier * u + offset) and that `block` divides the group into whole packed rows,
+// rounds x per block, then runs the kernel over column strips.
+ffi::Error packed_q8_matmul(ffi::ThreadPool& pool, const float* x, const ffi::Buffer<ffi::U8>& data,
+                            const ffi::AnyBuffer& scale, const ffi::AnyBuffer& zero, const ffi::Buffer<ffi::F32>& levels,
+                            float* y, int64_t m, int64_t k, int64_t bits, int64_t group_size, int64_t has_zero,
+                            int64_t groups, int64_t block, FloatKind scale_kind, FloatKind zero_kind) {
+  const int64_t fields = 8 / bits;
+  if (block <= 0 || block > 4096 || block % fields || group_size % block) {  // 4096: int32 block sums
+    return invalid("packed_matmul: block must be at most 4096 and divide group_size into whole packed rows");
+  }
+  const float* values = levels.typed_data();
+  const float multiplier = values[1] - values[0];
+  for (int64_t i = 0; i < (int64_t{1} << bits); ++i) {
+    const float expected = values[0] + multiplier * static_cast<float>(i);
+    if (values[i] != expected || values[i] != std::nearbyint(values[i]) || std::fabs(values[i]) > 1024.0f) {
+      return invalid("packed_matmul: int8 activations need integer codes (levels[u] = multiplier * u + offset)");
+    }
+  }
+  const int64_t n = data.dimensions()[1];
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const int64_t kp = groups * group_size, blocks = kp / block;
+  std::vector<float> xpad(static_cast<size_t>(m * kp), 0.0f);
+  for (int64_t i = 0; i < m; ++i) std::memcpy(&xpad[i * kp], x + i * k, sizeof(float) * k);
+  std::vector<int8_t> xq(static_cast<size_t>(m * kp));
+  std::vector<float> xd(static_cast<size_t>(m * blocks)), xhatsum(static_cast<size_t>(m * groups), 0.0f);
+  std::vector<int32_t> xqsum(static_cast<size_t>(m * blocks));
+  quantize_activation_blocks(xpad.data(), m * blocks, block, xq.data(), xd.data(), xqsum.data());
+  for (int64_t b = 0; b < m * blocks; ++b) {
+    xhatsum[b / (group_size / block)] += xd[b] * static_cast<float>(xqsum[b]);
+  }
+  PackedQ8Problem p{};
+  p.xq = xq.data();
+  p.xd = xd.data();
+  p.xqsum = xqsum.data();
+  p.xhatsum = xhatsum.data();
+  p.data = data.typed_data();
+  p.scale = {scale.untyped_data(), scale_kind};
+  p.zero = {zero.untyped_data(), zero_kind};
+  p.has_zero = has_zero != 0;
+  p.multiplier = static_cast<int32_t>(multiplier);
+  p.offset = static_cast<int32_t>(values[0]);
+  p.m = m;
+  p.n = n;
+  p.kp = kp;
+  p.groups = groups;
+  p.group_size = group_size;
+  p.block = block;
+  p.rows = data.dimensions()[0];
+  p.y = y;
+  switch (bits) {
+    case 4: packed_q8_run<4>(pool, p); break;
+    case 2: packed_q8_run<2>(pool, p); break;
+    default: packed_q8_run<1>(pool, p); break;
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data,
                             ffi::AnyBuffer scale, ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> levels,
                             ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group_size, int64_t has_zero,
-                            int64_t gemm_rows) {
+                            int64_t gemm_rows, int64_t activations, int64_t block) {
   auto xd = x.dimensions();
   auto wd = data.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return invalid("packed_matmul: x and data must be 2-D");
@@ -640,6 +955,11 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   ffi::Error error = check_packed_weight("packed_matmul", data, scale, zero, levels, k, bits, group_size, has_zero,
                                          &p.scale.kind, &p.zero.kind, &groups);
   if (error.failure()) return error;
+  if (activations != 0 && activations != 1) return invalid("packed_matmul: activations must be 0 (f32) or 1 (int8)");
+  if (activations == 1) {
+    return packed_q8_matmul(pool, x.typed_data(), data, scale, zero, levels, y->typed_data(), m, k, bits, group_size,
+                            has_zero, groups, block, p.scale.kind, p.zero.kind);
+  }
   if (m == 0 || n == 0) return ffi::Error::Success();
   if (m >= gemm_rows) {
     const PackedWeightView w{data.typed_data(), {scale.untyped_data(), p.scale.kind}, {zero.untyped_data(), p.zero.kind},
@@ -738,25 +1058,6 @@ struct GgufProblem {
   int64_t type, m, n, k, block_bytes;
   float* y;
 };
-
-// x [M, K] -> xq, xd, xqsum of GgufProblem (ggml's q8 quantization of activations).
-void quantize_activation_blocks(const float* x, int64_t count, int8_t* xq, float* xd, int32_t* xqsum) {
-  for (int64_t i = 0; i < count; ++i) {
-    const float* xb = x + i * 32;
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float d = amax / 127.0f;
-    const float inverse = d > 0.0f ? 1.0f / d : 0.0f;
-    int32_t sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int q = static_cast<int>(std::nearbyint(xb[j] * inverse));
-      xq[i * 32 + j] = static_cast<int8_t>(std::min(127, std::max(-127, q)));
-      sum += xq[i * 32 + j];
-    }
-    xd[i] = d;
-    xqsum[i] = sum;
-  }
-}
 
 // One block's integer dot of the weight codes (unsigned nibbles u for Q4_0/Q4_1, signed q for Q8_0)
 // with the int8 activations, then its float contribution:
@@ -1061,7 +1362,7 @@ ffi::Error GgufMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     xq.resize(static_cast<size_t>(p.m * p.k));
     xscale.resize(static_cast<size_t>(p.m * nb));
     xqsum.resize(static_cast<size_t>(p.m * nb));
-    quantize_activation_blocks(x.typed_data(), p.m * nb, xq.data(), xscale.data(), xqsum.data());
+    quantize_activation_blocks(x.typed_data(), p.m * nb, 32, xq.data(), xscale.data(), xqsum.data());
   } else {
     xsum.resize(static_cast<size_t>(p.m * nb));
     for (int64_t i = 0; i < p.m * nb; ++i) {
@@ -1201,7 +1502,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
   }
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
   split_columns(
-      pool, p.n, p.k * p.n,
+      pool, p.n, p.k * p.n, kStrip,
       [&](int64_t s0, int64_t s1) {
 #ifdef LOWBIT_X86
         int8_strips_avx2(p, s0, s1);
@@ -1225,7 +1526,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmul, PackedMatmulImpl,
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("has_zero")
-                                  .Attr<int64_t>("gemm_rows"));
+                                  .Attr<int64_t>("gemm_rows")
+                                  .Attr<int64_t>("activations")
+                                  .Attr<int64_t>("block"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmulTransposed, PackedMatmulTransposedImpl,
                               ffi::Ffi::Bind()

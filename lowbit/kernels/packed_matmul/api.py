@@ -7,14 +7,33 @@ import jax.numpy as jnp
 
 from lowbit.core.packing import PackedArray
 from lowbit.kernels.dispatch import resolve_impl
-from lowbit.kernels.packed_matmul.native import native_supports, packed_matmul_native
+from lowbit.kernels.packed_matmul.native import (
+    ACTIVATIONS,
+    activation_block,
+    int8_supports,
+    native_supports,
+    packed_matmul_native,
+)
 from lowbit.kernels.packed_matmul.pallas import PackedMatmulConfig, packed_matmul_pallas, plan_tiles, select_config
 from lowbit.kernels.packed_matmul.reference import float_scales, packed_matmul_reference, weight_format
 
 _reference_jit = jax.jit(packed_matmul_reference)
-_native_jit = jax.jit(packed_matmul_native, static_argnames=("fmt",))
+_native_jit = jax.jit(packed_matmul_native, static_argnames=("fmt", "activations"))
 
 ACTIVATION_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def round_activations(x, fmt, k: int):
+    """x: [M, K] -> float32 x rounded as activations="int8" rounds it (per row and `activation_block`:
+    round(x / d) * d, d = max|x| / 127, clamped to +-127), with a straight-through gradient."""
+    group_size, block = activation_block(fmt, k)
+    kp = -(-k // group_size) * group_size
+    x = x.astype(jnp.float32)
+    blocks = jnp.pad(x, ((0, 0), (0, kp - k))).reshape(x.shape[0], kp // block, block)
+    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127.0
+    inverse = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+    rounded = (jnp.clip(jnp.round(blocks * inverse), -127, 127) * d).reshape(x.shape[0], kp)[:, :k]
+    return x + jax.lax.stop_gradient(rounded - x)
 
 
 def packed_matmul(
@@ -24,6 +43,7 @@ def packed_matmul(
     impl: str = "auto",
     interpret: bool | None = None,
     config: PackedMatmulConfig | None = None,
+    activations: str = "f32",
 ):
     """y = x @ dequant(w) with float32 accumulation, returned in x's dtype.
 
@@ -37,6 +57,12 @@ def packed_matmul(
     "auto" falls back to XLA for layouts a kernel cannot take (Pallas: code books, partial groups).
     interpret: run the Pallas kernel in interpret mode (None: only when there is no GPU). config:
     tile sizes (None: by regime).
+    activations: "f32" (default: x as it is, the float product within rounding) or "int8" for integer
+    codes (int4/int2 sym or asym, ternary, binary; not nf4/fp4): each row of x rounded per block of at
+    most 256 inputs inside a group (`activation_block`) to round(x / d) * d, d = max|x| / 127, as
+    ggml's q8 does; the native kernel then multiplies in integers (its int8 GEMV at every row count),
+    the other impls multiply the same rounded x in float (same result within float rounding). An
+    inference option: the gradient passes the rounding straight through and stays f32.
     """
     fmt = weight_format(w)
     k, n = w.shape
@@ -48,6 +74,10 @@ def packed_matmul(
         raise ValueError(f"x must be float32, bfloat16 or float16, got dtype {x.dtype}")
     if config is not None and not isinstance(config, PackedMatmulConfig):
         raise ValueError(f"config must be a PackedMatmulConfig or None, got {type(config).__name__}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations == "int8" and fmt.levels is not None:
+        raise ValueError(f"activations='int8': {int8_supports(fmt)}; use activations='f32'")
     w = float_scales(w)
     requested = impl
     impl, interpret = resolve_impl(impl, interpret, has_native=True)
@@ -59,9 +89,11 @@ def packed_matmul(
     if impl == "native":
         reason = native_supports(fmt)
         if reason is None:
-            return _native_jit(x2, w, fmt).astype(x.dtype).reshape(*lead, n)
+            return _native_jit(x2, w, fmt, activations=activations).astype(x.dtype).reshape(*lead, n)
         if requested != "auto":
             raise ValueError(f"w: {reason}; the native kernel cannot take it (use impl='xla')")
+    if activations == "int8":
+        x2 = round_activations(x2, fmt, k).astype(x.dtype)
     plan = None
     if impl == "pallas":
         try:
