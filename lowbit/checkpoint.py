@@ -326,13 +326,16 @@ def load(directory: str | Path, model: nnx.Module | None = None, *,
     return skeleton
 
 
-def load_model_and_tokenizer(name_or_path: str | Path, runtime: str = "packed"):
+def load_model_and_tokenizer(name_or_path: str | Path, runtime: str = "packed", activations: str = "f32"):
     """(model, tokenizer) for a registered model name, a GGUF path or a checkpoint directory,
     loaded with `runtime`: "packed" (a checkpoint's codes, or a GGUF on its own Q4_0/Q4_1/Q8_0
-    blocks) or "dequant" (float weights); a checkpoint's tokenizer is its source model's."""
+    blocks) or "dequant" (float weights); a checkpoint's tokenizer is its source model's.
+    activations "int8": the packed and GGUF layers round their inputs to int8
+    (lowbit.nn.set_activations); a ValueError when no layer of the model can."""
     from lowbit.models.loader import load_gguf_model
     from lowbit.models.registry import MODELS, resolve_model
     from lowbit.models.tokenizer import Tokenizer
+    from lowbit.nn import set_activations
 
     if Path(name_or_path).expanduser().is_dir():
         model = load(name_or_path, runtime=runtime)
@@ -342,7 +345,13 @@ def load_model_and_tokenizer(name_or_path: str | Path, runtime: str = "packed"):
             if source.get("model") not in MODELS:
                 raise ValueError(f"checkpoint {name_or_path} names no source model to take the tokenizer from")
             path = resolve_model(source["model"])
-        return model, Tokenizer.from_gguf(path)
+    else:
+        path = resolve_model(str(name_or_path))
+        model, _ = load_gguf_model(path, runtime=runtime)
+    if set_activations(model, activations) == 0 and activations != "f32":
+        raise ValueError(f"activations {activations!r}: {name_or_path} (runtime {runtime}) has no packed or GGUF "
+                         "layer with integer codes to run them (use the packed runtime of a quantized model)")
+    return model, Tokenizer.from_gguf(path)
     path = resolve_model(str(name_or_path))
     model, _ = load_gguf_model(path, runtime=runtime)
     return model, Tokenizer.from_gguf(path)

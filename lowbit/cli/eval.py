@@ -34,6 +34,9 @@ def add_arguments(parser) -> None:
                         help="a quantized checkpoint's layers, or a GGUF's Q4_0/Q4_1/Q8_0 tensors: packed (codes or "
                              "the file's blocks in memory, packed matmul; default) or dequant (weights dequantized "
                              "once into float layers: fake-quant, for research)")
+    parser.add_argument("--activations", default="f32", choices=("f32", "int8"),
+                        help="inputs of the packed/GGUF layers: f32 (default) or int8 (rounded per block as ggml "
+                             "does: faster decode GEMVs, a small rounding of x; not for nf4/fp4 codes)")
 
 
 # Arrays of a saved quantized layer that are not its weight (codes, scales, offsets).
@@ -97,7 +100,7 @@ def run(args) -> None:
     if args.windows is not None and args.windows < 1:
         raise ValueError(f"--windows must be a positive integer, got {args.windows}")
     split = args.split or default_split(args.text)
-    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime)
+    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime, getattr(args, "activations", "f32"))
     tokens, first_token = corpus_tokens(tokenizer, args.text, split)
     start = time.perf_counter()
     scoring = {"ctx": args.ctx, "windows": args.windows, "progress": not args.quiet, "score": args.score}

@@ -29,6 +29,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
                         help="packed (a GGUF's own blocks or a checkpoint's codes; default) or dequant (float weights)")
+    parser.add_argument("--activations", default="f32", choices=("f32", "int8"),
+                        help="inputs of the packed/GGUF layers: f32 (default) or int8 (rounded per block as ggml "
+                             "does: faster decode GEMVs, a small rounding of x; not for nf4/fp4 codes)")
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--draft", default=None, metavar="rtn:SPEC|PATH|layers:N",
                       help="draft model: rtn:SPEC (e.g. rtn:int4:g64: the target's block linears rounded to SPEC "
@@ -36,6 +39,10 @@ def add_arguments(parser) -> None:
                            "layers:N (the target's first N blocks and its head, sharing its weights), a checkpoint "
                            "directory (e.g. made by `lowbit quantize`), a GGUF path or a registered model name with "
                            "the target's tokenizer")
+    spec.add_argument("--draft-activations", default="f32", choices=("f32", "int8"),
+                      help="inputs of an rtn: or checkpoint draft's packed layers: int8 makes the draft cheaper and "
+                           "leaves the output exactly the target's (default f32; a layers:N draft shares the "
+                           "target's layers and their --activations)")
     spec.add_argument("--gamma", type=int, default=4, help="draft tokens per target pass (default 4; the most "
                                                            "with --gamma-adaptive)")
     spec.add_argument("--gamma-adaptive", type=float, default=0.0, metavar="THRESHOLD",
@@ -86,6 +93,8 @@ def check_generate_arguments(args) -> None:
                 QuantSpec.parse(draft[len("rtn:"):])
             except ValueError as error:
                 raise ValueError(f"--draft rtn:SPEC needs a weight spec such as rtn:int4:g64: {error}") from None
+        if draft.startswith("layers:") and getattr(args, "draft_activations", "f32") != "f32":
+            raise ValueError("--draft-activations: a layers:N draft runs the target's own layers; set --activations")
         if getattr(args, "kv_policy", None) not in (None, "full"):
             raise ValueError(f"--draft needs the full KV policy (rejected draft tokens are rolled back), "
                              f"got --kv-policy {args.kv_policy}")
@@ -127,7 +136,7 @@ def run(args) -> None:
     prompt = read_prompts(args)[0]
     enable_compilation_cache()
     start = time.perf_counter()
-    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime)
+    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime, getattr(args, "activations", "f32"))
     load_s = time.perf_counter() - start
     if getattr(args, "draft", None):
         run_speculative(args, model, tokenizer, load_s=load_s)
@@ -221,17 +230,18 @@ def run_generate_kv(args, model, tokenizer, meter=None, load_s: float | None = N
     return info
 
 
-def load_draft(spec: str, target, tokenizer, runtime: str = "packed"):
+def load_draft(spec: str, target, tokenizer, runtime: str = "packed", activations: str = "f32"):
     """The draft of --draft: rtn:SPEC (a low-bit self-draft quantized from the target's weights in
     process, sharing its embedding and head), layers:N (a self-draft sharing the target's weights)
-    or a model path or name whose tokenizer encodes like the target's."""
+    or a model path or name whose tokenizer encodes like the target's; `activations` for the
+    packed layers of the first and last kinds."""
     from lowbit.decode.speculative import layer_draft, quantized_draft
 
     if spec.startswith("rtn:"):
-        return quantized_draft(target, spec[len("rtn:"):])
+        return quantized_draft(target, spec[len("rtn:"):], activations)
     if spec.startswith("layers:"):
         return layer_draft(target, int(spec[len("layers:"):]))
-    draft, draft_tokenizer = checkpoint.load_model_and_tokenizer(spec, runtime)
+    draft, draft_tokenizer = checkpoint.load_model_and_tokenizer(spec, runtime, activations)
     probe = "Speculative decoding: the draft must tokenize 123 words exactly like the target."
     if (draft.config.vocab_size != target.config.vocab_size
             or draft_tokenizer.encode(probe) != tokenizer.encode(probe)):
@@ -251,7 +261,8 @@ def run_speculative(args, model, tokenizer, load_s: float | None = None) -> dict
 
     check_generate_arguments(args)
     prompts = read_prompts(args)
-    draft = load_draft(args.draft, model, tokenizer, getattr(args, "runtime", "packed"))
+    draft = load_draft(args.draft, model, tokenizer, getattr(args, "runtime", "packed"),
+                       getattr(args, "draft_activations", "f32"))
     decoder = SpeculativeDecoder(model, draft, args.gamma, layout=getattr(args, "kv", None),
                                  policy=getattr(args, "kv_policy", None),
                                  paged=getattr(args, "batch_file", None) is not None,

@@ -24,6 +24,7 @@ from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.layout import parse_layout
 from lowbit.kvcache.policy import FullPolicy, parse_policy
 from lowbit.nn.contraction import DotContraction
+from lowbit.nn.gguf_layers import set_activations
 from lowbit.nn.packed_layer import PackedLayer
 
 BLOCK_LINEARS = (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
@@ -57,12 +58,16 @@ def _float_matrix(module, where: str):
                      "weight-only packed block linears")
 
 
-def quantized_draft(model, weights: QuantSpec | str):
+def quantized_draft(model, weights: QuantSpec | str, activations: str = "f32"):
     """A low-bit self-draft: every block linear of `model` (float or GGUF-packed) rounded to nearest
     with the weight spec `weights` (e.g. "int4:g64", "int2:g64", "ternary:g64") and packed, one
     matrix at a time (one float matrix extra at most, never a second float model); the embedding,
     norms and head are the target's own arrays, shared. Runs through packed_matmul where
-    lowbit.nn.packed_layer.kernel_supports the format (int4, int2, ternary, binary)."""
+    lowbit.nn.packed_layer.kernel_supports the format (int4, int2, ternary, binary). activations:
+    "int8" runs the draft's packed linears with int8 activations (a cheaper draft; the output stays
+    exactly the target's, which verifies every token), "f32" the float product."""
+    if activations not in ("f32", "int8"):
+        raise ValueError(f"activations must be 'f32' or 'int8', got {activations!r}")
     try:
         spec = QuantSpec.parse(weights)
     except ValueError as error:
@@ -76,6 +81,8 @@ def quantized_draft(model, weights: QuantSpec | str):
             k, n = matrix.shape
             layer = PackedLayer(DotContraction((k,), (n,), (-1,)), pack(quantize(matrix, spec, axis=0)),
                                 dtype=model.dtype)
+            if activations == "int8":
+                set_activations(layer, "int8")
             setattr(getattr(block, part), name, layer)
             del matrix
         layers.append(block)

@@ -2,7 +2,7 @@
 and the rules that convert a float model to them."""
 
 from lowbit.nn.contraction import Contraction, contraction_from_description, contraction_of
-from lowbit.nn.gguf_layers import GgufEmbed, GgufLinear
+from lowbit.nn.gguf_layers import GgufEmbed, GgufLinear, set_activations
 from lowbit.nn.lora import (LoRA, LoRAConfig, LoRAParam, add_lora, lora_layers, merge_lora, prepare_qlora,
                             restore_adapters, save_adapters)
 from lowbit.nn.packed_layer import PackedLayer, layer_from_state, layer_state, packed_layer
@@ -15,5 +15,5 @@ __all__ = [
     "QuantLayer", "QuantLinear", "QuantRule", "QuantizeReport", "calibrate", "contraction_from_description", "contraction_of",
     "add_lora", "freeze", "layer_from_state", "lora_layers", "merge_lora", "prepare_qlora", "restore_adapters",
     "save_adapters", "layer_state", "pack_layer", "packed_layer", "preset_rules", "quantize_kernel",
-    "quantize_model", "unmatched_rules",
+    "quantize_model", "set_activations", "unmatched_rules",
 ]

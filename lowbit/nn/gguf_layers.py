@@ -1,6 +1,6 @@
 """Layers that compute from GGUF Q4_0 / Q4_1 / Q8_0 blocks through gguf_matmul: a linear layer, and a
 token embedding that is also a tied output head (lowbit.ptq.quantize_embeddings makes them for any
-NNX model).
+NNX model); set_activations switches these and the packed layers to int8 activations.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from flax import nnx
 
 from lowbit.kernels.gguf_matmul import GGUF_BLOCKS, dequantize_blocks, gguf_matmul
 from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS, check_blocks
-from lowbit.nn.packed_layer import PackedWeight, register_layer
+from lowbit.kernels.packed_matmul.native import int8_supports
+from lowbit.kernels.packed_matmul.reference import weight_format
+from lowbit.nn.packed_layer import PackedLayer, PackedWeight, register_layer
 
 def _check_type(ggml_type: str) -> str:
     if ggml_type not in GGUF_BLOCKS:
@@ -94,3 +96,23 @@ class GgufEmbed(nnx.Module):
     def from_state(cls, meta: dict, arrays: dict) -> GgufEmbed:
         return cls(jnp.asarray(arrays["blocks"]), meta["ggml_type"], dtype=jnp.dtype(meta["dtype"]),
                    impl=meta["impl"], activations=meta["activations"])
+
+
+def set_activations(model: nnx.Module, activations: str) -> int:
+    """Sets how every packed and GGUF layer of `model` meets its input: "int8" (each row rounded per
+    block to int8 as ggml does, integer dots: faster decode GEMVs, a small rounding of x) or "f32"
+    (the default: the float product). Packed layers whose codes are not integers (nf4/fp4) or that
+    run dequantized keep "f32". Returns how many layers now run with `activations`; a runtime
+    setting, not saved in checkpoints."""
+    _check_activations(activations)
+    count = 0
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, (GgufLinear, GgufEmbed)):
+            module.activations = activations
+            count += 1
+        elif isinstance(module, PackedLayer) and module.uses_kernel:
+            takes_int8 = int8_supports(weight_format(module.packed.expand_scales())) is None
+            if activations == "f32" or takes_int8:
+                module.activations = activations
+                count += 1
+    return count

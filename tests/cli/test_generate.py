@@ -64,7 +64,8 @@ def test_generate_speculative_json_matches_plain_greedy(tiny, capsys, tmp_path):
                  "--gamma", "2", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [len(r["tokens"]) for r in info["results"]] == [6, 6] and info["tokens"] == 12
-    assert main(args + ["--draft", "rtn:int4:g32", "--gamma", "4", "--gamma-adaptive", "0.3"]) == 0
+    assert main(args + ["--draft", "rtn:int4:g32", "--draft-activations", "int8", "--gamma", "4",
+                        "--gamma-adaptive", "0.3"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["results"][0]["tokens"] == plain["tokens"] and info["gamma_adaptive"] == 0.3
     assert info["drafted"] <= 4 * info["target_calls"]
@@ -74,7 +75,9 @@ def test_generate_speculative_json_matches_plain_greedy(tiny, capsys, tmp_path):
                                            (["--draft", "layers:1", "--kv-policy", "h2o:0.5"], "full KV policy"),
                                            (["--draft", "layers:2"], "n_layers"),
                                            (["--draft", "rtn:int9:gx"], "rtn:SPEC"),
-                                           (["--draft", "layers:1", "--gamma-adaptive", "1.5"], "--gamma-adaptive")])
+                                           (["--draft", "layers:1", "--gamma-adaptive", "1.5"], "--gamma-adaptive"),
+                                           (["--draft", "layers:1", "--draft-activations", "int8"],
+                                            "--draft-activations")])
 def test_generate_speculative_bad_options(tiny, capsys, extra, message):
     assert main(["generate", "--prompt", "x", "--max-new-tokens", "3"] + extra) == 2
     assert message in capsys.readouterr().err

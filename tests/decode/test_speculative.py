@@ -274,3 +274,20 @@ def test_quantized_draft_is_rtn_of_the_target_sharing_its_head(target):
     rotated.layers[0].attn.wq.input_transform = "hadamard"
     with pytest.raises(ValueError, match="not a plain matrix product"):
         quantized_draft(rotated, "int2:g32")
+
+
+def test_an_int8_activation_draft_is_cheaper_arithmetic_and_the_output_stays_the_targets(target):
+    """activations="int8" switches every packed linear of the draft (only the draft's: the shared
+    embedding and the target keep theirs); the draft's logits move by the activation rounding, and the
+    speculative output is still exactly the target's greedy output."""
+    f32_draft = quantized_draft(target, "int4:g32")
+    draft = quantized_draft(target, "int4:g32", activations="int8")
+    linears = [layer for block in draft.layers for layer in (block.attn.wq, block.mlp.w_down)]
+    assert {layer.activations for layer in linears} == {"int8"}
+    tokens = jnp.asarray([[4, 8, 15, 16, 23, 42]])
+    moved = np.abs(np.asarray(draft(tokens)) - np.asarray(f32_draft(tokens)))
+    assert 0 < moved.max() < 0.1 * np.abs(np.asarray(f32_draft(tokens))).max()
+    np.testing.assert_array_equal(SpeculativeDecoder(target, draft, gamma=3).generate([5, 6, 7], 16),
+                                  generate(target, [5, 6, 7], 16))
+    with pytest.raises(ValueError, match="activations"):
+        quantized_draft(target, "int4:g32", activations="int4")

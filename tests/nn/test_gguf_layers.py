@@ -10,7 +10,7 @@ from flax import nnx
 import lowbit
 from lowbit.models.gguf.encode import encode_values
 from lowbit.models.llama import Llama, LlamaConfig
-from lowbit.nn import GgufEmbed, QuantRule, freeze, quantize_model
+from lowbit.nn import GgufEmbed, QuantRule, freeze, quantize_model, set_activations
 from lowbit.ptq import embeddings
 from lowbit.ptq.embeddings import quantize_embeddings
 
@@ -131,6 +131,30 @@ def test_a_foreign_model_with_an_embedding_works_and_round_trips(tmp_path):
     report = quantize_model(loaded, QuantRule(path=".*", weight_spec="int8:channel"), warn=False)
     assert set(report.layers) == {"mix"}
 
+
+
+def _packed_tagger(weight_spec):
+    model = _TinyTagger(nnx.Rngs(0))
+    quantize_embeddings(model)
+    quantize_model(model, QuantRule(path="mix", weight_spec=weight_spec), warn=False)
+    freeze(model)
+    return model
+
+
+def test_set_activations_switches_the_layers_with_integer_codes_and_back():
+    ids = jnp.asarray([[1, 7, 49, 3, 12]])
+    model = _packed_tagger("int4:g16")
+    before = np.asarray(model(ids))
+    assert set_activations(model, "int8") == 2  # the Q8_0 embedding (its head) and the int4 linear
+    assert model.tokens.activations == model.mix.activations == "int8"
+    moved = np.abs(np.asarray(model(ids)) - before)
+    assert 0 < moved.max() < 0.05 * np.abs(before).max()
+    assert set_activations(model, "f32") == 2
+    np.testing.assert_array_equal(np.asarray(model(ids)), before)
+    code_book = _packed_tagger("nf4:g16")  # nf4 levels are not integers: that layer keeps f32
+    assert set_activations(code_book, "int8") == 1 and code_book.mix.activations == "f32"
+    with pytest.raises(ValueError, match="activations must be one of"):
+        set_activations(model, "int4")
 
 def test_bad_input_is_a_value_error():
     with pytest.raises(ValueError, match=r"ggml_type must be one of \('Q8_0',\)"):

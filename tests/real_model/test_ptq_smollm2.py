@@ -112,3 +112,8 @@ def test_quantize_cli_checkpoint_reloads_to_the_same_logits(smollm2, smollm2_pat
     rtn_quantize(expected, "int4:g64:asym")
     tokens = jnp.arange(1, 17, dtype=jnp.int32)[None] * 97
     np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(expected(tokens)))
+    int8, _ = load_model_and_tokenizer(tmp_path / "q", activations="int8")  # lowbit generate/eval --activations
+    moved = np.abs(np.asarray(int8(tokens)) - np.asarray(loaded(tokens)))
+    assert 0 < moved.mean() < 0.05 * np.abs(np.asarray(loaded(tokens))).mean()
+    with pytest.raises(ValueError, match="no packed or GGUF layer"):
+        load_model_and_tokenizer(tmp_path / "q", runtime="dequant", activations="int8")
