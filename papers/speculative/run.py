@@ -47,8 +47,12 @@ def plain_greedy(model, ids, tokens):
 
 
 def make_draft(spec, target):
+    """A draft from its name: rtn:SPEC[+a8] (+a8: int8 activations), layers:N, or a model."""
     if spec.startswith("rtn:"):
-        return quantized_draft(target, spec[len("rtn:"):])
+        weights, _, mode = spec[len("rtn:"):].partition("+")
+        if mode not in ("", "a8"):
+            raise ValueError(f"draft {spec!r}: the only suffix is +a8 (int8 activations)")
+        return quantized_draft(target, weights, "int8" if mode else "f32")
     if spec.startswith("layers:"):
         return layer_draft(target, int(spec[len("layers:"):]))
     return checkpoint.load_model_and_tokenizer(spec)[0]
