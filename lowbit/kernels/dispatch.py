@@ -18,6 +18,16 @@ NATIVE_MAX_ROWS = 32
 # The native packed forward switches from its GEMV to the blocked GEMM (a dequantized panel of W in
 # cache, an FMA micro-kernel over all rows) at this many activation rows.
 NATIVE_GEMM_ROWS = 24
+# How the quantized matmuls (gguf_matmul, packed_matmul) meet their input: "f32" as it is, or "int8"
+# rounded per row and block to round(x / d) * d, d = max|x| / 127 (ggml's q8), with integer dots.
+ACTIVATIONS = ("f32", "int8")
+
+
+def check_activations(activations: str) -> str:
+    """`activations` when it is one of ACTIVATIONS, else a ValueError naming them."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    return activations
 
 
 # XLA's CPU compiler by default schedules for concurrency: it runs every op whose inputs are

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from gguf import GGMLQuantizationType
 
-from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS
+from lowbit.kernels.dispatch import check_activations
 from lowbit.models.gguf.blocks import dequantize_ggml
 from lowbit.models.gguf.llama_names import checked_llama_tensors, iter_llama_weights, llama_config, unpermute_rope_rows
 from lowbit.models.gguf.reader import open_gguf, require_finite
@@ -51,8 +51,7 @@ def load_gguf_model(path: str | Path, *, runtime: str = "dequant", dtype: Any = 
         model = Llama.from_weights(config, iter_llama_weights(reader), dtype=dtype,
                                    param_dtype=param_dtype)
         return model, config
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    check_activations(activations)
     return _load_on_blocks(reader, config, dtype, param_dtype, dict(impl=impl, activations=activations)), config
 
 

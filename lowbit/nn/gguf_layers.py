@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from lowbit.kernels.gguf_matmul import GGUF_BLOCKS, dequantize_blocks, gguf_matmul
-from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS, check_blocks
+from lowbit.kernels.dispatch import check_activations
+from lowbit.kernels.gguf_matmul.reference import check_blocks
 from lowbit.kernels.packed_matmul.native import int8_supports
 from lowbit.kernels.packed_matmul.reference import weight_format
 from lowbit.nn.packed_layer import PackedLayer, PackedWeight, register_layer
@@ -22,12 +23,6 @@ def _check_type(ggml_type: str) -> str:
     if ggml_type not in GGUF_BLOCKS:
         raise ValueError(f"ggml_type must be one of {sorted(GGUF_BLOCKS)}, got {ggml_type!r}")
     return ggml_type
-
-
-def _check_activations(activations: str) -> str:
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
-    return activations
 
 
 class GgufLinear(nnx.Module):
@@ -40,7 +35,7 @@ class GgufLinear(nnx.Module):
         self.ggml_type = _check_type(ggml_type)
         self.out_features, self.in_features = check_blocks(blocks, ggml_type)
         self.blocks = PackedWeight(blocks)
-        self.impl, self.activations = impl, _check_activations(activations)
+        self.impl, self.activations = impl, check_activations(activations)
 
     def dequantized_matrix(self) -> jax.Array:
         """The [in, out] f32 matrix this layer multiplies by (the nnx.Linear kernel layout)."""
@@ -64,7 +59,7 @@ class GgufEmbed(nnx.Module):
         self.ggml_type = _check_type(ggml_type)
         self.num_embeddings, self.features = check_blocks(blocks, ggml_type)
         self.blocks = PackedWeight(blocks)
-        self.dtype, self.impl, self.activations = jnp.dtype(dtype), impl, _check_activations(activations)
+        self.dtype, self.impl, self.activations = jnp.dtype(dtype), impl, check_activations(activations)
 
     @property
     def nbytes(self) -> int:
@@ -104,7 +99,7 @@ def set_activations(model: nnx.Module, activations: str) -> int:
     (the default: the float product). Packed layers whose codes are not integers (nf4/fp4) or that
     run dequantized keep "f32". Returns how many layers now run with `activations`; a runtime
     setting, not saved in checkpoints."""
-    _check_activations(activations)
+    check_activations(activations)
     count = 0
     for _, module in nnx.iter_graph(model):
         if isinstance(module, (GgufLinear, GgufEmbed)):

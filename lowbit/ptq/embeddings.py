@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS
+from lowbit.kernels.dispatch import check_activations
 from lowbit.models.gguf.encode import encode_values
 from lowbit.nn.gguf_layers import GgufEmbed
 from lowbit.nn.packed_linear import module_at, set_child
@@ -40,8 +40,7 @@ def quantize_embeddings(model: nnx.Module, ggml_type: str = "Q8_0", *, impl: str
     """
     if ggml_type not in EMBED_TYPES:
         raise ValueError(f"ggml_type must be one of {EMBED_TYPES}, got {ggml_type!r}")
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    check_activations(activations)
     if not isinstance(model, nnx.Module) or isinstance(model, nnx.Embed):
         raise ValueError(f"model must be a Flax NNX model holding nnx.Embed layers, got {type(model).__name__}")
     found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Embed)]

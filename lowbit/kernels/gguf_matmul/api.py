@@ -7,9 +7,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, check_activations, resolve_impl
 from lowbit.kernels.gguf_matmul.native import gguf_dequantize_native, gguf_matmul_native
-from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS, check_blocks, gguf_matmul_reference
+from lowbit.kernels.gguf_matmul.reference import check_blocks, gguf_matmul_reference
 
 ACTIVATION_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 IMPLS = ("auto", "native", "xla")
@@ -42,8 +42,7 @@ def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto", activations: s
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    check_activations(activations)
     if not hasattr(x, "shape") or not hasattr(x, "dtype") or x.ndim < 1:
         raise ValueError(f"x must be an array [..., K], got {type(x).__name__}")
     n, k = check_blocks(blocks, ggml_type, x.shape[-1])

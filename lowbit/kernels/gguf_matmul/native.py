@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.kernels.dispatch import NATIVE_GEMM_ROWS
-from lowbit.kernels.gguf_matmul.reference import ACTIVATIONS, GGUF_BLOCKS
+from lowbit.kernels.dispatch import ACTIVATIONS
+from lowbit.kernels.gguf_matmul.reference import GGUF_BLOCKS
 
 
 def gguf_matmul_native(x, blocks, ggml_type: str, activations: str = "f32", gemm_rows: int = NATIVE_GEMM_ROWS):

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 GGUF_BLOCKS = {"Q4_0": (0, 18), "Q4_1": (1, 20), "Q8_0": (2, 34)}
 # How activations meet the blocks: "f32" as they are; "int8" rounded per row and 32-block to
 # round(x / d) * d with d = max|x| / 127 (ggml's q8_0), the integer dot products of ggml's CPU kernels.
-ACTIVATIONS = ("f32", "int8")
 
 
 def check_blocks(blocks, ggml_type: str, k: int | None = None) -> tuple[int, int]:
@@ -52,7 +51,7 @@ def dequantize_blocks(blocks, ggml_type: str):
 
 
 def quantize_activation_blocks(x):
-    """x: [M, K] -> the int8-rounded activations [M, K] f32 (ACTIVATIONS' "int8": per row and 32-block)."""
+    """x: [M, K] -> the int8-rounded activations [M, K] f32 (activations "int8": per row and 32-block)."""
     m, k = x.shape
     blocks = x.astype(jnp.float32).reshape(m, k // 32, 32)
     d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127.0

@@ -296,6 +296,25 @@ LOWBIT_AVX2 inline __m256 load8(const FloatTable& table, int64_t index) {
 // Rows [m0, m0 + MT) times the strips [s0, s1), W adjacent strips (16 * W columns, W * 16 bytes of
 // each packed row) per pass: 2 * W * MT independent accumulators. Groups outer, so the bytes of one
 // group for all strips stay in L1/L2 while the row tile walks across them.
+// One group's terms of the output: y[m, n0 + 8h : n0 + 8h + 8] = (the earlier groups' sum, or 0 for the
+// first) + scale[g] * sums[m][h] + zero[g] * xsum[m] (asymmetric formats), for MT rows of y from `y`.
+template <int MT, int H>
+LOWBIT_AVX2 inline void add_group_terms(const FloatTable& scale_table, const FloatTable& zero_table, bool has_zero,
+                                        int64_t n, int64_t g, int64_t n0, const __m256 (&sums)[MT][H],
+                                        const __m256 (&xsum)[MT], float* y) {
+  for (int h = 0; h < H; ++h) {
+    const __m256 scale = load8(scale_table, g * n + n0 + 8 * h);
+    const __m256 zero = has_zero ? load8(zero_table, g * n + n0 + 8 * h) : _mm256_setzero_ps();
+    for (int m = 0; m < MT; ++m) {
+      float* out = y + m * n + n0 + 8 * h;
+      __m256 value = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+      value = _mm256_fmadd_ps(scale, sums[m][h], value);
+      if (has_zero) value = _mm256_fmadd_ps(zero, xsum[m], value);
+      _mm256_storeu_ps(out, value);
+    }
+  }
+}
+
 template <int BITS, bool LUT, int MT, int W>
 LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0, int64_t s1) {
   constexpr int F = 8 / BITS;
@@ -349,17 +368,7 @@ LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0
           }
         }
       }
-      for (int h = 0; h < 2 * W; ++h) {
-        const __m256 scale = load8(p.scale, g * p.n + n0 + 8 * h);
-        const __m256 zero = p.has_zero ? load8(p.zero, g * p.n + n0 + 8 * h) : _mm256_setzero_ps();
-        for (int m = 0; m < MT; ++m) {
-          float* out = p.y + (m0 + m) * p.n + n0 + 8 * h;
-          __m256 y = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
-          y = _mm256_fmadd_ps(scale, acc[m][h], y);
-          if (p.has_zero) y = _mm256_fmadd_ps(zero, xs[m], y);
-          _mm256_storeu_ps(out, y);
-        }
-      }
+      add_group_terms<MT, 2 * W>(p.scale, p.zero, p.has_zero, p.n, g, n0, acc, xs, p.y + m0 * p.n);
     }
   }
 }
@@ -576,17 +585,9 @@ LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int6
         }
       }
     }
-    for (int h = 0; h < 4 * W; ++h) {
-      const __m256 scale = load8(p.scale, g * p.n + n0 + 8 * h);
-      const __m256 zero = p.has_zero ? load8(p.zero, g * p.n + n0 + 8 * h) : _mm256_setzero_ps();
-      for (int m = 0; m < MT; ++m) {
-        float* out = p.y + (m0 + m) * p.n + n0 + 8 * h;
-        __m256 y = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
-        y = _mm256_fmadd_ps(scale, group_dot[m][h], y);
-        if (p.has_zero) y = _mm256_fmadd_ps(zero, _mm256_set1_ps(p.xhatsum[(m0 + m) * p.groups + g]), y);
-        _mm256_storeu_ps(out, y);
-      }
-    }
+    __m256 xs[MT];
+    for (int m = 0; m < MT; ++m) xs[m] = _mm256_set1_ps(p.xhatsum[(m0 + m) * p.groups + g]);
+    add_group_terms<MT, 4 * W>(p.scale, p.zero, p.has_zero, p.n, g, n0, group_dot, xs, p.y + m0 * p.n);
   }
 }
 

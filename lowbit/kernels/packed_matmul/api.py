@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.core.packing import PackedArray
-from lowbit.kernels.dispatch import resolve_impl
+from lowbit.kernels.dispatch import check_activations, resolve_impl
 from lowbit.kernels.packed_matmul.native import (
-    ACTIVATIONS,
     activation_block,
     int8_supports,
     native_supports,
@@ -74,8 +73,7 @@ def packed_matmul(
         raise ValueError(f"x must be float32, bfloat16 or float16, got dtype {x.dtype}")
     if config is not None and not isinstance(config, PackedMatmulConfig):
         raise ValueError(f"config must be a PackedMatmulConfig or None, got {type(config).__name__}")
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    check_activations(activations)
     if activations == "int8" and fmt.levels is not None:
         raise ValueError(f"activations='int8': {int8_supports(fmt)}; use activations='f32'")
     w = float_scales(w)

@@ -10,13 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.core.packing import PackedArray
-from lowbit.kernels.dispatch import NATIVE_GEMM_ROWS
+from lowbit.kernels.dispatch import ACTIVATIONS, NATIVE_GEMM_ROWS, check_activations
 from lowbit.kernels.packed_matmul.reference import WeightFormat
 
 SCALE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
-# How activations meet the codes: "f32" as they are; "int8" rounded per row and block (see
-# `activation_block`) to round(x / d) * d with d = max|x| / 127 (ggml's q8 rounding), integer dots.
-ACTIVATIONS = ("f32", "int8")
 # Largest block of inputs sharing one activation scale (ggml's Q8_K block; a group of at most this
 # many inputs is one block).
 MAX_ACTIVATION_BLOCK = 256
@@ -96,8 +93,7 @@ def packed_matmul_native(x, w: PackedArray, fmt: WeightFormat, gemm_rows: int = 
     activations "f32": the GEMV kernel below `gemm_rows` rows of x, the blocked GEMM from there on;
     "int8" (integer codes only, `int8_supports`): x rounded per row and `activation_block` inside the
     kernel, integer dots, the int8 GEMV at every row count. The gradient always runs the f32 GEMM."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    check_activations(activations)
     if activations == "int8" and (reason := int8_supports(fmt)) is not None:
         raise ValueError(f"activations='int8': {reason}")
     rows, n = w.data.shape
