@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
-
-import time
+from flax import nnx
 
 from lowbit import checkpoint
 from lowbit.decode.engine import BatchedGenerator, Request
+from lowbit.kernels.gguf_matmul import GGUF_BLOCKS
 from lowbit.kvcache.layout import LAYOUT_NAMES, parse_layout
 from lowbit.kvcache.policy import parse_policy
 
@@ -34,8 +35,9 @@ def add_arguments(parser) -> None:
                              "does: faster decode GEMVs, a small rounding of x; not for nf4/fp4 codes)")
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--draft", default=None, metavar="rtn:SPEC|PATH|layers:N",
-                      help="draft model: rtn:SPEC (e.g. rtn:int4:g64: the target's block linears rounded to SPEC "
-                           "and packed in-process, one matrix at a time, sharing its embedding, norms and head), "
+                      help="draft model: rtn:SPEC (e.g. rtn:int4:g64, or a GGUF block type such as rtn:q8_0: the "
+                           "target's block linears rounded to SPEC and packed in-process, one matrix at a time, "
+                           "sharing its embedding, norms and head), "
                            "layers:N (the target's first N blocks and its head, sharing its weights), a checkpoint "
                            "directory (e.g. made by `lowbit quantize`), a GGUF path or a registered model name with "
                            "the target's tokenizer")
@@ -43,6 +45,10 @@ def add_arguments(parser) -> None:
                       help="inputs of an rtn: or checkpoint draft's packed layers: int8 makes the draft cheaper and "
                            "leaves the output exactly the target's (default f32; a layers:N draft shares the "
                            "target's layers and their --activations)")
+    spec.add_argument("--draft-embed", default="keep", choices=("keep", "q8_0"),
+                      help="the draft's token embedding and tied head: keep (the target's shared table for rtn: "
+                           "and layers:N drafts, a checkpoint's own; default) or q8_0 (a Q8_0 copy of its own, "
+                           "+30 MB for SmolLM2, a head that reads a quarter of the f32 bytes)")
     spec.add_argument("--gamma", type=int, default=4, help="draft tokens per target pass (default 4; the most "
                                                            "with --gamma-adaptive)")
     spec.add_argument("--gamma-adaptive", type=float, default=0.0, metavar="THRESHOLD",
@@ -87,12 +93,13 @@ def check_generate_arguments(args) -> None:
     if draft is not None:
         if draft.startswith("layers:") and not draft[len("layers:"):].isdigit():
             raise ValueError(f"--draft layers:N needs a positive integer N, got {draft!r}")
-        if draft.startswith("rtn:"):
+        if draft.startswith("rtn:") and draft[len("rtn:"):].upper() not in GGUF_BLOCKS:
             from lowbit.core.spec import QuantSpec
             try:
                 QuantSpec.parse(draft[len("rtn:"):])
             except ValueError as error:
-                raise ValueError(f"--draft rtn:SPEC needs a weight spec such as rtn:int4:g64: {error}") from None
+                raise ValueError(f"--draft rtn:SPEC needs a weight spec such as rtn:int4:g64 or a GGUF block "
+                                 f"type ({', '.join(GGUF_BLOCKS)}): {error}") from None
         if draft.startswith("layers:") and getattr(args, "draft_activations", "f32") != "f32":
             raise ValueError("--draft-activations: a layers:N draft runs the target's own layers; set --activations")
         if getattr(args, "kv_policy", None) not in (None, "full"):
@@ -230,17 +237,30 @@ def run_generate_kv(args, model, tokenizer, meter=None, load_s: float | None = N
     return info
 
 
-def load_draft(spec: str, target, tokenizer, runtime: str = "packed", activations: str = "f32"):
+def load_draft(spec: str, target, tokenizer, runtime: str = "packed", activations: str = "f32",
+               embed: str = "keep"):
     """The draft of --draft: rtn:SPEC (a low-bit self-draft quantized from the target's weights in
     process, sharing its embedding and head), layers:N (a self-draft sharing the target's weights)
     or a model path or name whose tokenizer encodes like the target's; `activations` for the
-    packed layers of the first and last kinds."""
+    packed layers of the first and last kinds; embed "q8_0" gives the draft a Q8_0 embedding and
+    tied head of its own (the target keeps its table)."""
     from lowbit.decode.speculative import layer_draft, quantized_draft
+    from lowbit.ptq.embeddings import quantize_embeddings
 
+    if embed not in ("keep", "q8_0"):
+        raise ValueError(f"--draft-embed must be keep or q8_0, got {embed!r}")
     if spec.startswith("rtn:"):
-        return quantized_draft(target, spec[len("rtn:"):], activations)
-    if spec.startswith("layers:"):
-        return layer_draft(target, int(spec[len("layers:"):]))
+        draft = quantized_draft(target, spec[len("rtn:"):], activations)
+    elif spec.startswith("layers:"):
+        draft = layer_draft(target, int(spec[len("layers:"):]))
+    else:
+        draft = _checkpoint_draft(spec, target, tokenizer, runtime, activations)
+    if embed == "q8_0" and any(isinstance(node, nnx.Embed) for _, node in nnx.iter_graph(draft)):
+        quantize_embeddings(draft, "Q8_0", activations=activations)
+    return draft
+
+
+def _checkpoint_draft(spec: str, target, tokenizer, runtime: str, activations: str):
     draft, draft_tokenizer = checkpoint.load_model_and_tokenizer(spec, runtime, activations)
     probe = "Speculative decoding: the draft must tokenize 123 words exactly like the target."
     if (draft.config.vocab_size != target.config.vocab_size
@@ -262,7 +282,7 @@ def run_speculative(args, model, tokenizer, load_s: float | None = None) -> dict
     check_generate_arguments(args)
     prompts = read_prompts(args)
     draft = load_draft(args.draft, model, tokenizer, getattr(args, "runtime", "packed"),
-                       getattr(args, "draft_activations", "f32"))
+                       getattr(args, "draft_activations", "f32"), getattr(args, "draft_embed", "keep"))
     decoder = SpeculativeDecoder(model, draft, args.gamma, layout=getattr(args, "kv", None),
                                  policy=getattr(args, "kv_policy", None),
                                  paged=getattr(args, "batch_file", None) is not None,

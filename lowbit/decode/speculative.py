@@ -20,11 +20,14 @@ from lowbit.core.spec import QuantSpec
 from lowbit.decode.compilation import StoredJit
 from lowbit.decode.engine import prompt_bucket
 from lowbit.decode.step import decode_forward, prefill_forward
+from lowbit.kernels.dispatch import check_activations
+from lowbit.kernels.gguf_matmul import GGUF_BLOCKS
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.layout import parse_layout
 from lowbit.kvcache.policy import FullPolicy, parse_policy
+from lowbit.models.gguf.encode import encode_values
 from lowbit.nn.contraction import DotContraction
-from lowbit.nn.gguf_layers import set_activations
+from lowbit.nn.gguf_layers import GgufLinear, set_activations
 from lowbit.nn.packed_layer import PackedLayer
 
 BLOCK_LINEARS = (("attn", "wq"), ("attn", "wk"), ("attn", "wv"), ("attn", "wo"),
@@ -60,18 +63,21 @@ def _float_matrix(module, where: str):
 
 def quantized_draft(model, weights: QuantSpec | str, activations: str = "f32"):
     """A low-bit self-draft: every block linear of `model` (float or GGUF-packed) rounded to nearest
-    with the weight spec `weights` (e.g. "int4:g64", "int2:g64", "ternary:g64") and packed, one
-    matrix at a time (one float matrix extra at most, never a second float model); the embedding,
-    norms and head are the target's own arrays, shared. Runs through packed_matmul where
-    lowbit.nn.packed_layer.kernel_supports the format (int4, int2, ternary, binary). activations:
-    "int8" runs the draft's packed linears with int8 activations (a cheaper draft; the output stays
-    exactly the target's, which verifies every token), "f32" the float product."""
-    if activations not in ("f32", "int8"):
-        raise ValueError(f"activations must be 'f32' or 'int8', got {activations!r}")
-    try:
-        spec = QuantSpec.parse(weights)
-    except ValueError as error:
-        raise ValueError(f"weights: {error}") from None
+    and packed, one matrix at a time (one float matrix extra at most, never a second float model);
+    the embedding, norms and head are the target's own arrays, shared (lowbit.ptq.quantize_embeddings
+    on the result gives the draft a Q8_0 head of its own). weights: a lowbit weight spec (e.g.
+    "int4:g64", "int2:g64", "ternary:g64": PackedLayers, run through packed_matmul where
+    lowbit.nn.packed_layer.kernel_supports the format) or a GGUF block type ("Q8_0", "Q4_0",
+    "Q4_1": GgufLinears holding the blocks llama.cpp would write, run through gguf_matmul).
+    activations: "int8" runs the draft's linears with int8 activations (a cheaper draft; the output
+    stays exactly the target's, which verifies every token), "f32" the float product."""
+    check_activations(activations)
+    ggml_type = weights.upper() if isinstance(weights, str) and weights.upper() in GGUF_BLOCKS else None
+    if ggml_type is None:
+        try:
+            spec = QuantSpec.parse(weights)
+        except ValueError as error:
+            raise ValueError(f"weights: {error} (or a GGUF block type: {', '.join(GGUF_BLOCKS)})") from None
     layers = []
     for index, source in enumerate(model.layers):
         block = copy.copy(source)
@@ -79,10 +85,17 @@ def quantized_draft(model, weights: QuantSpec | str, activations: str = "f32"):
         for part, name in BLOCK_LINEARS:
             matrix = _float_matrix(getattr(getattr(source, part), name), f"layers.{index}.{part}.{name}")
             k, n = matrix.shape
-            layer = PackedLayer(DotContraction((k,), (n,), (-1,)), pack(quantize(matrix, spec, axis=0)),
-                                dtype=model.dtype)
-            if activations == "int8":
-                set_activations(layer, "int8")
+            if ggml_type is not None:
+                if k % 32:
+                    raise ValueError(f"layers.{index}.{part}.{name}: {k} inputs are not a multiple of 32, "
+                                     f"the {ggml_type} block size")
+                layer = GgufLinear(jnp.asarray(encode_values(np.asarray(matrix).T, ggml_type)), ggml_type,
+                                   activations=activations)
+            else:
+                layer = PackedLayer(DotContraction((k,), (n,), (-1,)), pack(quantize(matrix, spec, axis=0)),
+                                    dtype=model.dtype)
+                if activations == "int8":
+                    set_activations(layer, "int8")
             setattr(getattr(block, part), name, layer)
             del matrix
         layers.append(block)

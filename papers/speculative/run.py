@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit import checkpoint
-from lowbit.decode import SpeculativeDecoder, expected_tokens_per_call, layer_draft, predicted_speedup
+from lowbit.cli.generate import load_draft
+from lowbit.decode import SpeculativeDecoder, expected_tokens_per_call, predicted_speedup
 from lowbit.decode.compilation import enable_compilation_cache
 from lowbit.decode.engine import prompt_bucket
-from lowbit.decode.speculative import _draft, _prefill, quantized_draft
+from lowbit.decode.speculative import _draft, _prefill
 
 PROMPTS = [
     "The history of the city of Paris begins",
@@ -46,16 +47,14 @@ def plain_greedy(model, ids, tokens):
     return np.asarray(out, np.int32), (time.perf_counter() - start) / (tokens - 1)
 
 
-def make_draft(spec, target):
-    """A draft from its name: rtn:SPEC[+a8] (+a8: int8 activations), layers:N, or a model."""
-    if spec.startswith("rtn:"):
-        weights, _, mode = spec[len("rtn:"):].partition("+")
-        if mode not in ("", "a8"):
-            raise ValueError(f"draft {spec!r}: the only suffix is +a8 (int8 activations)")
-        return quantized_draft(target, weights, "int8" if mode else "f32")
-    if spec.startswith("layers:"):
-        return layer_draft(target, int(spec[len("layers:"):]))
-    return checkpoint.load_model_and_tokenizer(spec)[0]
+def make_draft(spec, target, tokenizer):
+    """A draft from its name: rtn:SPEC, layers:N or a model (as `lowbit generate --draft`), with
+    suffixes +a8 (int8 activations) and +h8 (a Q8_0 embedding and tied head of the draft's own)."""
+    name, *suffixes = spec.split("+")
+    if set(suffixes) - {"a8", "h8"}:
+        raise ValueError(f"draft {spec!r}: the suffixes are +a8 (int8 activations) and +h8 (Q8_0 head)")
+    return load_draft(name, target, tokenizer, activations="int8" if "a8" in suffixes else "f32",
+                      embed="q8_0" if "h8" in suffixes else "keep")
 
 
 def main():
@@ -76,7 +75,7 @@ def main():
         model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, runtime)
         prompts = [tokenizer.encode(p) for p in PROMPTS[:args.prompts]]
         for spec in args.drafts.split(","):
-            draft = make_draft(spec, model)
+            draft = make_draft(spec, model, tokenizer)
             decoders = {s: SpeculativeDecoder(model, draft, s[0], confidence_threshold=s[1]) for s in settings}
             plain_greedy(model, prompts[0], 4)
             plain_greedy(draft, prompts[0], 4)

@@ -69,12 +69,15 @@ def test_generate_speculative_json_matches_plain_greedy(tiny, capsys, tmp_path):
     info = json.loads(capsys.readouterr().out)
     assert info["results"][0]["tokens"] == plain["tokens"] and info["gamma_adaptive"] == 0.3
     assert info["drafted"] <= 4 * info["target_calls"]
+    assert main(args + ["--draft", "rtn:q8_0", "--draft-embed", "q8_0", "--gamma", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["tokens"] == plain["tokens"]
 
 
 @pytest.mark.parametrize("extra,message", [(["--gamma", "0"], "--gamma"), (["--draft", "layers:x"], "layers:N"),
                                            (["--draft", "layers:1", "--kv-policy", "h2o:0.5"], "full KV policy"),
                                            (["--draft", "layers:2"], "n_layers"),
                                            (["--draft", "rtn:int9:gx"], "rtn:SPEC"),
+                                           (["--draft", "rtn:q5_k"], "GGUF block"),
                                            (["--draft", "layers:1", "--gamma-adaptive", "1.5"], "--gamma-adaptive"),
                                            (["--draft", "layers:1", "--draft-activations", "int8"],
                                             "--draft-activations")])

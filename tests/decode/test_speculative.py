@@ -16,7 +16,10 @@ from lowbit.decode.speculative import quantized_draft, warp_probs
 from lowbit.decode.step import decode_step, prefill_step
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.store import read_layer
+from lowbit.models.gguf.encode import encode_values
 from lowbit.models.llama import Llama, LlamaConfig
+from lowbit.nn.gguf_layers import GgufEmbed, GgufLinear
+from lowbit.ptq.embeddings import quantize_embeddings
 from lowbit.ptq.rtn import rtn_quantize
 
 
@@ -291,3 +294,22 @@ def test_an_int8_activation_draft_is_cheaper_arithmetic_and_the_output_stays_the
                                   generate(target, [5, 6, 7], 16))
     with pytest.raises(ValueError, match="activations"):
         quantized_draft(target, "int4:g32", activations="int4")
+
+
+def test_a_gguf_block_draft_holds_llamacpp_blocks_and_the_output_stays_the_targets(target):
+    """quantized_draft(target, "Q8_0") holds each block linear as the Q8_0 blocks GGUF export writes
+    for that matrix (GgufLinear), computes with the values they decode to, and speculation with it is
+    exact; with a Q8_0 head of the draft's own (quantize_embeddings) the target keeps its f32 table."""
+    draft = quantized_draft(target, "q8_0", activations="int8")
+    wq = draft.layers[1].attn.wq
+    assert isinstance(wq, GgufLinear) and wq.ggml_type == "Q8_0" and wq.activations == "int8"
+    matrix = np.asarray(target.layers[1].attn.wq.kernel[...])
+    np.testing.assert_array_equal(np.asarray(wq.blocks[...]), encode_values(matrix.T, "Q8_0"))
+    decoded = np.asarray(wq.dequantized_matrix())
+    assert 0 < np.abs(decoded - matrix).max() <= np.abs(matrix).max() / 127  # at most a Q8_0 step
+    quantize_embeddings(draft, "Q8_0", activations="int8")
+    assert isinstance(draft.embed, GgufEmbed) and isinstance(target.embed, nnx.Embed)
+    np.testing.assert_array_equal(SpeculativeDecoder(target, draft, gamma=3).generate([5, 6, 7], 16),
+                                  generate(target, [5, 6, 7], 16))
+    with pytest.raises(ValueError, match="GGUF block type"):
+        quantized_draft(target, "q5_k")
