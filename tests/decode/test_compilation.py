@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from lowbit.decode.compilation import CompileMeter, StoredJit, compilation_cache_dir
 
@@ -122,3 +123,22 @@ def test_stored_jit_holds_at_most_capacity_executables(monkeypatch):
     assert stored.compiled_count() == 4  # the repeated 2 reused its executable; the last 2 had been dropped
     StoredJit.clear_all()
     assert not stored.executables and not stored._by_identity
+
+
+def test_stored_jit_remembers_an_arguments_signature_and_notices_an_in_place_change():
+    """The same parameters object passed again is not flattened again (its signature is reused);
+    if it changes shape in place, the call still computes with the new shape (compiled anew)."""
+
+    def total(params, x):
+        return params["w"].sum() + x
+
+    stored = StoredJit(total, ())
+    params = {"w": jnp.ones(3)}
+    params_state = nnx.State(params)
+    assert float(stored(params_state, jnp.float32(1))) == 4
+    remembered = stored._seen["params"][1]
+    assert float(stored(params_state, jnp.float32(2))) == 5
+    assert stored._seen["params"][1] is remembered and stored.compiled_count() == 1
+    params_state["w"] = jnp.ones(5)  # same object, new shape
+    assert float(stored(params_state, jnp.float32(1))) == 6
+    assert stored.compiled_count() == 2
