@@ -195,7 +195,7 @@ class StoredJit:
 
     def _argument_signature(self, name: str, value) -> _Signature:
         seen = self._seen.get(name)
-        if seen is not None and seen[0]() is value:
+        if seen is not None and value is not None and seen[0]() is value:  # a dead reference gives None
             return seen[1]
         signature = _Signature(value)
         try:

@@ -142,3 +142,16 @@ def test_stored_jit_remembers_an_arguments_signature_and_notices_an_in_place_cha
     params_state["w"] = jnp.ones(5)  # same object, new shape
     assert float(stored(params_state, jnp.float32(1))) == 6
     assert stored.compiled_count() == 2
+
+
+def test_stored_jit_does_not_take_none_for_a_remembered_argument_that_died():
+    """A remembered argument's weak reference gives None once the value is freed: a later call
+    that passes None must not reuse the dead value's signature (nor its executable)."""
+
+    def shifted(x, key=None):
+        return x if key is None else x + key
+
+    stored = StoredJit(shifted, ())
+    assert float(stored(jnp.ones(1), jnp.float32(2))[0]) == 3  # the key array dies after the call
+    assert float(stored(jnp.ones(2), None)[0]) == 1  # a new shape: compiled now, for key=None
+    assert float(stored(jnp.ones(2), jnp.float32(5))[0]) == 6
