@@ -34,8 +34,10 @@ METRICS = [
 # RSS after load: lowbit at most this multiple of llama.cpp's.
 RSS_TARGET = 1.3
 # lowbit variants: "f32" (the GGUF dequantized to f32), "gguf" (the file's own blocks through
-# gguf_matmul), or a packed checkpoint directory given with --checkpoint NAME=DIR.
+# gguf_matmul), or a packed checkpoint directory given with --checkpoint NAME=DIR; a variant or
+# directory ending in INT8 runs its packed/GGUF layers on int8 activations (set_activations).
 LOWBIT_VARIANTS = ("f32", "gguf")
+INT8 = "+a8"
 
 
 def _rss_mib() -> float:
@@ -70,11 +72,17 @@ def _inputs(model_path: str, ctx: int, short: int) -> tuple[np.ndarray, np.ndarr
 def _load_lowbit(model_path: str, variant: str):
     from lowbit.checkpoint import load
     from lowbit.models.loader import load_gguf_model
+    from lowbit.nn import set_activations
 
+    int8, variant = variant.endswith(INT8), variant.removesuffix(INT8)
     if variant in LOWBIT_VARIANTS:
-        return load_gguf_model(model_path, runtime="packed" if variant == "gguf" else "dequant")
-    model = load(variant, runtime="packed")
-    return model, model.config
+        model, config = load_gguf_model(model_path, runtime="packed" if variant == "gguf" else "dequant")
+    else:
+        model = load(variant, runtime="packed")
+        config = model.config
+    if int8 and not set_activations(model, "int8"):
+        raise SystemExit(f"{variant}{INT8}: no layer of this model takes int8 activations")
+    return model, config
 
 
 def run_lowbit(model_path: str, variant: str, ctx: int, short: int, new_tokens: int, repeats: int) -> dict:
@@ -234,9 +242,11 @@ def main() -> None:
         help="llama.cpp thread counts to run, comma separated; ratios use the fastest "
              "(XLA always uses every core)")
     parser.add_argument("--lowbit", default="f32,gguf",
-                        help="lowbit variants, comma separated: f32 (the GGUF dequantized), gguf (its own blocks)")
+                        help="lowbit variants, comma separated: f32 (the GGUF dequantized), gguf (its own blocks); "
+                             f"{INT8} after a variant: its layers on int8 activations (e.g. gguf{INT8})")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
-                        help="also run a packed lowbit checkpoint (lowbit quantize --out DIR), e.g. gptq=/tmp/gptq")
+                        help="also run a packed lowbit checkpoint (lowbit quantize --out DIR), e.g. gptq=/tmp/gptq; "
+                             f"DIR{INT8}: on int8 activations")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -245,14 +255,16 @@ def main() -> None:
         return
     args.model = str(resolve_model(args.model))
     variants = [v for v in args.lowbit.split(",") if v]
-    if any(v not in LOWBIT_VARIANTS for v in variants):
+    if any(v.removesuffix(INT8) not in LOWBIT_VARIANTS for v in variants):
         raise SystemExit(f"--lowbit takes {', '.join(LOWBIT_VARIANTS)}, got {args.lowbit!r}")
     names = {f"lowbit:{v}": v for v in variants}
     for entry in args.checkpoint:
         name, _, directory = entry.partition("=")
+        suffix = INT8 if directory.endswith(INT8) else ""
+        directory = directory.removesuffix(INT8)
         if not directory or not Path(directory).is_dir():
             raise SystemExit(f"--checkpoint must be NAME=DIR with an existing DIR, got {entry!r}")
-        names[f"lowbit:{Path(directory).resolve()}"] = name
+        names[f"lowbit:{Path(directory).resolve()}{suffix}"] = name
     configs = list(names) + [f"llamacpp:{int(t)}" for t in args.llamacpp_threads.split(",")]
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {config: [] for config in configs}
