@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from lowbit.decode.step import decode_step, prefill_step
+from lowbit.decode.step import MAX_DECODE_STEPS, decode_steps, prefill_step
 from lowbit.kvcache.allocator import OutOfBlocksError
 from lowbit.kvcache.cache import DenseKVCache, PagedKVCache
 from lowbit.kvcache.policy import FullPolicy
@@ -184,7 +184,7 @@ class BatchedGenerator:
             self._make_room(pending, running)
             if not running:
                 continue
-            self._decode(running, done, bar)
+            self._decode(running, done, bar, self._steps_ahead(pending, running))
             memory = self.cache.memory()
             utilization.append(memory.utilization)
             self.stats.peak_pages = max(self.stats.peak_pages, memory.pages_allocated)
@@ -297,7 +297,27 @@ class BatchedGenerator:
                     if victim == slot:
                         break
 
-    def _decode(self, running, done, bar) -> None:
+    def _steps_ahead(self, pending, running) -> int:
+        """How many decode steps the next call runs on device: 1 while requests wait (a finished row
+        frees its slot for them at once) or when the cache recycles pages (bounded policies, residual
+        rings), else as many as every running row still needs (at most MAX_DECODE_STEPS), when
+        the pool holds those positions for every row. Rows that stop early (EOS) compute the rest of
+        the call's steps into their own pages, which their close frees."""
+        cache = self.cache
+        if pending or not isinstance(cache.policy, FullPolicy) or cache.layout.has_ring:
+            return 1
+        steps = min([MAX_DECODE_STEPS] + [seq.request.max_new_tokens - len(seq.generated)
+                                           for seq in running.values()])
+        if steps <= 1:
+            return 1
+        try:
+            for slot in running:
+                cache.reserve(slot, cache.length(slot) + steps)
+        except OutOfBlocksError:  # pages reserved so far stay with their rows, used as they grow
+            return 1
+        return steps
+
+    def _decode(self, running, done, bar, steps: int = 1) -> None:
         cache = self.cache
         s = cache.slots
         tokens = np.zeros(s, np.int32)
@@ -314,17 +334,18 @@ class BatchedGenerator:
             counters[slot] = len(seq.generated)
             keys[slot] = np.asarray(seq.key_data)
         start = time.perf_counter()
-        chosen, _, cache.state = decode_step(
+        chosen, cache.state = decode_steps(
             self.graphdef, self.params, cache.state, cache.spec, jnp.asarray(tokens),
             jnp.asarray(positions), jnp.asarray(active), jnp.asarray(cache.block_tables()),
-            jnp.asarray(temperature), jnp.asarray(keys), jnp.asarray(counters))
+            jnp.asarray(temperature), jnp.asarray(keys), jnp.asarray(counters), jnp.int32(steps))
         chosen = np.asarray(chosen)
         self.stats.decode_seconds += time.perf_counter() - start
-        self.stats.decode_steps += 1
-        for slot in list(running):
-            seq = running.pop(slot)
-            cache.advance(slot, int(positions[slot]) + 1)
-            self._append(slot, seq, int(chosen[slot]), running, done, bar)
+        self.stats.decode_steps += steps
+        for step in range(steps):
+            for slot in list(running):  # a row that finishes leaves `running` and takes no later tokens
+                seq = running.pop(slot)
+                cache.advance(slot, int(positions[slot]) + step + 1)
+                self._append(slot, seq, int(chosen[step, slot]), running, done, bar)
 
     def _append(self, slot, seq: _Sequence, token: int, running, done, bar) -> None:
         if not self.stats.generated_tokens:

@@ -1,6 +1,6 @@
 """The model's work per step over a KV cache, through its own blocks and a cache view: prefill one
-prompt chunk into a sequence slot, or decode one token for every slot at once (fixed shapes, so
-each compiles once per cache spec).
+prompt chunk into a sequence slot, or decode one token for every slot at once, or several such
+steps in one call (fixed shapes, so each compiles once per cache spec).
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from flax import nnx
 from lowbit.decode.compilation import StoredJit
 from lowbit.kvcache.attention import DecodeView, PrefillView
 from lowbit.kvcache.store import CacheSpec
+
+# Decode steps one decode_steps call may run: each call costs a dispatch of every parameter buffer
+# (about 2 ms for SmolLM2-135M's 500 on this CPU), which running them on device pays once.
+MAX_DECODE_STEPS = 16
 
 
 def decode_forward(model, cache_state: dict, spec: CacheSpec, tokens, positions, active, tables):
@@ -59,6 +63,25 @@ def _decode_step(graphdef, params, cache_state, spec, tokens, positions, active,
     return chosen, (logits if return_logits else None), cache_state
 
 
+def _decode_steps(graphdef, params, cache_state, spec, tokens, positions, active, tables, temperature,
+                  key_data, counters, steps, max_steps=MAX_DECODE_STEPS):
+    """Jitted `steps` (a traced count, at most the static max_steps) decode steps in one call, each
+    feeding the tokens it chose back in at the next position (what `steps` calls of _decode_step
+    would do, with one dispatch). Returns (chosen [max_steps, S] int32, rows from `steps` on -1,
+    cache_state); the input cache_state is donated and must hold `steps` more positions per slot."""
+    model = nnx.merge(graphdef, params)
+    chosen = jnp.full((max_steps, tokens.shape[0]), -1, jnp.int32)
+
+    def step(i, carry):
+        tokens, cache_state, chosen = carry
+        logits, cache_state = decode_forward(model, cache_state, spec, tokens, positions + i, active, tables)
+        tokens = select_tokens(logits, temperature, key_data, counters + i)
+        return tokens, cache_state, chosen.at[i].set(tokens)
+
+    _, cache_state, chosen = jax.lax.fori_loop(0, steps, step, (tokens, cache_state, chosen))
+    return chosen, cache_state
+
+
 def _prefill_step(graphdef, params, cache_state, spec, tokens, start, real_len, slot, table_row,
                   temperature, key_data, counter, has_prefix=False, return_logits=False):
     """Jitted prefill of one chunk into one slot, then selection of the next token. Returns
@@ -71,4 +94,5 @@ def _prefill_step(graphdef, params, cache_state, spec, tokens, start, real_len, 
 
 
 decode_step = StoredJit(_decode_step, ("graphdef", "spec", "return_logits"), ("cache_state",))
+decode_steps = StoredJit(_decode_steps, ("graphdef", "spec", "max_steps"), ("cache_state",))
 prefill_step = StoredJit(_prefill_step, ("graphdef", "spec", "has_prefix", "return_logits"), ("cache_state",))

@@ -72,7 +72,7 @@ def test_a_second_process_loads_the_stored_steps_without_tracing(tmp_path):
     assert second["events"] == {"executable_load_duration": 2}, second
     assert second["tokens"] == first["tokens"]
     stored = tmp_path / "jax" / "lowbit-executables"
-    assert sorted(p.name.split("-")[0] for p in stored.iterdir()) == ["_decode_step", "_prefill_step"]
+    assert sorted(p.name.split("-")[0] for p in stored.iterdir()) == ["_decode_steps", "_prefill_step"]
     # Re-serializing an executable that JAX's persistent cache read back loses its compiled
     # functions (jax 0.10.2, CPU): a process whose stored executables are gone but whose JAX cache
     # entries remain must not write them, so that the next process still runs.

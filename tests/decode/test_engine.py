@@ -103,6 +103,35 @@ def test_eos_stops_a_request_early(tiny_model, prompts, greedy_reference):
     assert out[1].tokens == greedy_reference[4] and out[1].finish_reason == "length"
 
 
+def test_several_decode_steps_per_call_give_the_tokens_of_one_step_per_call(tiny_model, prompts, monkeypatch):
+    """With no request waiting, one call runs as many steps as every row still needs (greedy and
+    sampled rows, a row stopping at EOS inside a call): the tokens equal one step per call's, in
+    fewer calls."""
+    import lowbit.decode.engine as engine
+
+    calls = []
+    counted = lambda *args, **kwargs: calls.append(1) or engine_steps(*args, **kwargs)  # noqa: E731
+    engine_steps = engine.decode_steps
+    monkeypatch.setattr(engine, "decode_steps", counted)
+    key = jax.random.key(3)
+    greedy_eos = generate_batch(tiny_model, prompts[3:4], NEW, num_pages=24, **OPTIONS)[0][2]
+    requests = [Request(prompts[3], NEW, eos_id=greedy_eos), Request(prompts[4], NEW),
+                Request(prompts[0], NEW, temperature=1.0, key=key)]
+
+    def run(max_steps):
+        monkeypatch.setattr(engine, "MAX_DECODE_STEPS", max_steps)
+        calls.clear()
+        generator = BatchedGenerator(tiny_model, "f32", num_pages=24, **OPTIONS)
+        out = [(c.tokens, c.finish_reason) for c in generator.generate(requests)]
+        assert generator.cache.allocator.num_free == 24
+        return out, len(calls), generator.stats.decode_steps
+
+    one, one_calls, one_steps = run(1)
+    several, several_calls, several_steps = run(16)
+    assert several == one and one[0][1] == "eos" and len(one[0][0]) == 3
+    assert one_calls == one_steps == NEW - 1 and several_calls == 1 and several_steps == NEW - 1
+
+
 class _ByteTokenizer:
     eos_id = None
 
