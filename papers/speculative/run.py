@@ -13,7 +13,7 @@ import numpy as np
 
 from lowbit import checkpoint
 from lowbit.cli.generate import load_draft
-from lowbit.decode import SpeculativeDecoder, expected_tokens_per_call, predicted_speedup
+from lowbit.decode import SpeculativeDecoder, expected_tokens_per_call, generate, predicted_speedup
 from lowbit.decode.compilation import enable_compilation_cache
 from lowbit.decode.engine import prompt_bucket
 from lowbit.decode.speculative import _draft, _prefill
@@ -45,6 +45,16 @@ def plain_greedy(model, ids, tokens):
                                         jnp.int32(position), table, warp, None, jnp.float32(0), 1, True)
         out.append(int(new[0]))
     return np.asarray(out, np.int32), (time.perf_counter() - start) / (tokens - 1)
+
+
+def generate_decode_seconds(model, ids, tokens):
+    """Seconds of `lowbit.decode.generate`'s decoding of tokens - 1 tokens after the first (up to 16
+    steps per dispatch): generate(tokens) - generate(1), the same prompt, compiled beforehand."""
+    start = time.perf_counter()
+    generate(model, ids, tokens)
+    middle = time.perf_counter()
+    generate(model, ids, 1)
+    return (middle - start) - (time.perf_counter() - middle)
 
 
 def make_draft(spec, target, tokenizer):
@@ -79,6 +89,8 @@ def main():
             decoders = {s: SpeculativeDecoder(model, draft, s[0], confidence_threshold=s[1]) for s in settings}
             plain_greedy(model, prompts[0], 4)
             plain_greedy(draft, prompts[0], 4)
+            for ids in prompts:
+                generate_decode_seconds(model, ids, args.tokens)
             for ids in prompts:  # compile every executable once (each prompt meets its own drafted counts)
                 for decoder in decoders.values():
                     decoder.generate(ids, args.tokens)
@@ -87,12 +99,13 @@ def main():
                 ratios.append(plain_greedy(draft, ids, args.tokens)[1] / plain_greedy(model, ids, args.tokens)[1])
             cost = statistics.median(ratios)
             for (gamma, threshold), decoder in decoders.items():
-                plain_s, spec_s, speedups, loads = [], [], [], []
+                plain_s, spec_s, speedups, loads, generate_s = [], [], [], [], []
                 accepted = tested = calls = verified = drafted = 0
                 exact = True
-                for ids in prompts:  # plain target and speculative, interleaved per prompt
+                for ids in prompts:  # plain target, generate and speculative, interleaved per prompt
                     reference, per_token = plain_greedy(model, ids, args.tokens)
                     plain = per_token * (args.tokens - 1)
+                    generate_s.append(generate_decode_seconds(model, ids, args.tokens))
                     out = decoder.generate(ids, args.tokens)
                     s = decoder.stats
                     spec_time = s.seconds - s.prefill_seconds
@@ -111,6 +124,9 @@ def main():
                        "cost_ratio_c": round(cost, 3), "speedup_vs_plain_loop_median": round(statistics.median(speedups), 3),
                        "predicted_speedup": round(predicted_speedup(alpha, gamma, cost), 3),
                        "plain_loop_s_median": round(statistics.median(plain_s), 3),
+                       "generate_s_median": round(statistics.median(generate_s), 3),
+                       "speedup_vs_generate_median": round(statistics.median(
+                           g / t for g, t in zip(generate_s, spec_s)), 3),
                        "speculative_s_median": round(statistics.median(spec_s), 3),
                        "greedy_identical": exact, "prompts": len(prompts), "tokens": args.tokens,
                        "loadavg": round(statistics.mean(loads), 2),
