@@ -2,8 +2,10 @@
 packed checkpoint on the pydoc evaluation split and on the out-of-domain 'licenses' text.
 
 Each row runs the two CLI commands it prints, in this process, and appends one JSON line to
-results/quarot/table.jsonl (git-ignored): method, weights, rotate, bits_per_weight, ppl per text.
-    PYTHONPATH=. .venv/bin/python papers/quarot/run.py [--windows 4] [--rows rtn gptq awq] ...
+results/quarot/table.jsonl (git-ignored): method, weights, rotate, calibration source,
+bits_per_weight, ppl per text.
+    PYTHONPATH=. .venv/bin/python papers/quarot/run.py [--windows 4] [--methods rtn gptq awq]
+        [--calib pydoc generated pydoc+generated] ...
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ def table(results: Path) -> str:
     """The markdown table of a results file: one row per (method, weights), without and with
     rotation side by side, ppl on both texts and the out-of-domain gap (licenses / pydoc)."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    lines = ["| method | weights | rotate | bits/weight | ppl pydoc | ppl licenses | licenses / pydoc |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | weights | rotate | calibration | bits/weight | ppl pydoc | ppl licenses | "
+             "licenses / pydoc |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         pydoc, licenses = row["eval"]["pydoc"]["ppl"], row["eval"]["licenses"]["ppl"]
         bits = "f32 (Q4_1 source)" if row["method"] == "base" else f"{row['bits_per_weight']:.4f}"
         lines.append(f"| {row['method']} | {row['weights'] or '-'} | "
-                     f"{'yes' if row['rotate'] else 'no'} | {bits} | {pydoc:.2f} | "
-                     f"{licenses:.2f} | {licenses / pydoc:.3f} |")
+                     f"{'yes' if row['rotate'] else 'no'} | {row.get('calib') or '-'} | {bits} | "
+                     f"{pydoc:.2f} | {licenses:.2f} | {licenses / pydoc:.3f} |")
     return "\n".join(lines)
 
 
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
+    parser.add_argument("--calib", nargs="+", default=["pydoc"],
+                        help="calibration sources of the calibrated methods (lowbit quantize --calib)")
     parser.add_argument("--workdir", default="/tmp/quarot")
     parser.add_argument("--results", default="results/quarot/table.jsonl")
     parser.add_argument("--table", action="store_true", help="print the results as markdown")
@@ -64,20 +68,23 @@ def main() -> None:
         return
     results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
-        grid = [(None, None)] if method == "base" else [
-            (w, r) for w in args.weights for r in args.rotate]
-        for weights, rotate in grid:
+        calibrated = method in ("gptq", "awq")
+        grid = [(None, None, None)] if method == "base" else [
+            (w, r, c) for w in args.weights for r in args.rotate
+            for c in (args.calib if calibrated else [None])]
+        for weights, rotate, calib in grid:
             start = time.perf_counter()
-            row = {"method": method, "weights": weights, "rotate": rotate == "yes",
+            row = {"method": method, "weights": weights, "rotate": rotate == "yes", "calib": calib,
                    "date": time.strftime("%Y-%m-%d"), "machine": "2-core x86_64 CPU, shared"}
             model = "smollm2-135m"
             if method != "base":
-                out = Path(args.workdir) / f"{method}-{weights.replace(':', '_')}-{rotate}"
+                name = f"{method}-{weights.replace(':', '_')}-{rotate}" + (f"-{calib}" if calib else "")
+                out = Path(args.workdir) / name.replace("+", "_")
                 shutil.rmtree(out, ignore_errors=True)
                 argv = ["quantize", "--model", model, "--method", method, "--weights", weights,
                         "--out", str(out)]
-                if method in ("gptq", "awq"):
-                    argv += ["--calib-samples", str(args.calib_samples),
+                if calibrated:
+                    argv += ["--calib", calib, "--calib-samples", str(args.calib_samples),
                              "--calib-len", str(args.calib_len)]
                 if rotate == "yes":
                     argv.append("--rotate")
