@@ -15,12 +15,13 @@ import numpy as np
 from lowbit.checkpoint import float_variables, save
 from lowbit.cli.output import emit, show_progress
 from lowbit.core.spec import QuantSpec
-from lowbit.data.corpus import CORPORA, calibration_tokens
+from lowbit.data.corpus import GENERATED, calibration_shares, calibration_windows
+from lowbit.decode.calibration import TEMPERATURE, generated_windows
 from lowbit.ptq.block_ap import INITS, LEARN_MODES
 from lowbit.ptq.embeddings import quantize_embeddings
 from lowbit.ptq.methods import ROTATABLE_METHODS, get_method, run_method
 from lowbit.ptq.mixed import BASES, DEFAULT_CANDIDATES
-from lowbit.ptq.recipes import RECIPE_NAMES, recipe_help
+from lowbit.ptq.recipes import RECIPE_NAMES, get_recipe, recipe_help
 
 METHODS = ("rtn", "gptq", "awq", "blockap", "mixed", "smoothquant", "llm_int8")
 CALIBRATED = ("gptq", "awq", "blockap", "mixed", "smoothquant")
@@ -98,10 +99,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "rotations, an online Hadamard before each down projection; the "
                              "head is untied), then quantize through lowbit.ptq.quantize")
     parser.add_argument("--calib", default="pydoc",
-                        help="calibration text: 'pydoc' (the stdlib topics) or a UTF-8 file")
+                        help="calibration source: 'pydoc' (the calibration half of the stdlib "
+                             "topics), a UTF-8 file, 'generated' (sequences the model samples "
+                             "itself before quantization: a BOS token, then temperature 1, seed "
+                             "--seed; LLM-QAT's data-free calibration) or a mixture joined by '+' "
+                             "(e.g. pydoc+generated: the samples split equally, the first sources "
+                             "taking the remainder, windows alternating). 'licenses' is refused: "
+                             "it is the held-apart out-of-domain evaluation text")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0, help="calibration window offsets")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="calibration window offsets and the generated windows' sampling")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="calibration sequences per compiled call")
     parser.add_argument("--embed", default="f32", choices=EMBED_CHOICES,
@@ -217,8 +225,16 @@ def _check_early_arguments(args, out: Path) -> str | None:
         for name, value in (("--calib-samples", args.calib_samples), ("--calib-len", args.calib_len)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        if args.calib not in CORPORA and not Path(args.calib).expanduser().is_file():
-            raise FileNotFoundError(f"--calib file not found: {args.calib} (or use one of {CORPORA})")
+        if args.recipe is None:
+            counts = [args.calib_samples]
+        else:
+            recipe = get_recipe(args.recipe)
+            counts = [recipe.calib_samples] + ([recipe.e2e_samples] if recipe.e2e_steps else [])
+        try:
+            for samples in counts:
+                calibration_shares(args.calib, samples)
+        except ValueError as error:
+            raise ValueError(f"--calib: {error}") from None
     return weights
 
 
@@ -297,6 +313,31 @@ def rotate_and_quantize(model, method: str, weights: str, calibration: np.ndarra
         return quantize(model, rule, method, batches, rotate=True, progress=progress, **options)
 
 
+def calibration_set(model, tokenizer, spec: str, samples: int, length: int, seed: int,
+                    progress: bool = False) -> np.ndarray:
+    """[samples, length] calibration tokens of --calib SPEC (lowbit.data.corpus.calibration_windows);
+    its 'generated' windows are sampled from `model` as it is now, before quantization
+    (lowbit.decode.calibration.generated_windows from the tokenizer's BOS token)."""
+    def generated(count: int, length: int, seed: int) -> np.ndarray:
+        if tokenizer.bos_id is None:
+            raise ValueError(f"--calib {GENERATED}: the model's tokenizer has no BOS token to "
+                             "start the generated windows from")
+        return generated_windows(model, count, length, start_id=tokenizer.bos_id, seed=seed,
+                                 progress=progress)
+
+    return calibration_windows(tokenizer, spec, samples, length, seed, generated=generated)
+
+
+def calibration_settings(spec: str, samples: int, seed: int, tokenizer) -> dict[str, Any]:
+    """What a checkpoint records of its calibration: the spec, the seed, the windows per source,
+    and for generated windows their temperature and start token."""
+    shares = calibration_shares(spec, samples)
+    settings = {"source": str(spec), "seed": seed, "windows": shares}
+    if GENERATED in shares:
+        settings[GENERATED] = {"temperature": TEMPERATURE, "start_id": tokenizer.bos_id}
+    return settings
+
+
 def run(args) -> None:
     """Quantizes --model with --method or --recipe, writes the checkpoint to --out and prints a
     summary."""
@@ -331,8 +372,8 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
         weights = result.settings["recipe"]["weights"]
     else:
         if args.method in CALIBRATED:
-            calibration = calibration_tokens(tokenizer, args.calib, args.calib_samples,
-                                             args.calib_len, args.seed)
+            calibration = calibration_set(model, tokenizer, args.calib, args.calib_samples,
+                                          args.calib_len, args.seed, progress)
         threshold = None if args.threshold == float("inf") else args.threshold
         options = method_options(args)
         if getattr(args, "rotate", False):
@@ -349,7 +390,8 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
                                     batch_size=args.batch_size, progress=progress,
                                     options=options)
         if calibration is not None:
-            result.settings["calibration"] = {"source": str(args.calib), "seed": args.seed}
+            result.settings["calibration"] = calibration_settings(args.calib, args.calib_samples,
+                                                                  args.seed, tokenizer)
     source = {"model": str(args.model), "path": str(Path(path).resolve()),
               "sha256": sha256_of(path)}
     report = result.report()
@@ -386,20 +428,21 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
 
 def _run_recipe(args, model, path, tokenizer, progress: bool):
     """--recipe: its calibration (--calib, --seed) for the block-wise stage, other windows of the
-    same text (seed + 1) for the E2E stage against the source GGUF on its own blocks."""
+    same sources (seed + 1) for the E2E stage against the source GGUF on its own blocks."""
     from lowbit.models.loader import load_gguf_model
-    from lowbit.ptq.recipes import get_recipe, run_recipe
+    from lowbit.ptq.recipes import run_recipe
 
     recipe = get_recipe(args.recipe)
-    calibration = calibration_tokens(tokenizer, args.calib, recipe.calib_samples,
-                                     recipe.calib_len, args.seed)
+    calibration = calibration_set(model, tokenizer, args.calib, recipe.calib_samples,
+                                  recipe.calib_len, args.seed, progress)
     teacher = e2e_tokens = None
     if recipe.e2e_steps:
         teacher, _ = load_gguf_model(path, runtime="packed")
-        e2e_tokens = calibration_tokens(tokenizer, args.calib, recipe.e2e_samples,
-                                        recipe.e2e_len, args.seed + 1)
+        e2e_tokens = calibration_set(model, tokenizer, args.calib, recipe.e2e_samples,
+                                     recipe.e2e_len, args.seed + 1, progress)
     result, e2e = run_recipe(model, recipe, calibration, teacher=teacher,
                              e2e_calibration=e2e_tokens, workdir=args.workdir, progress=progress)
-    result.settings["calibration"] = {"source": str(args.calib), "seed": args.seed,
+    result.settings["calibration"] = {**calibration_settings(args.calib, recipe.calib_samples,
+                                                             args.seed, tokenizer),
                                       "e2e_seed": args.seed + 1}
     return result, e2e

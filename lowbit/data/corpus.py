@@ -1,6 +1,7 @@
 """Text corpora and token windows: the always-present stdlib pydoc topics, the licence texts bundled
 with jaxlib (an out-of-domain evaluation text) or any text file, a deterministic calibration /
-evaluation split of the token stream, and fixed-length windows.
+evaluation split of the token stream, fixed-length windows, and calibration mixtures of several
+sources (texts, or windows the model generates itself, supplied by the caller).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 PYDOC = "pydoc"
 LICENSES = "licenses"
 CORPORA = (PYDOC, LICENSES)
+GENERATED = "generated"  # a calibration source: windows sampled from the model being quantized
 SPLITS = ("all", "calibration", "evaluation")
 LICENSES_PACKAGE = "jaxlib"
 
@@ -177,14 +179,84 @@ def evaluation_tokens(tokenizer, source: str | Path = PYDOC) -> np.ndarray:
     return corpus_tokens(tokenizer, source, "evaluation")[0]
 
 
-def calibration_tokens(tokenizer, source: str | Path, samples: int, length: int,
-                       seed: int = 0) -> np.ndarray:
-    """[samples, length] int32 windows at seeded offsets from the calibration half of a
-    corpus ('pydoc' or a file); the evaluation half is never touched."""
+def _check_calibration_size(samples: int, length: int) -> None:
     for name, value in (("calibration samples", samples), ("calibration length", length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if length < 2:
         raise ValueError(f"calibration length must be at least 2 tokens, got {length}")
+
+
+def _refuse_licenses(source) -> None:
+    if str(source) == LICENSES:
+        raise ValueError(f"{LICENSES!r} is the held-apart out-of-domain evaluation text; it is "
+                         "never a calibration source (a method calibrated on it would close the "
+                         "out-of-domain gap by construction)")
+
+
+def calibration_tokens(tokenizer, source: str | Path, samples: int, length: int,
+                       seed: int = 0) -> np.ndarray:
+    """[samples, length] int32 windows at seeded offsets from the calibration half of a
+    corpus ('pydoc' or a file); the evaluation half is never touched. 'licenses' is refused."""
+    _check_calibration_size(samples, length)
+    _refuse_licenses(source)
     tokens = np.asarray(tokenizer.encode(load_text(source)), np.int32)
     return calibration_samples(tokens, samples, length, seed=seed)
+
+
+def calibration_sources(spec: str) -> tuple[str, ...]:
+    """The sources of a calibration SPEC (`lowbit quantize --calib`): 'pydoc', 'generated' (windows
+    the model samples itself), a UTF-8 text file, or several of these joined by '+' (e.g.
+    'pydoc+generated'); a SPEC that names an existing file is that one file, '+' or not.
+    'licenses' is refused (calibration_tokens), as is an unknown name or a repeated source."""
+    spec = str(spec)
+    if Path(spec).expanduser().is_file():
+        return (spec,)
+    sources = tuple(part.strip() for part in spec.split("+"))
+    for source in sources:
+        if not source:
+            raise ValueError(f"calibration spec {spec!r} has an empty part; join sources with "
+                             f"'+', e.g. '{PYDOC}+{GENERATED}'")
+        _refuse_licenses(source)
+        if source not in (PYDOC, GENERATED) and not Path(source).expanduser().is_file():
+            raise ValueError(f"unknown calibration source {source!r} in {spec!r}: not "
+                             f"{PYDOC!r}, {GENERATED!r} nor an existing text file")
+    repeated = sorted({s for s in sources if sources.count(s) > 1})
+    if repeated:
+        raise ValueError(f"calibration spec {spec!r} lists {', '.join(repeated)} more than once")
+    return sources
+
+
+def calibration_shares(spec: str, samples: int) -> dict[str, int]:
+    """Windows per source of a calibration mixture: the sources of `spec` in order, each
+    samples // k windows and the first samples % k one more (k sources); every source needs one."""
+    sources = calibration_sources(spec)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < len(sources):
+        raise ValueError(f"calibration spec {spec!r} mixes {len(sources)} sources, so it needs at "
+                         f"least {len(sources)} samples (one window each), got {samples!r}")
+    k = len(sources)
+    return {source: samples // k + (j < samples % k) for j, source in enumerate(sources)}
+
+
+def calibration_windows(tokenizer, spec: str, samples: int, length: int, seed: int = 0,
+                        generated=None) -> np.ndarray:
+    """[samples, length] int32 calibration windows of a mixture (calibration_shares): row i is the
+    (i // k)-th window of source i % k, so the k sources alternate and every batch mixes them.
+    A text source gives calibration_tokens(tokenizer, source, n, length, seed); 'generated' gives
+    generated(n, length, seed), a callable the caller supplies (the data layer does not run
+    models; lowbit.decode.calibration.generated_windows samples them)."""
+    _check_calibration_size(samples, length)
+    shares = calibration_shares(spec, samples)
+    if GENERATED in shares and generated is None:
+        raise ValueError(f"calibration spec {spec!r} includes {GENERATED!r}, which needs a "
+                         "generator of the model's own windows (generated=)")
+    windows = np.empty((samples, length), np.int32)
+    for j, (source, count) in enumerate(shares.items()):
+        part = (generated(count, length, seed) if source == GENERATED else
+                calibration_tokens(tokenizer, source, count, length, seed))
+        part = np.asarray(part)
+        if part.shape != (count, length):
+            raise ValueError(f"calibration source {source!r} gave windows of shape {part.shape}, "
+                             f"expected {(count, length)}")
+        windows[j::len(shares)] = part
+    return windows

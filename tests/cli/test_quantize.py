@@ -151,7 +151,7 @@ def test_impossible_out_fails_before_the_model_loads(tmp_path, monkeypatch):
             run_quantize(args)
     args = _parse(["--model", "smollm2-135m", "--method", "gptq", "--calib",
                                  str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(ValueError, match="--calib: unknown calibration source .*missing.txt"):
         run_quantize(args)
 
 
@@ -265,11 +265,11 @@ def test_a_recipe_runs_through_the_cli_and_saves_a_packed_checkpoint(tmp_path, m
     monkeypatch.setattr(lowbit.models.tokenizer.Tokenizer, "from_gguf", staticmethod(lambda p: None))
     windows = []
 
-    def tokens(tokenizer, source, samples, length, seed):
+    def tokens(tokenizer, source, samples, length, seed, generated):
         windows.append((source, samples, length, seed))
         return np.random.default_rng(seed).integers(0, 128, (samples, length)).astype(np.int32)
 
-    monkeypatch.setattr(cli_quantize, "calibration_tokens", tokens)
+    monkeypatch.setattr(cli_quantize, "calibration_windows", tokens)
     path = _tiny_gguf(tmp_path / "tiny.gguf")
     out = tmp_path / "w4"
     summary = run_quantize(_parse(["--model", str(path), "--recipe", "w4", "--out", str(out),
@@ -283,3 +283,61 @@ def test_a_recipe_runs_through_the_cli_and_saves_a_packed_checkpoint(tmp_path, m
     loaded = load(out)
     assert len(quantized_layers(loaded)) == 14
     assert np.isfinite(np.asarray(loaded(test_tokens))).all()
+
+
+@pytest.mark.parametrize("calib, samples, message", [
+    ("licenses", 4, "--calib: 'licenses' is the held-apart out-of-domain evaluation text"),
+    ("pydoc+wiki", 4, "--calib: unknown calibration source 'wiki'"),
+    ("pydoc+generated", 1, "--calib: .*mixes 2 sources, so it needs at least 2 samples"),
+])
+def test_bad_calibration_sources_fail_before_the_model_loads(tmp_path, monkeypatch, calib, samples,
+                                                             message):
+    import lowbit.models.loader
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lowbit.models.loader, "load_gguf_model", no_loading)
+    args = _parse(["--model", "smollm2-135m", "--method", "gptq", "--calib", calib,
+                   "--calib-samples", str(samples), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match=message):
+        run_quantize(args)
+
+
+def test_generated_calibration_comes_from_the_model_before_quantization(tmp_path, monkeypatch,
+                                                                        test_tokens):
+    """--calib pydoc+generated: GPTQ sees the pydoc windows and the float model's own samples
+    alternating (3 + 3 of 6), the same checkpoint as the API given those windows."""
+    import lowbit.models.tokenizer
+    from lowbit.cli.quantize import quantize_model
+    from lowbit.data.corpus import calibration_tokens
+    from lowbit.decode.calibration import generated_windows
+
+    class Tokens:  # the tiny GGUF has no tokenizer: bytes folded into its 128 ids, BOS 1
+        bos_id = 1
+
+        def encode(self, text):
+            return [b % 128 for b in text.encode()]
+
+    monkeypatch.setattr(lowbit.models.tokenizer.Tokenizer, "from_gguf", staticmethod(lambda p: Tokens()))
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "mix"
+    summary = run_quantize(_parse(["--model", str(path), "--method", "gptq", "--weights", "int4:g16",
+                                   "--calib", "pydoc+generated", "--calib-samples", "6",
+                                   "--calib-len", "16", "--seed", "5", "--batch-size", "2",
+                                   "--out", str(out), "--quiet"]))
+    assert summary["settings"]["calibration"] == {
+        "source": "pydoc+generated", "seed": 5, "windows": {"pydoc": 3, "generated": 3},
+        "generated": {"temperature": 1.0, "start_id": 1}}
+    model, _ = load_gguf_model(path)
+    windows = np.empty((6, 16), np.int32)
+    windows[0::2] = calibration_tokens(Tokens(), "pydoc", 3, 16, seed=5)
+    windows[1::2] = generated_windows(model, 3, 16, start_id=1, seed=5)
+    assert (windows[1::2, 0] == 1).all()
+    quantize_model(model, "gptq", "int4:g16", windows, batch_size=2, progress=False)
+    np.testing.assert_array_equal(np.asarray(load(out)(test_tokens)), np.asarray(model(test_tokens)))
+    other = tmp_path / "pydoc"  # and the calibration made a difference
+    run_quantize(_parse(["--model", str(path), "--method", "gptq", "--weights", "int4:g16",
+                         "--calib-samples", "6", "--calib-len", "16", "--seed", "5",
+                         "--batch-size", "2", "--out", str(other), "--quiet"]))
+    assert not np.array_equal(np.asarray(load(other)(test_tokens)), np.asarray(model(test_tokens)))

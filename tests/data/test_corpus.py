@@ -131,3 +131,63 @@ def test_licenses_corpus_is_deduplicated_legal_prose():
     assert "Apache License" in text and "Mozilla Public License" in text
     assert len(text) > 80_000 and topics["if"][:200] not in text  # not pydoc's text
     assert default_split(LICENSES) == "all" and default_split("pydoc") == "evaluation"
+
+
+def test_calibration_specs_name_their_sources_and_refuse_the_evaluation_text(tmp_path):
+    from lowbit.data.corpus import calibration_shares, calibration_sources, calibration_tokens
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some text " * 50)
+    plus = tmp_path / "a+b.txt"  # a file whose name holds '+' is that file
+    plus.write_text("more text " * 50)
+    assert calibration_sources("pydoc") == ("pydoc",)
+    assert calibration_sources("generated") == ("generated",)
+    assert calibration_sources(f"pydoc+generated+{notes}") == ("pydoc", "generated", str(notes))
+    assert calibration_sources(" pydoc + generated ") == ("pydoc", "generated")
+    assert calibration_sources(str(plus)) == (str(plus),)
+    for spec, message in [("licenses", "held-apart out-of-domain"),
+                          ("pydoc+licenses", "held-apart out-of-domain"),
+                          ("wikitext", "unknown calibration source 'wikitext'"),
+                          (f"pydoc+{tmp_path / 'missing.txt'}", "unknown .*missing.txt"),
+                          ("pydoc+", "empty part"),
+                          ("pydoc+generated+pydoc", "lists pydoc more than once")]:
+        with pytest.raises(ValueError, match=message):
+            calibration_sources(spec)
+    with pytest.raises(ValueError, match="held-apart"):  # the text API refuses it too
+        calibration_tokens(BytesAsIds(), "licenses", samples=2, length=8)
+    # equal shares, the first sources take the remainder; every source needs a window
+    assert calibration_shares("pydoc+generated", 32) == {"pydoc": 16, "generated": 16}
+    assert calibration_shares(f"pydoc+generated+{notes}", 8) == {
+        "pydoc": 3, "generated": 3, str(notes): 2}
+    for samples in (1, 0, True):
+        with pytest.raises(ValueError, match="mixes 2 sources, so it needs at least 2 samples"):
+            calibration_shares("pydoc+generated", samples)
+
+
+def test_a_mixture_alternates_its_sources_in_the_stated_shares(tmp_path):
+    from lowbit.data.corpus import calibration_tokens, calibration_windows
+
+    path = tmp_path / "file.txt"
+    path.write_text("".join(chr(65 + i % 26) for i in range(400)))  # ids 65..90
+    calls = []
+
+    def generated(count, length, seed):  # stands in for the model: ids 200 + row
+        calls.append((count, length, seed))
+        return 200 + np.repeat(np.arange(count)[:, None], length, axis=1)
+
+    windows = calibration_windows(BytesAsIds(), f"generated+{path}", 7, 16, seed=3,
+                                  generated=generated)
+    assert windows.dtype == np.int32 and windows.shape == (7, 16)
+    assert calls == [(4, 16, 3)]  # 7 = 4 generated + 3 from the file, same seed
+    assert windows[0::2].tolist() == (200 + np.repeat(np.arange(4)[:, None], 16, axis=1)).tolist()
+    assert windows[1::2].tolist() == calibration_tokens(BytesAsIds(), path, 3, 16, seed=3).tolist()
+    # one text source: exactly calibration_tokens; deterministic
+    alone = calibration_windows(BytesAsIds(), str(path), 5, 16, seed=1)
+    assert alone.tolist() == calibration_tokens(BytesAsIds(), path, 5, 16, seed=1).tolist()
+    with pytest.raises(ValueError, match="includes 'generated', which needs a generator"):
+        calibration_windows(BytesAsIds(), "pydoc+generated", 4, 16)
+    with pytest.raises(ValueError, match=r"gave windows of shape \(2, 15\), expected \(2, 16\)"):
+        calibration_windows(BytesAsIds(), "generated", 2, 16,
+                            generated=lambda n, length, seed: np.zeros((n, length - 1)))
+    with pytest.raises(ValueError, match="calibration samples must be a positive integer, got 0"):
+        calibration_windows(BytesAsIds(), "generated", 0, 16, generated=generated)
