@@ -35,9 +35,22 @@ METRICS = [
 RSS_TARGET = 1.3
 # lowbit variants: "f32" (the GGUF dequantized to f32), "gguf" (the file's own blocks through
 # gguf_matmul), or a packed checkpoint directory given with --checkpoint NAME=DIR; a variant or
-# directory ending in INT8 runs its packed/GGUF layers on int8 activations (set_activations).
+# directory ending in INT8 runs its packed/GGUF layers on int8 activations (set_activations), one
+# ending in KV16 decodes with an f16 KV cache (layout "f16", as llama.cpp's default cache) instead of f32.
 LOWBIT_VARIANTS = ("f32", "gguf")
 INT8 = "+a8"
+KV16 = "+kv16"
+
+
+def split_variant(variant: str) -> tuple[str, bool, str]:
+    """(variant or directory, int8 activations?, KV layout) of a name with INT8 / KV16 suffixes."""
+    int8, layout = False, "f32"
+    while variant.endswith((INT8, KV16)):
+        if variant.endswith(INT8):
+            int8, variant = True, variant.removesuffix(INT8)
+        else:
+            layout, variant = "f16", variant.removesuffix(KV16)
+    return variant, int8, layout
 
 
 def _rss_mib() -> float:
@@ -74,7 +87,7 @@ def _load_lowbit(model_path: str, variant: str):
     from lowbit.models.loader import load_gguf_model
     from lowbit.nn import set_activations
 
-    int8, variant = variant.endswith(INT8), variant.removesuffix(INT8)
+    variant, int8, _ = split_variant(variant)
     if variant in LOWBIT_VARIANTS:
         model, config = load_gguf_model(model_path, runtime="packed" if variant == "gguf" else "dequant")
     else:
@@ -99,6 +112,7 @@ def run_lowbit(model_path: str, variant: str, ctx: int, short: int, new_tokens: 
     rss_start = _rss_mib()
     start = time.perf_counter()
     model, config = _load_lowbit(model_path, variant)
+    layout = split_variant(variant)[2]
     load_s = time.perf_counter() - start
     rss_loaded = _rss_mib()
     graphdef, state = nnx.split(model)
@@ -111,7 +125,7 @@ def run_lowbit(model_path: str, variant: str, ctx: int, short: int, new_tokens: 
 
     def prefill():  # the prompt through the cache to the first token
         begin = time.perf_counter()
-        generate(model, window, 1)
+        generate(model, window, 1, layout=layout)
         return time.perf_counter() - begin
 
     prefill()
@@ -120,10 +134,10 @@ def run_lowbit(model_path: str, variant: str, ctx: int, short: int, new_tokens: 
     def decode_tps(prompt_ids: np.ndarray) -> float:
         # generate(n + 1) - generate(1): n cached decode steps with the greedy pick fused in
         # (same compiled prefill and cache size in both calls).
-        generate(model, prompt_ids, new_tokens + 1)
-        generate(model, prompt_ids, 1)
-        with_steps = _median_time(lambda: generate(model, prompt_ids, new_tokens + 1), repeats)
-        prefill_only = _median_time(lambda: generate(model, prompt_ids, 1), repeats)
+        generate(model, prompt_ids, new_tokens + 1, layout=layout)
+        generate(model, prompt_ids, 1, layout=layout)
+        with_steps = _median_time(lambda: generate(model, prompt_ids, new_tokens + 1, layout=layout), repeats)
+        prefill_only = _median_time(lambda: generate(model, prompt_ids, 1, layout=layout), repeats)
         return new_tokens / max(with_steps - prefill_only, 1e-9)
 
     return dict(load_s=load_s, compile_s=compile_s, eval_tps=ctx / eval_s,
@@ -243,10 +257,11 @@ def main() -> None:
              "(XLA always uses every core)")
     parser.add_argument("--lowbit", default="f32,gguf",
                         help="lowbit variants, comma separated: f32 (the GGUF dequantized), gguf (its own blocks); "
-                             f"{INT8} after a variant: its layers on int8 activations (e.g. gguf{INT8})")
+                             f"{INT8} after a variant: its layers on int8 activations (e.g. gguf{INT8}); "
+                             f"{KV16}: decoding with an f16 KV cache (e.g. gguf{INT8}{KV16})")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                         help="also run a packed lowbit checkpoint (lowbit quantize --out DIR), e.g. gptq=/tmp/gptq; "
-                             f"DIR{INT8}: on int8 activations")
+                             f"DIR{INT8}: on int8 activations, DIR{KV16}: with an f16 KV cache")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -255,13 +270,13 @@ def main() -> None:
         return
     args.model = str(resolve_model(args.model))
     variants = [v for v in args.lowbit.split(",") if v]
-    if any(v.removesuffix(INT8) not in LOWBIT_VARIANTS for v in variants):
+    if any(split_variant(v)[0] not in LOWBIT_VARIANTS for v in variants):
         raise SystemExit(f"--lowbit takes {', '.join(LOWBIT_VARIANTS)}, got {args.lowbit!r}")
     names = {f"lowbit:{v}": v for v in variants}
     for entry in args.checkpoint:
         name, _, directory = entry.partition("=")
-        suffix = INT8 if directory.endswith(INT8) else ""
-        directory = directory.removesuffix(INT8)
+        directory, int8, layout = split_variant(directory)
+        suffix = (INT8 if int8 else "") + (KV16 if layout == "f16" else "")
         if not directory or not Path(directory).is_dir():
             raise SystemExit(f"--checkpoint must be NAME=DIR with an existing DIR, got {entry!r}")
         names[f"lowbit:{Path(directory).resolve()}{suffix}"] = name

@@ -21,6 +21,7 @@ import jax
 from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
 from lowbit.files import atomic_path
+from lowbit.kernels.native import native_library
 
 # The events around one jit compilation: tracing, lowering to MLIR, and the backend compile
 # (which, on a persistent-cache hit, is the time to read the executable back), and the time to
@@ -172,6 +173,7 @@ class StoredJit:
         path = None if self.directory is None else self._path(static, signature)
         if path is not None and path.is_file():
             start = time.perf_counter()
+            native_library()  # an executable that calls the native kernels needs their FFI targets
             try:
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
                 executable = deserialize_and_load(payload, in_tree, out_tree)

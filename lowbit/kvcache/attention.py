@@ -54,6 +54,11 @@ def attend(q, k, v, valid, q_sink=None, sinks: int = 0):
     return out.reshape(s, h, d), probs
 
 
+# Float storage the decode attention reads as a whole stack (bf16 is stored as uint16 and bitcast,
+# which XLA would do over the whole stack: it takes the per-layer path).
+IN_PLACE_DTYPES = ("f32", "f16")
+
+
 def _pool(part: dict, fmt, layer: int):
     if not fmt.quantized:
         return from_storage(part["data"][layer], fmt)
@@ -129,9 +134,14 @@ def decode_layer(state: dict, spec: CacheSpec, layer: int, q, k, v, positions, a
         lengths = positions + 1
         if isinstance(policy, WindowPolicy):
             lengths = jnp.minimum(lengths, policy.capacity)
-        out = decode_attention(q.astype(jnp.float32), _pool(state["k"], spec.fmt("k"), layer),
-                               _pool(state["v"], spec.fmt("v"), layer), tables,
-                               jnp.maximum(lengths, 1).astype(jnp.int32))
+        lengths = jnp.maximum(lengths, 1).astype(jnp.int32)
+        if all(spec.fmt(n).dtype in IN_PLACE_DTYPES and not spec.fmt(n).quantized for n in ("k", "v")):
+            # the whole stacks and the layer: the native kernel reads them in place
+            out = decode_attention(q.astype(jnp.float32), state["k"]["data"], state["v"]["data"], tables,
+                                   lengths, layer=layer)
+        else:
+            out = decode_attention(q.astype(jnp.float32), _pool(state["k"], spec.fmt("k"), layer),
+                                   _pool(state["v"], spec.fmt("v"), layer), tables, lengths)
         return out.astype(jnp.float32), state
 
     if isinstance(policy, FullPolicy):  # read only the filled pages (the widest row decides)

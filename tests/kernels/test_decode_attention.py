@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from base import KernelTestBase, PallasImpl, XlaImpl
+from base import KernelTestBase, NativeImpl, PallasImpl, XlaImpl, run_concurrently
 
 from lowbit.kernels.decode_attention import (
     DecodeAttentionConfig,
@@ -121,6 +121,39 @@ class DecodeAttentionBase(KernelTestBase):
         expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
         assert _error(out, expected) < 1e-5
 
+    def test_a_layer_of_stacked_pages(self):
+        """layer= reads one layer of a cache's stacked storage [L, P, ps, Hkv, D]: the same output as
+        that layer's pages alone, whatever the other layers hold."""
+        k_pages, v_pages, tables, lengths = _paged_cache(3, 16, seed=14)
+        rng = np.random.default_rng(15)
+        junk = lambda: rng.standard_normal(k_pages.shape).astype(np.float32)
+        k_stack = jnp.asarray(np.stack([junk(), k_pages, junk()]))
+        v_stack = jnp.asarray(np.stack([junk(), v_pages, junk()]))
+        q = jnp.asarray(rng.standard_normal((len(lengths), 6, 16)), jnp.float32)
+        fn = jax.jit(lambda q, k, v, t, n: decode_attention(q, k, v, t, n, impl=self.impl, interpret=self.interpret,
+                                                            layer=1))
+        out = fn(q, k_stack, v_stack, jnp.asarray(tables), jnp.asarray(lengths))
+        expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
+        assert _error(out, expected) < 1e-5
+        with pytest.raises(ValueError, match=r"layer must be an integer in 0..2, got 3"):
+            self.attend(q, k_stack, v_stack, jnp.asarray(tables), jnp.asarray(lengths), layer=3)
+        with pytest.raises(ValueError, match=r"k_pages with layer= must be \[layers"):
+            self.attend(q, k_stack[0], v_stack, jnp.asarray(tables), jnp.asarray(lengths), layer=0)
+
+    def test_smollm2_shapes_over_a_long_context(self):
+        """9 query heads over 3 KV heads, head_dim 64, pages of 16, 545 and 77 cached tokens: the
+        lengths a decode after a 512-token prompt reads (the native kernel splits them over threads)."""
+        rng = np.random.default_rng(16)
+        width, ps, pages = 40, 16, 90
+        k_pages = rng.standard_normal((pages, ps, 3, 64)).astype(np.float32)
+        v_pages = rng.standard_normal((pages, ps, 3, 64)).astype(np.float32)
+        tables = rng.permutation(pages)[:2 * width].reshape(2, width).astype(np.int32)
+        lengths = np.array([545, 77], np.int32)
+        q = jnp.asarray(rng.standard_normal((2, 9, 64)), jnp.float32)
+        out = self.attend(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables), jnp.asarray(lengths))
+        expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
+        assert _error(out, expected) < 1e-5
+
     def test_bad_inputs(self):
         k_pages, v_pages, tables, lengths = (jnp.asarray(a) for a in _paged_cache(2, 16))
         q = jnp.ones((len(LENGTHS), 4, 16), jnp.float32)
@@ -151,6 +184,76 @@ class DecodeAttentionBase(KernelTestBase):
 
 class TestDecodeAttentionXla(DecodeAttentionBase, XlaImpl):
     pass
+
+
+class TestDecodeAttentionNative(DecodeAttentionBase, NativeImpl):
+    """The C++ kernel reads float pages (f32, f16, bf16) as they are stored; a quantized pool is refused
+    by name (under impl="auto" it runs on XLA)."""
+
+    @pytest.mark.parametrize("k_kind, v_kind, symmetric", [("int8", "int8", True), ("int4", "int4", False)])
+    def test_quantized_pages(self, k_kind, v_kind, symmetric):
+        with pytest.raises(ValueError, match="impl='native' reads float pages"):
+            self.run_case(4, n_kv=2, head_dim=32, k_kind=k_kind, v_kind=v_kind, symmetric=symmetric)
+        k_pages, v_pages, tables, lengths = _paged_cache(2, 32)
+        q = jnp.asarray(np.random.default_rng(1).standard_normal((len(lengths), 4, 32)), jnp.float32)
+        pools = [quantize_pages(p, k_kind) for p in (k_pages, v_pages)]
+        auto = decode_attention(q, *pools, jnp.asarray(tables), jnp.asarray(lengths))
+        exact = _attention(np.asarray(q), _dense(pools[0].dequantize(), tables), _dense(pools[1].dequantize(), tables),
+                           lengths)
+        assert _error(auto, exact) < 1e-5
+
+    def test_auto_takes_the_native_kernel_for_float32_pages(self):
+        k_pages, v_pages, tables, lengths = (jnp.asarray(a) for a in _paged_cache(2, 16))
+        q = jnp.ones((len(LENGTHS), 4, 16), jnp.float32)
+        text = jax.jit(lambda q, k, v: decode_attention(q, k, v, tables, lengths)).lower(q, k_pages, v_pages).as_text()
+        assert "lowbit_decode_attention" in text
+        for dtype in (jnp.float16, jnp.bfloat16):  # read as stored: no conversion of the pool
+            half = jax.jit(lambda q, k, v: decode_attention(q, k, v, tables, lengths)).lower(
+                q, k_pages.astype(dtype), v_pages.astype(dtype)).as_text()
+            assert "lowbit_decode_attention" in half and "convert" not in half.split("lowbit_decode_attention")[0]
+
+    @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+    def test_half_pages_simd_and_portable(self, dtype):
+        """f16/bf16 pages: the AVX2 loads (F16C, a 16-bit shift) and the portable conversions give
+        attention over the pages' own values within f32 rounding."""
+        from lowbit.kernels.native import portable_code_only
+
+        k_pages, v_pages, tables, lengths = _paged_cache(3, 44, seed=22)
+        k_half, v_half = jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype)
+        q = jnp.asarray(np.random.default_rng(23).standard_normal((len(lengths), 6, 44)), jnp.float32)
+        expected = _attention(np.asarray(q), _dense(np.asarray(k_half.astype(jnp.float32)), tables),
+                              _dense(np.asarray(v_half.astype(jnp.float32)), tables), lengths)
+        args = (q, k_half, v_half, jnp.asarray(tables), jnp.asarray(lengths))
+        simd = self.attend(*args)
+        with portable_code_only():
+            portable = self.attend(*args)
+        assert _error(simd, expected) < 1e-5 and _error(portable, expected) < 1e-5
+
+    def test_portable_code_matches_the_simd_code(self):
+        """The scalar path (no AVX2: plain dots, std::exp) and the AVX2 path (grouped dots, a polynomial
+        exp) both meet float64 attention, over lengths and a head_dim that are not multiples of 8 and 5
+        heads per KV head (one group of four accumulators and one single)."""
+        from lowbit.kernels.native import portable_code_only
+
+        k_pages, v_pages, tables, lengths = _paged_cache(2, 36, seed=20)  # head_dim 36: 4 past the lanes of 8
+        q = jnp.asarray(np.random.default_rng(21).standard_normal((len(lengths), 10, 36)) * 3, jnp.float32)
+        args = (q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables), jnp.asarray(lengths))
+        expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
+        simd = self.attend(*args)
+        with portable_code_only():
+            portable = self.attend(*args)
+        assert _error(simd, expected) < 1e-5 and _error(portable, expected) < 1e-5
+
+    def test_concurrent_calls(self):
+        k_pages, v_pages, tables, lengths = _paged_cache(2, 32, seed=17)
+        qs = [jnp.asarray(np.random.default_rng(i).standard_normal((len(lengths), 4, 32)), jnp.float32)
+              for i in (18, 19)]
+        fn = jax.jit(lambda q: decode_attention(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables),
+                                                jnp.asarray(lengths), impl="native"))
+        results = run_concurrently([lambda i=i: np.asarray(fn(qs[i])) for i in range(2)], 10)
+        for q, outs in zip(qs, results):
+            expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
+            assert all(_error(out, expected) < 1e-5 for out in outs)
 
 
 class TestDecodeAttentionPallas(DecodeAttentionBase, PallasImpl):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit.kernels.decode_attention.native import decode_attention_native
 from lowbit.kernels.decode_attention.pages import QuantizedPagePool
 from lowbit.kernels.decode_attention.pallas import (
     DEFAULT_CONFIG,
@@ -53,17 +54,29 @@ def filled_pages_only(attend, tables, lengths, page_size: int):
     return jax.lax.switch(jnp.minimum(index, len(buckets) - 1), branches, tables)
 
 
-def _pool_shape(pages, name: str) -> tuple[int, int, int, int]:
+def _pool_shape(pages, name: str, layer: int | None) -> tuple[int, int, int, int]:
     if isinstance(pages, QuantizedPagePool):
+        if layer is not None:
+            raise ValueError(f"{name}: layer= selects a layer of stacked float pages; pass a quantized "
+                             "pool one layer at a time")
         pages.validate(name)
         return pages.shape
     if not hasattr(pages, "shape") or not hasattr(pages, "dtype"):
         raise ValueError(f"{name} must be a float array or a QuantizedPagePool, got {type(pages).__name__}")
-    if pages.ndim != 4:
+    if layer is not None:
+        if pages.ndim != 5:
+            raise ValueError(f"{name} with layer= must be [layers, num_pages, page_size, n_kv_heads, "
+                             f"head_dim], got shape {tuple(pages.shape)}")
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < pages.shape[0]:
+            raise ValueError(f"layer must be an integer in 0..{pages.shape[0] - 1}, got {layer!r}")
+        shape = tuple(pages.shape[1:])
+    elif pages.ndim != 4:
         raise ValueError(f"{name} must be [num_pages, page_size, n_kv_heads, head_dim], got shape {tuple(pages.shape)}")
+    else:
+        shape = tuple(pages.shape)
     if not jnp.issubdtype(pages.dtype, jnp.floating):
         raise ValueError(f"{name} must be float pages (or a QuantizedPagePool for int8/int4), got dtype {pages.dtype}")
-    return tuple(pages.shape)
+    return shape
 
 
 def decode_attention(
@@ -77,6 +90,7 @@ def decode_attention(
     impl: str = "auto",
     interpret: bool | None = None,
     config: DecodeAttentionConfig | None = None,
+    layer: int | None = None,
 ):
     """Attention of one new token per sequence over its cached keys and values.
 
@@ -86,14 +100,18 @@ def decode_attention(
     sequence's length are ignored). lengths: int [B], each in 1..max_pages * page_size.
     GQA: n_heads = group * n_kv_heads, query head h reads kv head h // group.
     softmax_scale: default 1 / sqrt(head_dim). Returns [B, n_heads, head_dim] in q's dtype.
+    layer: when given, k_pages and v_pages are float stacks [layers, num_pages, ...] (a KV cache's
+    storage) and this layer is read; the native kernel reads it in place, the others slice it.
+    impl: "auto" (Pallas on GPU; on CPU the native kernel for float pages where it is built, else
+    XLA), "pallas", "native" (float pages only, read as they are stored: f32, f16 or bf16) or "xla".
     """
     if not hasattr(q, "shape") or q.ndim != 3:
         raise ValueError(f"q must be [batch, n_heads, head_dim], got {getattr(q, 'shape', type(q).__name__)}")
     if jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in QUERY_DTYPES]:
         raise ValueError(f"q must be float32, bfloat16 or float16, got dtype {q.dtype}")
     batch, n_heads, head_dim = q.shape
-    k_shape = _pool_shape(k_pages, "k_pages")
-    v_shape = _pool_shape(v_pages, "v_pages")
+    k_shape = _pool_shape(k_pages, "k_pages", layer)
+    v_shape = _pool_shape(v_pages, "v_pages", layer)
     if k_shape != v_shape:
         raise ValueError(f"k_pages and v_pages must have the same logical shape, got {k_shape} and {v_shape}")
     num_pages, page_size, n_kv, kv_dim = k_shape
@@ -130,9 +148,22 @@ def decode_attention(
     if config is not None and not isinstance(config, DecodeAttentionConfig):
         raise ValueError(f"config must be a DecodeAttentionConfig or None, got {type(config).__name__}")
     requested = impl
-    impl, interpret = resolve_impl(impl, interpret)
+    impl, interpret = resolve_impl(impl, interpret, has_native=True)
     if batch == 0:
         return jnp.zeros(q.shape, q.dtype)
+    if impl == "native":
+        quantized = any(isinstance(p, QuantizedPagePool) for p in (k_pages, v_pages))
+        if quantized and requested == "native":
+            raise ValueError("impl='native' reads float pages; quantized pools run on impl='xla' or 'pallas'")
+        if not quantized and (requested == "native" or k_pages.dtype == v_pages.dtype):
+            if k_pages.dtype != v_pages.dtype:
+                k_pages, v_pages = k_pages.astype(jnp.float32), v_pages.astype(jnp.float32)
+            stacks = [p if layer is not None else p[None] for p in (k_pages, v_pages)]
+            out = decode_attention_native(q, *stacks, block_tables, lengths, float(softmax_scale),
+                                          0 if layer is None else int(layer))
+            return out.astype(q.dtype)
+    if layer is not None:
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
     plan = None
     if impl == "pallas":
         fields = [p.fields if isinstance(p, QuantizedPagePool) else 1 for p in (k_pages, v_pages)]

@@ -30,6 +30,7 @@ TARGETS = {
     "lowbit_gguf_matmul_transposed": "LowbitGgufMatmulTransposed",
     "lowbit_gguf_dequantize": "LowbitGgufDequantize",
     "lowbit_int8_matmul": "LowbitInt8Matmul",
+    "lowbit_decode_attention": "LowbitDecodeAttention",
 }
 
 _lock = threading.Lock()

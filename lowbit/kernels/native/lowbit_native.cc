@@ -1,5 +1,6 @@
-// lowbit's native CPU kernels (packed low-bit, GGUF-block and int8 matmuls), called from jitted JAX
-// through the XLA FFI. AVX2+FMA+F16C code is chosen at run time; a portable scalar path runs elsewhere.
+// lowbit's native CPU kernels (packed low-bit, GGUF-block and int8 matmuls, paged decode attention),
+// called from jitted JAX through the XLA FFI. AVX2+FMA+F16C code is chosen at run time; a portable
+// scalar path runs elsewhere.
 
 #include <algorithm>
 #include <atomic>
@@ -1513,6 +1514,224 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: one query token per sequence over the float KV pages (f32, f16 or bf16) of one
+// layer of a stacked cache [L, P, ps, Hkv, D], read in place through each sequence's block table.
+
+struct AttentionProblem {
+  const float* q;          // [B, H, D]
+  const void* k;           // this layer's pages [P, ps, Hkv, D]
+  const void* v;
+  FloatKind kind;          // the pages' element type
+  const int32_t* tables;   // [B, W]
+  const int32_t* lengths;  // [B]
+  int64_t heads, kv_heads, dim, pages, page_size, width;
+  float scale;
+  float* out;  // [B, H, D]
+};
+
+// d elements of a page row as f32 (the portable path converts one at a time).
+float page_value(const void* row, FloatKind kind, int64_t i) {
+  switch (kind) {
+    case FloatKind::kF16:
+      return half_to_float(static_cast<const uint16_t*>(row)[i]);
+    case FloatKind::kBF16:
+      return bf16_to_float(static_cast<const uint16_t*>(row)[i]);
+    default:
+      return static_cast<const float*>(row)[i];
+  }
+}
+
+void group_dots_scalar(const float* q, int64_t group, const void* key, FloatKind kind, int64_t d, float* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < d; ++i) total += q[g * d + i] * page_value(key, kind, i);
+    out[g] = total;
+  }
+}
+
+void axpy_scalar(float alpha, const void* x, FloatKind kind, float* y, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] += alpha * page_value(x, kind, i);
+}
+
+// e^x for x <= 0 (softmax after subtracting the maximum), in place over n floats.
+void exp_scalar(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+#ifdef LOWBIT_X86
+// Eight page elements from i on as f32; the tail (fewer than eight) through page_value.
+LOWBIT_AVX2 inline __m256 page_load8(const void* row, FloatKind kind, int64_t i) {
+  switch (kind) {
+    case FloatKind::kF16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i)));
+    case FloatKind::kBF16:
+      return _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i))),
+          16));
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+  }
+}
+
+// out[g] = dot(q + g * d, key) for g < group, the key read once: four accumulators at a time.
+LOWBIT_AVX2 void group_dots_avx2(const float* q, int64_t group, const void* key, FloatKind kind, int64_t d,
+                                 float* out) {
+  const int64_t whole = d / 8 * 8;
+  for (int64_t g = 0; g < group; g += 4) {
+    const int64_t count = std::min<int64_t>(4, group - g);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < whole; i += 8) {
+      const __m256 k = page_load8(key, kind, i);
+      for (int64_t j = 0; j < count; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g + j) * d + i), k, acc[j]);
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      out[g + j] = hsum(acc[j]);
+      for (int64_t i = whole; i < d; ++i) out[g + j] += q[(g + j) * d + i] * page_value(key, kind, i);
+    }
+  }
+}
+
+LOWBIT_AVX2 void axpy_avx2(float alpha, const void* x, FloatKind kind, float* y, int64_t d) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  const int64_t whole = d / 8 * 8;
+  for (int64_t i = 0; i < whole; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, page_load8(x, kind, i), _mm256_loadu_ps(y + i)));
+  }
+  for (int64_t i = whole; i < d; ++i) y[i] += alpha * page_value(x, kind, i);
+}
+
+// e^x for x <= 0, eight at a time: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts),
+// e^r by its degree-6 Taylor polynomial (relative error below 2e-7 on that interval), times 2^n
+// through the exponent bits; below -87.3 the result is 0 (as e^x rounds there in f32).
+LOWBIT_AVX2 void exp_avx2(float* x, int64_t n) {
+  const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2_hi = _mm256_set1_ps(0.693359375f),
+               ln2_lo = _mm256_set1_ps(-2.12194440e-4f), low = _mm256_set1_ps(-87.3f), one = _mm256_set1_ps(1.0f);
+  const float c[6] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_max_ps(_mm256_loadu_ps(x + i), low);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fnmadd_ps(k, ln2_lo, _mm256_fnmadd_ps(k, ln2_hi, v));
+    __m256 p = _mm256_set1_ps(c[0]);
+    for (int j = 1; j < 6; ++j) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c[j]));
+    p = _mm256_fmadd_ps(p, r, one);
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    _mm256_storeu_ps(x + i, _mm256_and_ps(e, _mm256_cmp_ps(v, low, _CMP_GT_OQ)));
+  }
+  exp_scalar(x + i, n - i);
+}
+#endif
+
+// The `group` query heads of sequence `row` that read KV head `kv` (heads kv * group ...): each
+// softmax(scale * q.K) over the first length positions, times V. Each key and value row is read once
+// for the whole group; the scores are kept for the second pass. Page ids outside [0, P) read page 0,
+// as the XLA path clips them (the API checks concrete tables).
+void attention_group(const AttentionProblem& a, int64_t row, int64_t kv, bool simd, std::vector<float>& scores) {
+  const int64_t length = a.lengths[row];
+  const int64_t group = a.heads / a.kv_heads;
+  const int64_t d = a.dim;
+  const int64_t element = a.kind == FloatKind::kF32 ? 4 : 2;
+  const float* q = a.q + (row * a.heads + kv * group) * d;
+  float* out = a.out + (row * a.heads + kv * group) * d;
+  std::fill(out, out + group * d, 0.0f);
+  if (length <= 0) return;
+  scores.resize(group * length + group);
+  float* dots = scores.data() + group * length;
+  auto position = [&](const void* base, int64_t t) {
+    int64_t page = a.tables[row * a.width + t / a.page_size];
+    if (page < 0 || page >= a.pages) page = 0;
+    return static_cast<const char*>(base) + ((page * a.page_size + t % a.page_size) * a.kv_heads + kv) * d * element;
+  };
+  for (int64_t t = 0; t < length; ++t) {
+#ifdef LOWBIT_X86
+    if (simd) {
+      group_dots_avx2(q, group, position(a.k, t), a.kind, d, dots);
+    } else
+#endif
+    {
+      group_dots_scalar(q, group, position(a.k, t), a.kind, d, dots);
+    }
+    for (int64_t g = 0; g < group; ++g) scores[g * length + t] = dots[g] * a.scale;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores.data() + g * length;
+    const float top = *std::max_element(s, s + length);
+    for (int64_t t = 0; t < length; ++t) s[t] -= top;
+#ifdef LOWBIT_X86
+    if (simd) {
+      exp_avx2(s, length);
+    } else
+#endif
+    {
+      exp_scalar(s, length);
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t < length; ++t) total += s[t];
+    const float inverse = 1.0f / total;
+    for (int64_t t = 0; t < length; ++t) s[t] *= inverse;
+  }
+  for (int64_t t = 0; t < length; ++t) {
+    const char* value = position(a.v, t);
+    for (int64_t g = 0; g < group; ++g) {
+#ifdef LOWBIT_X86
+      if (simd) {
+        axpy_avx2(scores[g * length + t], value, a.kind, out + g * d, d);
+        continue;
+      }
+#endif
+      axpy_scalar(scores[g * length + t], value, a.kind, out + g * d, d);
+    }
+  }
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lengths,
+                               ffi::ResultBuffer<ffi::F32> out, int64_t layer, float scale) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  auto td = tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 5 || td.size() != 2) {
+    return invalid("decode_attention: q [B, H, D], pages [L, P, ps, Hkv, D] and tables [B, W] expected");
+  }
+  if (v.dimensions().size() != 5 || !std::equal(kd.begin(), kd.end(), v.dimensions().begin())) {
+    return invalid("decode_attention: k and v pages must have the same shape");
+  }
+  FloatKind kind;
+  if (!float_kind(k.element_type(), &kind) || k.element_type() != v.element_type()) {
+    return invalid("decode_attention: k and v pages must both be f32, f16 or bf16");
+  }
+  const int64_t batch = qd[0], heads = qd[1], dim = qd[2];
+  if (kd[4] != dim || kd[3] == 0 || heads % kd[3] != 0 || td[0] != batch ||
+      static_cast<int64_t>(lengths.element_count()) != batch) {
+    return invalid("decode_attention: head_dim, GQA group, batch or lengths do not match");
+  }
+  if (layer < 0 || layer >= kd[0]) return invalid("decode_attention: layer outside the stacked pages");
+  const int64_t element = kind == FloatKind::kF32 ? 4 : 2;
+  const int64_t layer_bytes = kd[1] * kd[2] * kd[3] * kd[4] * element;
+  const int64_t capacity = td[1] * kd[2];
+  AttentionProblem a{q.typed_data(), static_cast<const char*>(k.untyped_data()) + layer * layer_bytes,
+                     static_cast<const char*>(v.untyped_data()) + layer * layer_bytes, kind, tables.typed_data(),
+                     lengths.typed_data(), heads, kd[3], dim, kd[1], kd[2], td[1], scale, out->typed_data()};
+  for (int64_t b = 0; b < batch; ++b) {
+    if (a.lengths[b] < 0 || a.lengths[b] > capacity) return invalid("decode_attention: a length exceeds the table");
+  }
+  const bool simd = has_avx2();
+  int64_t bytes = 0;  // K and V bytes read, for the task split
+  for (int64_t b = 0; b < batch; ++b) bytes += 2 * a.lengths[b] * a.kv_heads * dim * element;
+  const int64_t groups = batch * a.kv_heads;  // split into chunks of about 32 KiB of K/V or more
+  const int64_t chunks = std::max<int64_t>(1, std::min(groups, bytes / (32 << 10)));
+  parallel_for(pool, chunks, [&](int64_t task) {
+    std::vector<float> scores;
+    for (int64_t i = task * groups / chunks; i < (task + 1) * groups / chunks; ++i) {
+      attention_group(a, i / a.kv_heads, i % a.kv_heads, simd, scores);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmul, PackedMatmulImpl,
@@ -1577,6 +1796,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer")
+                                  .Attr<float>("scale"));
 
 // Which SIMD path runs on this CPU: 1 for AVX2+FMA+F16C, 0 for the portable scalar code.
 extern "C" int lowbit_native_simd_level() { return has_avx2() ? 1 : 0; }
