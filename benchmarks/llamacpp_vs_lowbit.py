@@ -132,13 +132,18 @@ def run_lowbit(model_path: str, variant: str, ctx: int, short: int, new_tokens: 
     prefill_s = statistics.median(prefill() for _ in range(repeats))
 
     def decode_tps(prompt_ids: np.ndarray) -> float:
-        # generate(n + 1) - generate(1): n cached decode steps with the greedy pick fused in
-        # (same compiled prefill and cache size in both calls).
+        # new_tokens decode steps after the first token, timed inside generate (its "first_token"
+        # and "end" stamps), so the prefill and the cache set-up are outside the figure. (Until
+        # 2026-12-05 this was generate(n + 1) - generate(1), whose two noisy terms swung the decode
+        # figure by 2x once decoding ran 16 steps per dispatch.)
         generate(model, prompt_ids, new_tokens + 1, layout=layout)
-        generate(model, prompt_ids, 1, layout=layout)
-        with_steps = _median_time(lambda: generate(model, prompt_ids, new_tokens + 1, layout=layout), repeats)
-        prefill_only = _median_time(lambda: generate(model, prompt_ids, 1, layout=layout), repeats)
-        return new_tokens / max(with_steps - prefill_only, 1e-9)
+
+        def seconds() -> float:
+            stamps: dict = {}
+            generate(model, prompt_ids, new_tokens + 1, layout=layout, timings=stamps)
+            return stamps["end"] - stamps["first_token"]
+
+        return new_tokens / statistics.median(seconds() for _ in range(repeats))
 
     return dict(load_s=load_s, compile_s=compile_s, eval_tps=ctx / eval_s,
                 prefill_tps=ctx / prefill_s, decode_short_tps=decode_tps(prompt),
