@@ -142,7 +142,9 @@ class DecodeAttentionBase(KernelTestBase):
 
     def test_smollm2_shapes_over_a_long_context(self):
         """9 query heads over 3 KV heads, head_dim 64, pages of 16, 545 and 77 cached tokens: the
-        lengths a decode after a 512-token prompt reads (the native kernel splits them over threads)."""
+        lengths a decode after a 512-token prompt reads; both sequences, then each alone (the native
+        kernel then cuts each KV head's positions into pieces for the threads and merges their
+        softmaxes)."""
         rng = np.random.default_rng(16)
         width, ps, pages = 40, 16, 90
         k_pages = rng.standard_normal((pages, ps, 3, 64)).astype(np.float32)
@@ -153,6 +155,10 @@ class DecodeAttentionBase(KernelTestBase):
         out = self.attend(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables), jnp.asarray(lengths))
         expected = _attention(np.asarray(q), _dense(k_pages, tables), _dense(v_pages, tables), lengths)
         assert _error(out, expected) < 1e-5
+        for row in range(2):
+            alone = self.attend(q[row:row + 1], jnp.asarray(k_pages), jnp.asarray(v_pages),
+                                jnp.asarray(tables[row:row + 1]), jnp.asarray(lengths[row:row + 1]))
+            assert _error(alone, expected[row:row + 1]) < 1e-5
 
     def test_bad_inputs(self):
         k_pages, v_pages, tables, lengths = (jnp.asarray(a) for a in _paged_cache(2, 16))

@@ -1625,19 +1625,28 @@ LOWBIT_AVX2 void exp_avx2(float* x, int64_t n) {
 }
 #endif
 
-// The `group` query heads of sequence `row` that read KV head `kv` (heads kv * group ...): each
-// softmax(scale * q.K) over the first length positions, times V. Each key and value row is read once
-// for the whole group; the scores are kept for the second pass. Page ids outside [0, P) read page 0,
-// as the XLA path clips them (the API checks concrete tables).
-void attention_group(const AttentionProblem& a, int64_t row, int64_t kv, bool simd, std::vector<float>& scores) {
-  const int64_t length = a.lengths[row];
+// A piece of one softmax: for the `group` query heads of sequence `row` that read KV head `kv`
+// (heads kv * group ...), positions [t0, t1): the running maximum m of the scaled scores, the sum l
+// of exp(score - m) and o = sum exp(score - m) v (unnormalized). Each key and value row is read once
+// for the whole group. Page ids outside [0, P) read page 0, as the XLA path clips them (the API checks
+// concrete tables). An empty range gives m = -inf, l = 0, o = 0.
+struct Partial {
+  float* m;  // [group]
+  float* l;  // [group]
+  float* o;  // [group, d]
+};
+
+void attention_part(const AttentionProblem& a, int64_t row, int64_t kv, int64_t t0, int64_t t1, bool simd,
+                    std::vector<float>& scores, const Partial& part) {
   const int64_t group = a.heads / a.kv_heads;
   const int64_t d = a.dim;
   const int64_t element = a.kind == FloatKind::kF32 ? 4 : 2;
+  const int64_t length = std::max<int64_t>(0, t1 - t0);
   const float* q = a.q + (row * a.heads + kv * group) * d;
-  float* out = a.out + (row * a.heads + kv * group) * d;
-  std::fill(out, out + group * d, 0.0f);
-  if (length <= 0) return;
+  std::fill(part.o, part.o + group * d, 0.0f);
+  std::fill(part.m, part.m + group, -INFINITY);
+  std::fill(part.l, part.l + group, 0.0f);
+  if (length == 0) return;
   scores.resize(group * length + group);
   float* dots = scores.data() + group * length;
   auto position = [&](const void* base, int64_t t) {
@@ -1648,11 +1657,11 @@ void attention_group(const AttentionProblem& a, int64_t row, int64_t kv, bool si
   for (int64_t t = 0; t < length; ++t) {
 #ifdef LOWBIT_X86
     if (simd) {
-      group_dots_avx2(q, group, position(a.k, t), a.kind, d, dots);
+      group_dots_avx2(q, group, position(a.k, t0 + t), a.kind, d, dots);
     } else
 #endif
     {
-      group_dots_scalar(q, group, position(a.k, t), a.kind, d, dots);
+      group_dots_scalar(q, group, position(a.k, t0 + t), a.kind, d, dots);
     }
     for (int64_t g = 0; g < group; ++g) scores[g * length + t] = dots[g] * a.scale;
   }
@@ -1670,19 +1679,19 @@ void attention_group(const AttentionProblem& a, int64_t row, int64_t kv, bool si
     }
     float total = 0.0f;
     for (int64_t t = 0; t < length; ++t) total += s[t];
-    const float inverse = 1.0f / total;
-    for (int64_t t = 0; t < length; ++t) s[t] *= inverse;
+    part.m[g] = top;
+    part.l[g] = total;
   }
   for (int64_t t = 0; t < length; ++t) {
-    const char* value = position(a.v, t);
+    const char* value = position(a.v, t0 + t);
     for (int64_t g = 0; g < group; ++g) {
 #ifdef LOWBIT_X86
       if (simd) {
-        axpy_avx2(scores[g * length + t], value, a.kind, out + g * d, d);
+        axpy_avx2(scores[g * length + t], value, a.kind, part.o + g * d, d);
         continue;
       }
 #endif
-      axpy_scalar(scores[g * length + t], value, a.kind, out + g * d, d);
+      axpy_scalar(scores[g * length + t], value, a.kind, part.o + g * d, d);
     }
   }
 }
@@ -1719,16 +1728,54 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     if (a.lengths[b] < 0 || a.lengths[b] > capacity) return invalid("decode_attention: a length exceeds the table");
   }
   const bool simd = has_avx2();
-  int64_t bytes = 0;  // K and V bytes read, for the task split
-  for (int64_t b = 0; b < batch; ++b) bytes += 2 * a.lengths[b] * a.kv_heads * dim * element;
-  const int64_t groups = batch * a.kv_heads;  // split into chunks of about 32 KiB of K/V or more
-  const int64_t chunks = std::max<int64_t>(1, std::min(groups, bytes / (32 << 10)));
-  parallel_for(pool, chunks, [&](int64_t task) {
+  int64_t bytes = 0, longest = 0;  // K and V bytes read, for the task split
+  for (int64_t b = 0; b < batch; ++b) {
+    bytes += 2 * a.lengths[b] * a.kv_heads * dim * element;
+    longest = std::max<int64_t>(longest, a.lengths[b]);
+  }
+  // Tasks: every (sequence, KV head), each cut into `splits` position ranges when there are fewer
+  // of them than twice the threads (SmolLM2 decoding one sequence: 3 KV heads on 2 threads), so
+  // that every thread streams a share of the cache; pieces of at least 128 positions, and one
+  // thread for less than 64 KiB of K/V (waking a helper costs more than that read).
+  const int64_t groups = batch * a.kv_heads, group = heads / a.kv_heads;
+  const int64_t threads = bytes < (64 << 10) ? 1 : thread_limit(pool);
+  int64_t splits = groups >= 2 * threads ? 1 : (2 * threads + groups - 1) / groups;
+  splits = std::max<int64_t>(1, std::min(splits, longest / 128));
+  const int64_t tasks = groups * splits;
+  std::vector<float> stats(static_cast<size_t>(tasks * group * (dim + 2)));
+  auto partial = [&](int64_t task) {
+    float* base = stats.data() + task * group * (dim + 2);
+    return Partial{base, base + group, base + 2 * group};
+  };
+  parallel_for(pool, threads == 1 ? 1 : tasks, [&](int64_t chunk) {
     std::vector<float> scores;
-    for (int64_t i = task * groups / chunks; i < (task + 1) * groups / chunks; ++i) {
-      attention_group(a, i / a.kv_heads, i % a.kv_heads, simd, scores);
+    const int64_t first = threads == 1 ? 0 : chunk, last = threads == 1 ? tasks : chunk + 1;
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t g = task / splits, split = task % splits;
+      const int64_t row = g / a.kv_heads, length = a.lengths[row];
+      attention_part(a, row, g % a.kv_heads, split * length / splits, (split + 1) * length / splits, simd, scores,
+                     partial(task));
     }
   });
+  // Merge the pieces: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, M = max_s m_s.
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t row = g / a.kv_heads, kv = g % a.kv_heads;
+    for (int64_t h = 0; h < group; ++h) {
+      float* out = a.out + (row * heads + kv * group + h) * dim;
+      std::fill(out, out + dim, 0.0f);
+      float top = -INFINITY, total = 0.0f;
+      for (int64_t s = 0; s < splits; ++s) top = std::max(top, partial(g * splits + s).m[h]);
+      if (top == -INFINITY) continue;  // no position (length 0): zeros
+      for (int64_t s = 0; s < splits; ++s) {
+        const Partial p = partial(g * splits + s);
+        if (p.l[h] == 0.0f) continue;
+        const float weight = std::exp(p.m[h] - top);
+        total += weight * p.l[h];
+        for (int64_t i = 0; i < dim; ++i) out[i] += weight * p.o[h * dim + i];
+      }
+      for (int64_t i = 0; i < dim; ++i) out[i] /= total;
+    }
+  }
   return ffi::Error::Success();
 }
 
