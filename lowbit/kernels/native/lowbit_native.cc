@@ -1524,6 +1524,7 @@ struct AttentionProblem {
   const void* k;           // this layer's pages [P, ps, Hkv, D]
   const void* v;
   FloatKind kind;          // the pages' element type
+  int64_t element;         // its bytes
   const int32_t* tables;   // [B, W]
   const int32_t* lengths;  // [B]
   int64_t heads, kv_heads, dim, pages, page_size, width;
@@ -1531,28 +1532,16 @@ struct AttentionProblem {
   float* out;  // [B, H, D]
 };
 
-// d elements of a page row as f32 (the portable path converts one at a time).
-float page_value(const void* row, FloatKind kind, int64_t i) {
-  switch (kind) {
-    case FloatKind::kF16:
-      return half_to_float(static_cast<const uint16_t*>(row)[i]);
-    case FloatKind::kBF16:
-      return bf16_to_float(static_cast<const uint16_t*>(row)[i]);
-    default:
-      return static_cast<const float*>(row)[i];
-  }
-}
-
 void group_dots_scalar(const float* q, int64_t group, const void* key, FloatKind kind, int64_t d, float* out) {
   for (int64_t g = 0; g < group; ++g) {
     float total = 0.0f;
-    for (int64_t i = 0; i < d; ++i) total += q[g * d + i] * page_value(key, kind, i);
+    for (int64_t i = 0; i < d; ++i) total += q[g * d + i] * FloatTable{key, kind}.at(i);
     out[g] = total;
   }
 }
 
 void axpy_scalar(float alpha, const void* x, FloatKind kind, float* y, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) y[i] += alpha * page_value(x, kind, i);
+  for (int64_t i = 0; i < d; ++i) y[i] += alpha * FloatTable{x, kind}.at(i);
 }
 
 // e^x for x <= 0 (softmax after subtracting the maximum), in place over n floats.
@@ -1561,7 +1550,7 @@ void exp_scalar(float* x, int64_t n) {
 }
 
 #ifdef LOWBIT_X86
-// Eight page elements from i on as f32; the tail (fewer than eight) through page_value.
+// Eight page elements from i on as f32 (the tail, fewer than eight, through FloatTable::at).
 LOWBIT_AVX2 inline __m256 page_load8(const void* row, FloatKind kind, int64_t i) {
   switch (kind) {
     case FloatKind::kF16:
@@ -1588,7 +1577,7 @@ LOWBIT_AVX2 void group_dots_avx2(const float* q, int64_t group, const void* key,
     }
     for (int64_t j = 0; j < count; ++j) {
       out[g + j] = hsum(acc[j]);
-      for (int64_t i = whole; i < d; ++i) out[g + j] += q[(g + j) * d + i] * page_value(key, kind, i);
+      for (int64_t i = whole; i < d; ++i) out[g + j] += q[(g + j) * d + i] * FloatTable{key, kind}.at(i);
     }
   }
 }
@@ -1599,7 +1588,7 @@ LOWBIT_AVX2 void axpy_avx2(float alpha, const void* x, FloatKind kind, float* y,
   for (int64_t i = 0; i < whole; i += 8) {
     _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, page_load8(x, kind, i), _mm256_loadu_ps(y + i)));
   }
-  for (int64_t i = whole; i < d; ++i) y[i] += alpha * page_value(x, kind, i);
+  for (int64_t i = whole; i < d; ++i) y[i] += alpha * FloatTable{x, kind}.at(i);
 }
 
 // e^x for x <= 0, eight at a time: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts),
@@ -1640,7 +1629,6 @@ void attention_part(const AttentionProblem& a, int64_t row, int64_t kv, int64_t 
                     std::vector<float>& scores, const Partial& part) {
   const int64_t group = a.heads / a.kv_heads;
   const int64_t d = a.dim;
-  const int64_t element = a.kind == FloatKind::kF32 ? 4 : 2;
   const int64_t length = std::max<int64_t>(0, t1 - t0);
   const float* q = a.q + (row * a.heads + kv * group) * d;
   std::fill(part.o, part.o + group * d, 0.0f);
@@ -1652,7 +1640,7 @@ void attention_part(const AttentionProblem& a, int64_t row, int64_t kv, int64_t 
   auto position = [&](const void* base, int64_t t) {
     int64_t page = a.tables[row * a.width + t / a.page_size];
     if (page < 0 || page >= a.pages) page = 0;
-    return static_cast<const char*>(base) + ((page * a.page_size + t % a.page_size) * a.kv_heads + kv) * d * element;
+    return static_cast<const char*>(base) + ((page * a.page_size + t % a.page_size) * a.kv_heads + kv) * d * a.element;
   };
   for (int64_t t = 0; t < length; ++t) {
 #ifdef LOWBIT_X86
@@ -1722,8 +1710,9 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   const int64_t layer_bytes = kd[1] * kd[2] * kd[3] * kd[4] * element;
   const int64_t capacity = td[1] * kd[2];
   AttentionProblem a{q.typed_data(), static_cast<const char*>(k.untyped_data()) + layer * layer_bytes,
-                     static_cast<const char*>(v.untyped_data()) + layer * layer_bytes, kind, tables.typed_data(),
-                     lengths.typed_data(), heads, kd[3], dim, kd[1], kd[2], td[1], scale, out->typed_data()};
+                     static_cast<const char*>(v.untyped_data()) + layer * layer_bytes, kind, element,
+                     tables.typed_data(), lengths.typed_data(), heads, kd[3], dim, kd[1], kd[2], td[1], scale,
+                     out->typed_data()};
   for (int64_t b = 0; b < batch; ++b) {
     if (a.lengths[b] < 0 || a.lengths[b] > capacity) return invalid("decode_attention: a length exceeds the table");
   }
@@ -1738,7 +1727,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   // that every thread streams a share of the cache; pieces of at least 128 positions, and one
   // thread for less than 64 KiB of K/V (waking a helper costs more than that read).
   const int64_t groups = batch * a.kv_heads, group = heads / a.kv_heads;
-  const int64_t threads = bytes < (64 << 10) ? 1 : thread_limit(pool);
+  const bool parallel = bytes >= (64 << 10) && thread_limit(pool) > 1;
+  const int64_t threads = parallel ? thread_limit(pool) : 1;
   int64_t splits = groups >= 2 * threads ? 1 : (2 * threads + groups - 1) / groups;
   splits = std::max<int64_t>(1, std::min(splits, longest / 128));
   const int64_t tasks = groups * splits;
@@ -1747,16 +1737,18 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     float* base = stats.data() + task * group * (dim + 2);
     return Partial{base, base + group, base + 2 * group};
   };
-  parallel_for(pool, threads == 1 ? 1 : tasks, [&](int64_t chunk) {
+  auto run = [&](int64_t task) {
     std::vector<float> scores;
-    const int64_t first = threads == 1 ? 0 : chunk, last = threads == 1 ? tasks : chunk + 1;
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t g = task / splits, split = task % splits;
-      const int64_t row = g / a.kv_heads, length = a.lengths[row];
-      attention_part(a, row, g % a.kv_heads, split * length / splits, (split + 1) * length / splits, simd, scores,
-                     partial(task));
-    }
-  });
+    const int64_t g = task / splits, split = task % splits;
+    const int64_t row = g / a.kv_heads, length = a.lengths[row];
+    attention_part(a, row, g % a.kv_heads, split * length / splits, (split + 1) * length / splits, simd, scores,
+                   partial(task));
+  };
+  if (parallel) {
+    parallel_for(pool, tasks, run);
+  } else {
+    for (int64_t task = 0; task < tasks; ++task) run(task);
+  }
   // Merge the pieces: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, M = max_s m_s.
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t row = g / a.kv_heads, kv = g % a.kv_heads;
