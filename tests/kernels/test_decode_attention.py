@@ -250,6 +250,19 @@ class TestDecodeAttentionNative(DecodeAttentionBase, NativeImpl):
             portable = self.attend(*args)
         assert _error(simd, expected) < 1e-5 and _error(portable, expected) < 1e-5
 
+    @pytest.mark.parametrize("head_dim, dtype", [(80, jnp.float32), (128, jnp.float16)])
+    def test_head_dims_past_one_register_slice(self, head_dim, dtype):
+        """The AVX2 path's blocked passes (eight positions' dots reduced together, each head's output
+        held in registers 64 values at a time) over a head_dim of 64 + 16 and of 2 x 64, with lengths
+        that leave partial blocks of eight, meet float64 attention over the pages' own values."""
+        k_pages, v_pages, tables, lengths = _paged_cache(2, head_dim, seed=24)
+        k_half, v_half = jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype)
+        q = jnp.asarray(np.random.default_rng(25).standard_normal((len(lengths), 6, head_dim)), jnp.float32)
+        expected = _attention(np.asarray(q), _dense(np.asarray(k_half.astype(jnp.float32)), tables),
+                              _dense(np.asarray(v_half.astype(jnp.float32)), tables), lengths)
+        out = self.attend(q, k_half, v_half, jnp.asarray(tables), jnp.asarray(lengths))
+        assert _error(out, expected) < 1e-5
+
     def test_concurrent_calls(self):
         k_pages, v_pages, tables, lengths = _paged_cache(2, 32, seed=17)
         qs = [jnp.asarray(np.random.default_rng(i).standard_normal((len(lengths), 4, 32)), jnp.float32)

@@ -143,6 +143,21 @@ void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
   while (progress->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
 }
 
+// Packed rows requested this many rows ahead of use. The packed kernels walk a task's columns
+// group by group, a pass of one or two strips down a group's rows, N bytes apart: a stride the
+// hardware prefetchers did not follow from DRAM (in the model, between other layers' reads). Each
+// pass asks for the row kRowsAhead rows on in the order the task reads them, past its last row
+// into the next pass's first rows.
+constexpr int64_t kRowsAhead = 16;
+
+// The address kRowsAhead rows after packed row r of a pass over rows [first, first + rows) at `at`
+// (row 0 of the pass's columns), continuing into the next pass at `next` (nullptr: none).
+inline const uint8_t* row_ahead(const uint8_t* at, int64_t n, int64_t i, int64_t rows, const uint8_t* next) {
+  const int64_t ahead = i + kRowsAhead;
+  if (ahead < rows) return at + ahead * n;
+  return next ? next + (ahead - rows) * n : nullptr;
+}
+
 ffi::Error invalid(const char* message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
 
 bool float_kind(ffi::DataType type, FloatKind* kind) {
@@ -350,11 +365,19 @@ LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0
       for (int m = 0; m < MT; ++m) {
         for (int h = 0; h < 2 * W; ++h) acc[m][h] = _mm256_setzero_ps();
       }
-      const uint8_t* w = p.data + g * rows_per_group * p.n + n0;
+      const uint8_t* pass = p.data + g * rows_per_group * p.n + n0;
+      const uint8_t* next = s + W < s1 ? pass + kStrip * W
+                            : g + 1 < p.groups ? p.data + (g + 1) * rows_per_group * p.n + s0 * kStrip
+                                               : nullptr;
       const int64_t group_rows = rows_in_group(p.rows, rows_per_group, g);
+      const uint8_t* w = pass;
       for (int64_t r = 0; r < group_rows; ++r, w += p.n) {
         __m128i bytes[W];
         for (int j = 0; j < W; ++j) bytes[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kStrip * j));
+        if (const uint8_t* ahead = row_ahead(pass, p.n, r, group_rows, next)) {
+          __builtin_prefetch(ahead, 0, 3);
+          if constexpr (W > 1) __builtin_prefetch(ahead + kStrip * W - 1, 0, 3);
+        }
 #pragma GCC unroll 8
         for (int f = 0; f < F; ++f) {
           __m256 wq[2 * W];
@@ -513,13 +536,16 @@ constexpr int kQ8RowTile = 2;
 // widened to int32 before they can overflow (|sum| <= pairs * 2 * max u * 127 <= 32767), each block
 // turns into floats once (times dx), and each group adds scale * that + zero * xhatsum to y.
 template <int BITS, int MT, int W>
-LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int64_t n0, int64_t g) {
+LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int64_t n0, int64_t g,
+                                      const uint8_t* next) {
   constexpr int F = 8 / BITS, PAIRS = F / 2, MAX_CODE = (1 << BITS) - 1;
   constexpr int64_t kChunkRows = 32767 / (2 * MAX_CODE * 127) / PAIRS;  // 4-bit: 8, 2-bit: 21, 1-bit: 32
   const __m256i mask = _mm256_set1_epi8(static_cast<char>(MAX_CODE));
   const __m256i multiplier = _mm256_set1_epi32(p.multiplier);
   const int64_t rows_per_group = p.group_size / F, rows_per_block = p.block / F;
   const int64_t blocks_per_group = p.group_size / p.block, blocks = p.kp / p.block;
+  const int64_t first = g * rows_per_group, group_rows = rows_in_group(p.rows, rows_per_group, g);
+  const uint8_t* pass = p.data + first * p.n + n0;
   {
     __m256 group_dot[MT][4 * W];
     for (int m = 0; m < MT; ++m) {
@@ -543,6 +569,10 @@ LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int6
           __m256i bytes[W];
           for (int w = 0; w < W; ++w) {
             bytes[w] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.data + r * p.n + n0 + kQ8Strip * w));
+          }
+          if (const uint8_t* ahead = row_ahead(pass, p.n, r - first, group_rows, next)) {
+            __builtin_prefetch(ahead, 0, 3);
+            if constexpr (W > 1) __builtin_prefetch(ahead + kQ8Strip * W - 1, 0, 3);
           }
 #pragma GCC unroll 4
           for (int i = 0; i < PAIRS; ++i) {
@@ -599,11 +629,18 @@ LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int6
 template <int BITS, int MT>
 LOWBIT_AVX2 void packed_q8_rows_avx2(const PackedQ8Problem& p, int64_t m0, int64_t s0, int64_t s1) {
   constexpr int W = MT == 1 ? 2 : 1;
+  const int64_t rows_per_group = p.group_size / (8 / BITS);
+  // Where the pass after the one at (g, s) starts: the next strips of g, else g + 1's first.
+  auto next = [&](int64_t g, int64_t s) -> const uint8_t* {
+    if (s < s1) return p.data + g * rows_per_group * p.n + s * kQ8Strip;
+    return g + 1 < p.groups ? p.data + (g + 1) * rows_per_group * p.n + s0 * kQ8Strip : nullptr;
+  };
+  for (int64_t r = 0; r < std::min(kRowsAhead, p.rows); ++r) __builtin_prefetch(p.data + r * p.n + s0 * kQ8Strip, 0, 3);
   for (int64_t g = 0; g < p.groups; ++g) {
     int64_t s = s0;
-    for (; s + W <= s1; s += W) packed_q8_strip_avx2<BITS, MT, W>(p, m0, s * kQ8Strip, g);
+    for (; s + W <= s1; s += W) packed_q8_strip_avx2<BITS, MT, W>(p, m0, s * kQ8Strip, g, next(g, s + W));
     if constexpr (W > 1) {
-      for (; s < s1; ++s) packed_q8_strip_avx2<BITS, MT, 1>(p, m0, s * kQ8Strip, g);
+      for (; s < s1; ++s) packed_q8_strip_avx2<BITS, MT, 1>(p, m0, s * kQ8Strip, g, next(g, s + 1));
     }
   }
 }
@@ -1591,6 +1628,70 @@ LOWBIT_AVX2 void axpy_avx2(float alpha, const void* x, FloatKind kind, float* y,
   for (int64_t i = whole; i < d; ++i) y[i] += alpha * FloatTable{x, kind}.at(i);
 }
 
+// The sums of eight vectors' lanes, as one vector: lane j = sum of a[j]'s lanes.
+LOWBIT_AVX2 inline __m256 lane_sums8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// scores[g * stride + j] = scale * dot(q + g * d, key row j) for the eight rows at rows + offsets[j]
+// and every query head g of the group (d a multiple of 8): two accumulators per dot, the eight dots'
+// horizontal sums taken together.
+LOWBIT_AVX2 void group_dots8_avx2(const float* q, int64_t group, const char* rows, const int64_t* offsets,
+                                  FloatKind kind, int64_t d, float scale, float* scores, int64_t stride) {
+  const __m256 factor = _mm256_set1_ps(scale);
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * d;
+    __m256 dots[8];
+    for (int j = 0; j < 8; ++j) {
+      const void* key = rows + offsets[j];
+      __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= d; i += 16) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), page_load8(key, kind, i), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), page_load8(key, kind, i + 8), odd);
+      }
+      if (i < d) even = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), page_load8(key, kind, i), even);
+      dots[j] = _mm256_add_ps(even, odd);
+    }
+    _mm256_storeu_ps(scores + g * stride, _mm256_mul_ps(lane_sums8(dots), factor));
+  }
+}
+
+// o[0 : 8R] += sum_t weights[t] * (value row t)[0 : 8R] over `count` rows at rows + offsets[t] (+ column
+// byte offset `at`), the R output vectors held in registers.
+template <int R>
+LOWBIT_AVX2 void weighted_rows_avx2(const float* weights, const char* rows, const int64_t* offsets, int64_t count,
+                                    int64_t at, FloatKind kind, float* o) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_loadu_ps(o + 8 * r);
+  for (int64_t t = 0; t < count; ++t) {
+    const __m256 w = _mm256_set1_ps(weights[t]);
+    const char* row = rows + offsets[t] + at;
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, page_load8(row, kind, 8 * r), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(o + 8 * r, acc[r]);
+}
+
+// The same over a row of d floats (d a multiple of 8), 64 at a time.
+LOWBIT_AVX2 void weighted_sum_avx2(const float* weights, const char* rows, const int64_t* offsets, int64_t count,
+                                   FloatKind kind, int64_t element, int64_t d, float* o) {
+  for (int64_t c = 0; c < d; c += 64) {
+    const int64_t at = c * element;
+    switch (std::min<int64_t>(64, d - c) / 8) {
+      case 1: weighted_rows_avx2<1>(weights, rows, offsets, count, at, kind, o + c); break;
+      case 2: weighted_rows_avx2<2>(weights, rows, offsets, count, at, kind, o + c); break;
+      case 3: weighted_rows_avx2<3>(weights, rows, offsets, count, at, kind, o + c); break;
+      case 4: weighted_rows_avx2<4>(weights, rows, offsets, count, at, kind, o + c); break;
+      case 5: weighted_rows_avx2<5>(weights, rows, offsets, count, at, kind, o + c); break;
+      case 6: weighted_rows_avx2<6>(weights, rows, offsets, count, at, kind, o + c); break;
+      case 7: weighted_rows_avx2<7>(weights, rows, offsets, count, at, kind, o + c); break;
+      default: weighted_rows_avx2<8>(weights, rows, offsets, count, at, kind, o + c); break;
+    }
+  }
+}
+
 // e^x for x <= 0, eight at a time: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts),
 // e^r by its degree-6 Taylor polynomial (relative error below 2e-7 on that interval), times 2^n
 // through the exponent bits; below -87.3 the result is 0 (as e^x rounds there in f32).
@@ -1625,8 +1726,17 @@ struct Partial {
   float* o;  // [group, d]
 };
 
+// Positions are visited in order with the rows kAhead positions on requested ahead of use: a KV
+// head's rows sit Hkv * D elements apart, a stride the hardware prefetchers did not follow from
+// DRAM (in the model, with the weights streaming between layers: 170 us a layer at 530 tokens).
+constexpr int64_t kAhead = 8;
+
+inline void prefetch_row(const char* row, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(row + at, 0, 3);
+}
+
 void attention_part(const AttentionProblem& a, int64_t row, int64_t kv, int64_t t0, int64_t t1, bool simd,
-                    std::vector<float>& scores, const Partial& part) {
+                    std::vector<float>& scores, std::vector<int64_t>& offsets, const Partial& part) {
   const int64_t group = a.heads / a.kv_heads;
   const int64_t d = a.dim;
   const int64_t length = std::max<int64_t>(0, t1 - t0);
@@ -1637,22 +1747,42 @@ void attention_part(const AttentionProblem& a, int64_t row, int64_t kv, int64_t 
   if (length == 0) return;
   scores.resize(group * length + group);
   float* dots = scores.data() + group * length;
-  auto position = [&](const void* base, int64_t t) {
-    int64_t page = a.tables[row * a.width + t / a.page_size];
+  // Byte offset of each position's row in a layer's pages, walking the block table page by page.
+  offsets.resize(length);
+  const int64_t row_bytes = d * a.element;
+  for (int64_t t = 0, slot = t0 % a.page_size, entry = t0 / a.page_size; t < length; ++t) {
+    int64_t page = a.tables[row * a.width + entry];
     if (page < 0 || page >= a.pages) page = 0;
-    return static_cast<const char*>(base) + ((page * a.page_size + t % a.page_size) * a.kv_heads + kv) * d * a.element;
-  };
-  for (int64_t t = 0; t < length; ++t) {
+    offsets[t] = ((page * a.page_size + slot) * a.kv_heads + kv) * row_bytes;
+    if (++slot == a.page_size) slot = 0, ++entry;
+  }
+  const char* keys = static_cast<const char*>(a.k);
+  const char* values = static_cast<const char*>(a.v);
+  // Scores: eight positions at a time on the AVX2 path (when d is a multiple of 8), one at a time
+  // for the rest; each key row is requested kAhead positions before its use.
+  int64_t t = 0;
+#ifdef LOWBIT_X86
+  const bool blocked = simd && d % 8 == 0;
+  if (blocked) {
+    for (; t + 8 <= length; t += 8) {
+      for (int64_t j = t + kAhead; j < std::min(length, t + kAhead + 8); ++j) prefetch_row(keys + offsets[j], row_bytes);
+      group_dots8_avx2(q, group, keys, offsets.data() + t, a.kind, d, a.scale, scores.data() + t, length);
+    }
+  }
+#endif
+  for (; t < length; ++t) {
+    if (t + kAhead < length) prefetch_row(keys + offsets[t + kAhead], row_bytes);
 #ifdef LOWBIT_X86
     if (simd) {
-      group_dots_avx2(q, group, position(a.k, t0 + t), a.kind, d, dots);
+      group_dots_avx2(q, group, keys + offsets[t], a.kind, d, dots);
     } else
 #endif
     {
-      group_dots_scalar(q, group, position(a.k, t0 + t), a.kind, d, dots);
+      group_dots_scalar(q, group, keys + offsets[t], a.kind, d, dots);
     }
     for (int64_t g = 0; g < group; ++g) scores[g * length + t] = dots[g] * a.scale;
   }
+  for (int64_t t = 0; t < std::min(kAhead, length); ++t) prefetch_row(values + offsets[t], row_bytes);
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores.data() + g * length;
     const float top = *std::max_element(s, s + length);
@@ -1670,8 +1800,27 @@ void attention_part(const AttentionProblem& a, int64_t row, int64_t kv, int64_t 
     part.m[g] = top;
     part.l[g] = total;
   }
+  // Output: on the blocked path, chunks of kChunk positions (L1-resident), each query head's output
+  // in registers across a chunk; else one position's value row at a time for every head.
+#ifdef LOWBIT_X86
+  if (blocked) {
+    constexpr int64_t kChunk = 32;
+    for (int64_t c = 0; c < length; c += kChunk) {
+      const int64_t count = std::min(kChunk, length - c);
+      for (int64_t j = c + kAhead; j < std::min(length, c + kChunk + kAhead); ++j) {
+        prefetch_row(values + offsets[j], row_bytes);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        weighted_sum_avx2(scores.data() + g * length + c, values, offsets.data() + c, count, a.kind, a.element, d,
+                          part.o + g * d);
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t t = 0; t < length; ++t) {
-    const char* value = position(a.v, t0 + t);
+    if (t + kAhead < length) prefetch_row(values + offsets[t + kAhead], row_bytes);
+    const char* value = values + offsets[t];
     for (int64_t g = 0; g < group; ++g) {
 #ifdef LOWBIT_X86
       if (simd) {
@@ -1739,10 +1888,11 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   };
   auto run = [&](int64_t task) {
     std::vector<float> scores;
+    std::vector<int64_t> offsets;
     const int64_t g = task / splits, split = task % splits;
     const int64_t row = g / a.kv_heads, length = a.lengths[row];
     attention_part(a, row, g % a.kv_heads, split * length / splits, (split + 1) * length / splits, simd, scores,
-                   partial(task));
+                   offsets, partial(task));
   };
   if (parallel) {
     parallel_for(pool, tasks, run);
