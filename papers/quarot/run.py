@@ -6,6 +6,8 @@ results/quarot/table.jsonl (git-ignored): method, weights, rotate, calibration s
 bits_per_weight, ppl per text.
     PYTHONPATH=. .venv/bin/python papers/quarot/run.py [--windows 4] [--methods rtn gptq awq]
         [--calib pydoc generated pydoc+generated] ...
+`--methods llamacpp --weights Q4_0 Q3_K_S ...` adds llama.cpp's own types (needs llama-cpp-python,
+the `ref` extra): SmolLM2's GGUF re-quantized by llama.cpp, evaluated as a GGUF.
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ def evaluate(model: str, windows: int) -> dict:
         scores[text] = {"ppl": round(result["ppl"], 4), "split": result["split"],
                         "windows": result["windows"], "command": "lowbit " + shlex.join(argv)}
     return scores
+
+
+def llamacpp_gguf(gguf_type: str, workdir: Path) -> tuple[str, float]:
+    """(path, bits per weight of the block linears) of SmolLM2's GGUF re-quantized by llama.cpp to
+    `gguf_type` (its own per-tensor choices and fallbacks)."""
+    from lowbit.models.registry import resolve_model
+    from lowbit.ptq.llamacpp import linear_storage, llamacpp_quantize
+
+    out = workdir / f"llamacpp-{gguf_type}.gguf"
+    workdir.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    llamacpp_quantize(resolve_model("smollm2-135m"), out, gguf_type)
+    bits, weights, _ = linear_storage(out)
+    return str(out), round(bits / weights, 4)
 
 
 def table(results: Path) -> str:
@@ -69,7 +85,8 @@ def main() -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         calibrated = method in ("gptq", "awq")
-        grid = [(None, None, None)] if method == "base" else [
+        grid = [(None, None, None)] if method == "base" else [(w, "no", None) for w in args.weights] \
+            if method == "llamacpp" else [
             (w, r, c) for w in args.weights for r in args.rotate
             for c in (args.calib if calibrated else [None])]
         for weights, rotate, calib in grid:
@@ -77,7 +94,10 @@ def main() -> None:
             row = {"method": method, "weights": weights, "rotate": rotate == "yes", "calib": calib,
                    "date": time.strftime("%Y-%m-%d"), "machine": "2-core x86_64 CPU, shared"}
             model = "smollm2-135m"
-            if method != "base":
+            if method == "llamacpp":  # llama.cpp's own type (the `ref` extra): re-quantized GGUF
+                model, row["bits_per_weight"] = llamacpp_gguf(weights, Path(args.workdir))
+                row["quantize_command"] = f"lowbit.ptq.llamacpp.llamacpp_quantize(source, out, {weights!r})"
+            elif method != "base":
                 name = f"{method}-{weights.replace(':', '_')}-{rotate}" + (f"-{calib}" if calib else "")
                 out = Path(args.workdir) / name.replace("+", "_")
                 shutil.rmtree(out, ignore_errors=True)
@@ -98,7 +118,9 @@ def main() -> None:
             with results.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-            if method != "base":
+            if method == "llamacpp":
+                Path(model).unlink()
+            elif method != "base":
                 shutil.rmtree(model, ignore_errors=True)
 
 
