@@ -85,10 +85,13 @@ def main() -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         calibrated = method in ("gptq", "awq")
-        grid = [(None, None, None)] if method == "base" else [(w, "no", None) for w in args.weights] \
-            if method == "llamacpp" else [
-            (w, r, c) for w in args.weights for r in args.rotate
-            for c in (args.calib if calibrated else [None])]
+        if method == "base":
+            grid = [(None, None, None)]
+        elif method == "llamacpp":  # llama.cpp's own types: no rotation, no calibration
+            grid = [(w, "no", None) for w in args.weights]
+        else:
+            grid = [(w, r, c) for w in args.weights for r in args.rotate
+                    for c in (args.calib if calibrated else [None])]
         for weights, rotate, calib in grid:
             start = time.perf_counter()
             row = {"method": method, "weights": weights, "rotate": rotate == "yes", "calib": calib,

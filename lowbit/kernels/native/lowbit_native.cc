@@ -150,12 +150,23 @@ void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
 // into the next pass's first rows.
 constexpr int64_t kRowsAhead = 16;
 
-// The address kRowsAhead rows after packed row r of a pass over rows [first, first + rows) at `at`
-// (row 0 of the pass's columns), continuing into the next pass at `next` (nullptr: none).
-inline const uint8_t* row_ahead(const uint8_t* at, int64_t n, int64_t i, int64_t rows, const uint8_t* next) {
+// Where the pass after one over strips [s, s + width) of group g starts, for a task over strips
+// [s0, s1) of `strip` columns: strip s + width of g while inside the task, else strip s0 of group
+// g + 1 (nullptr after the last group).
+inline const uint8_t* next_pass(const uint8_t* data, int64_t n, int64_t rows_per_group, int64_t groups, int64_t g,
+                                int64_t s, int64_t width, int64_t s0, int64_t s1, int64_t strip) {
+  if (s + width < s1) return data + g * rows_per_group * n + (s + width) * strip;
+  return g + 1 < groups ? data + (g + 1) * rows_per_group * n + s0 * strip : nullptr;
+}
+
+// Requests the `bytes` of the pass (at `at`: row 0 of its columns, `rows` rows) kRowsAhead rows after
+// its row i, continuing into the next pass at `next` (nullptr: none).
+inline void prefetch_ahead(const uint8_t* at, int64_t n, int64_t i, int64_t rows, const uint8_t* next, int64_t bytes) {
   const int64_t ahead = i + kRowsAhead;
-  if (ahead < rows) return at + ahead * n;
-  return next ? next + (ahead - rows) * n : nullptr;
+  const uint8_t* row = ahead < rows ? at + ahead * n : next ? next + (ahead - rows) * n : nullptr;
+  if (row == nullptr) return;
+  __builtin_prefetch(row, 0, 3);
+  __builtin_prefetch(row + bytes - 1, 0, 3);
 }
 
 ffi::Error invalid(const char* message) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, message); }
@@ -366,18 +377,13 @@ LOWBIT_AVX2 void packed_tile_avx2(const PackedProblem& p, int64_t m0, int64_t s0
         for (int h = 0; h < 2 * W; ++h) acc[m][h] = _mm256_setzero_ps();
       }
       const uint8_t* pass = p.data + g * rows_per_group * p.n + n0;
-      const uint8_t* next = s + W < s1 ? pass + kStrip * W
-                            : g + 1 < p.groups ? p.data + (g + 1) * rows_per_group * p.n + s0 * kStrip
-                                               : nullptr;
+      const uint8_t* next = next_pass(p.data, p.n, rows_per_group, p.groups, g, s, W, s0, s1, kStrip);
       const int64_t group_rows = rows_in_group(p.rows, rows_per_group, g);
       const uint8_t* w = pass;
       for (int64_t r = 0; r < group_rows; ++r, w += p.n) {
         __m128i bytes[W];
         for (int j = 0; j < W; ++j) bytes[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + kStrip * j));
-        if (const uint8_t* ahead = row_ahead(pass, p.n, r, group_rows, next)) {
-          __builtin_prefetch(ahead, 0, 3);
-          if constexpr (W > 1) __builtin_prefetch(ahead + kStrip * W - 1, 0, 3);
-        }
+        prefetch_ahead(pass, p.n, r, group_rows, next, kStrip * W);
 #pragma GCC unroll 8
         for (int f = 0; f < F; ++f) {
           __m256 wq[2 * W];
@@ -570,10 +576,7 @@ LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int6
           for (int w = 0; w < W; ++w) {
             bytes[w] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.data + r * p.n + n0 + kQ8Strip * w));
           }
-          if (const uint8_t* ahead = row_ahead(pass, p.n, r - first, group_rows, next)) {
-            __builtin_prefetch(ahead, 0, 3);
-            if constexpr (W > 1) __builtin_prefetch(ahead + kQ8Strip * W - 1, 0, 3);
-          }
+          prefetch_ahead(pass, p.n, r - first, group_rows, next, kQ8Strip * W);
 #pragma GCC unroll 4
           for (int i = 0; i < PAIRS; ++i) {
             __m256i xv[MT];
@@ -630,17 +633,15 @@ template <int BITS, int MT>
 LOWBIT_AVX2 void packed_q8_rows_avx2(const PackedQ8Problem& p, int64_t m0, int64_t s0, int64_t s1) {
   constexpr int W = MT == 1 ? 2 : 1;
   const int64_t rows_per_group = p.group_size / (8 / BITS);
-  // Where the pass after the one at (g, s) starts: the next strips of g, else g + 1's first.
-  auto next = [&](int64_t g, int64_t s) -> const uint8_t* {
-    if (s < s1) return p.data + g * rows_per_group * p.n + s * kQ8Strip;
-    return g + 1 < p.groups ? p.data + (g + 1) * rows_per_group * p.n + s0 * kQ8Strip : nullptr;
+  auto next = [&](int64_t g, int64_t s, int64_t width) {
+    return next_pass(p.data, p.n, rows_per_group, p.groups, g, s, width, s0, s1, kQ8Strip);
   };
   for (int64_t r = 0; r < std::min(kRowsAhead, p.rows); ++r) __builtin_prefetch(p.data + r * p.n + s0 * kQ8Strip, 0, 3);
   for (int64_t g = 0; g < p.groups; ++g) {
     int64_t s = s0;
-    for (; s + W <= s1; s += W) packed_q8_strip_avx2<BITS, MT, W>(p, m0, s * kQ8Strip, g, next(g, s + W));
+    for (; s + W <= s1; s += W) packed_q8_strip_avx2<BITS, MT, W>(p, m0, s * kQ8Strip, g, next(g, s, W));
     if constexpr (W > 1) {
-      for (; s < s1; ++s) packed_q8_strip_avx2<BITS, MT, 1>(p, m0, s * kQ8Strip, g, next(g, s + 1));
+      for (; s < s1; ++s) packed_q8_strip_avx2<BITS, MT, 1>(p, m0, s * kQ8Strip, g, next(g, s, 1));
     }
   }
 }
