@@ -30,16 +30,41 @@ FORMATS = ["int4:g128", "int4:g128:asym", "int2:g64", "ternary:g128", "binary:ch
 QUICK_FORMATS = ["int4:g128", "ternary:g128"]
 
 
-def time_call(fn, args, warmup: int, repeats: int) -> float:
-    """Median wall time in seconds of fn(*args), after warm-up calls, each waited on."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
+def _chained(fn, count: int):
+    """One jitted program that calls fn `count` times; each call's first argument depends on the
+    sum of the previous result (x + 0 * r), so XLA can neither hoist, merge nor slice the calls."""
+    def run(x, *rest):
+        def body(_, r):
+            y = fn(x + (r * 0).astype(x.dtype), *rest)
+            return jnp.sum(y, dtype=jnp.float32)
+        return jax.lax.fori_loop(0, count, body, jnp.float32(0))
+    return jax.jit(run)
+
+
+def time_call(fn, args, warmup: int, repeats: int, rounds: int = 5) -> float:
+    """Seconds per call of fn(*args) on the device: a program of 1 + repeats chained calls less one
+    of a single call (so JAX's dispatch and the host-device round trip, ~40 us a call on an H100
+    host, are not counted), the median over `rounds` timings of each."""
+    one, many = _chained(fn, 1), _chained(fn, 1 + repeats)
+    for _ in range(max(warmup, 1)):
+        jax.block_until_ready((one(*args), many(*args)))
+
+    def seconds(program):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        jax.block_until_ready(program(*args))
+        return time.perf_counter() - start
+
+    single = statistics.median(seconds(one) for _ in range(rounds))
+    chained = statistics.median(seconds(many) for _ in range(rounds))
+    return max(chained - single, 0.0) / repeats
+
+
+def bench_read(args, records):
+    """The device's read bandwidth (a sum over 256 MiB), the ceiling of a GEMV's GB/s."""
+    a = jnp.ones((64 << 20,), jnp.float32)
+    t = time_call(lambda a: a, (a,), args.warmup, args.repeats)  # the chained program sums it
+    _emit(records, dict(op="read", format="256MiB f32 sum", impl="xla", m=1, k=0, n=1, flops=float(a.size),
+                        seconds=t, bytes=_nbytes(a)))
 
 
 def _nbytes(*arrays) -> int:
@@ -172,6 +197,7 @@ def main(argv=None):
     print(HEADER)
     print("-" * len(HEADER))
     records: list[dict] = []
+    bench_read(args, records)
     if "matmul" in ops:
         bench_matmuls(args, impls, records)
     if "attention" in ops:

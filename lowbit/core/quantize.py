@@ -179,6 +179,24 @@ def _stat_to_shape(stat, shape, spec: QuantSpec, axis: int):
     return jnp.moveaxis(stat[..., 0], -1, axis)
 
 
+def round_to(x, dtype) -> jax.Array:
+    """x (float32) rounded to the values of `dtype` (the scales' storage type), kept as float32.
+
+    Codes are computed from these rounded scales so that codes x stored scale is what was meant.
+    A plain cast there and back is not enough under jit on a GPU: XLA's excess-precision rewrite
+    removes the pair f32 -> f16 -> f32 and the codes then meet unrounded scales (measured on an
+    H100: 5e-4 relative error in int4 weights, flipped asymmetric codes). reduce_precision is
+    kept; it flushes the target's subnormals, which take the cast instead.
+    """
+    dtype = jnp.dtype(dtype)
+    x = x.astype(jnp.float32)
+    if dtype == jnp.float32:
+        return x
+    info = jnp.finfo(dtype)
+    normal = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return jnp.where(jnp.abs(x) < info.smallest_normal, x.astype(dtype).astype(jnp.float32), normal)
+
+
 def _safe(s):
     return jnp.where(s == 0, jnp.ones_like(s), s)
 
@@ -312,22 +330,22 @@ def _quantize(x, spec: QuantSpec, axis: int, ratio=None) -> QArray:
     if spec.kind == "int" and not spec.symmetric:
         lo = xg.min(-1, keepdims=True) * clip
         hi = xg.max(-1, keepdims=True) * clip
-        scale = ((hi - lo) / spec.qmax).astype(sdt).astype(jnp.float32)
-        zero_f = lo.astype(sdt).astype(jnp.float32)
+        scale = round_to((hi - lo) / spec.qmax, sdt)
+        zero_f = round_to(lo, sdt)
         codes = jnp.clip(jnp.round((xg - zero_f) / _safe(scale)), 0, spec.qmax)
         codes = codes.astype(jnp.uint8)
         zero = _stat_to_shape(zero_f.astype(sdt), x.shape, spec, axis)
     elif spec.kind == "int":
         amax = jnp.abs(xg).max(-1, keepdims=True) * clip
-        scale = (amax / spec.qmax).astype(sdt).astype(jnp.float32)
+        scale = round_to(amax / spec.qmax, sdt)
         codes = jnp.clip(jnp.round(xg / _safe(scale)), -spec.qmax, spec.qmax).astype(jnp.int8)
     elif spec.kind == "binary":
         scale = (jnp.where(mask, jnp.abs(xg), 0).sum(-1, keepdims=True) / count)
-        scale = scale.astype(sdt).astype(jnp.float32)
+        scale = round_to(scale, sdt)
         codes = jnp.where(xg >= 0, 1, -1).astype(jnp.int8)
     elif spec.kind == "ternary" and spec.ternary_method == "absmean":
         gamma = jnp.where(mask, jnp.abs(xg), 0).sum(-1, keepdims=True) / count
-        scale = gamma.astype(sdt).astype(jnp.float32)
+        scale = round_to(gamma, sdt)
         denom = jnp.maximum(scale, _TERNARY_EPS)
         codes = jnp.clip(jnp.round(xg / denom), -1, 1).astype(jnp.int8)
     elif spec.kind == "ternary":  # TWN: threshold 0.7 mean|w|, scale = mean of kept |w|
@@ -335,20 +353,20 @@ def _quantize(x, spec: QuantSpec, axis: int, ratio=None) -> QArray:
         delta = 0.7 * mag.sum(-1, keepdims=True) / count
         keep = (mag > delta) & mask
         kept = jnp.maximum(keep.sum(-1, keepdims=True), 1)
-        scale = (jnp.where(keep, mag, 0).sum(-1, keepdims=True) / kept).astype(sdt).astype(jnp.float32)
+        scale = round_to(jnp.where(keep, mag, 0).sum(-1, keepdims=True) / kept, sdt)
         codes = (jnp.sign(xg) * (jnp.abs(xg) > delta)).astype(jnp.int8)
     elif spec.kind in ("nf4", "fp4"):
         book = jnp.asarray(codebook(spec))
         scale = (jnp.abs(xg).max(-1, keepdims=True) * clip).astype(jnp.float32)
         if not spec.double_quant:
-            scale = scale.astype(sdt).astype(jnp.float32)
+            scale = round_to(scale, sdt)
         normalized = jnp.clip(xg / _safe(scale), -1.0, 1.0)
         midpoints = (book[1:] + book[:-1]) / 2
         codes = jnp.searchsorted(midpoints, normalized).astype(jnp.uint8)
     else:  # fp8
         dtype = FP8_DTYPES[spec.kind]
         fmax = float(jnp.finfo(dtype).max)
-        scale = (jnp.abs(xg).max(-1, keepdims=True) * clip / fmax).astype(sdt).astype(jnp.float32)
+        scale = round_to(jnp.abs(xg).max(-1, keepdims=True) * clip / fmax, sdt)
         codes = jnp.clip(xg / _safe(scale), -fmax, fmax).astype(dtype)
 
     codes = _ungroup(codes, x.shape, spec, axis)
@@ -394,7 +412,7 @@ def _sub_scales(values, spec: QuantSpec, axis: int, negate: bool = False):
                      mode="edge")  # copies of the last group's value leave each maximum as is
     blocks = padded.reshape(*values.shape[:-1], supers, per)
     sdt = SCALE_JNP_DTYPES[spec.scale_dtype]
-    super_scale = (blocks.max(-1, keepdims=True) / inner.qmax).astype(sdt).astype(jnp.float32)
+    super_scale = round_to(blocks.max(-1, keepdims=True) / inner.qmax, sdt)
     codes = jnp.clip(jnp.round(blocks / _safe(super_scale)), 0, inner.qmax)
     grid = (codes * super_scale).reshape(*values.shape[:-1], -1)[..., :groups]
     codes = codes.astype(jnp.uint8).reshape(*values.shape[:-1], -1)[..., :groups]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.core.packing import pack_int2, unpack_int2
-from lowbit.core.quantize import quantize
+from lowbit.core.quantize import quantize, round_to
 from lowbit.core.spec import QuantSpec
 from lowbit.kernels.decode_attention.pages import dequantize_page_fields, interleave_fields, pack_codes
 
@@ -295,7 +295,7 @@ def round_trip(x, fmt: TensorFormat):
     """x as the cache returns it once quantized: [..., n_tokens, n_kv, head_dim] (n_tokens a
     multiple of the group for axis "channel")."""
     if not fmt.quantized:
-        return x.astype(FLOAT_DTYPES[fmt.dtype]).astype(jnp.float32)
+        return round_to(x, FLOAT_DTYPES[fmt.dtype])
     if fmt.axis == "token":
         return decode_tokens(*encode_tokens(x, fmt), fmt, x.shape[-1])
     return decode_channels(*encode_channels(x, fmt), fmt, x.shape[-1])

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowbit.core.quantize import SCALE_JNP_DTYPES, validate
+from lowbit.core.quantize import SCALE_JNP_DTYPES, round_to, validate
 from lowbit.core.spec import QuantSpec
 from lowbit.core.ste import fake_quant, lsq_fake_quant, pact_fake_quant
 from lowbit.nn.contraction import Contraction, DotContraction, check_module, contraction_of
@@ -100,7 +100,7 @@ def lsq_weight_init(kernel, spec: QuantSpec):
 def rounded_step(step, spec: QuantSpec):
     """A weight step as it is stored: at least 1e-8 and rounded to the spec's scale dtype (f32)."""
     step = jnp.maximum(step.astype(jnp.float32), _MIN_STEP)
-    return step.astype(SCALE_JNP_DTYPES[spec.scale_dtype]).astype(jnp.float32)
+    return round_to(step, SCALE_JNP_DTYPES[spec.scale_dtype])
 
 
 def lsq_quantize_weight(kernel, step, spec: QuantSpec, grad_scale: bool = True):

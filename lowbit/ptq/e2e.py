@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from lowbit.core.quantize import expand_groups
+from lowbit.core.quantize import expand_groups, round_to
 from lowbit.files import atomic_path, open_stamped_workdir
 from lowbit.nn.packed_layer import PackedLayer
 from lowbit.ptq.targets import dotted, replace_module
@@ -39,7 +39,7 @@ class FrozenArray(nnx.Variable):
 
 def _as_stored(x, dtype):
     """x rounded to the scale's storage dtype in the forward pass, gradient passed straight."""
-    stored = x.astype(dtype).astype(jnp.float32)
+    stored = round_to(x, dtype)
     return x + jax.lax.stop_gradient(stored - x)
 
 

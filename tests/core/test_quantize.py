@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from lowbit.core import QArray, QuantSpec, quantize
-from lowbit.core.quantize import FP4_CODEBOOK, NF4_CODEBOOK, expand_groups
+from lowbit.core.quantize import FP4_CODEBOOK, NF4_CODEBOOK, expand_groups, round_to
 
 INT_SPECS = ["int8", "int4:g32", "int4:g128:asym", "int3:channel", "int2:g16:asym", "int6:channel:asym",
              "int5:g7", "int8:token", "int4:g64:f32", "int3:g128:bf16:asym"]
@@ -204,3 +204,17 @@ def test_nan_and_inf_under_jit_come_out_non_finite(text):
         assert not np.isfinite(out[3, 1]), (text, bad)
         if bad != bad:  # NaN
             assert np.isnan(out[3, 1]), text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_round_to_equals_the_cast_and_survives_compilation(dtype):
+    """round_to(x, dtype) is the cast there and back for normal, subnormal and overflowing values,
+    and the compiled program keeps a reduce-precision (XLA on GPU drops a cast pair under jit)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(50_000).astype(np.float32) * np.logspace(-12, 6, 50_000, dtype=np.float32)
+    x = np.concatenate([x, [0.0, -0.0, 1e30, -1e30, float(jnp.finfo(dtype).smallest_normal)]]).astype(np.float32)
+    got = np.asarray(jax.jit(round_to, static_argnums=1)(jnp.asarray(x), dtype))
+    want = np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32))
+    np.testing.assert_array_equal(got, want)
+    compiled = jax.jit(round_to, static_argnums=1).lower(jnp.asarray(x), dtype).compile().as_text()
+    assert "reduce-precision" in compiled
