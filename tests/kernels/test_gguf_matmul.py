@@ -109,7 +109,7 @@ class TestGgufMatmulNative(GgufMatmulBase, NativeImpl):
         x[1, :32] = 0.0  # an all-zero activation block
         reference = np.asarray(gguf_matmul(jnp.asarray(x), jnp.asarray(blocks), ggml_type, impl="xla",
                                            activations="int8"), np.float64)
-        for m in (1, 2, 5, 64):
+        for m in (1, 2, 3, 5, 6, 7, 64):  # the SIMD code's tiles: 1 x 4, 2 x 2, 3 x 2 weight rows, 4 x 1
             y = self.matmul(jnp.asarray(x[:m]), jnp.asarray(blocks), ggml_type, activations="int8")
             assert _relative_error(y, reference[:m]) < 1e-5, (ggml_type, m)
         with portable_code_only():
