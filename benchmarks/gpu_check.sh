@@ -4,7 +4,7 @@
 # results/gpu_check). About 6 minutes at most.
 #
 # Needs a python3 whose JAX sees the GPU (jax + a CUDA plugin, e.g. `pip install "jax[cuda12]"`
-# where a registry is reachable), plus numpy, pytest and hypothesis. The repo itself is used
+# where a registry is reachable), plus numpy, pytest, pytest-xdist and hypothesis. The repo itself is used
 # from its checkout via PYTHONPATH, so nothing is installed. PYTHON=... picks the interpreter.
 set -uo pipefail
 

@@ -10,7 +10,7 @@ import resource
 import time
 
 from lowbit import checkpoint
-from lowbit.data.corpus import calibration_tokens
+from lowbit.cli.quantize import calibration_set
 from lowbit.models.loader import load_gguf_model
 from lowbit.models.registry import resolve_model
 from lowbit.models.tokenizer import Tokenizer
@@ -27,14 +27,16 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--kl-batches", type=int, default=2)
-    parser.add_argument("--calib", default="pydoc")
+    parser.add_argument("--calib", default="pydoc",
+                        help="calibration spec as `lowbit quantize --calib` (pydoc, generated: the teacher's "
+                             "own samples, FILE, or a mixture such as pydoc+generated)")
     parser.add_argument("--seed", type=int, default=1, help="calibration windows (the recipes: 1)")
     args = parser.parse_args()
     path = resolve_model("smollm2-135m")
     model = checkpoint.load(args.source)
     teacher, _ = load_gguf_model(path, runtime="packed")
-    tokens = calibration_tokens(Tokenizer.from_gguf(path), args.calib, args.samples, args.length,
-                                args.seed)
+    tokens = calibration_set(teacher, Tokenizer.from_gguf(path), args.calib, args.samples, args.length,
+                             args.seed)
     wall, cpu = time.perf_counter(), time.process_time()
     report = e2e_train(model, teacher, tokens, steps=args.steps, learning_rate=args.learning_rate,
                        batch_size=args.batch_size, kl_batches=args.kl_batches,

@@ -208,13 +208,16 @@ def test_nan_and_inf_under_jit_come_out_non_finite(text):
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_round_to_equals_the_cast_and_survives_compilation(dtype):
-    """round_to(x, dtype) is the cast there and back for normal, subnormal and overflowing values,
-    and the compiled program keeps a reduce-precision (XLA on GPU drops a cast pair under jit)."""
+    """round_to(x, dtype) is the cast there and back for normal, subnormal, boundary and overflowing
+    values, and the compiled program keeps a reduce-precision (XLA on GPU drops a cast pair under jit)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(50_000).astype(np.float32) * np.logspace(-12, 6, 50_000, dtype=np.float32)
-    x = np.concatenate([x, [0.0, -0.0, 1e30, -1e30, float(jnp.finfo(dtype).smallest_normal)]]).astype(np.float32)
+    tiny = float(jnp.finfo(dtype).smallest_normal)
+    edges = [0.0, -0.0, 1e30, -1e30, 65520.0, tiny, tiny * (1 - 2**-12), -tiny * (1 - 2**-12), tiny / 3, 1e-45]
+    x = np.concatenate([x, edges]).astype(np.float32)
     got = np.asarray(jax.jit(round_to, static_argnums=1)(jnp.asarray(x), dtype))
     want = np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32))
     np.testing.assert_array_equal(got, want)
     compiled = jax.jit(round_to, static_argnums=1).lower(jnp.asarray(x), dtype).compile().as_text()
     assert "reduce-precision" in compiled
+    assert np.isnan(np.asarray(round_to(jnp.float32(np.nan), dtype)))

@@ -1259,7 +1259,7 @@ LOWBIT_AVX2 void gguf_tile_q8_avx2(const GgufProblem& p, int64_t r, int64_t m0) 
       const uint8_t* blk = p.blocks + (r + i) * row_bytes + b * p.block_bytes;
       // The same block of the next pass's row: RT rows read at once are streams the hardware
       // prefetchers lose from DRAM (the tile measured faster than one row from cache, slower in the model).
-      if (RT > 1) _mm_prefetch(reinterpret_cast<const char*>(blk + RT * row_bytes), _MM_HINT_T0);
+      if (RT > 1 && r + i + RT < p.n) _mm_prefetch(reinterpret_cast<const char*>(blk + RT * row_bytes), _MM_HINT_T0);
       const float dw = half_to_float_f16c(blk);
       // Q4_0's codes are u - 8 and Q4_1 adds mw: both become a per-block multiple of xqsum.
       const float bias = p.type == kQ4_1 ? half_to_float_f16c(blk + 2) : (p.type == kQ4_0 ? -8.0f * dw : 0.0f);
