@@ -79,6 +79,12 @@ class ScaleTrainingLayer(nnx.Module):
         """The scale the packed layer will hold: base x (1 + delta) in its storage dtype."""
         return (self.base[...] * (1.0 + self.delta[...])).astype(self.scale_dtype)
 
+    @property
+    def input_transform(self) -> str | None:
+        """The packed layer's, which prepare_rows applies: a caller that leaves its own transform
+        to a layer carrying one (the rotation's HadamardMLP) must see it, or it runs twice."""
+        return self.layer.input_transform
+
     def __call__(self, x: jax.Array, *, out_sharding=None) -> jax.Array:
         layer = self.layer
         dtype = layer.dtype or x.dtype

@@ -18,6 +18,7 @@ from lowbit.ptq.driver import LLAMA_BLOCK_LINEARS
 from lowbit.ptq.e2e import ScaleTrainingLayer, e2e_train, trainable_layers
 from lowbit.ptq.methods import quantize
 from lowbit.ptq.recipes import RECIPES, get_recipe, run_recipe, store_as_ternary
+from lowbit.ptq.targets import replace_module
 
 FAST = {"steps": 12, "learning_rate": 1e-2, "batch_size": 2, "progress": False}
 
@@ -83,6 +84,17 @@ def test_the_training_layer_computes_the_packed_layer(make_tiny, calibration, sp
                                    np.asarray(layer(rows)), rtol=1e-5, atol=1e-5)
         checked += layer.input_transform is not None
     assert checked == (2 if rotate else 0) and x.shape[-1] == 64
+
+
+def test_the_training_layers_compute_the_rotated_model_in_memory(make_tiny, calibration, test_tokens):
+    """Right after rotation and quantization the MLP is a HadamardMLP, which leaves its transform to
+    a w_down that carries one: with the training layers in place (as e2e_train puts them) the model
+    computes the same logits, the transform run once (the recipes train this in-memory model)."""
+    model = _quantized(make_tiny, "int4:g16", rotate=True, calibration=calibration)
+    want = np.asarray(model(test_tokens))
+    for path, layer in trainable_layers(model).items():
+        replace_module(model, path, ScaleTrainingLayer(layer))
+    np.testing.assert_allclose(np.asarray(model(test_tokens)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_saves_and_runs_packed(make_tiny, calibration, test_tokens, tmp_path):
