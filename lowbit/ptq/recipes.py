@@ -65,7 +65,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w4", "4.25 bits: rotated GPTQ int4:g64, then E2E scale distillation", "gptq",
-           "int4:g64", True, e2e_steps=8),
+           "int4:g64", True, calib_samples=64, calib_len=512, e2e_steps=128, e2e_samples=256),
     Recipe("w3", "3.25 bits: rotated GPTQ int3:g64, then E2E scale distillation", "gptq",
            "int3:g64", True, e2e_steps=8),
     Recipe("w2", "2.25 bits: rotated GPTQ int2:g128:asym (4 levels), then E2E scale "
