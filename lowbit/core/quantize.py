@@ -201,6 +201,12 @@ def round_to(x, dtype) -> jax.Array:
     return jnp.where(jnp.abs(x) < info.smallest_normal, subnormal, normal)
 
 
+def round_to_ste(x, dtype) -> jax.Array:
+    """round_to(x, dtype) in the forward pass, the gradient passed straight through (trained scales
+    that are stored in dtype: Block-AP, E2E)."""
+    return x + jax.lax.stop_gradient(round_to(x, dtype) - x)
+
+
 def _safe(s):
     return jnp.where(s == 0, jnp.ones_like(s), s)
 

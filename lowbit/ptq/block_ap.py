@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from lowbit.core.quantize import SCALE_JNP_DTYPES, QArray, expand_groups, group_length, quantize, round_to
+from lowbit.core.quantize import SCALE_JNP_DTYPES, QArray, expand_groups, group_length, quantize, round_to_ste
 from lowbit.core.spec import QuantSpec
 from lowbit.files import atomic_path, open_stamped_workdir
 from lowbit.ptq.driver import COUNT, XTX, BlockInputs, llama_block_inputs, run_blocks
@@ -77,8 +77,7 @@ def _round_ste(x):
 
 def _as_stored(x, spec: QuantSpec):
     """x rounded to the spec's scale dtype in the forward pass, gradient passed straight."""
-    stored = round_to(x, SCALE_JNP_DTYPES[spec.scale_dtype])
-    return x + jax.lax.stop_gradient(stored - x)
+    return round_to_ste(x, SCALE_JNP_DTYPES[spec.scale_dtype])
 
 
 def _safe(s):

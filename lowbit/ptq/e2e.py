@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from lowbit.core.quantize import expand_groups, round_to
+from lowbit.core.quantize import expand_groups, round_to_ste
 from lowbit.files import atomic_path, open_stamped_workdir
 from lowbit.nn.packed_layer import PackedLayer
 from lowbit.ptq.targets import dotted, replace_module
@@ -37,18 +37,12 @@ class FrozenArray(nnx.Variable):
     """A packed layer's codes, starting scales or offsets during E2E training (not trained)."""
 
 
-def _as_stored(x, dtype):
-    """x rounded to the scale's storage dtype in the forward pass, gradient passed straight."""
-    stored = round_to(x, dtype)
-    return x + jax.lax.stop_gradient(stored - x)
-
-
 @functools.partial(jax.checkpoint, static_argnums=(5, 6))
 def _product(rows, codes, base, delta, zero, spec, scale_dtype):
     """rows @ W with W = codes x stored(base (1 + delta)) (+ zero), W recomputed in the backward
     pass (no float copy of the weights is kept between the passes)."""
     k = codes.shape[0]
-    scale = _as_stored(base * (1.0 + delta), scale_dtype)
+    scale = round_to_ste(base * (1.0 + delta), scale_dtype)
     matrix = codes.astype(jnp.float32) * expand_groups(scale, spec, 0, k)
     if zero is not None:
         matrix = matrix + expand_groups(zero, spec, 0, k)
