@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mixed: what quantizes each candidate: rtn per linear, or one "
                              "gptq run per candidate (default rtn)")
     parser.add_argument("--rotate", action="store_true",
-                        help="rtn, gptq, awq, blockap: rotate the model first (lowbit.ptq.rotation: norm "
+                        help="rtn, gptq, awq, blockap, mixed: rotate the model first (lowbit.ptq.rotation: norm "
                              "gains folded, randomized Hadamard residual and value-head "
                              "rotations, an online Hadamard before each down projection; the "
                              "head is untied), then quantize through lowbit.ptq.quantize")
@@ -153,8 +153,6 @@ def _check_method_options(args) -> None:
             raise ValueError("--method mixed needs --budget (bits per weight)")
         if args.weights is not None:
             raise ValueError("--method mixed takes --candidates, not --weights")
-        if getattr(args, "rotate", False):
-            raise ValueError("--rotate does not apply to --method mixed")
     elif args.budget is not None or args.base != "rtn" or \
             args.candidates != ",".join(DEFAULT_CANDIDATES):
         raise ValueError("--budget, --candidates and --base only apply to --method mixed")
@@ -293,8 +291,8 @@ def rotate_and_quantize(model, method: str, weights: str, calibration: np.ndarra
                         static_groups: bool = False, batch_size: int = 8, progress: bool = True,
                         options: dict[str, Any] | None = None):
     """`--rotate`: lowbit.ptq.quantize(..., rotate=True) on every block linear of the Llama with
-    one weight spec (rtn, gptq, awq or blockap with `options`; calibration [samples, len] in
-    batches of batch_size)."""
+    one weight spec (rtn, gptq, awq or blockap with `options`; mixed: its allocation over the
+    candidates of `options`); calibration [samples, len] in batches of batch_size."""
     from lowbit.nn import QuantRule
     from lowbit.ptq.awq import AWQ_GRID
     from lowbit.ptq.driver import LLAMA_BLOCK_LINEARS
@@ -305,6 +303,8 @@ def rotate_and_quantize(model, method: str, weights: str, calibration: np.ndarra
         options.update(act_order=act_order, static_groups=static_groups)
     elif method == "awq":
         options["grid"] = AWQ_GRID if alpha is None else (alpha,)
+    elif method == "mixed":  # the rule only selects the linears; the allocation picks the specs
+        weights = options["candidates"][0]
     batches = None if calibration is None else [calibration[i:i + batch_size]
                                                 for i in range(0, len(calibration), batch_size)]
     rule = QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=weights)

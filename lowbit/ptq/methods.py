@@ -196,7 +196,8 @@ def _llama_spec(model, targets, method: str):
     return specs.pop()
 
 
-ROTATABLE_METHODS = ("rtn", "gptq", "awq", "blockap")  # packed layers carry the online transform
+# Packed layers carry the online transform.
+ROTATABLE_METHODS = ("rtn", "gptq", "awq", "blockap", "mixed")
 
 
 def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: str = "packed",
@@ -245,12 +246,14 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
     if not isinstance(rotate, bool):
         raise ValueError(f"rotate must be True or False, got {rotate!r}")
     if rotate:
-        from lowbit.ptq.rotation import rotate_model, rotated_scale_groups
+        from lowbit.ptq.rotation import (carry_online_transforms, rotate_model,
+                                         rotated_scale_groups)
 
         if method not in ROTATABLE_METHODS:
             raise ValueError(f"rotate=True needs a method of {list(ROTATABLE_METHODS)}, got "
                              f"{method!r}")
-        _only(options, _ANY_MODEL_OPTIONS[method], method)
+        if method in _ANY_MODEL_OPTIONS:
+            _only(options, _ANY_MODEL_OPTIONS[method], method)
         resolve_targets(model, rules, warn_unmatched=False)  # bad rules fail before rotating
         plan = rotate_model(model, seed=rotation_seed)
         if method == "awq":
@@ -263,8 +266,12 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
         settings["rotate"] = {"seed": rotation_seed}
     reports: list = []
     if method not in _ANY_MODEL_OPTIONS:
-        return _llama_only(model, targets, method, calibration, blocks, runtime, progress,
-                           settings, options)
+        result = _llama_only(model, targets, method, calibration, blocks, runtime, progress,
+                             settings, options)
+        if plan is not None:
+            carry_online_transforms(model, plan)
+            result.settings["rotate"] = settings["rotate"]
+        return result
     _only(options, _ANY_MODEL_OPTIONS[method], method)
     if method == "rtn":
         from lowbit.ptq.rtn import rtn_apply
@@ -307,8 +314,6 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
                       str(value) if key == "workdir" and value is not None else value)
                 for key, value in settings.items()}
     if plan is not None:
-        from lowbit.ptq.rotation import carry_online_transforms
-
         carry_online_transforms(model, plan)
     return PTQResult(method=method, linears=linears, seconds=time.perf_counter() - start,
                      settings=settings, block_reports=reports)
@@ -326,6 +331,9 @@ _ANY_MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+_LLAMA_ONLY_REQUIRED = {"mixed": "budget", "llamacpp": "source"}
+
+
 def _llama_only(model, targets, method, calibration, blocks, runtime, progress, settings,
                 options) -> PTQResult:
     """"mixed" and "llamacpp": the built-in Llama with one spec for all its block linears."""
@@ -341,7 +349,8 @@ def _llama_only(model, targets, method, calibration, blocks, runtime, progress, 
         from lowbit.ptq.driver import check_batches
 
         tokens = np.concatenate([np.asarray(b) for b in check_batches(calibration)], axis=0)
-    entry.check_options(options)
+    required = _LLAMA_ONLY_REQUIRED[method]  # run_method's extra arguments (budget, source)
+    entry.check_options({k: v for k, v in options.items() if k != required})
     kwargs = dict(options)
     if "progress" in entry.options():
         kwargs["progress"] = progress

@@ -36,12 +36,12 @@ class Recipe:
     weights: str
     rotate: bool
     options: tuple[tuple[str, Any], ...] = ()
-    calib_samples: int = 16
-    calib_len: int = 256
-    e2e_steps: int = 0
+    calib_samples: int = 64
+    calib_len: int = 512
+    e2e_steps: int = 128
     e2e_learning_rate: float = 1e-3
     e2e_batch_size: int = 2
-    e2e_samples: int = 16
+    e2e_samples: int = 256
     e2e_kl_batches: int = 2
     e2e_len: int = 256
     ternary: bool = False
@@ -65,14 +65,14 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w4", "4.25 bits: rotated GPTQ int4:g64, then E2E scale distillation", "gptq",
-           "int4:g64", True, calib_samples=64, calib_len=512, e2e_steps=128, e2e_samples=256),
+           "int4:g64", True),
     Recipe("w3", "3.25 bits: rotated GPTQ int3:g64, then E2E scale distillation", "gptq",
-           "int3:g64", True, e2e_steps=8),
+           "int3:g64", True),
     Recipe("w2", "2.25 bits: rotated GPTQ int2:g128:asym (4 levels), then E2E scale "
-           "distillation", "gptq", "int2:g128:asym", True, e2e_steps=8),
+           "distillation", "gptq", "int2:g128:asym", True),
     Recipe("ternary", "1.85 bits: rotated GPTQ with a 3-level grid (int2:g64), stored as "
            "base-3 ternary codes, then E2E scale distillation", "gptq", "int2:g64", True,
-           e2e_steps=8, ternary=True),
+           ternary=True),
 )}
 RECIPE_NAMES = tuple(RECIPES)
 

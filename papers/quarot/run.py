@@ -8,6 +8,10 @@ bits_per_weight, ppl per text.
         [--calib pydoc generated pydoc+generated] ...
 `--methods llamacpp --weights Q4_0 Q3_K_S ...` adds llama.cpp's own types (needs llama-cpp-python,
 the `ref` extra): SmolLM2's GGUF re-quantized by llama.cpp, evaluated as a GGUF.
+`--methods mixed --budgets 3.25 ... [--candidates ...] [--base gptq]` adds mixed precision at each
+bits-per-weight budget (lowbit quantize --method mixed; --weights is not used).
+`--methods recipe --weights w4 w3 w2 ternary --calib pydoc+generated` runs the named recipes
+(lowbit quantize --recipe NAME; their own specs, rotation, calibration sizes and E2E stage).
 """
 
 from __future__ import annotations
@@ -74,6 +78,11 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--calib", nargs="+", default=["pydoc"],
                         help="calibration sources of the calibrated methods (lowbit quantize --calib)")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[3.25],
+                        help="mixed: bits-per-weight budgets")
+    parser.add_argument("--candidates", default="int2:g64,int3:g64,int4:g64",
+                        help="mixed: candidate specs")
+    parser.add_argument("--base", default="gptq", help="mixed: rtn or gptq")
     parser.add_argument("--workdir", default="/tmp/quarot")
     parser.add_argument("--results", default="results/quarot/table.jsonl")
     parser.add_argument("--table", action="store_true", help="print the results as markdown")
@@ -84,11 +93,16 @@ def main() -> None:
         return
     results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
-        calibrated = method in ("gptq", "awq")
+        calibrated = method in ("gptq", "awq", "mixed", "recipe")
         if method == "base":
             grid = [(None, None, None)]
         elif method == "llamacpp":  # llama.cpp's own types: no rotation, no calibration
             grid = [(w, "no", None) for w in args.weights]
+        elif method == "recipe":  # the "weights" column names the recipe; it rotates itself
+            grid = [(w, "yes", c) for w in args.weights for c in args.calib]
+        elif method == "mixed":  # the "weights" column names the budget and candidates
+            budgets = {f"budget {b:g}: {args.candidates}": b for b in args.budgets}
+            grid = [(w, r, c) for w in budgets for r in args.rotate for c in args.calib]
         else:
             grid = [(w, r, c) for w in args.weights for r in args.rotate
                     for c in (args.calib if calibrated else [None])]
@@ -101,20 +115,28 @@ def main() -> None:
                 model, row["bits_per_weight"] = llamacpp_gguf(weights, Path(args.workdir))
                 row["quantize_command"] = f"lowbit.ptq.llamacpp.llamacpp_quantize(source, out, {weights!r})"
             elif method != "base":
-                name = f"{method}-{weights.replace(':', '_')}-{rotate}" + (f"-{calib}" if calib else "")
-                out = Path(args.workdir) / name.replace("+", "_")
+                name = f"{method}-{weights}-{rotate}" + (f"-{calib}" if calib else "")
+                out = Path(args.workdir) / "".join(c if c.isalnum() or c in "-." else "_"
+                                                   for c in name)
                 shutil.rmtree(out, ignore_errors=True)
-                argv = ["quantize", "--model", model, "--method", method, "--weights", weights,
-                        "--out", str(out)]
-                if calibrated:
-                    argv += ["--calib", calib, "--calib-samples", str(args.calib_samples),
-                             "--calib-len", str(args.calib_len)]
-                if rotate == "yes":
-                    argv.append("--rotate")
+                argv = ["quantize", "--model", model, "--out", str(out)]
+                if method == "recipe":  # its specs, rotation and calibration sizes are its own
+                    argv += ["--recipe", weights, "--calib", calib]
+                else:
+                    argv += ["--method", method]
+                    argv += (["--budget", f"{budgets[weights]:g}", "--candidates", args.candidates,
+                              "--base", args.base] if method == "mixed" else ["--weights", weights])
+                    if calibrated:
+                        argv += ["--calib", calib, "--calib-samples", str(args.calib_samples),
+                                 "--calib-len", str(args.calib_len)]
+                    if rotate == "yes":
+                        argv.append("--rotate")
                 summary = run_json(argv)
                 row.update(bits_per_weight=summary["bits_per_weight"],
                            quantize_seconds=summary["quantize_seconds"],
                            quantize_command="lowbit " + shlex.join(argv))
+                if "e2e" in summary:
+                    row["e2e"] = summary["e2e"]
                 model = str(out)
             row["eval"] = evaluate(model, args.windows)
             row["seconds"] = round(time.perf_counter() - start, 1)

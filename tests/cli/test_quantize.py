@@ -8,7 +8,7 @@ from lowbit.models.llama import LlamaConfig
 from lowbit.models.loader import load_gguf_model
 from lowbit.checkpoint import layer_bytes, load, quantized_layers, read_info
 from lowbit.cli import build_parser
-from lowbit.cli.quantize import _check_method_options, rotate_and_quantize
+from lowbit.cli.quantize import _check_method_options, method_options, rotate_and_quantize
 from lowbit.cli.quantize import quantize_to_checkpoint as run_quantize
 from lowbit.nn import QuantRule
 from lowbit.ptq import quantize
@@ -168,6 +168,13 @@ def test_rotate_option_is_checked_and_runs_the_rotated_quantization(make_tiny, c
              rotate=True)
     assert result.settings["rotate"] == {"seed": 0} and result.method == "gptq"
     np.testing.assert_array_equal(np.asarray(model(test_tokens)), np.asarray(expected(test_tokens)))
+    mixed_args = _parse(["--model", "m", "--method", "mixed", "--budget", "4.5", "--candidates",
+                         "int3:g16,int4:g16", "--rotate", "--out", "o"])
+    _check_method_options(mixed_args)
+    mixed = rotate_and_quantize(make_tiny(), "mixed", None, calibration, batch_size=2,
+                                progress=False, options=method_options(mixed_args))
+    assert mixed.method == "mixed" and mixed.settings["rotate"] == {"seed": 0}
+    assert mixed.bits_per_weight <= 4.5
 
 
 def test_embed_q8_0_stores_the_embedding_in_blocks_and_keeps_the_linear_accounting(tmp_path, test_tokens):

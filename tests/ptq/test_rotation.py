@@ -150,16 +150,23 @@ def _batches(tokens):
     return [tokens[:2], tokens[2:]]
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+_OPTIONS = {"awq": {"grid": (0.0, 0.5)},
+            "mixed": {"budget": 6.0, "candidates": ("int4:g16", "int8:g16"), "base": "gptq"}}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "mixed"])
 def test_rotated_quantization_saves_and_runs_packed(make_tiny, calibration, test_tokens, tmp_path,
                                                     method):
     model = make_tiny()
     _random_gains(model)
     reference = np.asarray(model(test_tokens))
-    options = {"grid": (0.0, 0.5)} if method == "awq" else {}
+    options = dict(_OPTIONS.get(method, {}))
     result = quantize(model, RULE, method, _batches(calibration), rotate=True, rotation_seed=0,
                       **options)
     assert result.settings["rotate"] == {"seed": 0}
+    if method == "mixed":  # both candidates chosen, each linear's GPTQ weight of its spec
+        assert set(result.settings["spec_counts"]) == {"int4:g16", "int8:g16"}
+        assert result.bits_per_weight <= 6.0
     downs = [block.mlp.w_down for block in model.layers]
     assert all(layer.input_transform == "hadamard" for layer in downs)
     logits = np.asarray(model(test_tokens))
