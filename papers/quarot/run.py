@@ -137,6 +137,8 @@ def main() -> None:
                            quantize_command="lowbit " + shlex.join(argv))
                 if "e2e" in summary:
                     row["e2e"] = summary["e2e"]
+                if "spec_counts" in summary.get("settings", {}):  # mixed: linears per spec
+                    row["spec_counts"] = summary["settings"]["spec_counts"]
                 model = str(out)
             row["eval"] = evaluate(model, args.windows)
             row["seconds"] = round(time.perf_counter() - start, 1)
