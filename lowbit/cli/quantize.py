@@ -98,8 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gains folded, randomized Hadamard residual and value-head "
                              "rotations, an online Hadamard before each down projection; the "
                              "head is untied), then quantize through lowbit.ptq.quantize")
-    parser.add_argument("--calib", default="pydoc",
-                        help="calibration source: 'pydoc' (the calibration half of the stdlib "
+    parser.add_argument("--calib", default=None,
+                        help="calibration source (default: pydoc; a --recipe's own, "
+                             "pydoc+generated): 'pydoc' (the calibration half of the stdlib "
                              "topics), a UTF-8 file, 'generated' (sequences the model samples "
                              "itself before quantization: a BOS token, then temperature 1, seed "
                              "--seed; LLM-QAT's data-free calibration) or a mixture joined by '+' "
@@ -230,7 +231,7 @@ def _check_early_arguments(args, out: Path) -> str | None:
             counts = [recipe.calib_samples] + ([recipe.e2e_samples] if recipe.e2e_steps else [])
         try:
             for samples in counts:
-                calibration_shares(args.calib, samples)
+                calibration_shares(calibration_source(args), samples)
         except ValueError as error:
             raise ValueError(f"--calib: {error}") from None
     return weights
@@ -242,6 +243,13 @@ def _candidates(args) -> list[str]:
         raise ValueError(f"--candidates must list weight specs separated by commas, got "
                          f"{args.candidates!r}")
     return specs
+
+
+def calibration_source(args) -> str:
+    """--calib as given, else a recipe's own calibration source, else pydoc."""
+    if getattr(args, "calib", None) is not None:
+        return args.calib
+    return get_recipe(args.recipe).calib if getattr(args, "recipe", None) else "pydoc"
 
 
 def method_options(args) -> dict[str, Any]:
@@ -304,7 +312,7 @@ def rotate_and_quantize(model, method: str, weights: str, calibration: np.ndarra
     elif method == "awq":
         options["grid"] = AWQ_GRID if alpha is None else (alpha,)
     elif method == "mixed":  # the rule only selects the linears; the allocation picks the specs
-        weights = options["candidates"][0]
+        weights = options.get("candidates", DEFAULT_CANDIDATES)[0]
     batches = None if calibration is None else [calibration[i:i + batch_size]
                                                 for i in range(0, len(calibration), batch_size)]
     rule = QuantRule(path=LLAMA_BLOCK_LINEARS, weight_spec=weights)
@@ -372,8 +380,8 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
         weights = result.settings["recipe"]["weights"]
     else:
         if args.method in CALIBRATED:
-            calibration = calibration_set(model, tokenizer, args.calib, args.calib_samples,
-                                          args.calib_len, args.seed, progress)
+            calibration = calibration_set(model, tokenizer, calibration_source(args),
+                                          args.calib_samples, args.calib_len, args.seed, progress)
         threshold = None if args.threshold == float("inf") else args.threshold
         options = method_options(args)
         if getattr(args, "rotate", False):
@@ -390,8 +398,8 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
                                     batch_size=args.batch_size, progress=progress,
                                     options=options)
         if calibration is not None:
-            result.settings["calibration"] = calibration_settings(args.calib, args.calib_samples,
-                                                                  args.seed, tokenizer)
+            result.settings["calibration"] = calibration_settings(
+                calibration_source(args), args.calib_samples, args.seed, tokenizer)
     source = {"model": str(args.model), "path": str(Path(path).resolve()),
               "sha256": sha256_of(path)}
     report = result.report()
@@ -427,22 +435,24 @@ def quantize_to_checkpoint(args) -> dict[str, Any]:
 
 
 def _run_recipe(args, model, path, tokenizer, progress: bool):
-    """--recipe: its calibration (--calib, --seed) for the block-wise stage, other windows of the
-    same sources (seed + 1) for the E2E stage against the source GGUF on its own blocks."""
+    """--recipe: its calibration (--calib, else the recipe's own; --seed) for the block-wise
+    stage, other windows of the same sources (seed + 1) for the E2E stage against the source
+    GGUF on its own blocks."""
     from lowbit.models.loader import load_gguf_model
     from lowbit.ptq.recipes import run_recipe
 
     recipe = get_recipe(args.recipe)
-    calibration = calibration_set(model, tokenizer, args.calib, recipe.calib_samples,
+    source = calibration_source(args)
+    calibration = calibration_set(model, tokenizer, source, recipe.calib_samples,
                                   recipe.calib_len, args.seed, progress)
     teacher = e2e_tokens = None
     if recipe.e2e_steps:
         teacher, _ = load_gguf_model(path, runtime="packed")
-        e2e_tokens = calibration_set(model, tokenizer, args.calib, recipe.e2e_samples,
+        e2e_tokens = calibration_set(model, tokenizer, source, recipe.e2e_samples,
                                      recipe.e2e_len, args.seed + 1, progress)
     result, e2e = run_recipe(model, recipe, calibration, teacher=teacher,
                              e2e_calibration=e2e_tokens, workdir=args.workdir, progress=progress)
-    result.settings["calibration"] = {**calibration_settings(args.calib, recipe.calib_samples,
+    result.settings["calibration"] = {**calibration_settings(source, recipe.calib_samples,
                                                              args.seed, tokenizer),
                                       "e2e_seed": args.seed + 1}
     return result, e2e

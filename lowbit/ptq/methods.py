@@ -221,7 +221,8 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
       else derived from the tensors the layers were fed; 1/s folds into a declared norm or
       layer, or into the norm that produced a derived group's input (each fold checked to keep
       the block's function), else stays in the quantized layer as an input scale. "mixed" and "llamacpp" need
-      the built-in Llama and one spec for all its block linears. run_method keeps the Llama
+      the built-in Llama and one spec for all its block linears ("mixed" only selects them by
+      it; its allocation picks each one's spec from its candidates). run_method keeps the Llama
       recipes of `lowbit quantize` (AWQ's attention / MLP output losses) unchanged.
     calibration: a list of batches, each what the model's __call__ takes (for the built-in
       Llama: int token arrays [batch, seq]). The sequential driver walks the model's blocks
@@ -229,7 +230,8 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
       the whole model as one block); pass blocks= to choose them.
     runtime: "packed" (default: packed matmul over the codes) or "dequant" (fake-quant float
       execution of the same codes, for research).
-    options: the method's options (get_method(method).options()), e.g. act_order=True.
+    options: the method's options (get_method(method).options()), e.g. act_order=True; "mixed"
+      also takes budget= (bits per weight), "llamacpp" source= (the GGUF path).
     rotate: first rotate the float model (lowbit.ptq.rotation.rotate_model: norm gains folded,
       randomized Hadamard residual / value-head rotations, an online Hadamard before each MLP
       down projection; the model's rotation_plan() or the Llama's; seed rotation_seed), then
@@ -252,9 +254,12 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
         if method not in ROTATABLE_METHODS:
             raise ValueError(f"rotate=True needs a method of {list(ROTATABLE_METHODS)}, got "
                              f"{method!r}")
+        # bad rules and options fail before the model is rotated in place
+        chosen = resolve_targets(model, rules, warn_unmatched=False)
         if method in _ANY_MODEL_OPTIONS:
             _only(options, _ANY_MODEL_OPTIONS[method], method)
-        resolve_targets(model, rules, warn_unmatched=False)  # bad rules fail before rotating
+        else:
+            _check_llama_only(model, chosen, method, calibration, blocks, options)
         plan = rotate_model(model, seed=rotation_seed)
         if method == "awq":
             options["scale_groups"] = rotated_scale_groups(model, plan,
@@ -331,12 +336,14 @@ _ANY_MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-_LLAMA_ONLY_REQUIRED = {"mixed": "budget", "llamacpp": "source"}
+# The argument each Llama-only method needs besides its options (run_method's extras).
+_LLAMA_ONLY_ARGUMENT = {"mixed": "budget", "llamacpp": "source"}
 
 
-def _llama_only(model, targets, method, calibration, blocks, runtime, progress, settings,
-                options) -> PTQResult:
-    """"mixed" and "llamacpp": the built-in Llama with one spec for all its block linears."""
+def _check_llama_only(model, targets, method, calibration, blocks, options):
+    """The checks of a Llama-only method ("mixed", "llamacpp") that need no work: the built-in
+    Llama, one spec for all its block linears, known options, its required argument and
+    calibration when it is calibrated. Returns (the spec, calibration tokens or None)."""
     from lowbit.models.llama import Llama
 
     if not isinstance(model, Llama) or blocks is not None:
@@ -344,18 +351,33 @@ def _llama_only(model, targets, method, calibration, blocks, runtime, progress, 
                          f"use one of {list(_ANY_MODEL_OPTIONS)}")
     entry = get_method(method)
     spec = _llama_spec(model, targets, method)
+    argument = _LLAMA_ONLY_ARGUMENT[method]
+    entry.check_options({k: v for k, v in options.items() if k != argument})
+    if argument not in options:
+        raise ValueError(f"method {method!r} needs option {argument}")
     tokens = None
     if calibration is not None:
         from lowbit.ptq.driver import check_batches
 
         tokens = np.concatenate([np.asarray(b) for b in check_batches(calibration)], axis=0)
-    required = _LLAMA_ONLY_REQUIRED[method]  # run_method's extra arguments (budget, source)
-    entry.check_options({k: v for k, v in options.items() if k != required})
+    elif entry.calibrated:
+        raise ValueError(f"method {method!r} needs calibration batches")
+    return spec, tokens
+
+
+def _llama_only(model, targets, method, calibration, blocks, runtime, progress, settings,
+                options) -> PTQResult:
+    """"mixed" and "llamacpp": the built-in Llama with one spec for all its block linears ("mixed"
+    only uses it to select them); a calibrated method takes its batches' size as batch_size."""
+    spec, tokens = _check_llama_only(model, targets, method, calibration, blocks, options)
+    entry = get_method(method)
     kwargs = dict(options)
     if "progress" in entry.options():
         kwargs["progress"] = progress
     if "runtime" in entry.options():
         kwargs["runtime"] = runtime
+    if "batch_size" in entry.options() and calibration is not None:
+        kwargs.setdefault("batch_size", len(calibration[0]))
     result = run_method(method, model, spec, tokens, **kwargs)
     result.settings.update(rules=settings["rules"], runtime=runtime)
     return result

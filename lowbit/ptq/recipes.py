@@ -28,7 +28,8 @@ class Recipe:
     for e2e_steps Adam steps (lowbit.ptq.e2e; 0: no such stage) on e2e_samples x e2e_len tokens
     (the KL that decides whether the trained scales are kept: on the first e2e_kl_batches).
     ternary: the grid of `weights` has three levels (symmetric int2) and is stored as ternary
-    codes in base 3."""
+    codes in base 3. calib: the calibration source `lowbit quantize` uses when --calib is not
+    given (pydoc windows alternating with the model's own samples)."""
 
     name: str
     summary: str
@@ -45,6 +46,7 @@ class Recipe:
     e2e_kl_batches: int = 2
     e2e_len: int = 256
     ternary: bool = False
+    calib: str = "pydoc+generated"
 
     def describe(self) -> str:
         """One line: what the recipe runs."""

@@ -48,7 +48,8 @@ def label(row: dict) -> str:
 
 def load_points(tables: list[Path]) -> tuple[dict[str, float], list[dict]]:
     """(base perplexity per text, the quantized points), each point a row with its label,
-    family (STYLE key) and bits; rows repeated across files (same label) are kept once."""
+    family (STYLE key) and bits; of rows with the same label the last one read is kept (a
+    rerun appended to a file replaces the earlier row)."""
     base: dict[str, float] = {}
     points: dict[str, dict] = {}
     for table in tables:
@@ -63,9 +64,9 @@ def load_points(tables: list[Path]) -> tuple[dict[str, float], list[dict]]:
                 base = ppl
                 continue
             family = row["method"].split(":")[0]
-            points.setdefault(label(row), {"label": label(row), "family": family,
-                                           "rotate": bool(row.get("rotate")),
-                                           "bits": float(row["bits_per_weight"]), "ppl": ppl})
+            points[label(row)] = {"label": label(row), "family": family,
+                                  "rotate": bool(row.get("rotate")),
+                                  "bits": float(row["bits_per_weight"]), "ppl": ppl}
     return base, list(points.values())
 
 

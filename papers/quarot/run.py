@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from lowbit.cli import run_json
+from lowbit.ptq.recipes import get_recipe
 
 TEXTS = ("pydoc", "licenses")
 
@@ -93,15 +94,16 @@ def main() -> None:
         return
     results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
-        calibrated = method in ("gptq", "awq", "mixed", "recipe")
+        calibrated = method in ("gptq", "awq", "mixed")
         if method == "base":
             grid = [(None, None, None)]
         elif method == "llamacpp":  # llama.cpp's own types: no rotation, no calibration
             grid = [(w, "no", None) for w in args.weights]
         elif method == "recipe":  # the "weights" column names the recipe; it rotates itself
-            grid = [(w, "yes", c) for w in args.weights for c in args.calib]
+            grid = [(w, "yes" if get_recipe(w).rotate else "no", c) for w in args.weights
+                    for c in args.calib]
         elif method == "mixed":  # the "weights" column names the budget and candidates
-            budgets = {f"budget {b:g}: {args.candidates}": b for b in args.budgets}
+            budgets = {f"budget {b:g} over {args.base}: {args.candidates}": b for b in args.budgets}
             grid = [(w, r, c) for w in budgets for r in args.rotate for c in args.calib]
         else:
             grid = [(w, r, c) for w in args.weights for r in args.rotate

@@ -8,7 +8,8 @@ from lowbit.models.llama import LlamaConfig
 from lowbit.models.loader import load_gguf_model
 from lowbit.checkpoint import layer_bytes, load, quantized_layers, read_info
 from lowbit.cli import build_parser
-from lowbit.cli.quantize import _check_method_options, method_options, rotate_and_quantize
+from lowbit.cli.quantize import (_check_method_options, calibration_source, method_options,
+                                  rotate_and_quantize)
 from lowbit.cli.quantize import quantize_to_checkpoint as run_quantize
 from lowbit.nn import QuantRule
 from lowbit.ptq import quantize
@@ -89,7 +90,11 @@ def test_rtn_run_writes_a_checkpoint_that_reloads(tmp_path, test_tokens):
 
 def test_defaults_and_parsing():
     args = _parse(["--model", "m", "--method", "gptq", "--out", "o"])
-    assert (args.calib, args.calib_samples, args.calib_len) == ("pydoc", 128, 512)
+    assert (calibration_source(args), args.calib_samples, args.calib_len) == ("pydoc", 128, 512)
+    recipe = _parse(["--model", "m", "--recipe", "w4", "--out", "o"])
+    assert calibration_source(recipe) == "pydoc+generated"  # the recipe's own
+    assert calibration_source(_parse(["--model", "m", "--recipe", "w4", "--calib", "pydoc",
+                                      "--out", "o"])) == "pydoc"
     assert args.weights is None and not args.json
     with pytest.raises(SystemExit):
         _parse(["--model", "m", "--method", "int3", "--out", "o"])
@@ -171,10 +176,11 @@ def test_rotate_option_is_checked_and_runs_the_rotated_quantization(make_tiny, c
     mixed_args = _parse(["--model", "m", "--method", "mixed", "--budget", "4.5", "--candidates",
                          "int3:g16,int4:g16", "--rotate", "--out", "o"])
     _check_method_options(mixed_args)
-    mixed = rotate_and_quantize(make_tiny(), "mixed", None, calibration, batch_size=2,
+    rotated = make_tiny()
+    mixed = rotate_and_quantize(rotated, "mixed", None, calibration, batch_size=2,
                                 progress=False, options=method_options(mixed_args))
     assert mixed.method == "mixed" and mixed.settings["rotate"] == {"seed": 0}
-    assert mixed.bits_per_weight <= 4.5
+    assert all(block.mlp.w_down.input_transform == "hadamard" for block in rotated.layers)
 
 
 def test_embed_q8_0_stores_the_embedding_in_blocks_and_keeps_the_linear_accounting(tmp_path, test_tokens):
@@ -267,7 +273,8 @@ def test_a_recipe_runs_through_the_cli_and_saves_a_packed_checkpoint(tmp_path, m
     import lowbit.ptq.recipes as recipes
 
     small = dataclasses.replace(recipes.RECIPES["w4"], weights="int4:g16", calib_samples=4,
-                                calib_len=16, e2e_steps=2, e2e_samples=4, e2e_len=16)
+                                calib_len=16, e2e_steps=2, e2e_samples=4, e2e_len=16,
+                                calib="pydoc")  # no --calib below: the recipe's own source
     monkeypatch.setitem(recipes.RECIPES, "w4", small)
     monkeypatch.setattr(lowbit.models.tokenizer.Tokenizer, "from_gguf", staticmethod(lambda p: None))
     windows = []

@@ -181,6 +181,18 @@ def test_rotated_quantization_saves_and_runs_packed(make_tiny, calibration, test
     np.testing.assert_allclose(np.asarray(dequantized(test_tokens)), logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"budget": 6.0, "candidtes": ("int4:g16",)}, "takes no option"),
+    ({"candidates": ("int4:g16", "int8:g16")}, "needs option budget")])
+def test_rotated_mixed_checks_its_options_before_rotating(make_tiny, calibration, options,
+                                                           message):
+    model = make_tiny()
+    before = np.asarray(model.layers[0].attn.wq.kernel[...])
+    with pytest.raises(ValueError, match=message):
+        quantize(model, RULE, "mixed", _batches(calibration), rotate=True, **options)
+    np.testing.assert_array_equal(np.asarray(model.layers[0].attn.wq.kernel[...]), before)
+
+
 def test_rotation_lowers_rtn_error_with_outliers(make_tiny, test_tokens):
     """Heavy-tailed weights (2% of the entries 12x larger, as outlier weights in trained models):
     RTN int3 after rotation is closer to the float model than RTN int3 without it (each spike
