@@ -35,22 +35,27 @@ METRICS = [
 RSS_TARGET = 1.3
 # lowbit variants: "f32" (the GGUF dequantized to f32), "gguf" (the file's own blocks through
 # gguf_matmul), or a packed checkpoint directory given with --checkpoint NAME=DIR; a variant or
-# directory ending in INT8 runs its packed/GGUF layers on int8 activations (set_activations), one
-# ending in KV16 decodes with an f16 KV cache (layout "f16", as llama.cpp's default cache) instead of f32.
+# directory ending in INT8 runs its packed/GGUF layers on int8 activations (set_activations), one ending
+# in AUTO on "auto" activations (int8 in the decode GEMVs, f32 in the prefill GEMMs: `lowbit generate`'s
+# CPU default, with KV16), one ending in KV16 decodes with an f16 KV cache (layout "f16", as llama.cpp's
+# default cache) instead of f32.
 LOWBIT_VARIANTS = ("f32", "gguf")
 INT8 = "+a8"
+AUTO = "+auto"
 KV16 = "+kv16"
+ACTIVATION_SUFFIXES = {INT8: "int8", AUTO: "auto"}
 
 
-def split_variant(variant: str) -> tuple[str, bool, str]:
-    """(variant or directory, int8 activations?, KV layout) of a name with INT8 / KV16 suffixes."""
-    int8, layout = False, "f32"
-    while variant.endswith((INT8, KV16)):
-        if variant.endswith(INT8):
-            int8, variant = True, variant.removesuffix(INT8)
-        else:
+def split_variant(variant: str) -> tuple[str, str, str]:
+    """(variant or directory, activations, KV layout) of a name with INT8 / AUTO / KV16 suffixes."""
+    activations, layout = "f32", "f32"
+    while variant.endswith((INT8, AUTO, KV16)):
+        if variant.endswith(KV16):
             layout, variant = "f16", variant.removesuffix(KV16)
-    return variant, int8, layout
+            continue
+        suffix = INT8 if variant.endswith(INT8) else AUTO
+        activations, variant = ACTIVATION_SUFFIXES[suffix], variant.removesuffix(suffix)
+    return variant, activations, layout
 
 
 def _rss_mib() -> float:
@@ -87,14 +92,14 @@ def _load_lowbit(model_path: str, variant: str):
     from lowbit.models.loader import load_gguf_model
     from lowbit.nn import set_activations
 
-    variant, int8, _ = split_variant(variant)
+    variant, activations, _ = split_variant(variant)
     if variant in LOWBIT_VARIANTS:
         model, config = load_gguf_model(model_path, runtime="packed" if variant == "gguf" else "dequant")
     else:
         model = load(variant, runtime="packed")
         config = model.config
-    if int8 and not set_activations(model, "int8"):
-        raise SystemExit(f"{variant}{INT8}: no layer of this model takes int8 activations")
+    if activations != "f32" and not set_activations(model, activations):
+        raise SystemExit(f"{variant}: no layer of this model takes {activations} activations")
     return model, config
 
 
@@ -262,11 +267,12 @@ def main() -> None:
              "(XLA always uses every core)")
     parser.add_argument("--lowbit", default="f32,gguf",
                         help="lowbit variants, comma separated: f32 (the GGUF dequantized), gguf (its own blocks); "
-                             f"{INT8} after a variant: its layers on int8 activations (e.g. gguf{INT8}); "
-                             f"{KV16}: decoding with an f16 KV cache (e.g. gguf{INT8}{KV16})")
+                             f"{INT8} after a variant: its layers on int8 activations (e.g. gguf{INT8}), {AUTO}: "
+                             f"on auto activations (int8 decode GEMVs, f32 prefill); "
+                             f"{KV16}: decoding with an f16 KV cache (e.g. gguf{AUTO}{KV16})")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                         help="also run a packed lowbit checkpoint (lowbit quantize --out DIR), e.g. gptq=/tmp/gptq; "
-                             f"DIR{INT8}: on int8 activations, DIR{KV16}: with an f16 KV cache")
+                             f"DIR{INT8} / DIR{AUTO}: on int8 / auto activations, DIR{KV16}: with an f16 KV cache")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -280,8 +286,9 @@ def main() -> None:
     names = {f"lowbit:{v}": v for v in variants}
     for entry in args.checkpoint:
         name, _, directory = entry.partition("=")
-        directory, int8, layout = split_variant(directory)
-        suffix = (INT8 if int8 else "") + (KV16 if layout == "f16" else "")
+        directory, activations, layout = split_variant(directory)
+        suffix = {mode: s for s, mode in ACTIVATION_SUFFIXES.items()}.get(activations, "") + \
+            (KV16 if layout == "f16" else "")
         if not directory or not Path(directory).is_dir():
             raise SystemExit(f"--checkpoint must be NAME=DIR with an existing DIR, got {entry!r}")
         names[f"lowbit:{Path(directory).resolve()}{suffix}"] = name

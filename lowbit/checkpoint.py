@@ -330,8 +330,8 @@ def load_model_and_tokenizer(name_or_path: str | Path, runtime: str = "packed", 
     """(model, tokenizer) for a registered model name, a GGUF path or a checkpoint directory,
     loaded with `runtime`: "packed" (a checkpoint's codes, or a GGUF on its own Q4_0/Q4_1/Q8_0
     blocks) or "dequant" (float weights); a checkpoint's tokenizer is its source model's.
-    activations "int8": the packed and GGUF layers round their inputs to int8
-    (lowbit.nn.set_activations); a ValueError when no layer of the model can."""
+    activations "int8" or "auto": the packed and GGUF layers round their inputs to int8 (always, or
+    in the native decode GEMVs only; lowbit.nn.set_activations); a ValueError when no layer can."""
     from lowbit.models.loader import load_gguf_model
     from lowbit.models.registry import MODELS, resolve_model
     from lowbit.models.tokenizer import Tokenizer
@@ -351,7 +351,4 @@ def load_model_and_tokenizer(name_or_path: str | Path, runtime: str = "packed", 
     if set_activations(model, activations) == 0 and activations != "f32":
         raise ValueError(f"activations {activations!r}: {name_or_path} (runtime {runtime}) has no packed or GGUF "
                          "layer with integer codes to run them (use the packed runtime of a quantized model)")
-    return model, Tokenizer.from_gguf(path)
-    path = resolve_model(str(name_or_path))
-    model, _ = load_gguf_model(path, runtime=runtime)
     return model, Tokenizer.from_gguf(path)

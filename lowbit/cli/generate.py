@@ -30,9 +30,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtime", default="packed", choices=("packed", "dequant"),
                         help="packed (a GGUF's own blocks or a checkpoint's codes; default) or dequant (float weights)")
-    parser.add_argument("--activations", default="f32", choices=("f32", "int8"),
-                        help="inputs of the packed/GGUF layers: f32 (default) or int8 (rounded per block as ggml "
-                             "does: faster decode GEMVs, a small rounding of x; not for nf4/fp4 codes)")
+    parser.add_argument("--activations", default="auto", choices=("auto", "f32", "int8"),
+                        help="inputs of the packed/GGUF layers: int8 (rounded per block as ggml does: faster "
+                             "decode GEMVs, a small rounding of x; nf4/fp4 layers keep f32) with an f16 KV cache "
+                             "as llama.cpp's; f32 with the model's own cache (the float product's tokens); auto "
+                             "(default): on CPU, int8 in the decode GEMVs and f32 in the prefill GEMMs (the "
+                             "faster of each) with an f16 cache; elsewhere f32. The f16 cache is the contiguous "
+                             "and speculative paths'; the --kv generator keeps --kv (default f32)")
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--draft", default=None, metavar="rtn:SPEC|PATH|layers:N",
                       help="draft model: rtn:SPEC (e.g. rtn:int4:g64, or a GGUF block type such as rtn:q8_0: the "
@@ -115,6 +119,28 @@ def check_generate_arguments(args) -> None:
             raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value}")
 
 
+def resolve_activations(model, requested: str) -> str:
+    """The activations `lowbit generate` runs the loaded model's packed/GGUF layers on. "auto" on CPU:
+    the layers' "auto" mode (int8 in the native decode GEMVs, f32 in the prefill GEMMs: the faster
+    of each, benchmarks/RESULTS.md) where the native kernels are built and some layer takes int8,
+    else "f32"; on other backends "f32"."""
+    from lowbit.nn import set_activations
+
+    if requested != "auto":
+        return requested
+    from lowbit.kernels.native import native_available
+
+    if jax.default_backend() == "cpu" and native_available() and set_activations(model, "auto") > 0:
+        return "auto"
+    return "f32"
+
+
+def cache_layout(activations: str) -> str | None:
+    """The contiguous KV cache that goes with the activations: f16 (llama.cpp's default cache) with
+    int8 decode products, the model's own dtype (None) with f32, so f32 gives the float model's tokens."""
+    return None if activations == "f32" else "f16"
+
+
 def read_prompts(args) -> list[str]:
     """The prompts: the lines of --batch-file (blank lines skipped), else --prompt-file or --prompt."""
     batch_file = getattr(args, "batch_file", None)
@@ -143,10 +169,13 @@ def run(args) -> None:
     prompt = read_prompts(args)[0]
     enable_compilation_cache()
     start = time.perf_counter()
-    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime, getattr(args, "activations", "f32"))
+    requested = getattr(args, "activations", "auto")
+    model, tokenizer = checkpoint.load_model_and_tokenizer(args.model, args.runtime,
+                                                           "f32" if requested == "auto" else requested)
+    activations = resolve_activations(model, requested)
     load_s = time.perf_counter() - start
     if getattr(args, "draft", None):
-        run_speculative(args, model, tokenizer, load_s=load_s)
+        run_speculative(args, model, tokenizer, load_s=load_s, cache=cache_layout(activations))
         return
     with CompileMeter() as meter:
         if wants_kv_generation(args):
@@ -156,13 +185,14 @@ def run(args) -> None:
         key = jax.random.key(args.seed) if args.temperature > 0 else None
         stamps = {}
         new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, key=key,
-                       eos_id=tokenizer.eos_id, timings=stamps)
+                       eos_id=tokenizer.eos_id, layout=cache_layout(activations), timings=stamps)
     new = [int(t) for t in new.reshape(-1)]
     seconds = stamps["end"] - stamps["start"]
     prefill_s = stamps["first_token"] - stamps["start"]
     decode_s = stamps["end"] - stamps["first_token"]
     prefill_compile, decode_compile = meter.seconds_of("prefill"), meter.seconds_of("decode")
-    info = {"tokens": new, "text": tokenizer.decode(new), "prompt_tokens": len(ids),
+    info = {"tokens": new, "text": tokenizer.decode(new), "activations": activations,
+            "cache": stamps["layout"], "prompt_tokens": len(ids),
             "prompt_bucket": stamps["bucket"], "seconds": round(seconds, 3),
             "tokens_per_s": round(len(new) / seconds, 2), "load_s": round(load_s, 3),
             "first_token_s": round(prefill_s, 3), "compile_s": round(meter.seconds, 3),
@@ -270,20 +300,22 @@ def _checkpoint_draft(spec: str, target, tokenizer, runtime: str, activations: s
     return draft
 
 
-def run_speculative(args, model, tokenizer, load_s: float | None = None) -> dict:
+def run_speculative(args, model, tokenizer, load_s: float | None = None, cache: str | None = None) -> dict:
     """Speculative generation of every prompt with --draft and --gamma; prints the texts (or JSON with
     --json) with acceptance_rate, target_calls, tokens and wall time. --batch-file prompts run one
     after another on paged caches, not batched: on this memory-bound CPU, batching is itself what
     speculation buys (one weight read for many tokens; the batched generator's decode phase gives
     1.9x at 4 sequences, 2.4x at 16, benchmarks/RESULTS.md), while speculation alone measured below
-    1x here (papers/speculative), so rows advancing by different accepted counts are not worth it."""
+    1x here (papers/speculative), so rows advancing by different accepted counts are not worth it.
+    cache: the KV layout when --kv is not given (as the plain path's, so greedy tokens agree; with
+    --activations auto while the verify pass, gamma + 1 rows, stays on the int8 GEMV: gamma < 23)."""
     from lowbit.decode.speculative import SpeculativeDecoder, SpeculativeStats
 
     check_generate_arguments(args)
     prompts = read_prompts(args)
     draft = load_draft(args.draft, model, tokenizer, getattr(args, "runtime", "packed"),
                        getattr(args, "draft_activations", "f32"), getattr(args, "draft_embed", "keep"))
-    decoder = SpeculativeDecoder(model, draft, args.gamma, layout=getattr(args, "kv", None),
+    decoder = SpeculativeDecoder(model, draft, args.gamma, layout=getattr(args, "kv", None) or cache,
                                  policy=getattr(args, "kv_policy", None),
                                  paged=getattr(args, "batch_file", None) is not None,
                                  page_size=getattr(args, "page_size", None),

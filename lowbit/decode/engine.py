@@ -388,7 +388,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, k
     itself for one prompt. Returns the new ids ([n] or [batch, n]): a batch stops once every row
     has produced eos_id and pads the rows that ended with eos_id; one prompt ends at its eos_id.
     timings, when given, receives time.perf_counter() stamps "start", "first_token" (the first new
-    token is on the host) and "end", and the prefill "bucket" length.
+    token is on the host) and "end", the prefill "bucket" length and the cache "layout" name.
     """
     prompt = np.asarray(prompt_ids)
     squeeze = prompt.ndim == 1
@@ -423,6 +423,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, k
         timings["first_token"] = generator._start + generator.stats.first_token_seconds
         timings["end"] = generator._start + generator.stats.seconds
         timings["bucket"] = generator._bucket(prompt_len)
+        timings["layout"] = generator.cache.layout.name
     rows = [c.tokens for c in completions]
     if squeeze:
         return np.asarray(rows[0], np.int32)

@@ -70,7 +70,8 @@ def quantized_draft(model, weights: QuantSpec | str, activations: str = "f32"):
     lowbit.nn.packed_layer.kernel_supports the format) or a GGUF block type ("Q8_0", "Q4_0",
     "Q4_1": GgufLinears holding the blocks llama.cpp would write, run through gguf_matmul).
     activations: "int8" runs the draft's linears with int8 activations (a cheaper draft; the output
-    stays exactly the target's, which verifies every token), "f32" the float product."""
+    stays exactly the target's, which verifies every token), "auto" int8 only in the native
+    decode GEMVs (lowbit.kernels.dispatch.choose_activations), "f32" the float product."""
     check_activations(activations)
     ggml_type = weights.upper() if isinstance(weights, str) and weights.upper() in GGUF_BLOCKS else None
     if ggml_type is None:
@@ -94,8 +95,8 @@ def quantized_draft(model, weights: QuantSpec | str, activations: str = "f32"):
             else:
                 layer = PackedLayer(DotContraction((k,), (n,), (-1,)), pack(quantize(matrix, spec, axis=0)),
                                     dtype=model.dtype)
-                if activations == "int8":
-                    set_activations(layer, "int8")
+                if activations != "f32":
+                    set_activations(layer, activations)
             setattr(getattr(block, part), name, layer)
             del matrix
         layers.append(block)

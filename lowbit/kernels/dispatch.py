@@ -21,13 +21,25 @@ NATIVE_GEMM_ROWS = 24
 # How the quantized matmuls (gguf_matmul, packed_matmul) meet their input: "f32" as it is, or "int8"
 # rounded per row and block to round(x / d) * d, d = max|x| / 127 (ggml's q8), with integer dots.
 ACTIVATIONS = ("f32", "int8")
+# What their APIs and layers also take: "auto", int8 where the native integer GEMV runs (fewer than
+# NATIVE_GEMM_ROWS rows of x: decode) and f32 elsewhere (the prefill GEMM, which is faster on f32 x,
+# benchmarks/RESULTS.md; and every non-native impl, where int8 would only add a rounding).
+ACTIVATION_MODES = (*ACTIVATIONS, "auto")
 
 
-def check_activations(activations: str) -> str:
-    """`activations` when it is one of ACTIVATIONS, else a ValueError naming them."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+def check_activations(activations: str, modes: tuple[str, ...] = ACTIVATION_MODES) -> str:
+    """`activations` when it is one of `modes`, else a ValueError naming them."""
+    if activations not in modes:
+        raise ValueError(f"activations must be one of {modes}, got {activations!r}")
     return activations
+
+
+def choose_activations(activations: str, impl: str, rows: int, int8_ok: bool = True) -> str:
+    """The activations one call computes with: "auto" becomes "int8" on the native impl below
+    NATIVE_GEMM_ROWS rows of x when the weights' grid is integer (int8_ok), else "f32"."""
+    if activations != "auto":
+        return activations
+    return "int8" if impl == "native" and rows < NATIVE_GEMM_ROWS and int8_ok else "f32"
 
 
 # XLA's CPU compiler by default schedules for concurrency: it runs every op whose inputs are

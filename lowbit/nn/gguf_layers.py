@@ -29,7 +29,8 @@ class GgufLinear(nnx.Module):
     """y = x @ W.T for W [out, in] held as its GGUF blocks (uint8 [out, in/32 * block bytes], one
     output feature per row, exactly the file's bytes): the nnx.Linear it replaces, without a bias.
     impl, activations: gguf_matmul's ("auto": the native CPU kernel for decode, XLA's dot for
-    prefill; "f32" activations, or "int8" rounded per 32-block as ggml does)."""
+    prefill; "f32" activations, "int8" rounded per 32-block as ggml does, or "auto": int8 in the
+    native decode GEMV only)."""
 
     def __init__(self, blocks, ggml_type: str, *, impl: str = "auto", activations: str = "f32"):
         self.ggml_type = _check_type(ggml_type)
@@ -95,10 +96,11 @@ class GgufEmbed(nnx.Module):
 
 def set_activations(model: nnx.Module, activations: str) -> int:
     """Sets how every packed and GGUF layer of `model` meets its input: "int8" (each row rounded per
-    block to int8 as ggml does, integer dots: faster decode GEMVs, a small rounding of x) or "f32"
-    (the default: the float product). Packed layers whose codes are not integers (nf4/fp4) or that
-    run dequantized keep "f32". Returns how many layers now run with `activations`; a runtime
-    setting, not saved in checkpoints."""
+    block to int8 as ggml does, integer dots: faster decode GEMVs, a small rounding of x), "f32"
+    (the default: the float product) or "auto" (int8 in the native decode GEMVs, f32 in prefill
+    GEMMs and off the native backend: lowbit.kernels.dispatch.choose_activations). Packed layers
+    whose codes are not integers (nf4/fp4) or that run dequantized keep "f32". Returns how many
+    layers now run with `activations`; a runtime setting, not saved in checkpoints."""
     check_activations(activations)
     count = 0
     for _, module in nnx.iter_graph(model):

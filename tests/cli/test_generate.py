@@ -1,13 +1,15 @@
 """`lowbit generate --json` reports compilation, prefill and decode rates separately, on both the
-model's own cache and the KV-cache generator."""
+model's own cache and the KV-cache generator, and the activations and cache it chose."""
 
 import json
 
+import jax
 import pytest
 from flax import nnx
 
 import lowbit.checkpoint
 from lowbit.cli import main
+from lowbit.kernels.native import native_available
 from lowbit.models.llama import Llama, LlamaConfig
 
 
@@ -84,3 +86,48 @@ def test_generate_speculative_json_matches_plain_greedy(tiny, capsys, tmp_path):
 def test_generate_speculative_bad_options(tiny, capsys, extra, message):
     assert main(["generate", "--prompt", "x", "--max-new-tokens", "3"] + extra) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_packed(monkeypatch):
+    from lowbit.nn import QuantRule, freeze, quantize_model
+
+    model = Llama(LlamaConfig.tiny(ffn_dim=96), rngs=nnx.Rngs(1))
+    quantize_model(model, QuantRule(path=r".*layers.*", weight_spec="int4:g32"), warn=False)
+    freeze(model)  # packed int4 layers, as a PTQ checkpoint loads
+
+    def load(name, runtime="packed", activations="f32"):
+        from lowbit.nn import set_activations
+        set_activations(model, activations)
+        return model, BytesAsIds()
+
+    monkeypatch.setattr(lowbit.checkpoint, "load_model_and_tokenizer", load)
+    monkeypatch.setenv("LOWBIT_COMPILE_CACHE", "off")
+    return model
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or not native_available(),
+                    reason="the auto default takes int8 only on the native CPU kernels")
+def test_generate_defaults_to_int8_decode_products_and_f16_cache_on_packed_cpu_models(tiny_packed, capsys):
+    args = ["generate", "--prompt", "numerics of llama.cpp", "--max-new-tokens", "6", "--json"]
+    assert main(args) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert (auto["activations"], auto["cache"]) == ("auto", "f16")
+    assert {layer.activations for layer in _packed_layers(tiny_packed)} == {"auto"}
+    assert main(args + ["--activations", "int8"]) == 0
+    int8 = json.loads(capsys.readouterr().out)
+    assert (int8["activations"], int8["cache"]) == ("int8", "f16")
+    assert main(args + ["--activations", "f32"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert (exact["activations"], exact["cache"]) == ("f32", "f32")
+
+
+def _packed_layers(model):
+    from lowbit.nn.packed_layer import PackedLayer
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, PackedLayer)]
+
+
+def test_generate_auto_keeps_a_float_model_on_f32(tiny, capsys):
+    assert main(["generate", "--prompt", "float", "--max-new-tokens", "3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["activations"], info["cache"]) == ("f32", "f32")

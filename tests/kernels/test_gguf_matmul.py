@@ -52,6 +52,20 @@ class GgufMatmulBase(KernelTestBase):
         expected = np.asarray(x, np.float64).reshape(6, 64) @ dense.T
         assert _relative_error(y.reshape(6, 24), expected) < 2e-2
 
+    @pytest.mark.parametrize("ggml_type", ["Q4_1", "Q8_0"])
+    def test_auto_activations_choose_int8_only_for_the_native_gemv(self, ggml_type):
+        """activations="auto" is exactly the int8 product on the native impl below NATIVE_GEMM_ROWS rows
+        and exactly the f32 product elsewhere (more rows, or the XLA impl)."""
+        from lowbit.kernels.dispatch import NATIVE_GEMM_ROWS
+
+        blocks, _ = _blocks(ggml_type, 37, 160, seed=16)
+        x = jnp.asarray(np.random.default_rng(17).standard_normal((NATIVE_GEMM_ROWS + 4, 160)), jnp.float32)
+        for m in (1, 2, NATIVE_GEMM_ROWS - 1, NATIVE_GEMM_ROWS + 4):
+            chosen = "int8" if self.impl == "native" and m < NATIVE_GEMM_ROWS else "f32"
+            np.testing.assert_array_equal(
+                np.asarray(self.matmul(x[:m], jnp.asarray(blocks), ggml_type, activations="auto")),
+                np.asarray(self.matmul(x[:m], jnp.asarray(blocks), ggml_type, activations=chosen)), err_msg=str(m))
+
     def test_bad_inputs(self):
         blocks, _ = _blocks("Q4_1", 8, 64)
         blocks = jnp.asarray(blocks)

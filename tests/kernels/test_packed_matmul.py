@@ -720,6 +720,26 @@ class TestInt8ActivationsNative(NativeImpl):
         assert np.all(np.abs(y8 - y32) <= half_steps @ w + float_slack)
         assert np.abs(y8 - y32).max() > 10 * float_slack  # the rounding is real, well above float noise
 
+    @pytest.mark.parametrize("spec, k, n", [("int4:g64", 200, 37), ("ternary:g64", 190, 50)])
+    def test_auto_is_int8_in_the_gemv_and_f32_in_the_gemm(self, spec, k, n):
+        """activations="auto": exactly the int8 product below NATIVE_GEMM_ROWS rows of x and exactly the
+        f32 product from there on; a code book (nf4) takes f32 at every size instead of an error."""
+        from lowbit.kernels.dispatch import NATIVE_GEMM_ROWS
+
+        pw = _quantized(spec, k, n)[0]
+        x = jnp.asarray(np.random.default_rng(29).standard_normal((NATIVE_GEMM_ROWS + 8, k)), jnp.float32)
+        for m in (1, 3, NATIVE_GEMM_ROWS - 1, NATIVE_GEMM_ROWS, NATIVE_GEMM_ROWS + 8):
+            auto = np.asarray(packed_matmul(x[:m], pw, impl="native", activations="auto"))
+            chosen = "int8" if m < NATIVE_GEMM_ROWS else "f32"
+            np.testing.assert_array_equal(auto, np.asarray(packed_matmul(x[:m], pw, impl="native",
+                                                                         activations=chosen)), err_msg=str(m))
+        xla = packed_matmul(x[:2], pw, impl="xla", activations="auto")  # off the native impl: f32
+        np.testing.assert_array_equal(np.asarray(xla), np.asarray(packed_matmul(x[:2], pw, impl="xla")))
+        nf4 = _packed("nf4:g64", 128, 32)
+        x4 = x[:2, :128]
+        np.testing.assert_array_equal(np.asarray(packed_matmul(x4, nf4, impl="native", activations="auto")),
+                                      np.asarray(packed_matmul(x4, nf4, impl="native")))
+
     def test_bad_activations_and_code_books(self):
         pw = _quantized("int4:g64", 128, 32)[0]
         x = jnp.ones((1, 128), jnp.float32)

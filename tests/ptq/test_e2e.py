@@ -183,12 +183,19 @@ def test_ternary_storage_keeps_three_values_per_group_and_packs_to_the_reported_
 
 
 def test_a_recipe_runs_quantizes_trains_and_saves(make_tiny, calibration, test_tokens, tmp_path):
-    recipe = dataclasses.replace(get_recipe("ternary"), weights="int2:g64", e2e_steps=3,
-                                 e2e_learning_rate=1e-2)
+    ternary = get_recipe("ternary-blockap")
+    assert ternary.method == "blockap" and dict(ternary.options)["init"] == "gptq"
+    recipe = dataclasses.replace(ternary, e2e_steps=3, e2e_learning_rate=1e-2,
+                                 options=(*ternary.options, ("steps", 4)))  # the last value wins
     teacher, model = make_tiny(), make_tiny()
     result, report = run_recipe(model, recipe, calibration, teacher=teacher,
-                                e2e_calibration=calibration, progress=False)
-    assert result.method == "recipe:ternary" and result.settings["recipe"]["e2e_steps"] == 3
+                                e2e_calibration=calibration, workdir=tmp_path / "work", progress=False)
+    assert result.method == "recipe:ternary-blockap" and result.settings["recipe"]["e2e_steps"] == 3
+    assert sorted(p.name for p in (tmp_path / "work" / "block-ap").glob("block-*.npz")) == [
+        f"block-{i:04d}.npz" for i in range(len(model.layers))]  # Block-AP's blocks, resumable
+    for _, layer in _packed(model):  # three levels per group, stored as ternary codes
+        q = layer.weight_qarray()
+        assert q.spec.kind == "ternary" and set(np.unique(np.asarray(q.codes))) <= {-1, 0, 1}
     assert report["steps"] == 3 and report["final_kl"] <= report["initial_kl"]
     assert result.bits_per_weight == pytest.approx(
         sum(8 * l.nbytes for _, l in _packed(model)) /
@@ -205,4 +212,5 @@ def test_a_recipe_runs_quantizes_trains_and_saves(make_tiny, calibration, test_t
 
 def test_recipes_state_their_bits():
     assert {name: r.bits_per_weight() for name, r in RECIPES.items()} == {
-        "w4": 4.25, "w3": 3.25, "w2": 2.25, "ternary": pytest.approx(1.6 + 0.25)}
+        "w4": 4.25, "w3": 3.25, "w2": 2.25, "ternary": pytest.approx(1.6 + 0.25),
+        "w2-blockap": 2.25, "ternary-blockap": pytest.approx(1.6 + 0.25)}

@@ -230,7 +230,7 @@ def test_int8_kv_generate_matches_llamacpp_f32_greedy(smollm2_path, tokenizer, c
     prompt_file.write_text(tokenizer.decode(held_apart), encoding="utf-8")
     prompt = tokenizer.encode(prompt_file.read_text(encoding="utf-8"))
     assert prompt == held_apart
-    main(["generate", "--model", "smollm2-135m", "--kv", "int8", "--json", "--quiet",
+    main(["generate", "--model", "smollm2-135m", "--kv", "int8", "--activations", "f32", "--json", "--quiet",
           "--prompt-file", str(prompt_file), "--max-new-tokens", "24"])
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ours = info["results"][0]["tokens"]

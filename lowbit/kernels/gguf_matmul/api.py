@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, check_activations, resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, check_activations, choose_activations, resolve_impl
 from lowbit.kernels.gguf_matmul.native import gguf_dequantize_native, gguf_matmul_native
 from lowbit.kernels.gguf_matmul.reference import check_blocks, gguf_matmul_reference
 
@@ -38,7 +38,8 @@ def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto", activations: s
     Differentiable in x on every path; natively x-bar = g @ W runs over the blocks (no float W).
     activations: "f32" (default: x as it is, so a model on the blocks equals its f32-dequantized load
     within float rounding) or "int8" (x rounded per row and 32-block to int8 as ggml does, integer
-    block dots; an extra rounding of x of up to 0.4% of each block's max; every impl rounds the same way).
+    block dots; an extra rounding of x of up to 0.4% of each block's max; every impl rounds the same way)
+    or "auto" ("int8" on the native impl below NATIVE_GEMM_ROWS rows of x, else "f32").
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -51,6 +52,7 @@ def gguf_matmul(x, blocks, ggml_type: str, *, impl: str = "auto", activations: s
     resolved, _ = resolve_impl(impl, None, has_native=True)
     lead = x.shape[:-1]
     x2 = jnp.reshape(x, (-1, k))
+    activations = choose_activations(activations, resolved, x2.shape[0])
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), x.dtype)
     if resolved == "native" and (impl == "native" or x2.shape[0] <= NATIVE_MAX_ROWS):

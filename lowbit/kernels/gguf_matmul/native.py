@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.kernels.dispatch import NATIVE_GEMM_ROWS
-from lowbit.kernels.dispatch import ACTIVATIONS
+from lowbit.kernels.dispatch import ACTIVATIONS, check_activations
 from lowbit.kernels.gguf_matmul.reference import GGUF_BLOCKS
 
 
@@ -20,6 +20,7 @@ def gguf_matmul_native(x, blocks, ggml_type: str, activations: str = "f32", gemm
     quantized per row and 32-block inside the kernel (ggml's q8_0) and multiplied in integers (GEMV at
     every row count). Differentiable in x: x-bar = g @ W by `lowbit_gguf_matmul_transposed` over the
     blocks (for "int8", the rounding of x passes the gradient straight through); the blocks are frozen."""
+    check_activations(activations, ACTIVATIONS)
     return _product(x.astype(jnp.float32), blocks, GGUF_BLOCKS[ggml_type][0], ACTIVATIONS.index(activations),
                     gemm_rows)
 

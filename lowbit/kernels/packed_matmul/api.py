@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.core.packing import PackedArray
-from lowbit.kernels.dispatch import check_activations, resolve_impl
+from lowbit.kernels.dispatch import check_activations, choose_activations, resolve_impl
 from lowbit.kernels.packed_matmul.native import (
     activation_block,
     int8_supports,
@@ -61,7 +61,8 @@ def packed_matmul(
     most 256 inputs inside a group (`activation_block`) to round(x / d) * d, d = max|x| / 127, as
     ggml's q8 does; the native kernel then multiplies in integers (its int8 GEMV at every row count),
     the other impls multiply the same rounded x in float (same result within float rounding). An
-    inference option: the gradient passes the rounding straight through and stays f32.
+    inference option: the gradient passes the rounding straight through and stays f32. "auto":
+    "int8" where the native GEMV runs (fewer than NATIVE_GEMM_ROWS rows, integer codes), else "f32".
     """
     fmt = weight_format(w)
     k, n = w.shape
@@ -82,6 +83,7 @@ def packed_matmul(
     lead = x.shape[:-1]
     x2 = jnp.reshape(x, (-1, k))
     m = x2.shape[0]
+    activations = choose_activations(activations, impl, m, int8_supports(fmt) is None)
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
     if impl == "native":

@@ -93,7 +93,7 @@ def packed_matmul_native(x, w: PackedArray, fmt: WeightFormat, gemm_rows: int = 
     activations "f32": the GEMV kernel below `gemm_rows` rows of x, the blocked GEMM from there on;
     "int8" (integer codes only, `int8_supports`): x rounded per row and `activation_block` inside the
     kernel, integer dots, the int8 GEMV at every row count. The gradient always runs the f32 GEMM."""
-    check_activations(activations)
+    check_activations(activations, ACTIVATIONS)
     if activations == "int8" and (reason := int8_supports(fmt)) is not None:
         raise ValueError(f"activations='int8': {reason}")
     rows, n = w.data.shape
