@@ -241,43 +241,54 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
     """
     from lowbit.ptq.targets import check_rules, check_runtime, resolve_targets
 
-    entry = get_method(method)
+    get_method(method)  # an unknown name is a ValueError here
     check_runtime(runtime)
     start = time.perf_counter()
     plan = None
     if not isinstance(rotate, bool):
         raise ValueError(f"rotate must be True or False, got {rotate!r}")
+    if rotate and method not in ROTATABLE_METHODS:
+        raise ValueError(f"rotate=True needs a method of {list(ROTATABLE_METHODS)}, got {method!r}")
+    # every check that needs no work runs before a rotation changes the model in place
+    targets = resolve_targets(model, rules, warn_unmatched=not rotate)
+    llama_inputs = None
+    if method in _ANY_MODEL_OPTIONS:
+        _only(options, _ANY_MODEL_OPTIONS[method], method)
+    else:
+        llama_inputs = _check_llama_only(model, targets, method, calibration, blocks, options)
     if rotate:
-        from lowbit.ptq.rotation import (carry_online_transforms, rotate_model,
-                                         rotated_scale_groups)
+        from lowbit.ptq.rotation import rotate_model, rotated_scale_groups
 
-        if method not in ROTATABLE_METHODS:
-            raise ValueError(f"rotate=True needs a method of {list(ROTATABLE_METHODS)}, got "
-                             f"{method!r}")
-        # bad rules and options fail before the model is rotated in place
-        chosen = resolve_targets(model, rules, warn_unmatched=False)
-        if method in _ANY_MODEL_OPTIONS:
-            _only(options, _ANY_MODEL_OPTIONS[method], method)
-        else:
-            _check_llama_only(model, chosen, method, calibration, blocks, options)
         plan = rotate_model(model, seed=rotation_seed)
         if method == "awq":
             options["scale_groups"] = rotated_scale_groups(model, plan,
                                                            options.get("scale_groups"))
-    targets = resolve_targets(model, rules)
+        targets = resolve_targets(model, rules)
     settings = {"rules": [repr(r) for r in check_rules(rules)], "runtime": runtime,
                 **options}
     if rotate:
         settings["rotate"] = {"seed": rotation_seed}
+    if llama_inputs is not None:
+        result = _llama_only(model, llama_inputs, method, calibration, runtime, progress, options)
+        result.settings.update({k: settings[k] for k in ("rules", "runtime", "rotate") if k in settings})
+    else:
+        linears, reports = _apply_any_model(method, model, targets, calibration, runtime, blocks,
+                                            progress, options)
+        settings = {key: (repr(value) if key == "scale_groups" else
+                          str(value) if key == "workdir" and value is not None else value)
+                    for key, value in settings.items()}
+        result = PTQResult(method=method, linears=linears, seconds=time.perf_counter() - start,
+                           settings=settings, block_reports=reports)
+    if plan is not None:
+        from lowbit.ptq.rotation import carry_online_transforms
+
+        carry_online_transforms(model, plan)
+    return result
+
+
+def _apply_any_model(method, model, targets, calibration, runtime, blocks, progress, options):
+    """The registry's any-model methods: (path -> QuantizedLinear, per-block reports)."""
     reports: list = []
-    if method not in _ANY_MODEL_OPTIONS:
-        result = _llama_only(model, targets, method, calibration, blocks, runtime, progress,
-                             settings, options)
-        if plan is not None:
-            carry_online_transforms(model, plan)
-            result.settings["rotate"] = settings["rotate"]
-        return result
-    _only(options, _ANY_MODEL_OPTIONS[method], method)
     if method == "rtn":
         from lowbit.ptq.rtn import rtn_apply
 
@@ -315,13 +326,7 @@ def quantize(model, rules, method: str = "rtn", calibration=None, *, runtime: st
         linears, reports = act_apply(model, targets, calibration, kwargs.pop("act_bits"),
                                      kwargs.pop("act_observer"), runtime=runtime, blocks=blocks,
                                      progress=progress, **kwargs)
-    settings = {key: (repr(value) if key == "scale_groups" else
-                      str(value) if key == "workdir" and value is not None else value)
-                for key, value in settings.items()}
-    if plan is not None:
-        carry_online_transforms(model, plan)
-    return PTQResult(method=method, linears=linears, seconds=time.perf_counter() - start,
-                     settings=settings, block_reports=reports)
+    return linears, reports
 
 
 # The options each method takes in `quantize` (any model); the others run on the Llama only.
@@ -365,11 +370,11 @@ def _check_llama_only(model, targets, method, calibration, blocks, options):
     return spec, tokens
 
 
-def _llama_only(model, targets, method, calibration, blocks, runtime, progress, settings,
-                options) -> PTQResult:
-    """"mixed" and "llamacpp": the built-in Llama with one spec for all its block linears ("mixed"
-    only uses it to select them); a calibrated method takes its batches' size as batch_size."""
-    spec, tokens = _check_llama_only(model, targets, method, calibration, blocks, options)
+def _llama_only(model, checked, method, calibration, runtime, progress, options) -> PTQResult:
+    """"mixed" and "llamacpp" on the built-in Llama: checked is _check_llama_only's (spec, tokens)
+    ("mixed" only uses the spec to select the linears); a calibrated method takes its batches'
+    size as batch_size."""
+    spec, tokens = checked
     entry = get_method(method)
     kwargs = dict(options)
     if "progress" in entry.options():
@@ -378,9 +383,7 @@ def _llama_only(model, targets, method, calibration, blocks, runtime, progress, 
         kwargs["runtime"] = runtime
     if "batch_size" in entry.options() and calibration is not None:
         kwargs.setdefault("batch_size", len(calibration[0]))
-    result = run_method(method, model, spec, tokens, **kwargs)
-    result.settings.update(rules=settings["rules"], runtime=runtime)
-    return result
+    return run_method(method, model, spec, tokens, **kwargs)
 
 
 def _only(options: dict[str, Any], allowed: tuple[str, ...], method: str) -> None:
