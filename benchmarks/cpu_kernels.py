@@ -6,12 +6,15 @@ call's time (on a shared machine the best is the kernel, the median what a busy 
 A format name ending in " a8" is the same kernel with int8 activations (x rounded per row and block,
 integer dots). `--grad` times the forward and the input gradient (x-bar of sum(y * y)) instead: a training step's matmuls.
 `--decode` instead times SmolLM2's greedy decode with its block linears frozen to packed int4:g64 (RTN),
-the packed layers' activations f32 vs int8, in interleaved rounds.
+the packed layers' activations f32 vs int8, in interleaved rounds. `--simd-levels 1,2` times every
+native case (and, with --decode, the int8 decode) with the kernels' SIMD capped at each level
+(1 AVX2, 2 AVX-512 VNNI; `lowbit.kernels.native.simd_at_most`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -28,7 +31,7 @@ import numpy as np
 from lowbit.core.packing import pack
 from lowbit.core.quantize import quantize
 from lowbit.kernels import gguf_matmul, int8_matmul, packed_matmul
-from lowbit.kernels.native import native_available, native_error, simd_level
+from lowbit.kernels.native import native_available, native_error, simd_at_most, simd_level
 from lowbit.kernels.packed_matmul.native import packed_matmul_native
 from lowbit.kernels.packed_matmul.reference import float_scales, weight_format
 
@@ -141,24 +144,28 @@ def bench(args):
                 cases.append(("int8 w8a8", impl, w8a8, (codes, wscale)))
             base = None
             for fmt, impl, fn, weight in cases:
-                median, best = loop_time(fn, x, weight, args.inner, args.repeats, args.grad)
-                moved = _nbytes(weight)
-                base = (median, best) if base is None else base
-                row = dict(k=k, n=n, m=m, format=fmt, impl=impl, us_median=median * 1e6, us_best=best * 1e6,
-                           weight_bytes=moved, gbs_best=moved / best / 1e9, vs_f32_median=base[0] / median,
-                           vs_f32_best=base[1] / best)
-                rows.append(row)
-                print(f"{k:>6}x{n:<6}{m:>4}  {fmt:<15}{impl:<7}{row['us_median']:>10.1f}{row['us_best']:>10.1f}"
-                      f"{moved / 1024:>9.0f}{row['gbs_best']:>8.2f}{row['vs_f32_median']:>8.2f}x"
-                      f"{row['vs_f32_best']:>7.2f}x", flush=True)
+                for level in (args.simd_levels or [None]) if impl in ("native", "gemv") else [None]:
+                    with simd_at_most(level) if level is not None else contextlib.nullcontext():
+                        median, best = loop_time(fn, x, weight, args.inner, args.repeats, args.grad)
+                    label = impl if level is None else f"{impl}/{level}"
+                    moved = _nbytes(weight)
+                    base = (median, best) if base is None else base
+                    row = dict(k=k, n=n, m=m, format=fmt, impl=label, us_median=median * 1e6, us_best=best * 1e6,
+                               weight_bytes=moved, gbs_best=moved / best / 1e9, vs_f32_median=base[0] / median,
+                               vs_f32_best=base[1] / best)
+                    rows.append(row)
+                    print(f"{k:>6}x{n:<6}{m:>4}  {fmt:<15}{label:<9}{row['us_median']:>10.1f}{row['us_best']:>10.1f}"
+                          f"{moved / 1024:>9.0f}{row['gbs_best']:>8.2f}{row['vs_f32_median']:>8.2f}x"
+                          f"{row['vs_f32_best']:>7.2f}x", flush=True)
     return rows
 
 
-def decode(new_tokens: int, rounds: int) -> None:
+def decode(new_tokens: int, rounds: int, levels: list[int] | None = None) -> None:
     """Greedy decode tok/s of SmolLM2 (block linears RTN int4:g64, frozen to packed layers on the native
-    kernel; head and embedding f32) with the packed layers' activations f32 and int8, one model,
-    interleaved rounds; rate = (new_tokens - 1) / (time of new_tokens - time of 1 token); then both
-    modes' perplexity on 8 windows of 256 tokens of the pydoc evaluation split."""
+    kernel; head and embedding f32) with the packed layers' activations f32 and int8 (int8 at each SIMD
+    level of `levels`, else at this CPU's), one model, interleaved rounds; rate = (new_tokens - 1) /
+    the time from the first new token to the last (generate's stamps); then both activations'
+    perplexity on 8 windows of 256 tokens of the pydoc evaluation split."""
     from flax import nnx
 
     from lowbit.decode import generate
@@ -174,32 +181,33 @@ def decode(new_tokens: int, rounds: int) -> None:
     layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, PackedLayer)]
     prompt = np.array([1, 504, 3458, 282, 4649, 314, 253, 1345], np.int32)
 
-    def run(activations: str, tokens: int):
+    def run(mode: str):
+        """(decode tok/s after the first token, from generate's own time stamps; the tokens)."""
+        activations, _, level = mode.partition(" simd ")
         for layer in layers:
             layer.activations = activations
-        start = time.perf_counter()
-        out = generate(model, prompt, tokens)
-        return time.perf_counter() - start, np.asarray(out)
+        with simd_at_most(int(level)) if level else contextlib.nullcontext():
+            stamps: dict = {}
+            out = generate(model, prompt, new_tokens, timings=stamps)
+        return (new_tokens - 1) / (stamps["end"] - stamps["first_token"]), np.asarray(out)
 
-    modes = ("f32", "int8")
-    outputs = {mode: run(mode, new_tokens)[1] for mode in modes}  # compile both lengths of both
-    for mode in modes:
-        run(mode, 1)
+    modes = ("f32", *(f"int8 simd {level}" for level in levels)) if levels else ("f32", "int8")
+    outputs = {mode: run(mode)[1] for mode in modes}  # compiles
     rates = {mode: [] for mode in modes}
     loads = [os.getloadavg()[0]]
     for r in range(rounds):
         for mode in modes[r % 2:] + modes[:r % 2]:
-            short, long = run(mode, 1)[0], run(mode, new_tokens)[0]
-            rates[mode].append((new_tokens - 1) / (long - short))
+            rates[mode].append(run(mode)[0])
         loads.append(os.getloadavg()[0])
-    agree = float(np.mean(outputs["f32"] == outputs["int8"]))
+    int8 = modes[1]
+    agree = float(np.mean(outputs["f32"] == outputs[int8]))
     from lowbit.data.corpus import load_text, split_tokens
     from lowbit.eval.perplexity import perplexity
     from lowbit.models.tokenizer import Tokenizer
 
     tokens = split_tokens(np.asarray(Tokenizer.from_gguf(fetch("smollm2-135m")).encode(load_text()), np.int32))[1]
     ppl = {}
-    for mode in modes:
+    for mode in ("f32", "int8"):
         for layer in layers:
             layer.activations = mode
         ppl[mode] = perplexity(model, tokens, ctx=256, windows=8).ppl
@@ -208,7 +216,9 @@ def decode(new_tokens: int, rounds: int) -> None:
     for mode in modes:
         print(f"activations {mode}: decode median {statistics.median(rates[mode]):.1f} tok/s, "
               f"best {max(rates[mode]):.1f} tok/s")
-    print(f"int8 / f32 (medians): {statistics.median(rates['int8']) / statistics.median(rates['f32']):.2f}x; "
+    for mode in modes[2:]:
+        print(f"{mode} / {int8} (medians): {statistics.median(rates[mode]) / statistics.median(rates[int8]):.2f}x")
+    print(f"{int8} / f32 (medians): {statistics.median(rates[int8]) / statistics.median(rates['f32']):.2f}x; "
           f"greedy tokens equal: {agree:.0%}; perplexity (pydoc evaluation split, 8 windows of 256 tokens): "
           f"f32 {ppl['f32']:.4f}, int8 {ppl['int8']:.4f}")
 
@@ -233,12 +243,14 @@ def main(argv=None):
     parser.add_argument("--decode", action="store_true",
                         help="instead: SmolLM2 int4:g64 decode tok/s, packed layers' activations f32 vs int8")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per timing with --decode")
+    parser.add_argument("--simd-levels", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                        help="time the native kernels at each SIMD cap, e.g. 1,2 (1 AVX2, 2 AVX-512 VNNI)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if "native" in args.impls and not native_available():
         parser.error(f"--impls native: the native kernels are unavailable: {native_error()}")
     if args.decode:
-        decode(args.new_tokens, args.repeats)
+        decode(args.new_tokens, args.repeats, args.simd_levels)
         return
     copy, read = copy_bandwidth(), read_bandwidth()
     load = os.getloadavg()[0]
@@ -247,7 +259,7 @@ def main(argv=None):
           f"{os.cpu_count()} cores, jax {jax.__version__}, simd level {simd_level() if native_available() else '-'}, "
           f"native threads {threads}, load {load:.1f}; numpy copy {copy:.1f} GB/s (read+write), "
           f"sum {read:.1f} GB/s (read)")
-    print(f"{'K x N':<13}{'M':>4}  {'format':<15}{'impl':<7}{'us med':>10}{'us best':>10}{'KiB':>9}"
+    print(f"{'K x N':<13}{'M':>4}  {'format':<15}{'impl':<9}{'us med':>10}{'us best':>10}{'KiB':>9}"
           f"{'GB/s':>8}{'f32/med':>9}{'f32/best':>8}  (GB/s: weight bytes / best time)")
     rows = bench(args)
     if args.json:

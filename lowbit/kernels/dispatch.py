@@ -9,11 +9,10 @@ import jax
 from lowbit.kernels.native import native_available, native_error
 
 IMPLS = ("auto", "pallas", "native", "xla")
-# "auto" uses a native CPU GEMV without a blocked GEMM (int8_matmul; gguf_matmul with int8
-# activations or under "auto") for at most this many activation rows; above, XLA's dot of the dequantized
-# weight wins (benchmarks/RESULTS.md: tied at 64 rows, XLA 1.6-3.5x faster at 512). packed_matmul's
-# native GEMM is 0.4-1.6x XLA at 16-512 rows (tied within a loaded machine's noise; RESULTS.md) without
-# forming a float W, so "auto" keeps packed_matmul native at any M.
+# "auto" uses the native CPU kernels for at most this many activation rows of f32 activations
+# (int8_matmul, gguf_matmul, packed_matmul); above, the weight dequantized for the call and XLA's dot
+# win (benchmarks/RESULTS.md: GGUF tied at 64 rows, XLA 1.6-3.5x faster at 512; packed int4 at 512
+# rows 0.4-1.6x XLA on AVX2-only hosts, 0.5x on an AVX-512 host, where XLA's dot runs 16-wide).
 NATIVE_MAX_ROWS = 32
 # The native packed forward switches from its GEMV to the blocked GEMM (a dequantized panel of W in
 # cache, an FMA micro-kernel over all rows) at this many activation rows.

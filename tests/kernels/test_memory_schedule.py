@@ -1,10 +1,13 @@
 """The CPU schedule lowbit asks XLA for keeps one packed layer's dequantized weight alive at a
-time in a whole-model jit, not all of them (the concurrency scheduler's default hoists them)."""
+time in a whole-model jit, not all of them (the concurrency scheduler's default hoists them): the
+XLA path's dequantization and the native one that "auto" runs for prefill alike."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 _PROGRAM = r"""
 import json, sys
@@ -22,7 +25,7 @@ weights = [pack(quantize(jnp.asarray(rng.normal(size=(width, width)), jnp.float3
 
 def forward(x, weights):
     for w in weights:
-        x = jnp.tanh(packed_matmul(x, w, impl="xla"))
+        x = jnp.tanh(packed_matmul(x, w, impl=sys.argv[2]))
     return x
 
 x = jnp.ones((rows, width), jnp.float32)
@@ -34,17 +37,22 @@ print(json.dumps({"in_force": in_force,
 """
 
 
-def _temp_bytes(schedule: str) -> dict:
+def _temp_bytes(schedule: str, impl: str) -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run([sys.executable, "-c", _PROGRAM, schedule], env=env, check=True,
+    done = subprocess.run([sys.executable, "-c", _PROGRAM, schedule, impl], env=env, check=True,
                           capture_output=True, text=True, timeout=300)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_memory_schedule_keeps_one_dequantized_weight_alive():
-    run = _temp_bytes("memory")
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_memory_schedule_keeps_one_dequantized_weight_alive(impl):
+    from lowbit.kernels.native import native_available
+
+    if impl == "auto" and not native_available():
+        pytest.skip("the native kernels are not built here")
+    run = _temp_bytes("memory", impl)
     assert run["in_force"]
     # one layer's float weight (dequantized), a few activations and the dot's own workspace;
     # hoisted dequantizations would need layers x float_weight (12 MiB here)

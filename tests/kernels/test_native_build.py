@@ -55,4 +55,17 @@ def test_library_is_cached_by_content():
     first = native.build_library()
     assert first.exists() and first.parent == native.cache_dir()
     assert native.build_library() == first  # same source, flags and compiler: no rebuild
-    assert native.simd_level() in (0, 1)
+    assert native.simd_level() in (0, 1, 2)
+
+
+def test_simd_level_is_capped_inside_the_block_and_restored_after():
+    if not native.native_available():
+        pytest.skip(f"native backend unavailable: {native.native_error()}")
+    level = native.simd_level()
+    for cap in (0, 1, 2):
+        with native.simd_at_most(cap):
+            assert native.simd_level() == min(cap, level)
+    assert native.simd_level() == level
+    with pytest.raises(ValueError, match="level must be 0, 1 or 2"):
+        with native.simd_at_most(3):
+            pass

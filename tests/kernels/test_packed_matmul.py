@@ -511,12 +511,50 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
         for got, want in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
             assert _relative_error(got, np.asarray(want, np.float64)) < 1e-5
 
-    def test_auto_picks_native_for_decode_and_prefill(self):
-        """"auto" on CPU runs the native kernels at every row count (GEMV, then the blocked GEMM)."""
+    def test_auto_runs_the_gemv_for_decode_and_xla_on_the_dequantized_weight_for_prefill(self):
+        """"auto" on CPU: the native GEMV up to NATIVE_MAX_ROWS rows of x; above, the native
+        dequantization and XLA's dot forward, the transposed kernel on the packed bytes backward."""
         pw = _packed("int4:g64", 128, 32)
         lower = jax.jit(lambda x, w: packed_matmul(x, w)).lower
-        for m in (1, NATIVE_GEMM_ROWS, 512):
-            assert "lowbit_packed_matmul" in lower(jnp.ones((m, 128)), pw).as_text()
+        for m in (1, NATIVE_GEMM_ROWS, NATIVE_MAX_ROWS):
+            text = lower(jnp.ones((m, 128)), pw).as_text()
+            assert "lowbit_packed_matmul" in text and "lowbit_packed_dequantize" not in text, m
+        for m in (NATIVE_MAX_ROWS + 1, 512):
+            text = lower(jnp.ones((m, 128)), pw).as_text()
+            assert "lowbit_packed_dequantize" in text and '"lowbit_packed_matmul"' not in text, m
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(packed_matmul(x, w) ** 2)))
+        assert "lowbit_packed_matmul_transposed" in grad.lower(jnp.ones((64, 128)), pw).as_text()
+
+    # partial last byte and group, asym, ternary, binary, code books with double-quantized scales
+    @pytest.mark.parametrize("spec, ternary, k, n", [
+        ("int4:g64", "base3", 576, 70), ("int4:g32:asym", "base3", 201, 40), ("ternary:g64", "int2", 300, 129),
+        ("int2:channel:asym", "base3", 190, 21), ("binary:g64", "base3", 128, 19), ("nf4:g64:dq", "base3", 320, 37),
+    ])
+    def test_prefill_dequantization_equals_the_reference(self, spec, ternary, k, n):
+        """The native dequantization gives the XLA reference's weight bit for bit, and "auto" above
+        NATIVE_MAX_ROWS rows gives the float64 product and its input gradient within float rounding."""
+        from lowbit.kernels.packed_matmul.native import _dequantize, _stat, activation_block
+        from lowbit.kernels.packed_matmul.reference import float_scales
+
+        pw = _packed(spec, k, n, ternary=ternary)
+        fmt, plain = weight_format(pw), float_scales(pw)
+        group_size, _ = activation_block(fmt, plain.data.shape[0] * fmt.fields)
+        groups = -(-plain.data.shape[0] * fmt.fields // group_size)
+        zero = _stat(plain.zero, groups, n) if fmt.asymmetric else jnp.zeros((1, 1), jnp.float32)
+        native = jax.jit(_dequantize, static_argnums=(3, 4, 5))(
+            plain.data, _stat(plain.scale, groups, n), zero, fmt, group_size, k)
+        np.testing.assert_array_equal(np.asarray(native), np.asarray(jax.jit(lambda w: w.dequantize())(plain)))
+        dense = np.asarray(pw.dequantize(), np.float64)
+        rng = np.random.default_rng(31)
+        x = jnp.asarray(rng.standard_normal((NATIVE_MAX_ROWS + 5, k)), jnp.float32)
+        target = rng.standard_normal((NATIVE_MAX_ROWS + 5, n))
+
+        def forward_and_input_gradient(x, w):
+            return packed_matmul(x, w), jax.grad(lambda x: jnp.sum(packed_matmul(x, w) * target))(x)
+
+        y, x_bar = jax.jit(forward_and_input_gradient)(x, pw)
+        assert _relative_error(y, np.asarray(x, np.float64) @ dense) < 1e-5
+        assert _relative_error(x_bar, target @ dense.T) < 1e-5
 
 
 def _pads_of_shape(fn, args, shape):
@@ -687,6 +725,24 @@ class TestInt8ActivationsNative(NativeImpl):
         with portable_code_only():
             y = packed_matmul(jnp.asarray(x[:5]), pw, impl="native", activations="int8")
         assert _relative_error(y, expected[:5]) < 2e-6, spec
+
+    @pytest.mark.parametrize("spec, k, n", INT8_CASES)
+    def test_vnni_code_equals_the_avx2_code(self, spec, k, n):
+        """The AVX-512 VNNI GEMV (int4 / int2 / ternary; binary stays on AVX2) gives the AVX2 kernel's y
+        bit for bit: the same integer dots, the same float steps (blocks of an odd number of 4-bit rows
+        included: int4:channel at K = 577 rounds x in blocks of 34)."""
+        from lowbit.kernels.native import simd_at_most, simd_level
+
+        if simd_level() < 2:
+            pytest.skip("this CPU has no AVX-512 VNNI")
+        pw = _quantized(spec, k, n)[0]
+        x = jnp.asarray(np.random.default_rng(26).standard_normal((33, k)), jnp.float32)
+        product = jax.jit(lambda x: packed_matmul(x, pw, impl="native", activations="int8"))
+        for m in (1, 2, 3, 8, 33):
+            vnni = np.asarray(product(x[:m]))
+            with simd_at_most(1):
+                avx2 = np.asarray(product(x[:m]))
+            np.testing.assert_array_equal(vnni, avx2, err_msg=f"{spec} m={m}")
 
     @pytest.mark.parametrize("spec, k, n", INT8_CASES[:2] + INT8_CASES[7:8])
     def test_xla_rounds_the_same_way(self, spec, k, n):

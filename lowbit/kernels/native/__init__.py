@@ -26,6 +26,7 @@ CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 TARGETS = {
     "lowbit_packed_matmul": "LowbitPackedMatmul",
     "lowbit_packed_matmul_transposed": "LowbitPackedMatmulTransposed",
+    "lowbit_packed_dequantize": "LowbitPackedDequantize",
     "lowbit_gguf_matmul": "LowbitGgufMatmul",
     "lowbit_gguf_matmul_transposed": "LowbitGgufMatmulTransposed",
     "lowbit_gguf_dequantize": "LowbitGgufDequantize",
@@ -141,16 +142,25 @@ def _loaded():
 
 
 def simd_level() -> int:
-    """1 when the AVX2+FMA+F16C code runs on this CPU, 0 for the portable scalar code."""
+    """The SIMD code the kernels run on this CPU: 2 AVX-512 VNNI for the int8-activation GEMVs (AVX2
+    elsewhere), 1 AVX2+FMA+F16C, 0 the portable scalar code."""
     return int(_loaded().lowbit_native_simd_level())
 
 
 @contextlib.contextmanager
-def portable_code_only():
-    """Within the block, every native call in this process runs the portable scalar code (for tests)."""
+def simd_at_most(level: int):
+    """Within the block, every native call in this process runs SIMD code of at most `level` (0: the
+    portable scalar code, 1: AVX2, 2: everything this CPU has); for tests that compare the paths."""
+    if level not in (0, 1, 2):
+        raise ValueError(f"level must be 0, 1 or 2, got {level!r}")
     library = _loaded()
-    library.lowbit_native_set_simd(0)
+    library.lowbit_native_set_simd(level)
     try:
         yield
     finally:
-        library.lowbit_native_set_simd(1)
+        library.lowbit_native_set_simd(2)
+
+
+def portable_code_only():
+    """Within the block, every native call in this process runs the portable scalar code (for tests)."""
+    return simd_at_most(0)

@@ -1,6 +1,6 @@
 // lowbit's native CPU kernels (packed low-bit, GGUF-block and int8 matmuls, paged decode attention),
-// called from jitted JAX through the XLA FFI. AVX2+FMA+F16C code is chosen at run time; a portable
-// scalar path runs elsewhere.
+// called from jitted JAX through the XLA FFI. AVX2+FMA+F16C code is chosen at run time (and, for the
+// int8-activation GEMV, AVX-512 VNNI where the CPU has it); a portable scalar path runs elsewhere.
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #define LOWBIT_X86 1
 #define LOWBIT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LOWBIT_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #endif
 
 namespace ffi = xla::ffi;
@@ -38,10 +39,22 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// Cleared by lowbit_native_set_simd(0) so that tests can run the portable code on any CPU.
-std::atomic<bool> simd_allowed{true};
+bool cpu_has_vnni() {
+#ifdef LOWBIT_X86
+  static const bool yes = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return yes;
+#else
+  return false;
+#endif
+}
 
-bool has_avx2() { return cpu_has_avx2() && simd_allowed.load(std::memory_order_relaxed); }
+// The highest SIMD level the kernels may use: 2 AVX-512 VNNI, 1 AVX2, 0 the portable code. Lowered by
+// lowbit_native_set_simd so that tests can compare the levels on one CPU.
+std::atomic<int> simd_limit{2};
+
+bool has_avx2() { return cpu_has_avx2() && simd_limit.load(std::memory_order_relaxed) >= 1; }
+bool has_vnni() { return cpu_has_vnni() && simd_limit.load(std::memory_order_relaxed) >= 2; }
 
 float half_to_float(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -536,101 +549,181 @@ constexpr int kQ8Strip = 32;  // columns per int8 SIMD strip (one 32-byte load p
 // (four spilled to the stack: as slow per row as one row at a time).
 constexpr int kQ8RowTile = 2;
 
-// MT activation rows times the 32 * W columns at n0, over group g. Per packed row: the codes of K-rows (k, k+1) are
-// split from the byte and interleaved into (u[k, n], u[k+1, n]) byte pairs, and _mm256_maddubs_epi16
-// against the broadcast (xq[k], xq[k+1]) gives each column's pair sum in int16. The int16 sums are
-// widened to int32 before they can overflow (|sum| <= pairs * 2 * max u * 127 <= 32767), each block
-// turns into floats once (times dx), and each group adds scale * that + zero * xhatsum to y.
+// Where one pass of packed_q8_strip is: MT activation rows from m0, W strips of 32 columns from n0, the
+// packed rows [r0, r1) of one activation block inside group rows from `first` (`group_rows` of them,
+// their columns at `pass`), the next pass at `next` (for the prefetches).
+struct Q8Pass {
+  int64_t m0, n0, r0, r1, first, group_rows;
+  const uint8_t* pass;
+  const uint8_t* next;
+};
+
+// One block's integer dots: dot[m][4w + h] = sum over the block's K-rows of xq[m0 + m, k] u[k, n] for the
+// columns n = n0 + 32w + 8h .. + 7. Per packed row the codes of K-rows (k, k+1) are split from the byte
+// and interleaved into (u[k, n], u[k+1, n]) byte pairs, and _mm256_maddubs_epi16 against the broadcast
+// (xq[k], xq[k+1]) gives each column's pair sum in int16, widened to int32 before it can overflow
+// (|sum| <= pairs * 2 * max u * 127 <= 32767).
 template <int BITS, int MT, int W>
-LOWBIT_AVX2 void packed_q8_strip_avx2(const PackedQ8Problem& p, int64_t m0, int64_t n0, int64_t g,
-                                      const uint8_t* next) {
+LOWBIT_AVX2 inline void q8_block_dots_avx2(const PackedQ8Problem& p, const Q8Pass& at, __m256i (&dot)[MT][4 * W]) {
   constexpr int F = 8 / BITS, PAIRS = F / 2, MAX_CODE = (1 << BITS) - 1;
   constexpr int64_t kChunkRows = 32767 / (2 * MAX_CODE * 127) / PAIRS;  // 4-bit: 8, 2-bit: 21, 1-bit: 32
   const __m256i mask = _mm256_set1_epi8(static_cast<char>(MAX_CODE));
-  const __m256i multiplier = _mm256_set1_epi32(p.multiplier);
-  const int64_t rows_per_group = p.group_size / F, rows_per_block = p.block / F;
-  const int64_t blocks_per_group = p.group_size / p.block, blocks = p.kp / p.block;
-  const int64_t first = g * rows_per_group, group_rows = rows_in_group(p.rows, rows_per_group, g);
-  const uint8_t* pass = p.data + first * p.n + n0;
-  {
-    __m256 group_dot[MT][4 * W];
+  for (int64_t c0 = at.r0; c0 < at.r1; c0 += kChunkRows) {
+    const int64_t c1 = std::min(at.r1, c0 + kChunkRows);
+    __m256i part[MT][2 * W];
     for (int m = 0; m < MT; ++m) {
-      for (int h = 0; h < 4 * W; ++h) group_dot[m][h] = _mm256_setzero_ps();
+      for (int h = 0; h < 2 * W; ++h) part[m][h] = _mm256_setzero_si256();
     }
-    for (int64_t j = 0; j < blocks_per_group; ++j) {
-      const int64_t b = g * blocks_per_group + j;
-      const int64_t r0 = g * rows_per_group + j * rows_per_block;
-      const int64_t r1 = std::min(p.rows, r0 + rows_per_block);
-      __m256i dot[MT][4 * W];
-      for (int m = 0; m < MT; ++m) {
-        for (int h = 0; h < 4 * W; ++h) dot[m][h] = _mm256_setzero_si256();
+    for (int64_t r = c0; r < c1; ++r) {
+      __m256i bytes[W];
+      for (int w = 0; w < W; ++w) {
+        bytes[w] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.data + r * p.n + at.n0 + kQ8Strip * w));
       }
-      for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
-        const int64_t c1 = std::min(r1, c0 + kChunkRows);
-        __m256i part[MT][2 * W];
-        for (int m = 0; m < MT; ++m) {
-          for (int h = 0; h < 2 * W; ++h) part[m][h] = _mm256_setzero_si256();
-        }
-        for (int64_t r = c0; r < c1; ++r) {
-          __m256i bytes[W];
-          for (int w = 0; w < W; ++w) {
-            bytes[w] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.data + r * p.n + n0 + kQ8Strip * w));
-          }
-          prefetch_ahead(pass, p.n, r - first, group_rows, next, kQ8Strip * W);
+      prefetch_ahead(at.pass, p.n, r - at.first, at.group_rows, at.next, kQ8Strip * W);
 #pragma GCC unroll 4
-          for (int i = 0; i < PAIRS; ++i) {
-            __m256i xv[MT];
-            for (int m = 0; m < MT; ++m) {
-              int16_t pair;
-              std::memcpy(&pair, p.xq + (m0 + m) * p.kp + r * F + 2 * i, sizeof(pair));
-              xv[m] = _mm256_set1_epi16(pair);
-            }
-            for (int w = 0; w < W; ++w) {
-              const __m256i even = _mm256_and_si256(_mm256_srli_epi16(bytes[w], 2 * i * BITS), mask);
-              const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(bytes[w], (2 * i + 1) * BITS), mask);
-              // Per 128-bit lane: columns 0-7 (16-23) in `low`, 8-15 (24-31) in `high`.
-              const __m256i low = _mm256_unpacklo_epi8(even, odd), high = _mm256_unpackhi_epi8(even, odd);
-              for (int m = 0; m < MT; ++m) {
-                part[m][2 * w] = _mm256_add_epi16(part[m][2 * w], _mm256_maddubs_epi16(low, xv[m]));
-                part[m][2 * w + 1] = _mm256_add_epi16(part[m][2 * w + 1], _mm256_maddubs_epi16(high, xv[m]));
-              }
-            }
-          }
+      for (int i = 0; i < PAIRS; ++i) {
+        __m256i xv[MT];
+        for (int m = 0; m < MT; ++m) {
+          int16_t pair;
+          std::memcpy(&pair, p.xq + (at.m0 + m) * p.kp + r * F + 2 * i, sizeof(pair));
+          xv[m] = _mm256_set1_epi16(pair);
         }
-        for (int m = 0; m < MT; ++m) {  // dot[m][4w + h]: columns 32w + 8h .. 32w + 8h + 7
-          for (int w = 0; w < W; ++w) {
-            const __m256i low = part[m][2 * w], high = part[m][2 * w + 1];
-            __m256i* d = dot[m] + 4 * w;
-            d[0] = _mm256_add_epi32(d[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(low)));
-            d[1] = _mm256_add_epi32(d[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(high)));
-            d[2] = _mm256_add_epi32(d[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(low, 1)));
-            d[3] = _mm256_add_epi32(d[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(high, 1)));
+        for (int w = 0; w < W; ++w) {
+          const __m256i even = _mm256_and_si256(_mm256_srli_epi16(bytes[w], 2 * i * BITS), mask);
+          const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(bytes[w], (2 * i + 1) * BITS), mask);
+          // Per 128-bit lane: columns 0-7 (16-23) in `low`, 8-15 (24-31) in `high`.
+          const __m256i low = _mm256_unpacklo_epi8(even, odd), high = _mm256_unpackhi_epi8(even, odd);
+          for (int m = 0; m < MT; ++m) {
+            part[m][2 * w] = _mm256_add_epi16(part[m][2 * w], _mm256_maddubs_epi16(low, xv[m]));
+            part[m][2 * w + 1] = _mm256_add_epi16(part[m][2 * w + 1], _mm256_maddubs_epi16(high, xv[m]));
           }
-        }
-      }
-      for (int m = 0; m < MT; ++m) {
-        const int64_t at = (m0 + m) * blocks + b;
-        const __m256i offset = _mm256_set1_epi32(p.offset * p.xqsum[at]);
-        const __m256 dx = _mm256_set1_ps(p.xd[at]);
-        for (int h = 0; h < 4 * W; ++h) {
-          const __m256i codes = p.multiplier == 1 ? dot[m][h] : _mm256_mullo_epi32(dot[m][h], multiplier);
-          const __m256i exact = _mm256_add_epi32(codes, offset);
-          group_dot[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), dx, group_dot[m][h]);
         }
       }
     }
-    __m256 xs[MT];
-    for (int m = 0; m < MT; ++m) xs[m] = _mm256_set1_ps(p.xhatsum[(m0 + m) * p.groups + g]);
-    add_group_terms<MT, 4 * W>(p.scale, p.zero, p.has_zero, p.n, g, n0, group_dot, xs, p.y + m0 * p.n);
+    for (int m = 0; m < MT; ++m) {
+      for (int w = 0; w < W; ++w) {
+        const __m256i low = part[m][2 * w], high = part[m][2 * w + 1];
+        __m256i* d = dot[m] + 4 * w;
+        d[0] = _mm256_add_epi32(d[0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(low)));
+        d[1] = _mm256_add_epi32(d[1], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(high)));
+        d[2] = _mm256_add_epi32(d[2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(low, 1)));
+        d[3] = _mm256_add_epi32(d[3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(high, 1)));
+      }
+    }
   }
 }
 
-// Strips [s0, s1) of 32 columns for one row tile: groups outer, so each group's packed rows are read
+// The same dots with AVX-512 VNNI (4- and 2-bit codes) on 256-bit registers: each step takes four
+// consecutive K-rows (two packed rows of 4-bit codes, one of 2-bit), gathers each column's four codes
+// into one 32-bit lane (byte, then 16-bit interleaves) and _mm256_dpbusd_epi32 adds u[k..k+3] .
+// xq[k..k+3] straight to int32 sums: no int16 partial sums to widen, fewer instructions per code. The
+// same integers as the AVX2 dots, so y is bit-identical. (A block's odd last 4-bit row meets a zero row.)
+template <int BITS, int MT, int W>
+LOWBIT_VNNI void q8_block_dots_vnni(const PackedQ8Problem& p, const Q8Pass& at, __m256i (&dot)[MT][4 * W]) {
+  static_assert(BITS == 4 || BITS == 2, "VNNI steps take 4-bit or 2-bit codes");
+  constexpr int F = 8 / BITS, STEP = 4 / F;  // packed rows per step of four K-rows
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  __m256i quad[MT][4 * W];  // quad[m][4w + h]: columns 32w + 4h + (0..3) and 32w + 16 + 4h + (0..3)
+  for (int m = 0; m < MT; ++m) {
+    for (int h = 0; h < 4 * W; ++h) quad[m][h] = _mm256_setzero_si256();
+  }
+  for (int64_t r = at.r0; r < at.r1; r += STEP) {
+    __m256i xv[MT];
+    for (int m = 0; m < MT; ++m) {  // xq of K-rows r*F .. r*F + 3 (the buffer has 4 bytes of slack)
+      int32_t four;
+      std::memcpy(&four, p.xq + (at.m0 + m) * p.kp + r * F, sizeof(four));
+      xv[m] = _mm256_set1_epi32(four);
+    }
+    for (int w = 0; w < W; ++w) {
+      const uint8_t* row = p.data + r * p.n + at.n0 + kQ8Strip * w;
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      __m256i k0, k1, k2, k3;  // the codes of K-rows r*F + (0, 1, 2, 3), one byte per column
+      if constexpr (BITS == 4) {
+        const __m256i b1 = r + 1 < at.r1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p.n))
+                                         : _mm256_setzero_si256();
+        k0 = _mm256_and_si256(b0, mask);
+        k1 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), mask);
+        k2 = _mm256_and_si256(b1, mask);
+        k3 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), mask);
+      } else {
+        k0 = _mm256_and_si256(b0, mask);
+        k1 = _mm256_and_si256(_mm256_srli_epi16(b0, 2), mask);
+        k2 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), mask);
+        k3 = _mm256_and_si256(_mm256_srli_epi16(b0, 6), mask);
+      }
+      const __m256i lo01 = _mm256_unpacklo_epi8(k0, k1), hi01 = _mm256_unpackhi_epi8(k0, k1);
+      const __m256i lo23 = _mm256_unpacklo_epi8(k2, k3), hi23 = _mm256_unpackhi_epi8(k2, k3);
+      const __m256i q[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                            _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+      for (int m = 0; m < MT; ++m) {
+        for (int h = 0; h < 4; ++h) quad[m][4 * w + h] = _mm256_dpbusd_epi32(quad[m][4 * w + h], q[h], xv[m]);
+      }
+    }
+    for (int i = 0; i < STEP && r + i < at.r1; ++i) {
+      prefetch_ahead(at.pass, p.n, r + i - at.first, at.group_rows, at.next, kQ8Strip * W);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {  // to the AVX2 dots' column order
+    for (int w = 0; w < W; ++w) {
+      const __m256i* qd = quad[m] + 4 * w;
+      dot[m][4 * w] = _mm256_permute2x128_si256(qd[0], qd[1], 0x20);
+      dot[m][4 * w + 1] = _mm256_permute2x128_si256(qd[2], qd[3], 0x20);
+      dot[m][4 * w + 2] = _mm256_permute2x128_si256(qd[0], qd[1], 0x31);
+      dot[m][4 * w + 3] = _mm256_permute2x128_si256(qd[2], qd[3], 0x31);
+    }
+  }
+}
+
+// MT activation rows times the 32 * W columns at n0, over group g: each block's integer dots (the VNNI
+// or the AVX2 code), made exact (multiplier * dot + offset * xqsum) and turned into floats once (times
+// dx); then the group adds scale * that + zero * xhatsum to y.
+template <int BITS, bool VNNI, int MT, int W>
+LOWBIT_AVX2 void packed_q8_strip(const PackedQ8Problem& p, int64_t m0, int64_t n0, int64_t g, const uint8_t* next) {
+  constexpr int F = 8 / BITS;
+  const __m256i multiplier = _mm256_set1_epi32(p.multiplier);
+  const int64_t rows_per_group = p.group_size / F, rows_per_block = p.block / F;
+  const int64_t blocks_per_group = p.group_size / p.block, blocks = p.kp / p.block;
+  const int64_t first = g * rows_per_group;
+  Q8Pass at{m0, n0, 0, 0, first, rows_in_group(p.rows, rows_per_group, g), p.data + first * p.n + n0, next};
+  __m256 group_dot[MT][4 * W];
+  for (int m = 0; m < MT; ++m) {
+    for (int h = 0; h < 4 * W; ++h) group_dot[m][h] = _mm256_setzero_ps();
+  }
+  for (int64_t j = 0; j < blocks_per_group; ++j) {
+    const int64_t b = g * blocks_per_group + j;
+    at.r0 = first + j * rows_per_block;
+    at.r1 = std::min(p.rows, at.r0 + rows_per_block);
+    __m256i dot[MT][4 * W];
+    if constexpr (VNNI) {
+      q8_block_dots_vnni<BITS, MT, W>(p, at, dot);
+    } else {
+      for (int m = 0; m < MT; ++m) {
+        for (int h = 0; h < 4 * W; ++h) dot[m][h] = _mm256_setzero_si256();
+      }
+      q8_block_dots_avx2<BITS, MT, W>(p, at, dot);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * blocks + b;
+      const __m256i offset = _mm256_set1_epi32(p.offset * p.xqsum[i]);
+      const __m256 dx = _mm256_set1_ps(p.xd[i]);
+      for (int h = 0; h < 4 * W; ++h) {
+        const __m256i codes = p.multiplier == 1 ? dot[m][h] : _mm256_mullo_epi32(dot[m][h], multiplier);
+        const __m256i exact = _mm256_add_epi32(codes, offset);
+        group_dot[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), dx, group_dot[m][h]);
+      }
+    }
+  }
+  __m256 xs[MT];
+  for (int m = 0; m < MT; ++m) xs[m] = _mm256_set1_ps(p.xhatsum[(m0 + m) * p.groups + g]);
+  add_group_terms<MT, 4 * W>(p.scale, p.zero, p.has_zero, p.n, g, n0, group_dot, xs, p.y + m0 * p.n);
+}
+
+// One row tile over strips [s0, s1) of 32 columns: groups outer, so each group's packed rows are read
 // as contiguous runs across the strips (a strip at a time walks down K with a stride of N bytes, which
-// at N = 49152 maps every row to the same cache sets: measured 2.6x slower). One or two rows take
-// two strips per pass (a whole cache line of each packed row, more independent sums).
-template <int BITS, int MT>
-LOWBIT_AVX2 void packed_q8_rows_avx2(const PackedQ8Problem& p, int64_t m0, int64_t s0, int64_t s1) {
+// at N = 49152 maps every row to the same cache sets: measured 2.6x slower). One row takes two strips
+// per pass (a whole cache line of each packed row, more independent sums).
+template <int BITS, bool VNNI, int MT>
+LOWBIT_AVX2 void packed_q8_rows(const PackedQ8Problem& p, int64_t m0, int64_t s0, int64_t s1) {
   constexpr int W = MT == 1 ? 2 : 1;
   const int64_t rows_per_group = p.group_size / (8 / BITS);
   auto next = [&](int64_t g, int64_t s, int64_t width) {
@@ -639,18 +732,18 @@ LOWBIT_AVX2 void packed_q8_rows_avx2(const PackedQ8Problem& p, int64_t m0, int64
   for (int64_t r = 0; r < std::min(kRowsAhead, p.rows); ++r) __builtin_prefetch(p.data + r * p.n + s0 * kQ8Strip, 0, 3);
   for (int64_t g = 0; g < p.groups; ++g) {
     int64_t s = s0;
-    for (; s + W <= s1; s += W) packed_q8_strip_avx2<BITS, MT, W>(p, m0, s * kQ8Strip, g, next(g, s, W));
+    for (; s + W <= s1; s += W) packed_q8_strip<BITS, VNNI, MT, W>(p, m0, s * kQ8Strip, g, next(g, s, W));
     if constexpr (W > 1) {
-      for (; s < s1; ++s) packed_q8_strip_avx2<BITS, MT, 1>(p, m0, s * kQ8Strip, g, next(g, s, 1));
+      for (; s < s1; ++s) packed_q8_strip<BITS, VNNI, MT, 1>(p, m0, s * kQ8Strip, g, next(g, s, 1));
     }
   }
 }
 
-template <int BITS>
-LOWBIT_AVX2 void packed_q8_strips_avx2(const PackedQ8Problem& p, int64_t s0, int64_t s1) {
+template <int BITS, bool VNNI>
+LOWBIT_AVX2 void packed_q8_strips(const PackedQ8Problem& p, int64_t s0, int64_t s1) {
   int64_t m0 = 0;
-  for (; m0 + kQ8RowTile <= p.m; m0 += kQ8RowTile) packed_q8_rows_avx2<BITS, kQ8RowTile>(p, m0, s0, s1);
-  if (m0 < p.m) packed_q8_rows_avx2<BITS, 1>(p, m0, s0, s1);
+  for (; m0 + kQ8RowTile <= p.m; m0 += kQ8RowTile) packed_q8_rows<BITS, VNNI, kQ8RowTile>(p, m0, s0, s1);
+  if (m0 < p.m) packed_q8_rows<BITS, VNNI, 1>(p, m0, s0, s1);
 }
 #endif
 
@@ -665,7 +758,10 @@ void packed_q8_run(ffi::ThreadPool& pool, const PackedQ8Problem& p) {
       pool, p.n, p.rows * p.n, strip,
       [&](int64_t s0, int64_t s1) {
 #ifdef LOWBIT_X86
-        packed_q8_strips_avx2<BITS>(p, s0, s1);
+        if constexpr (BITS != 1) {  // (binary codes keep the AVX2 dots)
+          if (has_vnni()) return packed_q8_strips<BITS, true>(p, s0, s1);
+        }
+        packed_q8_strips<BITS, false>(p, s0, s1);
 #endif
       },
       [&](int64_t n0, int64_t n1) { packed_q8_columns_scalar<BITS>(p, n0, n1); });
@@ -948,7 +1044,7 @@ ffi::Error packed_q8_matmul(ffi::ThreadPool& pool, const float* x, const ffi::Bu
   const int64_t kp = groups * group_size, blocks = kp / block;
   std::vector<float> xpad(static_cast<size_t>(m * kp), 0.0f);
   for (int64_t i = 0; i < m; ++i) std::memcpy(&xpad[i * kp], x + i * k, sizeof(float) * k);
-  std::vector<int8_t> xq(static_cast<size_t>(m * kp));
+  std::vector<int8_t> xq(static_cast<size_t>(m * kp + 4));  // + 4: the VNNI kernel reads 4 at a time
   std::vector<float> xd(static_cast<size_t>(m * blocks)), xhatsum(static_cast<size_t>(m * groups), 0.0f);
   std::vector<int32_t> xqsum(static_cast<size_t>(m * blocks));
   quantize_activation_blocks(xpad.data(), m * blocks, block, xq.data(), xd.data(), xqsum.data());
@@ -1068,6 +1164,44 @@ ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   const PackedWeightView w{data.typed_data(), {scale.untyped_data(), scale_kind}, {zero.untyped_data(), zero_kind},
                            has_zero != 0, levels.typed_data(), n, group_size};
   packed_gemm_dispatch(pool, bits, true, w, g.typed_data(), m, k, xbar->typed_data());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The packed weight as a float W [K, N] (for prefill, where XLA's GEMM of the dequantized weight is
+// the faster product): each K-row by packed_row, the XLA reference's values bit for bit.
+
+template <int BITS>
+void packed_dequantize_rows(const PackedWeightView& w, int64_t k0, int64_t k1, float* out) {
+  const bool simd = has_avx2();
+  for (int64_t kk = k0; kk < k1; ++kk) packed_row<BITS>(simd, w, kk, 0, w.n, out + kk * w.n);
+}
+
+ffi::Error PackedDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> data, ffi::AnyBuffer scale,
+                                ffi::AnyBuffer zero, ffi::Buffer<ffi::F32> levels, ffi::ResultBuffer<ffi::F32> w,
+                                int64_t bits, int64_t group_size, int64_t has_zero) {
+  auto dd = data.dimensions();
+  auto wd = w->dimensions();
+  if (dd.size() != 2 || wd.size() != 2 || dd[1] != wd[1]) return invalid("packed_dequantize: data [rows, N], w [K, N]");
+  const int64_t k = wd[0], n = wd[1];
+  FloatKind scale_kind, zero_kind;
+  int64_t groups = 0;
+  ffi::Error error = check_packed_weight("packed_dequantize", data, scale, zero, levels, k, bits, group_size,
+                                         has_zero, &scale_kind, &zero_kind, &groups);
+  if (error.failure()) return error;
+  if (k == 0 || n == 0) return ffi::Error::Success();
+  const PackedWeightView view{data.typed_data(), {scale.untyped_data(), scale_kind}, {zero.untyped_data(), zero_kind},
+                              has_zero != 0, levels.typed_data(), n, group_size};
+  float* out = w->typed_data();
+  const int64_t tasks = task_count(pool, k * n * 4, k);  // the float bytes written
+  parallel_for(pool, tasks, [&](int64_t t) {
+    const int64_t k0 = k * t / tasks, k1 = k * (t + 1) / tasks;
+    switch (bits) {
+      case 4: packed_dequantize_rows<4>(view, k0, k1, out); break;
+      case 2: packed_dequantize_rows<2>(view, k0, k1, out); break;
+      default: packed_dequantize_rows<1>(view, k0, k1, out); break;
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -1977,6 +2111,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmul, PackedMatmulImpl,
                                   .Attr<int64_t>("activations")
                                   .Attr<int64_t>("block"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedDequantize, PackedDequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("has_zero"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitPackedMatmulTransposed, PackedMatmulTransposedImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -2036,11 +2182,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitDecodeAttention, DecodeAttentionImpl,
                                   .Attr<int64_t>("layer")
                                   .Attr<float>("scale"));
 
-// Which SIMD path runs on this CPU: 1 for AVX2+FMA+F16C, 0 for the portable scalar code.
-extern "C" int lowbit_native_simd_level() { return has_avx2() ? 1 : 0; }
+// Which SIMD path runs on this CPU: 2 AVX-512 VNNI (int8-activation GEMVs) over AVX2, 1 AVX2+FMA+F16C,
+// 0 the portable scalar code.
+extern "C" int lowbit_native_simd_level() { return has_vnni() ? 2 : (has_avx2() ? 1 : 0); }
 
-// Allow (1) or forbid (0) the SIMD code; returns the level now in effect. For tests of the scalar code.
-extern "C" int lowbit_native_set_simd(int allowed) {
-  simd_allowed.store(allowed != 0, std::memory_order_relaxed);
+// Caps the SIMD level at `limit` (0, 1 or 2; for tests that compare the paths); returns the level in effect.
+extern "C" int lowbit_native_set_simd(int limit) {
+  simd_limit.store(std::clamp(limit, 0, 2), std::memory_order_relaxed);
   return lowbit_native_simd_level();
 }

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit.core.packing import PackedArray
-from lowbit.kernels.dispatch import check_activations, choose_activations, resolve_impl
+from lowbit.kernels.dispatch import NATIVE_MAX_ROWS, check_activations, choose_activations, resolve_impl
 from lowbit.kernels.packed_matmul.native import (
     activation_block,
     int8_supports,
@@ -17,7 +17,7 @@ from lowbit.kernels.packed_matmul.pallas import PackedMatmulConfig, packed_matmu
 from lowbit.kernels.packed_matmul.reference import float_scales, packed_matmul_reference, weight_format
 
 _reference_jit = jax.jit(packed_matmul_reference)
-_native_jit = jax.jit(packed_matmul_native, static_argnames=("fmt", "activations"))
+_native_jit = jax.jit(packed_matmul_native, static_argnames=("fmt", "activations", "xla_rows"))
 
 ACTIVATION_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -51,8 +51,10 @@ def packed_matmul(
     channel or tensor scales, nf4/fp4 code books (scales double-quantized or not), ternary packed
     with `ternary="int2"`, or binary. Returns [..., N]. Differentiable in x on every path; with
     impl "native" the gradient dy @ W.T also runs on the packed bytes (no float W is formed).
-    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built: their GEMV below
-    NATIVE_GEMM_ROWS rows of x, their blocked GEMM above; else XLA), "pallas", "native" or "xla";
+    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built: their GEMV for up to
+    NATIVE_MAX_ROWS rows of x, above that the weight dequantized natively and XLA's GEMM, as
+    gguf_matmul does; else XLA), "pallas", "native" (GEMV below NATIVE_GEMM_ROWS rows, the blocked
+    GEMM on the packed bytes above, never a float W) or "xla";
     "auto" falls back to XLA for layouts a kernel cannot take (Pallas: code books, partial groups).
     interpret: run the Pallas kernel in interpret mode (None: only when there is no GPU). config:
     tile sizes (None: by regime).
@@ -89,7 +91,9 @@ def packed_matmul(
     if impl == "native":
         reason = native_supports(fmt)
         if reason is None:
-            return _native_jit(x2, w, fmt, activations=activations).astype(x.dtype).reshape(*lead, n)
+            xla_rows = NATIVE_MAX_ROWS if requested == "auto" else None
+            y = _native_jit(x2, w, fmt, activations=activations, xla_rows=xla_rows)
+            return y.astype(x.dtype).reshape(*lead, n)
         if requested != "auto":
             raise ValueError(f"w: {reason}; the native kernel cannot take it (use impl='xla')")
     if activations == "int8":

@@ -56,9 +56,13 @@ def _attributes(fmt: WeightFormat, group_size: int) -> dict:
     return dict(bits=np.int64(fmt.bits), group_size=np.int64(group_size), has_zero=np.int64(fmt.asymmetric))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _product(x, data, scale, zero, fmt: WeightFormat, group_size: int, gemm_rows: int, activations: str, block: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _product(x, data, scale, zero, fmt: WeightFormat, group_size: int, gemm_rows: int, activations: str, block: int,
+             xla_rows: int | None):
     """x: f32 [M, K] times the packed [K, N] weight (data, scale and zero as the kernel reads them)."""
+    if activations == "f32" and xla_rows is not None and x.shape[0] > xla_rows:
+        w = _dequantize(data, scale, zero, fmt, group_size, x.shape[1])
+        return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
     call = jax.ffi.ffi_call("lowbit_packed_matmul", jax.ShapeDtypeStruct((x.shape[0], data.shape[1]), jnp.float32),
                             vmap_method="sequential")
     return call(x, data, scale, zero, jnp.asarray(fmt.code_values()), **_attributes(fmt, group_size),
@@ -66,12 +70,19 @@ def _product(x, data, scale, zero, fmt: WeightFormat, group_size: int, gemm_rows
                 block=np.int64(block))
 
 
-def _product_forward(x, data, scale, zero, fmt, group_size, gemm_rows, activations, block):
-    y = _product(x, data, scale, zero, fmt, group_size, gemm_rows, activations, block)
+def _dequantize(data, scale, zero, fmt: WeightFormat, group_size: int, k: int):
+    """The float W [K, N] of a packed weight, on all cores (the XLA reference's values)."""
+    call = jax.ffi.ffi_call("lowbit_packed_dequantize", jax.ShapeDtypeStruct((k, data.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(data, scale, zero, jnp.asarray(fmt.code_values()), **_attributes(fmt, group_size))
+
+
+def _product_forward(x, data, scale, zero, fmt, group_size, gemm_rows, activations, block, xla_rows):
+    y = _product(x, data, scale, zero, fmt, group_size, gemm_rows, activations, block, xla_rows)
     return y, (x.shape, data, scale, zero)
 
 
-def _product_backward(fmt, group_size, gemm_rows, activations, block, residuals, g):
+def _product_backward(fmt, group_size, gemm_rows, activations, block, xla_rows, residuals, g):
     """x-bar = g @ W.T from the packed bytes (`lowbit_packed_matmul_transposed`, the blocked GEMM at
     every row count) in f32 also for int8 activations (their rounding passes the gradient straight
     through); no gradient for the frozen weight (its codes are integers, its scales and zeros are not
@@ -88,11 +99,14 @@ _product.defvjp(_product_forward, _product_backward)
 
 
 def packed_matmul_native(x, w: PackedArray, fmt: WeightFormat, gemm_rows: int = NATIVE_GEMM_ROWS,
-                         activations: str = "f32"):
+                         activations: str = "f32", xla_rows: int | None = None):
     """x: float32 [M, K]; w: packed [K, N] -> float32 [M, N], on the CPU through `lowbit_packed_matmul`.
-    activations "f32": the GEMV kernel below `gemm_rows` rows of x, the blocked GEMM from there on;
-    "int8" (integer codes only, `int8_supports`): x rounded per row and `activation_block` inside the
-    kernel, integer dots, the int8 GEMV at every row count. The gradient always runs the f32 GEMM."""
+    activations "f32": the GEMV kernel below `gemm_rows` rows of x, the blocked GEMM from there on, or,
+    above `xla_rows` rows (None: never), the weight dequantized natively for this call and XLA's GEMM
+    (faster where XLA's dot has wider SIMD, benchmarks/RESULTS.md; a float copy of this one weight
+    while the call runs); "int8" (integer codes only, `int8_supports`): x rounded per row and
+    `activation_block` inside the kernel, integer dots, the int8 GEMV at every row count. The gradient
+    always runs the f32 GEMM on the packed bytes (no float W is kept for it)."""
     check_activations(activations, ACTIVATIONS)
     if activations == "int8" and (reason := int8_supports(fmt)) is not None:
         raise ValueError(f"activations='int8': {reason}")
@@ -101,4 +115,5 @@ def packed_matmul_native(x, w: PackedArray, fmt: WeightFormat, gemm_rows: int = 
     groups = -(-rows * fmt.fields // group_size)  # a partial last group has its own scale row
     scale = _stat(w.scale, groups, n)
     zero = _stat(w.zero, groups, n) if fmt.asymmetric else jnp.zeros((1, 1), jnp.float32)
-    return _product(x.astype(jnp.float32), w.data, scale, zero, fmt, group_size, gemm_rows, activations, block)
+    return _product(x.astype(jnp.float32), w.data, scale, zero, fmt, group_size, gemm_rows, activations, block,
+                    xla_rows)
