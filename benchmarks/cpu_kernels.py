@@ -196,7 +196,7 @@ def decode(new_tokens: int, rounds: int, levels: list[int] | None = None) -> Non
     rates = {mode: [] for mode in modes}
     loads = [os.getloadavg()[0]]
     for r in range(rounds):
-        for mode in modes[r % 2:] + modes[:r % 2]:
+        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
             rates[mode].append(run(mode)[0])
         loads.append(os.getloadavg()[0])
     int8 = modes[1]

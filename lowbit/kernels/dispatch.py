@@ -9,10 +9,12 @@ import jax
 from lowbit.kernels.native import native_available, native_error
 
 IMPLS = ("auto", "pallas", "native", "xla")
-# "auto" uses the native CPU kernels for at most this many activation rows of f32 activations
-# (int8_matmul, gguf_matmul, packed_matmul); above, the weight dequantized for the call and XLA's dot
-# win (benchmarks/RESULTS.md: GGUF tied at 64 rows, XLA 1.6-3.5x faster at 512; packed int4 at 512
-# rows 0.4-1.6x XLA on AVX2-only hosts, 0.5x on an AVX-512 host, where XLA's dot runs 16-wide).
+# "auto" uses the native CPU kernels for at most this many activation rows; above, the weight
+# dequantized for the call and XLA's dot win (benchmarks/RESULTS.md: GGUF blocks tied at 64 rows, XLA
+# 1.6-3.5x faster at 512; the packed GEMM's forward 0.42-1.54x XLA's over 16-512 rows on an AMD host,
+# 0.49-0.59x the f32 dot at 512 rows on an AVX-512 Intel host, where XLA's dot runs 16 wide).
+# int8_matmul and gguf_matmul's f32 activations follow it; packed_matmul's too, while its int8
+# activations keep the native int8 GEMV at any row count (gguf_matmul sends int8 prefill to XLA).
 NATIVE_MAX_ROWS = 32
 # The native packed forward switches from its GEMV to the blocked GEMM (a dequantized panel of W in
 # cache, an FMA micro-kernel over all rows) at this many activation rows.

@@ -511,17 +511,18 @@ class TestPackedMatmulNative(PackedMatmulBase, NativeImpl):
         for got, want in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
             assert _relative_error(got, np.asarray(want, np.float64)) < 1e-5
 
-    def test_auto_runs_the_gemv_for_decode_and_xla_on_the_dequantized_weight_for_prefill(self):
-        """"auto" on CPU: the native GEMV up to NATIVE_MAX_ROWS rows of x; above, the native
-        dequantization and XLA's dot forward, the transposed kernel on the packed bytes backward."""
+    def test_auto_runs_the_native_kernel_for_decode_and_xla_on_the_dequantized_weight_for_prefill(self):
+        """"auto" on CPU: the native kernel (GEMV, from NATIVE_GEMM_ROWS the blocked GEMM) up to
+        NATIVE_MAX_ROWS rows of x; above, the native dequantization and XLA's dot forward, the
+        transposed kernel on the packed bytes backward."""
         pw = _packed("int4:g64", 128, 32)
         lower = jax.jit(lambda x, w: packed_matmul(x, w)).lower
         for m in (1, NATIVE_GEMM_ROWS, NATIVE_MAX_ROWS):
             text = lower(jnp.ones((m, 128)), pw).as_text()
-            assert "lowbit_packed_matmul" in text and "lowbit_packed_dequantize" not in text, m
+            assert "@lowbit_packed_matmul(" in text and "@lowbit_packed_dequantize(" not in text, m
         for m in (NATIVE_MAX_ROWS + 1, 512):
             text = lower(jnp.ones((m, 128)), pw).as_text()
-            assert "lowbit_packed_dequantize" in text and '"lowbit_packed_matmul"' not in text, m
+            assert "@lowbit_packed_dequantize(" in text and "@lowbit_packed_matmul(" not in text, m
         grad = jax.jit(jax.grad(lambda x, w: jnp.sum(packed_matmul(x, w) ** 2)))
         assert "lowbit_packed_matmul_transposed" in grad.lower(jnp.ones((64, 128)), pw).as_text()
 

@@ -51,10 +51,11 @@ def packed_matmul(
     channel or tensor scales, nf4/fp4 code books (scales double-quantized or not), ternary packed
     with `ternary="int2"`, or binary. Returns [..., N]. Differentiable in x on every path; with
     impl "native" the gradient dy @ W.T also runs on the packed bytes (no float W is formed).
-    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built: their GEMV for up to
-    NATIVE_MAX_ROWS rows of x, above that the weight dequantized natively and XLA's GEMM, as
-    gguf_matmul does; else XLA), "pallas", "native" (GEMV below NATIVE_GEMM_ROWS rows, the blocked
-    GEMM on the packed bytes above, never a float W) or "xla";
+    impl: "auto" (Pallas on GPU, the native CPU kernels on CPU where built: their GEMV below
+    NATIVE_GEMM_ROWS rows of x, their blocked GEMM up to NATIVE_MAX_ROWS, above that (f32
+    activations) the weight dequantized natively and XLA's GEMM, as gguf_matmul does; else XLA),
+    "pallas", "native" (GEMV below NATIVE_GEMM_ROWS rows, the blocked GEMM on the packed bytes
+    above, never a float W) or "xla";
     "auto" falls back to XLA for layouts a kernel cannot take (Pallas: code books, partial groups).
     interpret: run the Pallas kernel in interpret mode (None: only when there is no GPU). config:
     tile sizes (None: by regime).

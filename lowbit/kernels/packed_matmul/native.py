@@ -1,5 +1,6 @@
-"""Native CPU packed matmul: the packed bytes go to the C++ kernel through the XLA FFI, unconverted.
-Differentiable in x (the gradient g @ W.T runs on the packed bytes too); the packed weight is frozen."""
+"""Native CPU packed matmul: the packed bytes go to the C++ kernels through the XLA FFI as they are
+(GEMV, blocked GEMM, or a one-call dequantization for XLA's dot at prefill). Differentiable in x (the
+gradient g @ W.T runs on the packed bytes); the packed weight is frozen."""
 
 from __future__ import annotations
 
