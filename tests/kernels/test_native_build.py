@@ -66,6 +66,10 @@ def test_simd_level_is_capped_inside_the_block_and_restored_after():
         with native.simd_at_most(cap):
             assert native.simd_level() == min(cap, level)
     assert native.simd_level() == level
+    with native.simd_at_most(1):
+        with native.portable_code_only():
+            assert native.simd_level() == 0
+        assert native.simd_level() == min(1, level)  # the outer cap again, not the top level
     with pytest.raises(ValueError, match="level must be 0, 1 or 2"):
         with native.simd_at_most(3):
             pass

@@ -150,15 +150,18 @@ def simd_level() -> int:
 @contextlib.contextmanager
 def simd_at_most(level: int):
     """Within the block, every native call in this process runs SIMD code of at most `level` (0: the
-    portable scalar code, 1: AVX2, 2: everything this CPU has); for tests that compare the paths."""
+    portable scalar code, 1: AVX2, 2: everything this CPU has); for tests that compare the paths. The
+    kernels read the cap when they run, so wait for results inside the block (np.asarray(y)); the
+    cap in force before the block comes back after it (blocks nest)."""
     if level not in (0, 1, 2):
         raise ValueError(f"level must be 0, 1 or 2, got {level!r}")
     library = _loaded()
+    previous = int(library.lowbit_native_simd_limit())
     library.lowbit_native_set_simd(level)
     try:
         yield
     finally:
-        library.lowbit_native_set_simd(2)
+        library.lowbit_native_set_simd(previous)
 
 
 def portable_code_only():

@@ -675,7 +675,7 @@ LOWBIT_VNNI void q8_block_dots_vnni(const PackedQ8Problem& p, const Q8Pass& at, 
 }
 
 // MT activation rows times the 32 * W columns at n0, over group g: each block's integer dots (the VNNI
-// or the AVX2 code), made exact (multiplier * dot + offset * xqsum) and turned into floats once (times
+// code is called per block, not inlined: GCC inlines no wider-target callee into this AVX2 code), made exact (multiplier * dot + offset * xqsum) and turned into floats once (times
 // dx); then the group adds scale * that + zero * xhatsum to y.
 template <int BITS, bool VNNI, int MT, int W>
 LOWBIT_AVX2 void packed_q8_strip(const PackedQ8Problem& p, int64_t m0, int64_t n0, int64_t g, const uint8_t* next) {
@@ -754,12 +754,13 @@ void packed_q8_run(ffi::ThreadPool& pool, const PackedQ8Problem& p) {
 #else
   constexpr int64_t strip = kStrip;
 #endif
+  const bool vnni = BITS != 1 && has_vnni();  // (binary codes keep the AVX2 dots)
   split_columns(
       pool, p.n, p.rows * p.n, strip,
       [&](int64_t s0, int64_t s1) {
 #ifdef LOWBIT_X86
-        if constexpr (BITS != 1) {  // (binary codes keep the AVX2 dots)
-          if (has_vnni()) return packed_q8_strips<BITS, true>(p, s0, s1);
+        if constexpr (BITS != 1) {
+          if (vnni) return packed_q8_strips<BITS, true>(p, s0, s1);
         }
         packed_q8_strips<BITS, false>(p, s0, s1);
 #endif
@@ -2185,6 +2186,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitDecodeAttention, DecodeAttentionImpl,
 // Which SIMD path runs on this CPU: 2 AVX-512 VNNI (int8-activation GEMVs) over AVX2, 1 AVX2+FMA+F16C,
 // 0 the portable scalar code.
 extern "C" int lowbit_native_simd_level() { return has_vnni() ? 2 : (has_avx2() ? 1 : 0); }
+
+// The cap lowbit_native_set_simd last set (2 unless lowered).
+extern "C" int lowbit_native_simd_limit() { return simd_limit.load(std::memory_order_relaxed); }
 
 // Caps the SIMD level at `limit` (0, 1 or 2; for tests that compare the paths); returns the level in effect.
 extern "C" int lowbit_native_set_simd(int limit) {
