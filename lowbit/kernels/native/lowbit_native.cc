@@ -1021,6 +1021,20 @@ void packed_gemm_dispatch(ffi::ThreadPool& pool, int64_t bits, bool transposed, 
   }
 }
 
+// check_packed_weight, then the weight as the GEMMs and the dequantization read it.
+ffi::Error packed_weight_view(const char* kernel, const ffi::Buffer<ffi::U8>& data, const ffi::AnyBuffer& scale,
+                              const ffi::AnyBuffer& zero, const ffi::Buffer<ffi::F32>& levels, int64_t k, int64_t bits,
+                              int64_t group_size, int64_t has_zero, PackedWeightView* view) {
+  FloatKind scale_kind, zero_kind;
+  int64_t groups = 0;
+  ffi::Error error = check_packed_weight(kernel, data, scale, zero, levels, k, bits, group_size, has_zero, &scale_kind,
+                                         &zero_kind, &groups);
+  if (error.failure()) return error;
+  *view = PackedWeightView{data.typed_data(), {scale.untyped_data(), scale_kind}, {zero.untyped_data(), zero_kind},
+                           has_zero != 0, levels.typed_data(), data.dimensions()[1], group_size};
+  return ffi::Error::Success();
+}
+
 // The int8-activation product (the GEMV at every row count): checks that the codes are integers
 // (levels[u] = multiplier * u + offset) and that `block` divides the group into whole packed rows,
 // rounds x per block, then runs the kernel over column strips.
@@ -1156,14 +1170,11 @@ ffi::Error PackedMatmulTransposedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   if (gd.size() != 2 || wd.size() != 2 || xd.size() != 2) return invalid("packed_matmul_transposed: 2-D arrays expected");
   const int64_t m = gd[0], n = gd[1], k = xd[1];
   if (wd[1] != n || xd[0] != m) return invalid("packed_matmul_transposed: g [M, N], data [rows, N], xbar [M, K]");
-  FloatKind scale_kind, zero_kind;
-  int64_t groups = 0;
-  ffi::Error error = check_packed_weight("packed_matmul_transposed", data, scale, zero, levels, k, bits, group_size,
-                                         has_zero, &scale_kind, &zero_kind, &groups);
+  PackedWeightView w;
+  ffi::Error error = packed_weight_view("packed_matmul_transposed", data, scale, zero, levels, k, bits, group_size,
+                                        has_zero, &w);
   if (error.failure()) return error;
   if (m == 0 || k == 0) return ffi::Error::Success();
-  const PackedWeightView w{data.typed_data(), {scale.untyped_data(), scale_kind}, {zero.untyped_data(), zero_kind},
-                           has_zero != 0, levels.typed_data(), n, group_size};
   packed_gemm_dispatch(pool, bits, true, w, g.typed_data(), m, k, xbar->typed_data());
   return ffi::Error::Success();
 }
@@ -1185,14 +1196,11 @@ ffi::Error PackedDequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> data,
   auto wd = w->dimensions();
   if (dd.size() != 2 || wd.size() != 2 || dd[1] != wd[1]) return invalid("packed_dequantize: data [rows, N], w [K, N]");
   const int64_t k = wd[0], n = wd[1];
-  FloatKind scale_kind, zero_kind;
-  int64_t groups = 0;
-  ffi::Error error = check_packed_weight("packed_dequantize", data, scale, zero, levels, k, bits, group_size,
-                                         has_zero, &scale_kind, &zero_kind, &groups);
+  PackedWeightView view;
+  ffi::Error error = packed_weight_view("packed_dequantize", data, scale, zero, levels, k, bits, group_size, has_zero,
+                                        &view);
   if (error.failure()) return error;
   if (k == 0 || n == 0) return ffi::Error::Success();
-  const PackedWeightView view{data.typed_data(), {scale.untyped_data(), scale_kind}, {zero.untyped_data(), zero_kind},
-                              has_zero != 0, levels.typed_data(), n, group_size};
   float* out = w->typed_data();
   const int64_t tasks = task_count(pool, k * n * 4, k);  // the float bytes written
   parallel_for(pool, tasks, [&](int64_t t) {
